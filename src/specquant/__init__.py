@@ -1,0 +1,50 @@
+"""specquant: fast, lossless LLM decoding — speculative decoding meets quantization."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# NOTE: the CPU linear kernel calls OpenBLAS (through numpy) between torch ops; with torch's
+# default spinning OpenMP workers the two thread pools fight for the cores (4x slower decode
+# on 2 cores). Must be set before torch starts its OpenMP runtime.
+# If torch was imported first, the setting comes too late; the CPU kernel registry then
+# prefers torch's own matmul (see kernels/builtin.py).
+OMP_SPINNING = "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != (
+    "PASSIVE"
+)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from specquant.config import EngineConfig, GenerationConfig, ModelConfig, SamplingParams  # noqa: E402
+from specquant.engine.generator import ChatSession, GenerationResult, Generator  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "ChatSession",
+    "EngineConfig",
+    "GenerationConfig",
+    "GenerationResult",
+    "Generator",
+    "ModelConfig",
+    "SamplingParams",
+    "load",
+]
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str = EngineConfig.device,
+    dtype: str = EngineConfig.dtype,
+    max_seq_len: int = EngineConfig.max_seq_len,
+) -> Generator:
+    """Load a model (HF directory, .gguf file, or the embedded SmolLM2 default when None)
+    and return a `Generator` with `.generate(...)`."""
+    from specquant.engine.generator import resolve_device, resolve_dtype
+    from specquant.io.loader import load_checkpoint
+
+    engine = EngineConfig(device=device, dtype=dtype, max_seq_len=max_seq_len)
+    dev = resolve_device(engine.device)
+    loaded = load_checkpoint(model, dev, resolve_dtype(engine.dtype, dev))
+    return Generator(loaded, engine)

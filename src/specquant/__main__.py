@@ -1,0 +1,3 @@
+from specquant.cli import main
+
+raise SystemExit(main())

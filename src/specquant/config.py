@@ -1,0 +1,297 @@
+"""Frozen configuration dataclasses: the only place where defaults live.
+
+`ModelConfig.from_hf` and `ModelConfig.from_gguf` are the only code that knows about
+Hugging Face `config.json` quirks and GGUF metadata keys. Everything downstream reads the
+normalised, frozen `ModelConfig`.
+
+The CLI is built from the fields of `SamplingParams` and `GenerationConfig` (see
+`specquant.cli`), so a default changed here changes everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF architecture name -> our family tag. Every family runs on the same Llama math;
+# the tag only selects small differences (qkv bias, sliding window).
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# GGUF `general.architecture` -> family tag. llama.cpp writes Mistral 7B as "llama".
+SUPPORTED_GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A model configuration that specquant cannot run."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (Llama 3.1 style `llama3`, or plain `linear`)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Normalised shape and numerics of a Llama-family decoder."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False  # Llama's `attention_bias` also adds a bias to o_proj
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope scaling type {self.rope_scaling.rope_type!r}; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(hf.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "vocab_size",
+        )
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ConfigError(f"config.json lacks required key(s): {', '.join(missing)}")
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        # transformers >= 5 nests rope settings in `rope_parameters`; 4.x uses
+        # `rope_theta` + `rope_scaling`.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_scaling_raw = hf.get("rope_scaling") or rope_params
+        theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        if family == "llama":
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        else:
+            qkv_bias, o_bias = family == "qwen2", False
+        if hf.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true is not supported (no Llama-family model uses it)")
+        sliding = hf.get("sliding_window") if family == "mistral" else None
+        if family == "qwen2" and hf.get("use_sliding_window"):
+            sliding = hf.get("sliding_window")
+        eos = hf.get("eos_token_id")
+        return cls(
+            family=family,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=_rope_scaling(rope_scaling_raw),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_tuple(eos),
+        )
+
+    # ------------------------------------------------------------------ GGUF metadata
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool) -> ModelConfig:
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported GGUF architecture {arch!r}; supported: "
+                f"{', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}"
+            )
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ConfigError(f"GGUF metadata lacks required key '{arch}.{name}'")
+            return value
+
+        hidden = int(key("embedding_length"))
+        heads = int(key("attention.head_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        if not vocab:
+            raise ConfigError(
+                f"GGUF metadata lacks both '{arch}.vocab_size' and 'tokenizer.ggml.tokens'"
+            )
+        scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+        if scaling_type in ("none", None):
+            scaling = RopeScaling()
+        elif scaling_type == "linear":
+            scaling = RopeScaling("linear", factor=float(key("rope.scaling.factor")))
+        else:
+            raise ConfigError(
+                f"unsupported GGUF rope scaling {scaling_type!r}; supported: none, linear"
+            )
+        return cls(
+            family=SUPPORTED_GGUF_ARCHITECTURES[arch],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(key("rope.dimension_count", hidden // heads)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(key("context_length", 4096)),
+            tie_word_embeddings=not has_output_tensor,
+            qkv_bias=arch == "qwen2",
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=_as_tuple(meta.get("tokenizer.ggml.eos_token_id")),
+        )
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    for arch, fam in SUPPORTED_ARCHITECTURES.items():
+        if fam == model_type:
+            return arch
+    return f"<model_type={model_type!r}>"
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling:
+    if not raw:
+        return RopeScaling()
+    rope_type = raw.get("rope_type") or raw.get("type") or "default"
+    if rope_type == "default":
+        return RopeScaling()
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported rope scaling type {rope_type!r}; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return RopeScaling(
+        rope_type=rope_type,
+        factor=float(raw.get("factor", 1.0)),
+        low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+    )
+
+
+# ---------------------------------------------------------------------- run-time settings
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature == 0 means greedy (argmax).
+
+    top-k and top-p shape the target distribution before sampling; speculative
+    verification (later) applies them to the same distribution.
+    """
+
+    temperature: float = field(default=0.0, metadata=_doc("0 = greedy; > 0 samples"))
+    top_k: int = field(default=0, metadata=_doc("keep the k most likely tokens; 0 = off"))
+    top_p: float = field(default=1.0, metadata=_doc("nucleus sampling mass; 1.0 = off"))
+    seed: int | None = field(default=None, metadata=_doc("random seed for sampling"))
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Per-request limits."""
+
+    max_new_tokens: int = field(default=256, metadata=_doc("maximum tokens to generate"))
+    ignore_eos: bool = field(default=False, metadata=_doc("keep going past stop tokens"))
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and how the model runs."""
+
+    device: str = field(default="auto", metadata=_doc("cpu, cuda, cuda:N or auto"))
+    dtype: str = field(
+        default="auto", metadata=_doc("float32, bfloat16, float16 or auto (fp32 CPU, bf16 GPU)")
+    )
+    max_seq_len: int = field(
+        default=4096, metadata=_doc("KV cache length (capped by the model's context)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
+            )
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")

@@ -1,0 +1,297 @@
+"""The engine: owns the KV cache and rope table, runs prefill then decode.
+
+Prompts may share a prefix with what the cache already holds (the previous turn of a chat);
+that prefix is kept and only the new suffix is prefilled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from specquant.config import EngineConfig, GenerationConfig, SamplingParams
+from specquant.engine.sampling import make_rng, sample
+from specquant.io.loader import LoadedModel
+from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.rope import RopeTable
+
+# Called with (new token id, text delta) as tokens are produced.
+StreamCallback = Callable[[int, str], None]
+Message = dict[str, str]
+# End-of-turn markers of common chat templates, used as stop tokens when present in the vocab.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+PREFILL_CHUNK = 1024
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0  # prompt tokens whose KV was kept from the previous call
+    prefill_ms: float = 0.0  # prefill incl. the first new token
+    new_tokens: int = 0
+    decode_s: float = 0.0  # after prefill, until the last token
+    tokens_per_s: float = 0.0  # new tokens after the first / decode_s
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only (a final stop token included)
+    finish_reason: str  # "stop" | "length" | "context"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": asdict(self.stats),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class Generator:
+    """Autoregressive generation on one loaded model (batch 1)."""
+
+    def __init__(self, loaded: LoadedModel, engine: EngineConfig | None = None):
+        engine = engine or EngineConfig()
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        param = self.model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.max_seq_len = min(engine.max_seq_len, self.config.max_position_embeddings)
+        self.cache = self.model.new_cache(self.max_seq_len)
+        self.rope = RopeTable(self.config, self.max_seq_len, self.device, self.dtype)
+        self.attn_fn = select_attention(self.device, self.dtype)
+        self.cached_ids: list[int] = []  # tokens whose K/V the cache holds (committed)
+        self.stop_token_ids = self._default_stop_ids()
+
+    # ------------------------------------------------------------------ prompts
+    def _default_stop_ids(self) -> frozenset[int]:
+        ids = set(self.config.eos_token_ids)
+        tok = self.tokenizer
+        if tok is not None:
+            if tok.eos_token_id is not None:
+                ids.add(int(tok.eos_token_id))
+            vocab = tok.get_vocab()
+            ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return frozenset(ids)
+
+    def encode(
+        self, prompt: str | Sequence[int] | Sequence[Message], chat: bool | None
+    ) -> list[int]:
+        """Token ids for a prompt: ids pass through; messages and (by default) text get the
+        chat template when the tokenizer has one."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model was loaded without a tokenizer; pass token ids")
+            use_template = chat if chat is not None else self.has_chat_template
+            if not use_template:
+                return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            if not self.has_chat_template:
+                raise ValueError("this model's tokenizer has no chat template; pass plain text")
+            ids = self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return [int(i) for i in ids]
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return [int(t) for t in prompt]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None))
+
+    # ------------------------------------------------------------------ model steps
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [T]
+        *,
+        block_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:  # [T, V] or [1, V]
+        """Run a block after the committed prefix (K/V written, not committed)."""
+        t = tokens.shape[0]
+        meta = AttnMetadata.plan(
+            self.rope,
+            self.cache.length,
+            t,
+            positions=positions,
+            block_mask=block_mask,
+            sliding_window=self.config.sliding_window,
+            attn_fn=self.attn_fn,
+        )
+        index = torch.tensor([t - 1], device=self.device) if last_only else None
+        out = self.model(tokens[None], self.cache, meta, logits_index=index)
+        assert out.logits is not None
+        return out.logits[0]
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Make the cache hold `ids`; return the logits of the last one [V] and the number
+        of tokens reused from the cache."""
+        keep = 0
+        limit = min(len(self.cached_ids), len(ids) - 1)  # recompute >= 1 token for logits
+        while keep < limit and self.cached_ids[keep] == ids[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        self.cached_ids = self.cached_ids[:keep]
+        pending = torch.tensor(ids[keep:], device=self.device)
+        logits = None
+        for start in range(0, pending.shape[0], PREFILL_CHUNK):
+            chunk = pending[start : start + PREFILL_CHUNK]
+            logits = self.forward(chunk, last_only=True)[-1]
+            self.cache.commit(chunk.shape[0])
+        self.cached_ids = list(ids)
+        assert logits is not None
+        return logits, keep
+
+    def append(self, token: int) -> torch.Tensor:
+        """Feed one token, commit it; return next-token logits [V]."""
+        logits = self.forward(torch.tensor([token], device=self.device))[-1]
+        self.cache.commit(1)
+        self.cached_ids.append(token)
+        return logits
+
+    # ------------------------------------------------------------------ generation
+    def check_context(self, prompt_len: int) -> None:
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_len >= self.max_seq_len:
+            raise ContextLengthError(
+                f"prompt has {prompt_len} tokens but the context holds {self.max_seq_len} "
+                f"(model limit {self.config.max_position_embeddings}); shorten the prompt "
+                "or raise --max-seq-len"
+            )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[Message],
+        *,
+        sampling: SamplingParams | None = None,
+        generation: GenerationConfig | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stream: StreamCallback | None = None,
+        chat: bool | None = None,
+    ) -> GenerationResult:
+        sampling = sampling or SamplingParams()
+        generation = generation or GenerationConfig()
+        ids = self.encode(prompt, chat)
+        self.check_context(len(ids))
+        stops = self.stop_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
+        if generation.ignore_eos:
+            stops = frozenset()
+        rng = make_rng(sampling, self.device)
+        budget = min(generation.max_new_tokens, self.max_seq_len - len(ids))
+        streamer = _TextStreamer(self.tokenizer, stream)
+
+        t0 = time.perf_counter()
+        logits, reused = self.prefill(ids)
+        new: list[int] = []
+        finish = "length" if budget == generation.max_new_tokens else "context"
+        token = int(sample(logits[None], sampling, rng)[0])
+        _sync(self.device)
+        t1 = time.perf_counter()
+        while True:
+            new.append(token)
+            streamer.push(token)
+            if token in stops:
+                finish = "stop"
+                break
+            if len(new) >= budget:
+                break
+            logits = self.append(token)
+            token = int(sample(logits[None], sampling, rng)[0])
+        _sync(self.device)
+        t2 = time.perf_counter()
+        stats = GenerationStats(
+            prompt_tokens=len(ids),
+            reused_prefix_tokens=reused,
+            prefill_ms=(t1 - t0) * 1e3,
+            new_tokens=len(new),
+            decode_s=t2 - t1,
+            tokens_per_s=(len(new) - 1) / (t2 - t1) if len(new) > 1 and t2 > t1 else 0.0,
+        )
+        return GenerationResult(self.decode(new), new, finish, stats)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TextStreamer:
+    """Emits text deltas; holds back an incomplete UTF-8 sequence until it completes."""
+
+    def __init__(self, tokenizer: Any, callback: StreamCallback | None):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> None:
+        if self.callback is None:
+            return
+        if self.tokenizer is None:
+            self.callback(token, "")
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = "" if text.endswith("\ufffd") else text[len(self.sent) :]
+        if delta:
+            self.sent = text
+        self.callback(token, delta)
+
+
+class ChatSession:
+    """Multi-turn chat; each turn reuses the KV of the conversation so far."""
+
+    def __init__(self, generator: Generator, system: str | None = None):
+        self.generator = generator
+        self.messages: list[Message] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+
+    def send(self, user: str, **kwargs: Any) -> GenerationResult:
+        self.messages.append({"role": "user", "content": user})
+        try:
+            result = self.generator.generate(self.messages, **kwargs)
+        except Exception:
+            self.messages.pop()  # leave the history as it was
+            raise
+        self.messages.append({"role": "assistant", "content": result.text.strip()})
+        return result

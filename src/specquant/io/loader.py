@@ -1,0 +1,70 @@
+"""Load a model (weights + config + tokenizer) from an HF directory or a GGUF file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specquant.config import ModelConfig
+from specquant.io.checkpoint import (
+    CheckpointError,
+    materialize,
+    read_hf_config,
+    safetensors_source,
+)
+from specquant.io.default_model import default_model_path
+from specquant.io.gguf_loader import gguf_config, gguf_source
+from specquant.io.tokenizer import load_tokenizer
+from specquant.models.llama import LlamaModel
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    config: ModelConfig
+    tokenizer: Any  # a transformers PreTrainedTokenizer(Fast)
+    path: Path
+
+
+def resolve_path(model: str | Path | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    return path
+
+
+def load_checkpoint(
+    model: str | Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    path = resolve_path(model)
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            found = ", ".join(p.name for p in ggufs) or "no config.json and no .gguf"
+            raise CheckpointError(f"cannot tell which model to load in {path}: found {found}")
+    if path.is_dir():
+        cfg = read_hf_config(path)
+        source = safetensors_source(path)
+        net = materialize(cfg, source, device, dtype)
+        tok = load_tokenizer(path) if with_tokenizer else None
+    elif path.suffix == ".gguf":
+        cfg, reader = gguf_config(path)
+        net = materialize(cfg, gguf_source(path, cfg, reader), device, dtype)
+        tok = load_tokenizer(path.parent, gguf_file=path) if with_tokenizer else None
+    else:
+        raise CheckpointError(
+            f"unsupported model file {path}: expected an HF directory (config.json + "
+            "*.safetensors) or a .gguf file"
+        )
+    return LoadedModel(net, cfg, tok, path)

@@ -1,0 +1,86 @@
+"""Attention over the committed prefix plus a block of new tokens.
+
+`AttnMetadata` is planned once per step (positions, rope, the mask among new tokens) and
+reused by every layer, FlashInfer style. The tree mask for speculative verification is just
+`block_mask`; the model never stores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specquant.kernels.registry import KernelContext, select
+from specquant.layers.rope import RopeTable
+
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor
+]
+
+
+@dataclass
+class AttnMetadata:
+    cache_len: int  # committed prefix; new K/V land at slots [cache_len, cache_len + T)
+    positions: torch.Tensor  # [T] int64 rope positions of the new tokens
+    cos: torch.Tensor  # [T, D]
+    sin: torch.Tensor  # [T, D]
+    mask: torch.Tensor | None  # [T, cache_len + T] bool, True = may attend; None = all
+    attn_fn: AttentionFn
+    sliding_window: int | None = None  # must equal the model's (checked in forward)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @classmethod
+    def plan(
+        cls,
+        rope: RopeTable,
+        cache_len: int,
+        num_tokens: int,
+        *,
+        positions: torch.Tensor | None = None,  # [T]; default cache_len + arange(T)
+        block_mask: torch.Tensor | None = None,  # [T, T] bool; default causal
+        sliding_window: int | None = None,
+        attn_fn: AttentionFn | None = None,
+    ) -> AttnMetadata:
+        device = rope.cos.device
+        if positions is None:
+            positions = torch.arange(cache_len, cache_len + num_tokens, device=device)
+        if positions.shape != (num_tokens,):
+            raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
+        if int(positions.max()) >= rope.max_len:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds the rope table ({rope.max_len})"
+            )
+        total = cache_len + num_tokens
+        mask: torch.Tensor | None
+        if block_mask is None and num_tokens == 1:
+            mask = None  # one query sees the whole prefix
+        else:
+            if block_mask is None:
+                block_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+                block_mask = block_mask.tril()
+            if block_mask.shape != (num_tokens, num_tokens):
+                raise ValueError(
+                    f"block_mask must be [{num_tokens}, {num_tokens}], "
+                    f"got {tuple(block_mask.shape)}"
+                )
+            prefix = torch.ones(num_tokens, cache_len, dtype=torch.bool, device=device)
+            mask = torch.cat([prefix, block_mask.to(device=device, dtype=torch.bool)], dim=1)
+        if sliding_window is not None and total > sliding_window:
+            key_pos = torch.cat([torch.arange(cache_len, device=device), positions])
+            in_window = (positions[:, None] - key_pos[None, :]) < sliding_window
+            mask = in_window if mask is None else mask & in_window
+        cos, sin = rope.gather(positions)
+        if attn_fn is None:
+            attn_fn = select_attention(device, rope.cos.dtype)
+        return cls(cache_len, positions, cos, sin, mask, attn_fn, sliding_window)
+
+
+def select_attention(
+    device: torch.device, dtype: torch.dtype, override: str | None = None
+) -> AttentionFn:
+    return select("attention", KernelContext(device, dtype), override).fn

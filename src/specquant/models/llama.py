@@ -1,0 +1,154 @@
+"""Llama-family decoder as plain math (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+
+Runtime state is an argument: `forward(tokens, cache, meta)` gets the KV cache and the
+attention metadata (positions, rope, block/tree mask) from the engine.
+
+Parameter names follow HF except for two fused projections (see `PACKED_MODULES`):
+``qkv_proj = [q_proj; k_proj; v_proj]`` and ``gate_up_proj = [gate_proj; up_proj]``
+(stacked along the output dimension), which halve the number of matmuls per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specquant.cache.static_kv import StaticKVCache
+from specquant.config import ModelConfig
+from specquant.layers.attention import AttnMetadata
+from specquant.layers.linear import QLinear
+from specquant.layers.norm import RMSNorm
+from specquant.layers.rope import apply_rope
+
+# fused parameter -> the HF parameters stacked (in order) along dim 0
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # [B, N, V] for the requested positions
+    hidden: torch.Tensor | None = None  # [B, T, H] post-final-norm features
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # i -> [B, T, H]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.qkv_proj = QLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = QLinear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+
+    def forward(
+        self, x: torch.Tensor, cache: StaticKVCache, meta: AttnMetadata
+    ) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, meta.cos, meta.sin)
+        k = apply_rope(k, meta.cos, meta.sin)
+        cache.write(self.layer, meta.cache_len, k, v)
+        keys, values = cache.view(self.layer, meta.cache_len + t)
+        o = meta.attn_fn(q, keys, values, meta.mask)  # [B, Hq, T, D]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = QLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: StaticKVCache, meta: AttnMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = QLinear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        cache: StaticKVCache,
+        meta: AttnMetadata,
+        *,
+        logits_index: torch.Tensor | None = None,  # [N] positions in T to project; None = all
+        return_hidden: bool = False,
+        hidden_layers: tuple[int, ...] = (),
+    ) -> ModelOutput:
+        """Run the new block; write its K/V into `cache` (not committed)."""
+        assert meta.sliding_window == self.config.sliding_window, (
+            f"metadata planned with sliding_window={meta.sliding_window}, "
+            f"model has {self.config.sliding_window}"
+        )
+        x = self.embed_tokens(tokens)
+        layer_hidden: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in hidden_layers:
+                layer_hidden[i] = x  # residual stream entering layer i (HF hidden_states[i])
+            x = layer(x, cache, meta)
+        h = self.norm(x)
+        if len(self.layers) in hidden_layers:
+            layer_hidden[len(self.layers)] = h
+        selected = h if logits_index is None else h[:, logits_index]
+        return ModelOutput(
+            logits=self.lm_head(selected),
+            hidden=h if return_hidden else None,
+            layer_hidden=layer_hidden,
+        )
+
+    def prepare_kernels(self, linear_override: str | None = None) -> None:
+        """Choose kernels for the current device/dtype; call after loading or `.to()`."""
+        for module in self.modules():
+            if isinstance(module, QLinear):
+                module.prepare(linear_override)
+
+    def new_cache(
+        self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None
+    ) -> StaticKVCache:
+        cfg = self.config
+        param = self.embed_tokens.weight
+        return StaticKVCache(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            max_len,
+            batch=batch,
+            device=param.device,
+            dtype=dtype or param.dtype,
+        )

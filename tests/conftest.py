@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random HF checkpoints, the embedded SmolLM2 generator, cuda marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from specquant.layers.attention import AttnMetadata
+from specquant.layers.rope import RopeTable
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 160,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+}
+
+
+def make_hf_model(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random transformers model of family `kind` (llama / qwen2 / mistral)."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(seed)
+    cfg = config_cls(**{**TINY, **overrides})
+    model = model_cls(cfg).eval()
+    # Random init leaves norms at 1 and biases at 0: perturb them so parity tests see them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path: Path) -> Path:
+    model = make_hf_model("llama")
+    model.save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    return tmp_path / "tiny"
+
+
+def run_logits(loaded_model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits [T, V] through our model with a fresh cache."""
+    cfg = loaded_model.config
+    t = tokens.shape[0]
+    cache = loaded_model.new_cache(t + 8)
+    rope = RopeTable(cfg, t + 8, tokens.device, cache.k.dtype)
+    meta = AttnMetadata.plan(rope, 0, t, sliding_window=cfg.sliding_window)
+    out = loaded_model(tokens[None], cache, meta)
+    return out.logits[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """The embedded default model, loaded once per test session (fp32, CPU)."""
+    import specquant
+
+    return specquant.load(device="cpu", dtype="float32", max_seq_len=1024)

