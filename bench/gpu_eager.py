@@ -75,8 +75,7 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
 def ours_tok_s(gen: Generator, ids: list[int], n: int, runs: int) -> tuple[float, list[int]]:
     rates, tokens = [], []
     for _ in range(runs):
-        gen.cache.reset()
-        gen.cached_ids = []
+        gen.reset()
         out = gen.generate(ids, generation=GenerationConfig(max_new_tokens=n, ignore_eos=True))
         rates.append(out.stats.tokens_per_s)
         tokens = out.token_ids
@@ -123,8 +122,9 @@ def smollm2_section(gguf: Path, expected: dict[str, list[int]] | None, n: int, r
             }
             if expected is not None and dtype == "float32":
                 ref = expected[prompt][:n]
-                same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
-                row["greedy_matches_cpu_tokens"] = same
+                pairs = enumerate(zip(tokens, ref, strict=False))
+                # number of leading tokens equal to the CPU run's
+                row["greedy_matches_cpu_tokens"] = next((i for i, (a, b) in pairs if a != b), n)
             rows.append(row)
             print(json.dumps(row), flush=True)
         del gen, hf

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_model, run_logits
 
+from conftest import make_hf_model, run_logits
 from specquant.config import EngineConfig, GenerationConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import load_checkpoint
@@ -35,7 +35,9 @@ def test_logits_on_cuda_match_transformers(tmp_path: Path, dtype: torch.dtype, t
 def test_greedy_generation_cuda_equals_cpu(tiny_hf_dir: Path) -> None:
     outs = []
     for device in ("cpu", "cuda"):
-        loaded = load_checkpoint(tiny_hf_dir, torch.device(device), torch.float32, with_tokenizer=False)
+        loaded = load_checkpoint(
+            tiny_hf_dir, torch.device(device), torch.float32, with_tokenizer=False
+        )
         gen = Generator(loaded, EngineConfig(device=device, dtype="float32", max_seq_len=128))
         cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
         outs.append(gen.generate([3, 14, 15, 92, 65], generation=cfg).token_ids)
@@ -53,3 +55,23 @@ def test_sdpa_cuda_matches_reference(dtype: torch.dtype) -> None:
     ref = attention_reference(q, k, v, mask).float()
     got = attention_sdpa(q, k, v, mask).float()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("method", ["sps", "eagle2", "hierspec"])
+def test_speculative_greedy_on_cuda_equals_ar(tiny_hf_dir: Path, method: str) -> None:
+    from specquant.config import SpecConfig
+    from specquant.spec.factory import build_generator
+
+    spec = SpecConfig(
+        method=method, depth=3, tree_topk=4, tree_size=10, min_draft_length=3, hier_tree_size=6
+    )
+    engine = EngineConfig(device="cuda", dtype="float32", max_seq_len=256)
+    loaded = load_checkpoint(tiny_hf_dir, CUDA, torch.float32, with_tokenizer=False)
+    gen = build_generator(loaded, engine, spec)
+    ar = Generator(loaded, engine)
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    prompt = [3, 14, 15, 92, 65]
+    assert (
+        gen.generate(prompt, generation=cfg).token_ids
+        == ar.generate(prompt, generation=cfg).token_ids
+    )

@@ -104,10 +104,10 @@ def test_sampling_frequencies_follow_distribution() -> None:
 def test_prompt_longer_than_context_fails_before_work(tiny_hf_dir: Path) -> None:
     gen = _generator(tiny_hf_dir, max_seq_len=16)
     gen.generate([1, 2, 3], generation=GenerationConfig(max_new_tokens=2, ignore_eos=True))
-    state = (gen.cache.length, list(gen.cached_ids))
+    state = (gen.cache.length, list(gen.runner.ids))
     with pytest.raises(ContextLengthError, match="20 tokens but the context holds 16"):
         gen.generate(list(range(20)))
-    assert (gen.cache.length, gen.cached_ids) == state  # nothing the user had is lost
+    assert (gen.cache.length, gen.runner.ids) == state  # nothing the user had is lost
     out = gen.generate(list(range(12)), generation=GenerationConfig(max_new_tokens=50))
     assert out.finish_reason in ("context", "stop") and len(out.token_ids) <= 4
 

@@ -103,4 +103,38 @@ def test_load_public_api_defaults() -> None:
         "device": "auto",
         "dtype": "auto",
         "max_seq_len": 4096,
+        "spec": None,
     }
+
+
+@pytest.mark.parametrize("method", ["sps", "eagle2", "hierspec"])
+def test_speculative_greedy_on_smollm2_with_random_drafters(smollm2: Any, method: str) -> None:
+    from specquant.config import SpecConfig
+    from specquant.engine.generator import Generator
+    from specquant.spec.factory import build_generator
+
+    spec = SpecConfig(method=method, depth=3, tree_topk=4, tree_size=12, hier_tree_size=10)
+    gen = build_generator(
+        smollm2.loaded, specquant.EngineConfig(device="cpu", max_seq_len=1024), spec
+    )
+    ar = Generator(smollm2.loaded, specquant.EngineConfig(device="cpu", max_seq_len=1024))
+    cfg = GenerationConfig(max_new_tokens=24)
+    for prompt in ("What is the capital of France?", "Write a short poem about the sea."):
+        assert (
+            gen.generate(prompt, generation=cfg).token_ids
+            == ar.generate(prompt, generation=cfg).token_ids
+        )
+
+
+def test_cli_speculative_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--prompt", "Name a color.", "--json", "--max-new-tokens", "12"]
+    assert main([*args, "--method", "eagle2", "--depth", "3", "--tree-size", "16"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "eagle2"
+    stats = payload["stats"]
+    assert sum(stats["accept_lengths"]) >= stats["new_tokens"] - 1
+    assert stats["mean_accept_length"] >= 1.0
+    assert stats["draft_s"] > 0 and stats["verify_s"] > 0
+    assert main([*args, "--method", "hierspec", "--min-draft-length", "3"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["stats"]["intermediate_accept_lengths"]

@@ -16,7 +16,13 @@ OMP_SPINNING = "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").
 )
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from specquant.config import EngineConfig, GenerationConfig, ModelConfig, SamplingParams  # noqa: E402
+from specquant.config import (  # noqa: E402
+    EngineConfig,
+    GenerationConfig,
+    ModelConfig,
+    SamplingParams,
+    SpecConfig,
+)
 from specquant.engine.generator import ChatSession, GenerationResult, Generator  # noqa: E402
 
 __version__ = "0.1.0"
@@ -28,6 +34,7 @@ __all__ = [
     "Generator",
     "ModelConfig",
     "SamplingParams",
+    "SpecConfig",
     "load",
 ]
 
@@ -38,13 +45,17 @@ def load(
     device: str = EngineConfig.device,
     dtype: str = EngineConfig.dtype,
     max_seq_len: int = EngineConfig.max_seq_len,
+    spec: SpecConfig | None = None,
 ) -> Generator:
     """Load a model (HF directory, .gguf file, or the embedded SmolLM2 default when None)
-    and return a `Generator` with `.generate(...)`."""
+    and return a `Generator` with `.generate(...)`; `spec` picks a speculative method and
+    its drafters (default: plain autoregressive decoding)."""
     from specquant.engine.generator import resolve_device, resolve_dtype
     from specquant.io.loader import load_checkpoint
+    from specquant.spec.factory import build_generator
 
     engine = EngineConfig(device=device, dtype=dtype, max_seq_len=max_seq_len)
+    spec = spec or SpecConfig()
     dev = resolve_device(engine.device)
     loaded = load_checkpoint(model, dev, resolve_dtype(engine.dtype, dev))
-    return Generator(loaded, engine)
+    return build_generator(loaded, engine, spec)

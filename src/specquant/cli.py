@@ -15,7 +15,13 @@ import types
 from collections.abc import Sequence
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from specquant.config import EngineConfig, GenerationConfig, SamplingParams
+from specquant.config import (
+    SPEC_METHODS,
+    EngineConfig,
+    GenerationConfig,
+    SamplingParams,
+    SpecConfig,
+)
 
 T = TypeVar("T")
 
@@ -29,6 +35,9 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
+CHOICES: dict[str, tuple[str, ...]] = {"method": SPEC_METHODS}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     hints = get_type_hints(cls)
@@ -36,7 +45,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         flag = "--" + f.name.replace("_", "-")
         typ = _scalar_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        if typ is bool:
+        if f.name in CHOICES:
+            group.add_argument(
+                flag, choices=CHOICES[f.name], default=f.default, help=f"{help_text}"
+            )
+        elif typ is bool:
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
             )
@@ -68,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
         )
         add_dataclass_args(p, EngineConfig, "engine")
+        add_dataclass_args(p, SpecConfig, "speculative decoding")
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     model_args(gen)
@@ -100,9 +114,16 @@ def _load(args: argparse.Namespace) -> Any:
 
     t0 = time.perf_counter()
     engine = dataclass_from_args(EngineConfig, args)
-    gen = load(args.model, device=engine.device, dtype=engine.dtype, max_seq_len=engine.max_seq_len)
+    spec = dataclass_from_args(SpecConfig, args)
+    gen = load(
+        args.model,
+        device=engine.device,
+        dtype=engine.dtype,
+        max_seq_len=engine.max_seq_len,
+        spec=spec,
+    )
     print(
-        f"[specquant] loaded {gen.loaded.path.name} on {gen.device} ({gen.dtype}) "
+        f"[specquant] loaded {gen.loaded.path.name} ({gen.method}) on {gen.device} ({gen.dtype}) "
         f"in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
@@ -132,14 +153,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         payload = result.to_dict()
         payload["model"] = str(gen.loaded.path)
-        payload["method"] = "ar"
+        payload["method"] = gen.method
         print(json.dumps(payload))
     else:
         s = result.stats
         print()
+        accept = f", mean accept length {s.mean_accept_length:.2f}" if gen.drafter else ""
         print(
             f"[specquant] {s.new_tokens} tokens, prefill {s.prefill_ms:.0f} ms, "
-            f"decode {s.tokens_per_s:.1f} tok/s ({result.finish_reason})",
+            f"decode {s.tokens_per_s:.1f} tok/s{accept} ({result.finish_reason})",
             file=sys.stderr,
         )
     return 0

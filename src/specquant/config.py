@@ -295,3 +295,46 @@ class EngineConfig:
             )
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+SPEC_METHODS = ("ar", "sps", "eagle2", "hierspec")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding method and its parameters (paper defaults)."""
+
+    method: str = field(default="ar", metadata=_doc("ar | sps | eagle2 | hierspec"))
+    draft: str | None = field(
+        default=None,
+        metadata=_doc("draft model (sps) or intermediate model (hierspec): path or 'random'"),
+    )
+    eagle: str | None = field(
+        default=None, metadata=_doc("EAGLE head for the target: path or 'random'")
+    )
+    draft_eagle: str | None = field(
+        default=None, metadata=_doc("hierspec: EAGLE head for the intermediate model")
+    )
+    draft_length: int = field(default=6, metadata=_doc("sps: draft tokens per step (k)"))
+    depth: int = field(default=6, metadata=_doc("eagle2: tree depth"))
+    tree_topk: int = field(default=10, metadata=_doc("eagle2: children per expanded node (top-k)"))
+    tree_size: int = field(default=60, metadata=_doc("eagle2: verified tokens, root incl."))
+    min_draft_length: int = field(
+        default=6, metadata=_doc("hierspec: sequence length the intermediate model reaches")
+    )
+    hier_depth: int = field(default=3, metadata=_doc("hierspec: EAGLE tree depth"))
+    hier_topk: int = field(default=10, metadata=_doc("hierspec: EAGLE top-k"))
+    hier_tree_size: int = field(default=30, metadata=_doc("hierspec: EAGLE tree size"))
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(
+                f"method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}"
+            )
+        if self.draft_length < 1:
+            raise ValueError(f"draft_length must be >= 1, got {self.draft_length}")
+        if self.min_draft_length < 1:
+            raise ValueError(f"min_draft_length must be >= 1, got {self.min_draft_length}")
+        for name in ("depth", "tree_topk", "hier_depth", "hier_topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,17 +14,18 @@ from typing import Any
 import torch
 
 from specquant.config import EngineConfig, GenerationConfig, SamplingParams
+from specquant.engine.runner import ModelRunner
 from specquant.engine.sampling import make_rng, sample
 from specquant.io.loader import LoadedModel
-from specquant.layers.attention import AttnMetadata, select_attention
-from specquant.layers.rope import RopeTable
+from specquant.spec.drafters.base import Drafter, DraftRequest
+from specquant.spec.tree import DraftTree
+from specquant.spec.verify import verify
 
 # Called with (new token id, text delta) as tokens are produced.
 StreamCallback = Callable[[int, str], None]
 Message = dict[str, str]
 # End-of-turn markers of common chat templates, used as stop tokens when present in the vocab.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
-PREFILL_CHUNK = 1024
 
 
 class ContextLengthError(ValueError):
@@ -39,6 +40,13 @@ class GenerationStats:
     new_tokens: int = 0
     decode_s: float = 0.0  # after prefill, until the last token
     tokens_per_s: float = 0.0  # new tokens after the first / decode_s
+    # speculative decoding (plain decoding reports accept length 1 per step)
+    method: str = "ar"
+    accept_lengths: list[int] = field(default_factory=list)  # per target step, bonus incl.
+    mean_accept_length: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    intermediate_accept_lengths: list[int] = field(default_factory=list)  # HierSpec only
 
 
 @dataclass
@@ -73,9 +81,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Generator:
-    """Autoregressive generation on one loaded model (batch 1)."""
+    """Generation on one loaded target (batch 1): autoregressive, or speculative when a
+    drafter is attached. Both run the same loop: draft -> verify -> accept; plain decoding
+    verifies a tree holding only the root."""
 
-    def __init__(self, loaded: LoadedModel, engine: EngineConfig | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        engine: EngineConfig | None = None,
+        drafter: Drafter | None = None,
+        *,
+        keep_features: bool = False,
+    ):
         engine = engine or EngineConfig()
         self.loaded = loaded
         self.model = loaded.model
@@ -84,11 +101,23 @@ class Generator:
         param = self.model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(engine.max_seq_len, self.config.max_position_embeddings)
-        self.cache = self.model.new_cache(self.max_seq_len)
-        self.rope = RopeTable(self.config, self.max_seq_len, self.device, self.dtype)
-        self.attn_fn = select_attention(self.device, self.dtype)
-        self.cached_ids: list[int] = []  # tokens whose K/V the cache holds (committed)
+        self.runner = ModelRunner(self.model, self.max_seq_len, keep_features=keep_features)
+        self.drafter = drafter
         self.stop_token_ids = self._default_stop_ids()
+
+    @property
+    def cache(self) -> Any:
+        return self.runner.cache
+
+    @property
+    def method(self) -> str:
+        return self.drafter.name if self.drafter is not None else "ar"
+
+    def reset(self) -> None:
+        """Forget all cached state (prefix reuse starts over)."""
+        self.runner.reset()
+        if self.drafter is not None:
+            self.drafter.reset()
 
     # ------------------------------------------------------------------ prompts
     def _default_stop_ids(self) -> frozenset[int]:
@@ -131,57 +160,6 @@ class Generator:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None))
 
-    # ------------------------------------------------------------------ model steps
-    def forward(
-        self,
-        tokens: torch.Tensor,  # [T]
-        *,
-        block_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:  # [T, V] or [1, V]
-        """Run a block after the committed prefix (K/V written, not committed)."""
-        t = tokens.shape[0]
-        meta = AttnMetadata.plan(
-            self.rope,
-            self.cache.length,
-            t,
-            positions=positions,
-            block_mask=block_mask,
-            sliding_window=self.config.sliding_window,
-            attn_fn=self.attn_fn,
-        )
-        index = torch.tensor([t - 1], device=self.device) if last_only else None
-        out = self.model(tokens[None], self.cache, meta, logits_index=index)
-        assert out.logits is not None
-        return out.logits[0]
-
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Make the cache hold `ids`; return the logits of the last one [V] and the number
-        of tokens reused from the cache."""
-        keep = 0
-        limit = min(len(self.cached_ids), len(ids) - 1)  # recompute >= 1 token for logits
-        while keep < limit and self.cached_ids[keep] == ids[keep]:
-            keep += 1
-        self.cache.truncate(keep)
-        self.cached_ids = self.cached_ids[:keep]
-        pending = torch.tensor(ids[keep:], device=self.device)
-        logits = None
-        for start in range(0, pending.shape[0], PREFILL_CHUNK):
-            chunk = pending[start : start + PREFILL_CHUNK]
-            logits = self.forward(chunk, last_only=True)[-1]
-            self.cache.commit(chunk.shape[0])
-        self.cached_ids = list(ids)
-        assert logits is not None
-        return logits, keep
-
-    def append(self, token: int) -> torch.Tensor:
-        """Feed one token, commit it; return next-token logits [V]."""
-        logits = self.forward(torch.tensor([token], device=self.device))[-1]
-        self.cache.commit(1)
-        self.cached_ids.append(token)
-        return logits
-
     # ------------------------------------------------------------------ generation
     def check_context(self, prompt_len: int) -> None:
         if prompt_len == 0:
@@ -214,34 +192,68 @@ class Generator:
         rng = make_rng(sampling, self.device)
         budget = min(generation.max_new_tokens, self.max_seq_len - len(ids))
         streamer = _TextStreamer(self.tokenizer, stream)
+        stats = GenerationStats(prompt_tokens=len(ids), method=self.method)
+        runner = self.runner
 
         t0 = time.perf_counter()
-        logits, reused = self.prefill(ids)
-        new: list[int] = []
-        finish = "length" if budget == generation.max_new_tokens else "context"
-        token = int(sample(logits[None], sampling, rng)[0])
+        stats.reused_prefix_tokens = min(runner.common_prefix(ids), len(ids) - 1)
+        logits = runner.sync(ids, min_recompute=1)
+        assert logits is not None
+        root = int(sample(logits[None], sampling, rng)[0])
         _sync(self.device)
         t1 = time.perf_counter()
-        while True:
+        new: list[int] = []
+        finish = "length" if budget == generation.max_new_tokens else "context"
+
+        def emit(token: int) -> bool:
+            """Record a token; True when generation must stop."""
+            nonlocal finish
             new.append(token)
             streamer.push(token)
             if token in stops:
                 finish = "stop"
-                break
-            if len(new) >= budget:
-                break
-            logits = self.append(token)
-            token = int(sample(logits[None], sampling, rng)[0])
+                return True
+            return len(new) >= budget
+
+        done = emit(root)
+        while not done:
+            room = self.max_seq_len - runner.length
+            ta = time.perf_counter()
+            if self.drafter is not None and room >= 2:
+                tree = self.drafter.propose(DraftRequest(runner, root, sampling, rng, room))
+            else:
+                tree = DraftTree.single(root, self.device)
+            _sync(self.device)
+            tb = time.perf_counter()
+            if tree.size == 1:
+                out, hidden = runner.run(tree.tokens)
+            else:
+                out, hidden = runner.run(tree.tokens, block_mask=tree.mask, depth=tree.depth)
+            res = verify(tree, out, sampling, rng)
+            if tree.is_chain:  # the accepted path is a prefix: commit it in place
+                runner.commit(tree.tokens[: res.path.numel()].tolist(), hidden)
+            else:
+                runner.accept(res.path, tree.tokens[res.path].tolist(), hidden)
+            _sync(self.device)
+            stats.draft_s += tb - ta
+            stats.verify_s += time.perf_counter() - tb
+            stats.accept_lengths.append(res.accept_length)
+            for token in res.tokens:
+                if emit(token):
+                    done = True
+                    break
+            root = res.bonus
         _sync(self.device)
         t2 = time.perf_counter()
-        stats = GenerationStats(
-            prompt_tokens=len(ids),
-            reused_prefix_tokens=reused,
-            prefill_ms=(t1 - t0) * 1e3,
-            new_tokens=len(new),
-            decode_s=t2 - t1,
-            tokens_per_s=(len(new) - 1) / (t2 - t1) if len(new) > 1 and t2 > t1 else 0.0,
-        )
+        stats.prefill_ms = (t1 - t0) * 1e3
+        stats.new_tokens = len(new)
+        stats.decode_s = t2 - t1
+        stats.tokens_per_s = (len(new) - 1) / (t2 - t1) if len(new) > 1 and t2 > t1 else 0.0
+        if stats.accept_lengths:
+            stats.mean_accept_length = sum(stats.accept_lengths) / len(stats.accept_lengths)
+        if self.drafter is not None and self.drafter.stats.inner_accept_lengths:
+            stats.intermediate_accept_lengths = list(self.drafter.stats.inner_accept_lengths)
+            self.drafter.stats.inner_accept_lengths.clear()
         return GenerationResult(self.decode(new), new, finish, stats)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -9,7 +9,7 @@ fusing q/k/v and gate/up as `models.llama.PACKED_MODULES` declares.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +100,24 @@ def materialize(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared params
 
-    params = dict(model.named_parameters(remove_duplicate=False))
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    names = [n for n in source.shapes if not n.endswith(IGNORED_SUFFIXES) and n not in skip]
+    load_into(model, {n: n.removeprefix("model.") for n in names}, source.get, dtype, skip)
+    model.eval().requires_grad_(False)
+    model.prepare_kernels()
+    return model
+
+
+def load_into(
+    module: torch.nn.Module,
+    names: dict[str, str],  # checkpoint name -> our (unfused) parameter name
+    get: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    allowed_missing: Collection[str] = (),
+) -> None:
+    """Copy checkpoint tensors into `module`, stacking q/k/v and gate/up into the fused
+    parameters that `PACKED_MODULES` declares."""
+    params = dict(module.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
 
     def put(ours: str, tensor: torch.Tensor) -> None:
@@ -110,29 +127,21 @@ def materialize(
 
     packed_parts = {part: fused for fused, parts in PACKED_MODULES.items() for part in parts}
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for name in source.shapes:
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        ours = name.removeprefix("model.")
+    for name, ours in names.items():
         module_path, _, leaf = ours.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
         if proj in packed_parts:
             fused = f"{parent}.{packed_parts[proj]}.{leaf}"
             group = pending.setdefault(fused, {})
-            group[proj] = source.get(name)
+            group[proj] = get(name)
             parts = PACKED_MODULES[packed_parts[proj]]
             if len(group) == len(parts):
                 put(fused, torch.cat([group[p] for p in parts], dim=0))
                 del pending[fused]
         else:
-            put(ours, source.get(name))
-    missing = set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+            put(ours, get(name))
+    missing = set(params) - loaded - set(allowed_missing)
     assert not pending and not missing, f"loader bug: unfilled {sorted(pending) + sorted(missing)}"
-    model.eval().requires_grad_(False)
-    model.prepare_kernels()
-    return model
 
 
 # ------------------------------------------------------------------------ HF safetensors

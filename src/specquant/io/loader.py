@@ -29,6 +29,14 @@ class LoadedModel:
     path: Path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer_files(model_dir: Path) -> bool:
+    """Bare weight directories (tests, exported drafters) load without a tokenizer."""
+    return any((model_dir / name).exists() for name in TOKENIZER_FILES)
+
+
 def resolve_path(model: str | Path | None) -> Path:
     if model is None:
         return default_model_path()
@@ -57,7 +65,7 @@ def load_checkpoint(
         cfg = read_hf_config(path)
         source = safetensors_source(path)
         net = materialize(cfg, source, device, dtype)
-        tok = load_tokenizer(path) if with_tokenizer else None
+        tok = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     elif path.suffix == ".gguf":
         cfg, reader = gguf_config(path)
         net = materialize(cfg, gguf_source(path, cfg, reader), device, dtype)

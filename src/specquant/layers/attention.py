@@ -42,7 +42,7 @@ class AttnMetadata:
         num_tokens: int,
         *,
         positions: torch.Tensor | None = None,  # [T]; default cache_len + arange(T)
-        block_mask: torch.Tensor | None = None,  # [T, T] bool; default causal
+        block_mask: torch.Tensor | None = None,  # [T, W>=T] bool over the last W keys; causal
         sliding_window: int | None = None,
         attn_fn: AttentionFn | None = None,
     ) -> AttnMetadata:
@@ -63,12 +63,17 @@ class AttnMetadata:
             if block_mask is None:
                 block_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
                 block_mask = block_mask.tril()
-            if block_mask.shape != (num_tokens, num_tokens):
+            width = block_mask.shape[-1]
+            if block_mask.dim() != 2 or block_mask.shape[0] != num_tokens or width < num_tokens:
                 raise ValueError(
-                    f"block_mask must be [{num_tokens}, {num_tokens}], "
+                    f"block_mask must be [{num_tokens}, W] with {num_tokens} <= W <= {total}, "
                     f"got {tuple(block_mask.shape)}"
                 )
-            prefix = torch.ones(num_tokens, cache_len, dtype=torch.bool, device=device)
+            if width > total:
+                raise ValueError(f"block_mask covers {width} keys but only {total} exist")
+            # The mask covers the last W keys (a tree drafted over several forward passes
+            # keeps its earlier levels there); keys before them are the committed prefix.
+            prefix = torch.ones(num_tokens, total - width, dtype=torch.bool, device=device)
             mask = torch.cat([prefix, block_mask.to(device=device, dtype=torch.bool)], dim=1)
         if sliding_window is not None and total > sliding_window:
             key_pos = torch.cat([torch.arange(cache_len, device=device), positions])

@@ -1,0 +1,125 @@
+"""One model plus its run state: KV cache, rope table, committed token ids, features.
+
+Every model in a speculative stack (target, intermediate, draft) gets a `ModelRunner`. The
+runner keeps three things aligned, position by position::
+
+    ids    [0 .. n)            committed token ids
+    cache  slots [0 .. n)      their K/V
+    feats  rows  [0 .. n)      their post-norm hidden states (only if `keep_features`)
+
+`run()` computes a block after the committed prefix without committing it; `commit()` or
+`accept()` then keeps all of it or a subset (a verified tree path); `sync()` makes the
+runner hold a given token sequence, reusing the longest common prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specquant.config import ModelConfig
+from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.rope import RopeTable
+from specquant.models.llama import LlamaModel
+
+PREFILL_CHUNK = 1024
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, max_seq_len: int, keep_features: bool = False):
+        self.model = model
+        self.config: ModelConfig = model.config
+        param = model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.max_seq_len = max_seq_len
+        self.cache = model.new_cache(max_seq_len)
+        self.rope = RopeTable(self.config, max_seq_len, self.device, self.dtype)
+        self.attn_fn = select_attention(self.device, self.dtype)
+        self.ids: list[int] = []
+        self.feats: torch.Tensor | None = None
+        if keep_features:
+            self.feats = torch.zeros(
+                max_seq_len, self.config.hidden_size, device=self.device, dtype=self.dtype
+            )
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    # ---------------------------------------------------------------- compute
+    def run(
+        self,
+        tokens: torch.Tensor,  # [T] int64 on self.device
+        *,
+        block_mask: torch.Tensor | None = None,  # [T, T] bool; None = causal
+        depth: torch.Tensor | None = None,  # [T] offsets from the prefix end; None = arange
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T or 1, V], hidden [T, H]
+        """Forward a block after the committed prefix; its K/V are written, not committed."""
+        t = tokens.shape[0]
+        n = self.length
+        if n + t > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {n + t} tokens exceeds the context of {self.max_seq_len}"
+            )
+        positions = None if depth is None else n + depth
+        meta = AttnMetadata.plan(
+            self.rope,
+            n,
+            t,
+            positions=positions,
+            block_mask=block_mask,
+            sliding_window=self.config.sliding_window,
+            attn_fn=self.attn_fn,
+        )
+        index = torch.tensor([t - 1], device=self.device) if last_only else None
+        out = self.model(tokens[None], self.cache, meta, logits_index=index, return_hidden=True)
+        assert out.logits is not None and out.hidden is not None
+        return out.logits[0], out.hidden[0]
+
+    # ---------------------------------------------------------------- commit
+    def commit(self, tokens: Sequence[int], hidden: torch.Tensor) -> None:
+        """Keep the first len(tokens) entries of the last block (hidden [T', H], T' >= n)."""
+        n = len(tokens)
+        if self.feats is not None:
+            self.feats[self.length : self.length + n] = hidden[:n]
+        self.cache.commit(n)
+        self.ids.extend(int(t) for t in tokens)
+
+    def accept(self, keep: torch.Tensor, tokens: Sequence[int], hidden: torch.Tensor) -> None:
+        """Keep block entries `keep` [a] (ascending) whose ids are `tokens`; hidden [T, H]."""
+        if self.feats is not None:
+            self.feats[self.length : self.length + keep.numel()] = hidden[keep]
+        self.cache.compact(keep)
+        self.ids.extend(int(t) for t in tokens)
+
+    def truncate(self, n: int) -> None:
+        self.cache.truncate(n)
+        del self.ids[n:]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        n, limit = 0, min(len(self.ids), len(ids))
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        return n
+
+    def sync(self, ids: Sequence[int], *, min_recompute: int = 0) -> torch.Tensor | None:
+        """Make the runner hold exactly `ids`; reuse the common prefix, run the rest.
+
+        Returns the logits of the last token run ([V]), or None if nothing had to run.
+        `min_recompute=1` forces the last token through the model (for its logits).
+        """
+        keep = min(self.common_prefix(ids), len(ids) - min_recompute)
+        self.truncate(max(keep, 0))
+        pending = list(ids[self.length :])
+        logits = None
+        for start in range(0, len(pending), PREFILL_CHUNK):
+            chunk = pending[start : start + PREFILL_CHUNK]
+            out, hidden = self.run(torch.tensor(chunk, device=self.device), last_only=True)
+            self.commit(chunk, hidden)
+            logits = out[-1]
+        return logits

@@ -1,0 +1,176 @@
+"""EAGLE-2: an EAGLE head drafts a dynamic tree from the base model's features.
+
+State: the head's own 1-layer KV cache holds rows t = 0 .. E-1, row t being the pair
+(f_t, tok_{t+1}) of the context it last saw. Each `propose`:
+
+1. syncs that cache with the base model's committed tokens + root (rows whose tokens changed
+   are dropped; missing rows are run from the base model's stored features);
+2. expands `depth` levels: each level runs the k frontier nodes (their KV lands after the
+   committed rows, seen only by their descendants), scores k children per node by cumulative
+   log-probability and keeps the best k as the next frontier (EAGLE-2 "expand");
+3. reranks every node tried and keeps the best `tree_size - 1` ("rerank"); ancestors
+   always rank before descendants, so the selection is a tree.
+
+All of it stays on the device; the tree-level KV entries are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specquant.engine.runner import ModelRunner
+from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.rope import RopeTable
+from specquant.models.eagle import EagleHead
+from specquant.spec.drafters.base import DraftRequest, DraftStats
+from specquant.spec.tree import MAX_TREE_SIZE, DraftTree
+
+
+def validate_tree_params(depth: int, topk: int, tree_size: int, vocab: int) -> None:
+    if depth < 1:
+        raise ValueError(f"tree depth must be >= 1, got {depth}")
+    if not 1 <= topk <= vocab:
+        raise ValueError(f"top-k must be in [1, vocabulary size {vocab}], got {topk}")
+    if not 2 <= tree_size <= MAX_TREE_SIZE:
+        raise ValueError(
+            f"tree size {tree_size} is not supported: it must be in [2, {MAX_TREE_SIZE}] "
+            "(nodes verified in one pass, root included)"
+        )
+    tried = topk + (depth - 1) * topk * topk
+    if tree_size - 1 > tried:
+        raise ValueError(
+            f"tree size {tree_size} needs {tree_size - 1} draft nodes but depth {depth} and "
+            f"top-k {topk} only produce {tried}"
+        )
+
+
+class EagleDrafter:
+    name = "eagle2"
+
+    def __init__(
+        self,
+        head: EagleHead,
+        base: ModelRunner,
+        *,
+        depth: int,
+        topk: int,
+        tree_size: int,
+    ):
+        if base.feats is None:
+            raise ValueError("the base runner must keep features (keep_features=True)")
+        validate_tree_params(depth, topk, tree_size, base.config.vocab_size)
+        self.head, self.base = head, base
+        self.depth, self.topk, self.tree_size = depth, topk, tree_size
+        max_len = base.max_seq_len + depth * topk + 2
+        self.cache = head.new_cache(max_len)
+        w = head.fc.weight
+        self.rope = RopeTable(head.config, max_len, w.device, w.dtype)
+        self.attn_fn = select_attention(w.device, w.dtype)
+        self.context: list[int] = []  # tokens whose pairs fill the committed cache rows
+        self.stats = DraftStats()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.context = []
+
+    # ------------------------------------------------------------------ head calls
+    def _run(
+        self,
+        tokens: torch.Tensor,  # [T] next tokens
+        feats: torch.Tensor,  # [T, H]
+        cache_len: int,
+        positions: torch.Tensor,  # [T]
+        block_mask: torch.Tensor | None,  # [T, W]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # hidden [T, H], log-probs [T, V]
+        meta = AttnMetadata.plan(
+            self.rope,
+            cache_len,
+            tokens.shape[0],
+            positions=positions,
+            block_mask=block_mask,
+            attn_fn=self.attn_fn,
+        )
+        base = self.base.model
+        h = self.head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
+        return h, torch.log_softmax(base.lm_head(h).float(), dim=-1)
+
+    def _sync(self, context: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Commit rows for `context` (base ids + root); return the last row's outputs."""
+        same = 0
+        limit = min(len(self.context), len(context))
+        while same < limit and self.context[same] == context[same]:
+            same += 1
+        # Row t needs tokens 0..t+1 unchanged; always rerun the last row for its output.
+        keep = max(0, min(self.cache.length, same - 1, len(context) - 2))
+        self.cache.truncate(keep)
+        feats = self.base.feats
+        assert feats is not None
+        end = len(context) - 1  # rows keep .. end-1
+        device = feats.device
+        tokens = torch.tensor(context[keep + 1 : end + 1], device=device)
+        h, logp = self._run(
+            tokens, feats[keep:end], keep, torch.arange(keep, end, device=device), None
+        )
+        self.cache.commit(end - keep)
+        self.context = list(context)
+        return h[-1], logp[-1]
+
+    # ------------------------------------------------------------------ tree
+    def propose(self, req: DraftRequest) -> DraftTree:
+        assert req.target is self.base, "an EAGLE drafter drafts for the model it was built on"
+        context = [*req.target.ids, req.root]
+        last_h, last_logp = self._sync(context)
+        k = self.topk
+        n = min(self.tree_size, req.max_nodes)
+        root_pos = len(context) - 1
+        committed = self.cache.length
+        device = last_h.device
+
+        scores, toks = last_logp.topk(k)  # [k]
+        hist_scores, hist_tokens = [scores], [toks]
+        hist_parents = [torch.full((k,), -1, device=device)]
+        frontier_h = last_h.expand(k, -1)
+        frontier_scores, frontier_tokens = scores, toks
+        frontier_idx = torch.arange(k, device=device)
+        frontier_mask = torch.eye(k, dtype=torch.bool, device=device)  # [k, level*k]
+        n_hist = k
+        depth = self.depth if n > 1 else 0
+        for level in range(1, depth):
+            positions = torch.full((k,), root_pos + level - 1, device=device)
+            h, logp = self._run(
+                frontier_tokens,
+                frontier_h,
+                committed + (level - 1) * k,
+                positions,
+                frontier_mask,
+            )
+            child_scores, child_tokens = logp.topk(k, dim=-1)  # [k, k]
+            child_scores = child_scores + frontier_scores[:, None]
+            hist_scores.append(child_scores.flatten())
+            hist_tokens.append(child_tokens.flatten())
+            hist_parents.append(frontier_idx.repeat_interleave(k))
+            best = child_scores.flatten().topk(k).indices  # [k] next frontier
+            row = best // k
+            frontier_h = h[row]
+            frontier_tokens = child_tokens.flatten()[best]
+            frontier_scores = child_scores.flatten()[best]
+            frontier_idx = n_hist + best
+            eye = torch.eye(k, dtype=torch.bool, device=device)
+            frontier_mask = torch.cat([frontier_mask[row], eye], dim=1)
+            n_hist += k * k
+        self.cache.truncate(committed)  # drop the tree-level rows
+
+        all_scores = torch.cat(hist_scores)
+        # Stable sort: on equal scores the earlier (shallower) node wins, so an ancestor
+        # always ranks before its descendants and any top-m prefix is a tree.
+        order = torch.sort(all_scores, descending=True, stable=True).indices[: n - 1]
+        chosen = order.sort().values  # history order: parents before children
+        parents_hist = torch.cat(hist_parents)[chosen]
+        lookup = torch.full((n_hist,), -1, device=device)
+        lookup[chosen] = torch.arange(1, chosen.numel() + 1, device=device)
+        parents = torch.where(parents_hist < 0, 0, lookup[parents_hist.clamp(min=0)])
+        tokens = torch.cat(
+            [torch.tensor([req.root], device=device), torch.cat(hist_tokens)[chosen]]
+        )
+        parents = torch.cat([torch.tensor([-1], device=device), parents])
+        return DraftTree.from_parents(tokens, parents)

@@ -1,0 +1,127 @@
+"""Build a `Generator` for a method: load or create the drafters and check compatibility."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from specquant.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
+from specquant.engine.generator import Generator
+from specquant.engine.runner import ModelRunner
+from specquant.io.eagle import load_eagle_head, random_eagle_head
+from specquant.io.loader import LoadedModel, load_checkpoint
+from specquant.models.eagle import EagleHead
+from specquant.models.llama import LlamaModel
+from specquant.spec.drafters.draft_model import DraftModelDrafter
+from specquant.spec.drafters.eagle import EagleDrafter, validate_tree_params
+from specquant.spec.drafters.hierarchical import HierSpecDrafter
+
+RANDOM = "random"
+
+
+def _note(msg: str) -> None:
+    print(f"[specquant] {msg}", file=sys.stderr)
+
+
+def random_draft_model(target: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    """A tiny random Llama sharing the target's vocabulary (acceptance will be near zero)."""
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=target.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rope_theta=target.rope_theta,
+        max_position_embeddings=target.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_ids=target.eos_token_ids,
+    )
+    gen = torch.Generator().manual_seed(0)
+    model = LlamaModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                torch.ones_like(p)
+                if name.endswith("norm.weight")
+                else torch.randn(p.shape, generator=gen) * 0.02
+            )
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.prepare_kernels()
+    return model
+
+
+def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(
+            f"draft model {draft.path} has vocab_size {draft.config.vocab_size}, the target "
+            f"{target.config.vocab_size}: speculative decoding needs the same tokenizer"
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+        if tv != dv:
+            diff = sorted(set(tv.items()) ^ set(dv.items()))[:3]
+            raise ConfigError(
+                f"tokenizer mismatch between draft {draft.path} and target {target.path} "
+                f"(e.g. {diff}); speculative decoding needs the same tokenizer"
+            )
+
+
+def _draft_model(spec_path: str | None, target: LoadedModel, role: str) -> LlamaModel:
+    device, dtype = target.model.embed_tokens.weight.device, target.model.embed_tokens.weight.dtype
+    if spec_path in (None, RANDOM):
+        _note(f"{role}: using a randomly initialised model (pass --draft PATH for a trained one)")
+        return random_draft_model(target.config, device, dtype)
+    draft = load_checkpoint(Path(spec_path), device, dtype)
+    check_same_tokenizer(target, draft)
+    return draft.model
+
+
+def _eagle_head(
+    spec_path: str | None, base: ModelConfig, device: torch.device, dtype: torch.dtype, role: str
+) -> EagleHead:
+    if spec_path in (None, RANDOM):
+        _note(f"{role}: using a randomly initialised EAGLE head")
+        return random_eagle_head(base, device, dtype)
+    return load_eagle_head(spec_path, base, device, dtype)
+
+
+def build_generator(
+    loaded: LoadedModel, engine: EngineConfig | None = None, spec: SpecConfig | None = None
+) -> Generator:
+    spec = spec or SpecConfig()
+    engine = engine or EngineConfig()
+    tcfg = loaded.config
+    device, dtype = loaded.model.embed_tokens.weight.device, loaded.model.embed_tokens.weight.dtype
+    if spec.method == "ar":
+        return Generator(loaded, engine)
+    if spec.method == "sps":
+        draft = _draft_model(spec.draft, loaded, "sps draft")
+        gen = Generator(loaded, engine)
+        runner = ModelRunner(draft, gen.max_seq_len + 1)
+        gen.drafter = DraftModelDrafter(runner, spec.draft_length)
+        return gen
+    if spec.method == "eagle2":
+        validate_tree_params(spec.depth, spec.tree_topk, spec.tree_size, tcfg.vocab_size)
+        head = _eagle_head(spec.eagle, tcfg, device, dtype, "eagle2")
+        gen = Generator(loaded, engine, keep_features=True)
+        gen.drafter = EagleDrafter(
+            head, gen.runner, depth=spec.depth, topk=spec.tree_topk, tree_size=spec.tree_size
+        )
+        return gen
+    assert spec.method == "hierspec"
+    validate_tree_params(spec.hier_depth, spec.hier_topk, spec.hier_tree_size, tcfg.vocab_size)
+    inter = _draft_model(spec.draft, loaded, "hierspec intermediate model")
+    head = _eagle_head(spec.draft_eagle, inter.config, device, dtype, "hierspec EAGLE")
+    gen = Generator(loaded, engine)
+    margin = spec.min_draft_length + spec.hier_depth + spec.hier_tree_size + 2
+    m_runner = ModelRunner(inter, gen.max_seq_len + margin, keep_features=True)
+    eagle = EagleDrafter(
+        head, m_runner, depth=spec.hier_depth, topk=spec.hier_topk, tree_size=spec.hier_tree_size
+    )
+    gen.drafter = HierSpecDrafter(m_runner, eagle, spec.min_draft_length)
+    return gen
