@@ -161,7 +161,7 @@ def test_hierspec_with_target_as_intermediate(target_dir: Path) -> None:
 
 
 def _recompute_cache(runner: ModelRunner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fresh = ModelRunner(runner.model, runner.max_seq_len, keep_features=True)
+    fresh = ModelRunner(runner.model, runner.max_seq_len, features="final")
     fresh.sync(runner.ids)
     n = runner.length
     assert fresh.feats is not None

@@ -74,7 +74,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     path = tmp_path_factory.mktemp("tree_base")
     make_hf_model("llama", seed=5, vocab_size=V).save_pretrained(path)
     loaded = load_checkpoint(path, torch.device("cpu"), torch.float32, with_tokenizer=False)
-    runner = ModelRunner(loaded.model, 64, keep_features=True)
+    runner = ModelRunner(loaded.model, 64, features="final")
     runner.sync([1, 2, 3])
     return runner
 

@@ -310,7 +310,7 @@ class SpecConfig:
         metadata=_doc("draft model (sps) or intermediate model (hierspec): path or 'random'"),
     )
     eagle: str | None = field(
-        default=None, metadata=_doc("EAGLE head for the target: path or 'random'")
+        default=None, metadata=_doc("EAGLE head for the target: path, 'random' or 'random-eagle3'")
     )
     draft_eagle: str | None = field(
         default=None, metadata=_doc("hierspec: EAGLE head for the intermediate model")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from specquant.config import EngineConfig, GenerationConfig, SamplingParams
-from specquant.engine.runner import ModelRunner
+from specquant.engine.runner import FeatureSpec, ModelRunner
 from specquant.engine.sampling import make_rng, sample
 from specquant.io.loader import LoadedModel
 from specquant.spec.drafters.base import Drafter, DraftRequest
@@ -91,7 +91,7 @@ class Generator:
         engine: EngineConfig | None = None,
         drafter: Drafter | None = None,
         *,
-        keep_features: bool = False,
+        features: FeatureSpec = None,
     ):
         engine = engine or EngineConfig()
         self.loaded = loaded
@@ -101,7 +101,7 @@ class Generator:
         param = self.model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(engine.max_seq_len, self.config.max_position_embeddings)
-        self.runner = ModelRunner(self.model, self.max_seq_len, keep_features=keep_features)
+        self.runner = ModelRunner(self.model, self.max_seq_len, features=features)
         self.drafter = drafter
         self.stop_token_ids = self._default_stop_ids()
 

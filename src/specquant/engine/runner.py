@@ -5,7 +5,9 @@ runner keeps three things aligned, position by position::
 
     ids    [0 .. n)            committed token ids
     cache  slots [0 .. n)      their K/V
-    feats  rows  [0 .. n)      their post-norm hidden states (only if `keep_features`)
+    feats  rows  [0 .. n)      their features, if asked for: "final" = post-norm hidden
+                               states (EAGLE-1/2), or a tuple of layer indices = those
+                               layers' input residual streams, concatenated (EAGLE-3)
 
 `run()` computes a block after the committed prefix without committing it; `commit()` or
 `accept()` then keeps all of it or a subset (a verified tree path); `sync()` makes the
@@ -24,10 +26,16 @@ from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 
 PREFILL_CHUNK = 1024
+FeatureSpec = str | tuple[int, ...] | None
+
+
+def eagle3_layers(num_layers: int) -> tuple[int, int, int]:
+    """Low, middle and high layers whose inputs EAGLE-3 heads read."""
+    return (2, num_layers // 2, num_layers - 3)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, max_seq_len: int, keep_features: bool = False):
+    def __init__(self, model: LlamaModel, max_seq_len: int, features: FeatureSpec = None):
         self.model = model
         self.config: ModelConfig = model.config
         param = model.embed_tokens.weight
@@ -37,11 +45,13 @@ class ModelRunner:
         self.rope = RopeTable(self.config, max_seq_len, self.device, self.dtype)
         self.attn_fn = select_attention(self.device, self.dtype)
         self.ids: list[int] = []
+        self.features = features
         self.feats: torch.Tensor | None = None
-        if keep_features:
-            self.feats = torch.zeros(
-                max_seq_len, self.config.hidden_size, device=self.device, dtype=self.dtype
-            )
+        if features is not None:
+            if features != "final" and not isinstance(features, tuple):
+                raise ValueError(f"features must be None, 'final' or a tuple; got {features!r}")
+            width = self.config.hidden_size * (1 if features == "final" else len(features))
+            self.feats = torch.zeros(max_seq_len, width, device=self.device, dtype=self.dtype)
 
     @property
     def length(self) -> int:
@@ -55,7 +65,7 @@ class ModelRunner:
         block_mask: torch.Tensor | None = None,  # [T, T] bool; None = causal
         depth: torch.Tensor | None = None,  # [T] offsets from the prefix end; None = arange
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T or 1, V], hidden [T, H]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T or 1, V], features [T, F]
         """Forward a block after the committed prefix; its K/V are written, not committed."""
         t = tokens.shape[0]
         n = self.length
@@ -74,8 +84,18 @@ class ModelRunner:
             attn_fn=self.attn_fn,
         )
         index = torch.tensor([t - 1], device=self.device) if last_only else None
-        out = self.model(tokens[None], self.cache, meta, logits_index=index, return_hidden=True)
+        layers = self.features if isinstance(self.features, tuple) else ()
+        out = self.model(
+            tokens[None],
+            self.cache,
+            meta,
+            logits_index=index,
+            return_hidden=True,
+            hidden_layers=layers,
+        )
         assert out.logits is not None and out.hidden is not None
+        if layers:
+            return out.logits[0], torch.cat([out.layer_hidden[i][0] for i in layers], dim=-1)
         return out.logits[0], out.hidden[0]
 
     # ---------------------------------------------------------------- commit

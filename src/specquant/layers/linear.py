@@ -42,3 +42,22 @@ class QLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
             f"kernel={self.kernel_name}"
         )
+
+
+def prepare_linears(module: nn.Module, override: str | None = None) -> None:
+    """Choose the matmul kernel of every QLinear in `module` (after loading or `.to()`)."""
+    for sub in module.modules():
+        if isinstance(sub, QLinear):
+            sub.prepare(override)
+
+
+@torch.no_grad()
+def init_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
+    """Deterministic random weights (norms at 1): for random drafters and tests."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module

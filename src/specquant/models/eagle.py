@@ -16,8 +16,15 @@ from torch import nn
 from specquant.cache.static_kv import StaticKVCache
 from specquant.config import ModelConfig
 from specquant.layers.attention import AttnMetadata
-from specquant.layers.linear import QLinear
+from specquant.layers.linear import QLinear, prepare_linears
+from specquant.layers.norm import RMSNorm
 from specquant.models.llama import DecoderLayer
+
+
+def _one_layer_cache(cfg: ModelConfig, like: torch.Tensor, max_len: int) -> StaticKVCache:
+    return StaticKVCache(
+        1, cfg.num_kv_heads, cfg.head_dim, max_len, device=like.device, dtype=like.dtype
+    )
 
 
 class EagleHead(nn.Module):
@@ -39,13 +46,58 @@ class EagleHead(nn.Module):
         return self.layers[0](x, cache, meta)
 
     def new_cache(self, max_len: int) -> StaticKVCache:
-        cfg = self.config
-        w = self.fc.weight
-        return StaticKVCache(
-            1, cfg.num_kv_heads, cfg.head_dim, max_len, device=w.device, dtype=w.dtype
-        )
+        return _one_layer_cache(self.config, self.fc.weight, max_len)
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
-        for module in self.modules():
-            if isinstance(module, QLinear):
-                module.prepare(linear_override)
+        prepare_linears(self, linear_override)
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3 draft head (Li et al. 2025).
+
+    x_t  = fc([low_t; mid_t; high_t])      three base-model layers' residual streams (first
+                                           step only; deeper steps feed back h directly)
+    a_t  = attn([norm_e(embed(tok_{t+1})); norm_h(x_t)])   q/k/v read a 2H-wide input
+    h_t  = x_t + a_t;  h_t += mlp(norm(h_t))                the next step's feature (pre-norm)
+    logits = lm_head(norm(h_t))            over a reduced draft vocabulary; draft id d maps
+                                           to target id d + d2t[d]
+    """
+
+    def __init__(self, cfg: ModelConfig, base_hidden: int, draft_vocab: int):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.fc = QLinear(3 * base_hidden, h)
+        layer = DecoderLayer(cfg, 0)
+        layer.self_attn.qkv_proj = QLinear(2 * h, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.midlayer = layer
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = QLinear(h, draft_vocab)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+        self.embed_tokens: nn.Embedding | None = None  # own embedding if hidden != base's
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [B, T, H]
+        feats: torch.Tensor,  # [B, T, 3*H_base] base features, or [B, T, H] fed-back h
+        cache: StaticKVCache,
+        meta: AttnMetadata,
+    ) -> torch.Tensor:  # [B, T, H]
+        x = self.fc(feats) if feats.shape[-1] != self.config.hidden_size else feats
+        layer = self.midlayer
+        attn_in = torch.cat([layer.input_layernorm(embeds), self.hidden_norm(x)], dim=-1)
+        h = x + layer.self_attn(attn_in, cache, meta)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:  # [.., draft_vocab]
+        return self.lm_head(self.norm(h))
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def new_cache(self, max_len: int) -> StaticKVCache:
+        return _one_layer_cache(self.config, self.lm_head.weight, max_len)
+
+    def prepare_kernels(self, linear_override: str | None = None) -> None:
+        prepare_linears(self, linear_override)

@@ -19,7 +19,7 @@ from torch import nn
 from specquant.cache.static_kv import StaticKVCache
 from specquant.config import ModelConfig
 from specquant.layers.attention import AttnMetadata
-from specquant.layers.linear import QLinear
+from specquant.layers.linear import QLinear, prepare_linears
 from specquant.layers.norm import RMSNorm
 from specquant.layers.rope import apply_rope
 
@@ -134,9 +134,7 @@ class LlamaModel(nn.Module):
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
         """Choose kernels for the current device/dtype; call after loading or `.to()`."""
-        for module in self.modules():
-            if isinstance(module, QLinear):
-                module.prepare(linear_override)
+        prepare_linears(self, linear_override)
 
     def new_cache(
         self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None

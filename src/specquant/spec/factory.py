@@ -10,15 +10,17 @@ import torch
 from specquant.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
 from specquant.engine.generator import Generator
 from specquant.engine.runner import ModelRunner
-from specquant.io.eagle import load_eagle_head, random_eagle_head
+from specquant.io.eagle import load_eagle_head, random_eagle3_head, random_eagle_head
 from specquant.io.loader import LoadedModel, load_checkpoint
-from specquant.models.eagle import EagleHead
+from specquant.layers.linear import init_random_
+from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.models.llama import LlamaModel
 from specquant.spec.drafters.draft_model import DraftModelDrafter
-from specquant.spec.drafters.eagle import EagleDrafter, validate_tree_params
+from specquant.spec.drafters.eagle import EagleDrafter, head_features, validate_tree_params
 from specquant.spec.drafters.hierarchical import HierSpecDrafter
 
 RANDOM = "random"
+RANDOM_EAGLE3 = "random-eagle3"
 
 
 def _note(msg: str) -> None:
@@ -41,15 +43,7 @@ def random_draft_model(target: ModelConfig, device: torch.device, dtype: torch.d
         tie_word_embeddings=True,
         eos_token_ids=target.eos_token_ids,
     )
-    gen = torch.Generator().manual_seed(0)
-    model = LlamaModel(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(
-                torch.ones_like(p)
-                if name.endswith("norm.weight")
-                else torch.randn(p.shape, generator=gen) * 0.02
-            )
+    model = init_random_(LlamaModel(cfg), seed=0)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model.prepare_kernels()
     return model
@@ -83,10 +77,13 @@ def _draft_model(spec_path: str | None, target: LoadedModel, role: str) -> Llama
 
 def _eagle_head(
     spec_path: str | None, base: ModelConfig, device: torch.device, dtype: torch.dtype, role: str
-) -> EagleHead:
+) -> EagleHead | Eagle3Head:
     if spec_path in (None, RANDOM):
         _note(f"{role}: using a randomly initialised EAGLE head")
         return random_eagle_head(base, device, dtype)
+    if spec_path == RANDOM_EAGLE3:
+        _note(f"{role}: using a randomly initialised EAGLE-3 head")
+        return random_eagle3_head(base, device, dtype)
     return load_eagle_head(spec_path, base, device, dtype)
 
 
@@ -108,7 +105,7 @@ def build_generator(
     if spec.method == "eagle2":
         validate_tree_params(spec.depth, spec.tree_topk, spec.tree_size, tcfg.vocab_size)
         head = _eagle_head(spec.eagle, tcfg, device, dtype, "eagle2")
-        gen = Generator(loaded, engine, keep_features=True)
+        gen = Generator(loaded, engine, features=head_features(head, tcfg.num_layers))
         gen.drafter = EagleDrafter(
             head, gen.runner, depth=spec.depth, topk=spec.tree_topk, tree_size=spec.tree_size
         )
@@ -119,7 +116,8 @@ def build_generator(
     head = _eagle_head(spec.draft_eagle, inter.config, device, dtype, "hierspec EAGLE")
     gen = Generator(loaded, engine)
     margin = spec.min_draft_length + spec.hier_depth + spec.hier_tree_size + 2
-    m_runner = ModelRunner(inter, gen.max_seq_len + margin, keep_features=True)
+    features = head_features(head, inter.config.num_layers)
+    m_runner = ModelRunner(inter, gen.max_seq_len + margin, features=features)
     eagle = EagleDrafter(
         head, m_runner, depth=spec.hier_depth, topk=spec.hier_topk, tree_size=spec.hier_tree_size
     )

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from specquant.engine.runner import ModelRunner
+from specquant.engine.runner import FeatureSpec, ModelRunner, eagle3_layers
 from specquant.layers.attention import AttnMetadata, select_attention
 from specquant.layers.rope import RopeTable
-from specquant.models.eagle import EagleHead
+from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.spec.drafters.base import DraftRequest, DraftStats
 from specquant.spec.tree import MAX_TREE_SIZE, DraftTree
 
@@ -44,26 +44,38 @@ def validate_tree_params(depth: int, topk: int, tree_size: int, vocab: int) -> N
         )
 
 
+def head_features(head: EagleHead | Eagle3Head, base_layers: int) -> FeatureSpec:
+    """What the base model must record for this head: post-norm features (EAGLE-1/2) or the
+    inputs of three layers (EAGLE-3)."""
+    return eagle3_layers(base_layers) if isinstance(head, Eagle3Head) else "final"
+
+
 class EagleDrafter:
     name = "eagle2"
 
     def __init__(
         self,
-        head: EagleHead,
+        head: EagleHead | Eagle3Head,
         base: ModelRunner,
         *,
         depth: int,
         topk: int,
         tree_size: int,
     ):
-        if base.feats is None:
-            raise ValueError("the base runner must keep features (keep_features=True)")
-        validate_tree_params(depth, topk, tree_size, base.config.vocab_size)
+        want = head_features(head, base.config.num_layers)
+        if base.features != want:
+            raise ValueError(
+                f"the base runner must record features {want!r}, not {base.features!r}"
+            )
+        vocab = (
+            head.lm_head.out_features if isinstance(head, Eagle3Head) else base.config.vocab_size
+        )
+        validate_tree_params(depth, topk, tree_size, vocab)
         self.head, self.base = head, base
         self.depth, self.topk, self.tree_size = depth, topk, tree_size
         max_len = base.max_seq_len + depth * topk + 2
         self.cache = head.new_cache(max_len)
-        w = head.fc.weight
+        w = head.lm_head.weight if isinstance(head, Eagle3Head) else head.fc.weight
         self.rope = RopeTable(head.config, max_len, w.device, w.dtype)
         self.attn_fn = select_attention(w.device, w.dtype)
         self.context: list[int] = []  # tokens whose pairs fill the committed cache rows
@@ -81,7 +93,7 @@ class EagleDrafter:
         cache_len: int,
         positions: torch.Tensor,  # [T]
         block_mask: torch.Tensor | None,  # [T, W]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # hidden [T, H], log-probs [T, V]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # hidden [T, H], log-probs [T, V_draft]
         meta = AttnMetadata.plan(
             self.rope,
             cache_len,
@@ -91,8 +103,20 @@ class EagleDrafter:
             attn_fn=self.attn_fn,
         )
         base = self.base.model
-        h = self.head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
+        head = self.head
+        if isinstance(head, Eagle3Head):
+            embed = head.embed_tokens if head.embed_tokens is not None else base.embed_tokens
+            h = head(embed(tokens)[None], feats[None], self.cache, meta)[0]
+            return h, torch.log_softmax(head.draft_logits(h).float(), dim=-1)
+        h = head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
         return h, torch.log_softmax(base.lm_head(h).float(), dim=-1)
+
+    def _topk(self, logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k over the head's vocabulary, ids mapped to the target's vocabulary."""
+        scores, ids = logp.topk(k, dim=-1)
+        if isinstance(self.head, Eagle3Head):
+            ids = self.head.to_target_ids(ids)
+        return scores, ids
 
     def _sync(self, context: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit rows for `context` (base ids + root); return the last row's outputs."""
@@ -126,7 +150,7 @@ class EagleDrafter:
         committed = self.cache.length
         device = last_h.device
 
-        scores, toks = last_logp.topk(k)  # [k]
+        scores, toks = self._topk(last_logp, k)  # [k]
         hist_scores, hist_tokens = [scores], [toks]
         hist_parents = [torch.full((k,), -1, device=device)]
         frontier_h = last_h.expand(k, -1)
@@ -144,7 +168,7 @@ class EagleDrafter:
                 positions,
                 frontier_mask,
             )
-            child_scores, child_tokens = logp.topk(k, dim=-1)  # [k, k]
+            child_scores, child_tokens = self._topk(logp, k)  # [k, k]
             child_scores = child_scores + frontier_scores[:, None]
             hist_scores.append(child_scores.flatten())
             hist_tokens.append(child_tokens.flatten())
