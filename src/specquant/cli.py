@@ -13,6 +13,7 @@ import sys
 import time
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from specquant.config import (
@@ -105,7 +106,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model config and the kernels chosen")
     model_args(info)
+    _training_parsers(sub)
     return parser
+
+
+def _training_parsers(sub: Any) -> None:
+    from specquant.train.loop import TrainConfig
+
+    def target_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="target: HF dir or .gguf (default: SmolLM2)")
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+        p.add_argument("--max-seq-len", type=int, default=4096, help="context for generation")
+
+    md = sub.add_parser("make-data", help="the target answers training prompts (self-distillation)")
+    target_args(md)
+    md.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    md.add_argument("--data-dir", type=Path, default=None, help="shared/data (default: found)")
+    md.add_argument("--sources", nargs="*", default=None, help="prompt sources (default: all)")
+    md.add_argument(
+        "--permissive-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="only permissively licensed prompt sets (for weights that ship)",
+    )
+    md.add_argument("--limit", type=int, default=2000, help="number of prompts")
+    md.add_argument("--max-new-tokens", type=int, default=256)
+    md.add_argument("--max-prompt-tokens", type=int, default=512)
+    md.add_argument("--batch-size", type=int, default=32)
+    md.add_argument("--temperature", type=float, default=0.0)
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--resume", action="store_true", help="append to an existing --out")
+
+    for name, extra in (("train-eagle", None), ("distill-draft", "--layers")):
+        p = sub.add_parser(
+            name,
+            help="train an EAGLE head on the target's features"
+            if extra is None
+            else "distill a shallow draft model from the target",
+        )
+        target_args(p)
+        p.add_argument("--data", type=Path, required=True, help="make-data JSONL file")
+        p.add_argument("--out", type=Path, required=True, help="output directory")
+        p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+        if extra:
+            p.add_argument("--layers", type=int, default=4, help="student decoder layers")
+        else:
+            p.add_argument(
+                "--draft",
+                default=None,
+                help="train the head for this draft model of --model (HierSpec's intermediate)",
+            )
+        add_dataclass_args(p, TrainConfig, "training")
 
 
 # ------------------------------------------------------------------ commands
@@ -229,7 +280,108 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def _load_target(args: argparse.Namespace) -> Any:
+    """Training and data generation run the target in float32 (stable, exact features)."""
+    from specquant import load
+
+    return load(args.model, device=args.device, dtype="float32", max_seq_len=args.max_seq_len)
+
+
+def _card(args: argparse.Namespace, gen: Any, data_note: str, sources: dict[str, Any]) -> dict:
+    return {
+        "target": gen.loaded.path.name,
+        "data": data_note,
+        "sources": sources,
+        "command": "specquant " + " ".join(sys.argv[1:]),
+    }
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from specquant.train.make_data import MakeDataConfig, make_data
+    from specquant.train.prompts import default_data_dir, load_prompts
+
+    data_dir = args.data_dir or default_data_dir()
+    prompts = load_prompts(
+        data_dir,
+        args.sources,
+        permissive_only=args.permissive_only,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    gen = _load_target(args)
+    cfg = MakeDataConfig(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_prompt_tokens=args.max_prompt_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    n = make_data(gen, prompts, args.out, cfg, resume=args.resume)
+    print(f"[specquant] {n} records in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _sources_of(path: Path) -> dict[str, Any]:
+    from specquant.train.prompts import SOURCES
+
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            src = json.loads(line).get("source", "?")
+            counts[src] = counts.get(src, 0) + 1
+    return {
+        s: {"count": c, "license": SOURCES[s].license if s in SOURCES else "?"}
+        for s, c in counts.items()
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from specquant.train.loop import TrainConfig
+    from specquant.train.make_data import read_data
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = dataclass_from_args(TrainConfig, args)
+    gen = _load_target(args)
+    samples = read_data(args.data, gen.config.vocab_size)
+    card = _card(args, gen, f"{args.data.name} ({len(samples)} samples)", _sources_of(args.data))
+    if args.command == "train-eagle":
+        from specquant.train.eagle_train import train_eagle
+
+        base = gen.model
+        if args.draft:
+            from specquant.io.loader import load_checkpoint
+
+            draft = load_checkpoint(args.draft, gen.device, gen.dtype, shared_with=gen.model)
+            base = draft.model
+            card["target"] = f"{Path(args.draft).name} (draft of {card['target']})"
+        train_eagle(base, samples, cfg, args.out, resume=args.resume, card=card)
+    else:
+        from specquant.train.distill import distill_draft
+
+        distill_draft(
+            gen.model,
+            samples,
+            cfg,
+            args.out,
+            num_layers=args.layers,
+            tokenizer=gen.tokenizer,
+            resume=args.resume,
+            card=card,
+        )
+    print(f"[specquant] saved to {args.out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "make-data": cmd_make_data,
+    "train-eagle": cmd_train,
+    "distill-draft": cmd_train,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,8 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # A draft model that borrows its target's embedding and lm_head (not stored with it).
+    shared_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
@@ -144,6 +146,7 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(eos),
+            shared_embeddings=bool(hf.get("specquant_shared_embeddings", False)),
         )
 
     # ------------------------------------------------------------------ GGUF metadata

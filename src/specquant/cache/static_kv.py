@@ -13,9 +13,19 @@ speculative verification (keep the accepted tree nodes, in order), `truncate(n)`
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from specquant.kernels.reference import kv_compact_reference
+
+
+class KVCache(Protocol):
+    """What model code needs from a cache: write a block, read a prefix."""
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class StaticKVCache:
@@ -83,3 +93,20 @@ class StaticKVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class BlockKV:
+    """Holds one block's K/V per layer without a preallocated buffer: for training, where
+    each forward sees a whole sequence from position 0 and autograd must see separate
+    tensors per layer (in-place writes into one shared buffer would break backward)."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        assert start == 0, "BlockKV holds a single block written from position 0"
+        self.k[layer], self.v[layer] = k, v
+
+    def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -42,6 +42,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, h)
+    if cfg.shared_embeddings:  # borrowed from the target at load time
+        out.pop("model.embed_tokens.weight")
+        out.pop("lm_head.weight", None)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (h,)
@@ -90,9 +93,27 @@ def validate(cfg: ModelConfig, source: TensorSource) -> None:
 
 
 def materialize(
-    cfg: ModelConfig, source: TensorSource, device: torch.device, dtype: torch.dtype
+    cfg: ModelConfig,
+    source: TensorSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    shared_with: LlamaModel | None = None,
 ) -> LlamaModel:
-    """Validate, then build the model on `device` and copy the weights in."""
+    """Validate, then build the model on `device` and copy the weights in. A draft saved
+    with `shared_embeddings` takes embedding and lm_head from `shared_with`, its target."""
+    if cfg.shared_embeddings:
+        if shared_with is None:
+            raise CheckpointError(
+                f"{source.description} is a draft model that shares its target's embeddings; "
+                "load it as a drafter of that target (--draft PATH)"
+            )
+        tcfg = shared_with.config
+        if (tcfg.vocab_size, tcfg.hidden_size) != (cfg.vocab_size, cfg.hidden_size):
+            raise CheckpointError(
+                f"{source.description} shares embeddings of shape "
+                f"[{cfg.vocab_size}, {cfg.hidden_size}] but the target's are "
+                f"[{tcfg.vocab_size}, {tcfg.hidden_size}]"
+            )
     validate(cfg, source)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -101,6 +122,11 @@ def materialize(
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared params
 
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if cfg.shared_embeddings:
+        assert shared_with is not None
+        model.embed_tokens.weight = shared_with.embed_tokens.weight
+        model.lm_head.weight = shared_with.lm_head.weight
+        skip |= {"lm_head.weight", "embed_tokens.weight"}
     names = [n for n in source.shapes if not n.endswith(IGNORED_SUFFIXES) and n not in skip]
     load_into(model, {n: n.removeprefix("model.") for n in names}, source.get, dtype, skip)
     model.eval().requires_grad_(False)

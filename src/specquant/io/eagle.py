@@ -162,7 +162,18 @@ def random_eagle_head(
     return head
 
 
-def save_eagle_head(head: EagleHead, path: str | Path) -> None:
+def _to_save(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; floating tensors cast to `dtype` (bf16 halves shipped size)."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def save_eagle_head(head: EagleHead, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the public (unfused) layout."""
     from safetensors.torch import save_file
 
@@ -195,10 +206,7 @@ def save_eagle_head(head: EagleHead, path: str | Path) -> None:
         "layers.0.mlp.up_proj.weight": up,
         "layers.0.mlp.down_proj.weight": mlp.down_proj.weight,
     }
-    save_file(
-        {k: t.detach().contiguous().cpu() for k, t in tensors.items()},
-        str(path / "model.safetensors"),
-    )
+    save_file(_to_save(tensors, dtype), str(path / "model.safetensors"))
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -326,7 +334,7 @@ def random_eagle3_head(
     return head
 
 
-def save_eagle3_head(head: Eagle3Head, path: str | Path) -> None:
+def save_eagle3_head(head: Eagle3Head, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in EAGLE-3's public (unfused) layout."""
     from safetensors.torch import save_file
 
@@ -354,10 +362,7 @@ def save_eagle3_head(head: Eagle3Head, path: str | Path) -> None:
         m + "mlp.up_proj.weight": up,
         m + "mlp.down_proj.weight": mlp.down_proj.weight,
     }
-    save_file(
-        {k: t.detach().contiguous().cpu() for k, t in tensors.items()},
-        str(path / "model.safetensors"),
-    )
+    save_file(_to_save(tensors, dtype), str(path / "model.safetensors"))
     config = {
         "architectures": ["LlamaForCausalLMEagle3"],
         "hidden_size": cfg.hidden_size,

@@ -52,6 +52,7 @@ def load_checkpoint(
     dtype: torch.dtype,
     *,
     with_tokenizer: bool = True,
+    shared_with: LlamaModel | None = None,
 ) -> LoadedModel:
     path = resolve_path(model)
     if path.is_dir() and not (path / "config.json").exists():
@@ -64,7 +65,7 @@ def load_checkpoint(
     if path.is_dir():
         cfg = read_hf_config(path)
         source = safetensors_source(path)
-        net = materialize(cfg, source, device, dtype)
+        net = materialize(cfg, source, device, dtype, shared_with)
         tok = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     elif path.suffix == ".gguf":
         cfg, reader = gguf_config(path)

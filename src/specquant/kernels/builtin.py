@@ -17,18 +17,21 @@ def attention_sdpa(
     q: torch.Tensor,  # [B, Hq, T, D]
     k: torch.Tensor,  # [B, Hkv, S, D]
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor | None,  # [T, S] bool or None
+    mask: torch.Tensor | None,  # [T, S] or per-sequence [B, 1, T, S] bool, or None
 ) -> torch.Tensor:
     b, hq, t, d = q.shape
     groups = hq // k.shape[1]
-    if groups > 1:
+    if groups > 1 and (mask is None or mask.dim() == 2):
         # GQA without copying K/V: query heads kv*G .. kv*G+G-1 share KV head kv, so fold
         # them into the query-length axis ([B, Hkv, G*T, D]) and repeat the mask G times.
         q = q.reshape(b, k.shape[1], groups * t, d)
         if mask is not None:
             mask = mask.repeat(groups, 1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.reshape(b, hq, t, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(b, hq, t, d)
+    if groups > 1:  # per-sequence masks (padded batches): expand K/V instead
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _sdpa_ok(ctx: KernelContext) -> tuple[bool, str]:

@@ -12,7 +12,7 @@ def attention_reference(
     q: torch.Tensor,  # [B, Hq, T, D]
     k: torch.Tensor,  # [B, Hkv, S, D]   S = committed prefix + T new keys
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor | None,  # [T, S] bool, True = may attend; None = attend to all S
+    mask: torch.Tensor | None,  # [T, S] or [B, 1, T, S] bool, True = may attend; None = all
 ) -> torch.Tensor:  # [B, Hq, T, D]
     """Softmax attention with grouped KV heads, computed in fp32."""
     groups = q.shape[1] // k.shape[1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specquant.cache.static_kv import StaticKVCache
+from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear, prepare_linears
@@ -21,9 +21,17 @@ from specquant.layers.norm import RMSNorm
 from specquant.models.llama import DecoderLayer
 
 
-def _one_layer_cache(cfg: ModelConfig, like: torch.Tensor, max_len: int) -> StaticKVCache:
+def _one_layer_cache(
+    cfg: ModelConfig, like: torch.Tensor, max_len: int, batch: int = 1
+) -> StaticKVCache:
     return StaticKVCache(
-        1, cfg.num_kv_heads, cfg.head_dim, max_len, device=like.device, dtype=like.dtype
+        1,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        max_len,
+        batch=batch,
+        device=like.device,
+        dtype=like.dtype,
     )
 
 
@@ -39,14 +47,14 @@ class EagleHead(nn.Module):
         self,
         embeds: torch.Tensor,  # [B, T, H] embeddings of the *next* tokens
         feats: torch.Tensor,  # [B, T, H] base-model features at the current positions
-        cache: StaticKVCache,
+        cache: KVCache,
         meta: AttnMetadata,
     ) -> torch.Tensor:  # [B, T, H] predicted next features
         x = self.fc(torch.cat([embeds, feats], dim=-1))
         return self.layers[0](x, cache, meta)
 
-    def new_cache(self, max_len: int) -> StaticKVCache:
-        return _one_layer_cache(self.config, self.fc.weight, max_len)
+    def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
+        return _one_layer_cache(self.config, self.fc.weight, max_len, batch)
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
         prepare_linears(self, linear_override)
@@ -81,7 +89,7 @@ class Eagle3Head(nn.Module):
         self,
         embeds: torch.Tensor,  # [B, T, H]
         feats: torch.Tensor,  # [B, T, 3*H_base] base features, or [B, T, H] fed-back h
-        cache: StaticKVCache,
+        cache: KVCache,
         meta: AttnMetadata,
     ) -> torch.Tensor:  # [B, T, H]
         x = self.fc(feats) if feats.shape[-1] != self.config.hidden_size else feats
@@ -96,8 +104,8 @@ class Eagle3Head(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
-    def new_cache(self, max_len: int) -> StaticKVCache:
-        return _one_layer_cache(self.config, self.lm_head.weight, max_len)
+    def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
+        return _one_layer_cache(self.config, self.lm_head.weight, max_len, batch)
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
         prepare_linears(self, linear_override)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.cache.static_kv import StaticKVCache
+from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear, prepare_linears
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
     def forward(
-        self, x: torch.Tensor, cache: StaticKVCache, meta: AttnMetadata
+        self, x: torch.Tensor, cache: KVCache, meta: AttnMetadata
     ) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -85,7 +85,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: StaticKVCache, meta: AttnMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, meta: AttnMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,  # [B, T]
-        cache: StaticKVCache,
+        cache: KVCache,
         meta: AttnMetadata,
         *,
         logits_index: torch.Tensor | None = None,  # [N] positions in T to project; None = all

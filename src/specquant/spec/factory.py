@@ -70,7 +70,7 @@ def _draft_model(spec_path: str | None, target: LoadedModel, role: str) -> Llama
     if spec_path in (None, RANDOM):
         _note(f"{role}: using a randomly initialised model (pass --draft PATH for a trained one)")
         return random_draft_model(target.config, device, dtype)
-    draft = load_checkpoint(Path(spec_path), device, dtype)
+    draft = load_checkpoint(Path(spec_path), device, dtype, shared_with=target.model)
     check_same_tokenizer(target, draft)
     return draft.model
 

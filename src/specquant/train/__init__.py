@@ -1,0 +1,1 @@
+"""Drafter training: prompt sources, self-distillation data and training loops."""

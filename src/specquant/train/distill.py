@@ -1,0 +1,158 @@
+"""`specquant distill-draft`: a shallow draft model distilled from its target.
+
+The student keeps the target's width and tokenizer, starts from evenly spaced target layers,
+and borrows the target's embedding and lm_head (frozen, not stored: the checkpoint says
+`specquant_shared_embeddings`), so only its few layers are trained and shipped. Loss: the
+forward KL divergence KL(p_target || p_student) on the answer tokens of make-data samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from specquant.cache.static_kv import BlockKV
+from specquant.layers.attention import AttnMetadata
+from specquant.layers.rope import RopeTable
+from specquant.models.llama import PACKED_MODULES, LlamaModel
+from specquant.train.eagle_train import features, write_card
+from specquant.train.loop import Batch, TrainConfig, train
+from specquant.train.make_data import Sample
+
+
+def pick_layers(num_target: int, num_student: int) -> list[int]:
+    """Evenly spaced target layers, always including the first and the last."""
+    if not 1 <= num_student <= num_target:
+        raise ValueError(f"student layers must be in [1, {num_target}], got {num_student}")
+    if num_student == 1:
+        return [num_target - 1]
+    step = (num_target - 1) / (num_student - 1)
+    return [round(i * step) for i in range(num_student)]
+
+
+def init_student(target: LlamaModel, num_layers: int) -> LlamaModel:
+    cfg = dataclasses.replace(target.config, num_layers=num_layers, shared_embeddings=True)
+    device = target.embed_tokens.weight.device
+    student = LlamaModel(cfg).to(device=device, dtype=torch.float32)
+    student.embed_tokens.weight = target.embed_tokens.weight  # borrowed, frozen
+    student.lm_head.weight = target.lm_head.weight
+    with torch.no_grad():
+        for mine, theirs in zip(
+            student.layers, pick_layers(target.config.num_layers, num_layers), strict=True
+        ):
+            mine.load_state_dict(target.layers[theirs].state_dict())
+        student.norm.load_state_dict(target.norm.state_dict())
+    for name, p in student.named_parameters():
+        p.requires_grad_(not name.startswith(("embed_tokens", "lm_head")))
+    student.prepare_kernels()
+    return student
+
+
+def distill_loss_fn(student: LlamaModel, target: LlamaModel, max_len: int) -> Any:
+    device = target.embed_tokens.weight.device
+    rope_t = RopeTable(target.config, max_len, device, target.embed_tokens.weight.dtype)
+    rope_s = RopeTable(student.config, max_len, device, torch.float32)
+    lm_head = target.lm_head.weight
+
+    def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = batch.tokens
+        t = tokens.shape[1]
+        m = batch.loss_mask
+        with torch.no_grad():
+            p_log = F.linear(features(target, tokens, rope_t)[m], lm_head.float()).log_softmax(-1)
+        cache = BlockKV()
+        meta = AttnMetadata.plan(rope_s, 0, t, sliding_window=student.config.sliding_window)
+        last = torch.tensor([t - 1], device=device)
+        out = student(tokens, cache, meta, logits_index=last, return_hidden=True)
+        assert out.hidden is not None
+        q_log = F.linear(out.hidden[m].float(), lm_head.float()).log_softmax(-1)
+        kl = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")
+        agree = (q_log.argmax(-1) == p_log.argmax(-1)).float().mean()
+        return kl, {"kl": kl.item(), "top1": agree.item()}
+
+    return loss_fn
+
+
+def distill_draft(
+    target: LlamaModel,
+    samples: list[Sample],
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    num_layers: int = 4,
+    tokenizer: Any = None,
+    resume: bool = False,
+    card: dict[str, Any] | None = None,
+) -> LlamaModel:
+    target.requires_grad_(False)
+    student = init_student(target, num_layers)
+    device = target.embed_tokens.weight.device
+    loss_fn = distill_loss_fn(student, target, cfg.max_len)
+    history = train(
+        student, loss_fn, samples, cfg, out_dir, device, resume=resume, desc="distill-draft"
+    )
+    save_draft(student, out_dir, tokenizer)
+    write_card(out_dir, f"{num_layers}-layer draft model", cfg, history, card or {})
+    return student
+
+
+def save_draft(
+    model: LlamaModel, out_dir: Path, tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """HF-style directory (config.json + model.safetensors, unfused names) without the
+    borrowed embedding/lm_head; loadable with `--draft PATH` next to its target."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.state_dict().items():
+        if name.startswith(("embed_tokens", "lm_head")):
+            continue
+        module_path, _, leaf = name.rpartition(".")
+        parent, _, fused = module_path.rpartition(".")
+        if fused in PACKED_MODULES:
+            sizes = _split_sizes(cfg, fused)
+            for part, chunk in zip(PACKED_MODULES[fused], p.split(sizes, dim=0), strict=True):
+                tensors[f"model.{parent}.{part}.{leaf}"] = chunk
+        else:
+            tensors[f"model.{name}"] = p
+    save_file(
+        {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()},
+        str(out_dir / "model.safetensors"),
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM" if cfg.family != "qwen2" else "Qwen2ForCausalLM"],
+        "model_type": "llama" if cfg.family != "qwen2" else "qwen2",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.o_bias,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids),
+        "specquant_shared_embeddings": True,
+    }
+    if cfg.rope_scaling.rope_type != "default":
+        config["rope_scaling"] = dataclasses.asdict(cfg.rope_scaling)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def _split_sizes(cfg: Any, fused: str) -> list[int]:
+    if fused == "qkv_proj":
+        return [cfg.q_size, cfg.kv_size, cfg.kv_size]
+    return [cfg.intermediate_size, cfg.intermediate_size]

@@ -1,0 +1,151 @@
+"""The training loop shared by `train-eagle` and `distill-draft`.
+
+Batches are random subsets of the make-data samples (seeded), right-padded. The loop shows a
+progress bar with loss and ETA, checkpoints every `save_every` steps and at the end, and
+resumes from its checkpoint (model, optimizer, step, loss history and sampler state).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from specquant.train.make_data import Sample
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    grad_clip: float = field(default=0.5, metadata={"help": "gradient norm clip"})
+    max_len: int = field(default=1024, metadata={"help": "tokens per sequence (truncated)"})
+    seed: int = field(default=0, metadata={"help": "sampling and noise seed"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint interval in steps"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, T] right-padded with 0
+    loss_mask: torch.Tensor  # [B, T] True where position t predicts an answer token t+1
+    num_tokens: int
+
+
+def make_batch(samples: list[Sample], max_len: int, device: torch.device) -> Batch:
+    seqs = [(s.prompt_ids + s.answer_ids)[:max_len] for s in samples]
+    width = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        # position t predicts token t+1; train where t+1 is an answer token
+        start = max(len(s.prompt_ids) - 1, 0)
+        mask[i, start : len(seq) - 1] = True
+    return Batch(tokens.to(device), mask.to(device), int(mask.sum()))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+LossFn = Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train(
+    module: torch.nn.Module,
+    loss_fn: LossFn,
+    samples: list[Sample],
+    cfg: TrainConfig,
+    out_dir: Path,
+    device: torch.device,
+    *,
+    resume: bool = False,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Optimise the trainable parameters of `module`; returns the per-step log."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ckpt = out_dir / "checkpoint.pt"
+    history: list[dict[str, float]] = []
+    rng = random.Random(cfg.seed)
+    start = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(
+                f"{ckpt} was written with a different training config; "
+                "start a new output directory or use the same settings"
+            )
+        module.load_state_dict(state["module"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["step"]
+        rng.setstate(state["rng"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module.train()
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = make_batch(
+            [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)],
+            cfg.max_len,
+            device,
+        )
+        if batch.num_tokens == 0:
+            continue
+        loss, metrics = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        metrics = {"step": step + 1, "loss": loss.item(), "tokens": batch.num_tokens, **metrics}
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k not in ("step", "tokens")})
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _save(ckpt, module, opt, step + 1, history, rng, cfg)
+    module.eval()
+    return history
+
+
+def _save(
+    path: Path,
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
+    rng: random.Random,
+    cfg: TrainConfig,
+) -> None:
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    state: dict[str, Any] = {
+        "module": {k: v for k, v in module.state_dict().items() if k in trainable},
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "history": history,
+        "rng": rng.getstate(),
+        "config": asdict(cfg),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint behind

@@ -1,0 +1,155 @@
+"""Drafter training tools: batched generation, data files, the training loop, and the whole
+make-data -> distill-draft -> train-eagle -> hierspec pipeline on CPU (a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from specquant.cli import main
+from specquant.config import EngineConfig, GenerationConfig, SpecConfig
+from specquant.engine.generator import Generator
+from specquant.io.loader import load_checkpoint
+from specquant.train.batch_generate import generate_batch
+from specquant.train.eagle_train import eagle_loss_fn, init_head
+from specquant.train.loop import TrainConfig, make_batch, train
+from specquant.train.make_data import Sample, read_data
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp("train_target")
+    make_hf_model("llama", seed=41).save_pretrained(path)
+    return load_checkpoint(path, CPU, torch.float32, with_tokenizer=False)
+
+
+def test_batched_generation_equals_single(tiny: Any) -> None:
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    stops = frozenset({17})
+    out = generate_batch(tiny.model, prompts, 12, stops)
+    gen = Generator(tiny, EngineConfig(device="cpu", dtype="float32", max_seq_len=64))
+    for p, got in zip(prompts, out, strict=True):
+        want = gen.generate(p, generation=GenerationConfig(max_new_tokens=12), stop_token_ids=stops)
+        assert got == want.token_ids
+
+
+def test_read_data_names_file_and_line(tmp_path: Path) -> None:
+    good = {"source": "x", "prompt_ids": [1, 2], "answer_ids": [3]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json}\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not a make-data record"):
+        read_data(path)
+    path.write_text(json.dumps({**good, "answer_ids": [999]}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: token id outside the vocabulary"):
+        read_data(path, vocab_size=160)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no usable records"):
+        read_data(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_data(tmp_path / "missing.jsonl")
+
+
+def test_loss_mask_covers_answer_predictions() -> None:
+    batch = make_batch([Sample([1, 2, 3], [4, 5]), Sample([7], [8, 9, 10])], 16, CPU)
+    # position t predicts t+1: for [1,2,3 | 4,5] positions 2 and 3 predict 4 and 5
+    assert batch.loss_mask.tolist()[0][:5] == [False, False, True, True, False]
+    assert batch.loss_mask.tolist()[1][:4] == [True, True, True, False]
+
+
+def test_eagle_training_reduces_loss_and_resumes(tiny: Any, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.randint(0, 160, (6,), generator=gen).tolist(), []) for _ in range(8)]
+    # answers: the target's own greedy continuations (self-distillation)
+    answers = generate_batch(tiny.model, [s.prompt_ids for s in samples], 24, frozenset())
+    samples = [Sample(s.prompt_ids, a) for s, a in zip(samples, answers, strict=True)]
+    cfg = TrainConfig(steps=40, batch_size=4, lr=2e-3, warmup=5, max_len=64, save_every=20)
+    head = init_head(tiny.model, seed=0)
+    loss_fn = eagle_loss_fn(head, tiny.model, cfg.max_len, cfg.seed)
+    history = train(head, loss_fn, samples, cfg, tmp_path / "run", CPU)
+    # the tiny random target is near-uniform, so the feature regression carries the signal
+    first = sum(h["feature_loss"] for h in history[:5]) / 5
+    last = sum(h["feature_loss"] for h in history[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    # resuming a finished run does nothing more; a longer config is refused
+    again = train(head, loss_fn, samples, cfg, tmp_path / "run", CPU, resume=True)
+    assert len(again) == 40
+    longer = TrainConfig(steps=41, batch_size=4, lr=2e-3, warmup=5, max_len=64, save_every=20)
+    with pytest.raises(ValueError, match="different training config"):
+        train(head, loss_fn, samples, longer, tmp_path / "run", CPU, resume=True)
+
+
+def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
+    """make-data -> distill-draft -> train-eagle (target and draft) -> lossless hierspec."""
+    data = tmp_path / "data.jsonl"
+    common = ["--device", "cpu", "--max-seq-len", "512"]
+    rc = main(
+        [
+            "make-data",
+            "--out",
+            str(data),
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "2",
+            "--max-prompt-tokens",
+            "48",
+            *common,
+        ]
+    )
+    assert rc == 0
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(records) == 4 and all(r["answer_ids"] for r in records)
+    train_args = [
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "64",
+        *common,
+    ]
+    assert (
+        main(["distill-draft", "--out", str(tmp_path / "draft"), "--layers", "2", *train_args]) == 0
+    )
+    assert main(["train-eagle", "--out", str(tmp_path / "head"), *train_args]) == 0
+    draft_head = ["--draft", str(tmp_path / "draft")]
+    assert main(["train-eagle", "--out", str(tmp_path / "dhead"), *draft_head, *train_args]) == 0
+    for d in ("draft", "head", "dhead"):
+        assert (tmp_path / d / "README.md").read_text().count("Reproduce") == 1
+    assert not (tmp_path / "draft" / "model.safetensors").stat().st_size > 30e6  # no embeddings
+
+    from specquant.spec.factory import build_generator
+
+    spec = SpecConfig(
+        method="hierspec",
+        draft=str(tmp_path / "draft"),
+        draft_eagle=str(tmp_path / "dhead"),
+        min_draft_length=3,
+        hier_depth=2,
+        hier_topk=4,
+        hier_tree_size=8,
+    )
+    engine = EngineConfig(device="cpu", dtype="float32", max_seq_len=512)
+    hier = build_generator(smollm2.loaded, engine, spec)
+    eagle = build_generator(
+        smollm2.loaded,
+        engine,
+        SpecConfig(
+            method="eagle2", eagle=str(tmp_path / "head"), depth=3, tree_topk=4, tree_size=10
+        ),
+    )
+    cfg = GenerationConfig(max_new_tokens=16)
+    want = smollm2.generate("Name a fruit.", generation=cfg).token_ids
+    assert hier.generate("Name a fruit.", generation=cfg).token_ids == want
+    assert eagle.generate("Name a fruit.", generation=cfg).token_ids == want
