@@ -122,6 +122,12 @@ def _training_parsers(sub: Any) -> None:
     target_args(md)
     md.add_argument("--out", type=Path, required=True, help="output JSONL file")
     md.add_argument("--data-dir", type=Path, default=None, help="shared/data (default: found)")
+    md.add_argument(
+        "--prompt-file",
+        type=Path,
+        default=None,
+        help='JSONL of {"source", "text", "license"} prompts to use instead of --data-dir',
+    )
     md.add_argument("--sources", nargs="*", default=None, help="prompt sources (default: all)")
     md.add_argument(
         "--permissive-only",

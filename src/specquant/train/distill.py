@@ -106,8 +106,6 @@ def save_draft(
 ) -> None:
     """HF-style directory (config.json + model.safetensors, unfused names) without the
     borrowed embedding/lm_head; loadable with `--draft PATH` next to its target."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     tensors: dict[str, torch.Tensor] = {}
@@ -150,6 +148,37 @@ def save_draft(
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+
+
+MAX_SHARD_BYTES = 15 * 2**20  # keeps every file under common 16 MiB transfer limits
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """One model.safetensors, or HF-style shards plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}
+    }
+    index["weight_map"] = weight_map  # type: ignore[assignment]
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _split_sizes(cfg: Any, fused: str) -> list[int]:

@@ -88,12 +88,19 @@ class PromptSource:
     permissive: bool
     parser: Callable[[Path], Iterator[str]]
 
+    # file-name prefixes a glob must skip (e.g. T0's SAMSum templates: CC BY-NC-ND 4.0)
+    exclude: tuple[str, ...] = ()
+
     def paths(self, data_dir: Path) -> list[Path]:
         """The files of this source under `data_dir`; a missing file or empty glob raises."""
         out: list[Path] = []
         for pattern in self.files:
             if _GLOB_CHARS.intersection(pattern):
-                matches = sorted(p for p in data_dir.glob(pattern) if p.is_file())
+                matches = sorted(
+                    p
+                    for p in data_dir.glob(pattern)
+                    if p.is_file() and not p.name.startswith(self.exclude)
+                )
                 if not matches:
                     raise FileNotFoundError(f"{self.name}: no files match {data_dir / pattern}")
                 out.extend(matches)
@@ -283,7 +290,7 @@ def parse_wmt_source(path: Path) -> Iterator[str]:
 
 _T0_LICENSE = (
     "Apache-2.0 (self-instruct repo); promptsource templates over datasets with their own "
-    "licenses (e.g. SAMSum CC BY-NC-ND 4.0)"
+    "licenses (SAMSum's CC BY-NC-ND 4.0 templates are excluded)"
 )
 
 SOURCES: dict[str, PromptSource] = {
@@ -351,7 +358,14 @@ SOURCES: dict[str, PromptSource] = {
             False,
             parse_nq_open,
         ),
-        PromptSource("t0_train_50k", ("t0_train_50k/*.jsonl",), _T0_LICENSE, True, parse_t0),
+        PromptSource(
+            "t0_train_50k",
+            ("t0_train_50k/*.jsonl",),
+            _T0_LICENSE,
+            True,
+            parse_t0,
+            exclude=("samsum_",),  # SAMSum is CC BY-NC-ND 4.0: not for shipped weights
+        ),
         # The TRAIN split only: the test split next to it is an evaluation set.
         PromptSource(
             "gsm8k_train",
