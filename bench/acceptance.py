@@ -6,7 +6,8 @@ accepted length, bonus token included (1 for autoregressive decoding). Tokens/s 
 reported too, with the device named; greedy tau does not depend on the device.
 
     python bench/acceptance.py --eagle drafters/smollm2-eagle --draft drafters/smollm2-draft \
-        --draft-eagle drafters/smollm2-draft-eagle --per-category 10 --out bench/results/acceptance.json
+        --draft-eagle drafters/smollm2-draft-eagle --per-category 10 \
+        --out bench/results/acceptance.json
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import specquant
+import specquant  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts OpenMP)
 
 # isort: split
 import torch

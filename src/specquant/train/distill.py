@@ -120,10 +120,7 @@ def save_draft(
                 tensors[f"model.{parent}.{part}.{leaf}"] = chunk
         else:
             tensors[f"model.{name}"] = p
-    save_file(
-        {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()},
-        str(out_dir / "model.safetensors"),
-    )
+    _save_sharded({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, out_dir)
     config = {
         "architectures": ["LlamaForCausalLM" if cfg.family != "qwen2" else "Qwen2ForCausalLM"],
         "model_type": "llama" if cfg.family != "qwen2" else "qwen2",
