@@ -15,7 +15,7 @@ if [ "$stage" = data ]; then
     --save-every 500 2>&1 | tail -3
   cp $W/data.jsonl "$OUT/"
   rm -f $W/draft/tokenizer* $W/draft/special_tokens_map.json $W/draft/chat_template.jinja
-  (cd $W && tar cf "$OUT/draft.tar" --exclude checkpoint.pt draft)
+  (cd $W && tar cf - --exclude checkpoint.pt draft | split -b 15m - "$OUT/draft.tar.")
 elif [ "$stage" = eagle ]; then
   for who in target draft; do
     extra=(); [ $who = draft ] && extra=(--draft $W/draft)
@@ -23,7 +23,7 @@ elif [ "$stage" = eagle ]; then
       --data $W/data.jsonl --out $W/eagle-$who --steps 1000 --batch-size 32 --max-len 512 \
       --lr 5e-4 --save-every 500 2>&1 | tail -3
   done
-  (cd $W && tar cf "$OUT/eagle.tar" --exclude checkpoint.pt eagle-target eagle-draft)
+  (cd $W && tar cf - --exclude checkpoint.pt eagle-target eagle-draft | split -b 15m - "$OUT/eagle.tar.")
   python3 bench/acceptance.py --model "$GGUF" --device cuda --eagle $W/eagle-target \
     --draft $W/draft --draft-eagle $W/eagle-draft --per-category 5 --max-new-tokens 96 \
     --out "$OUT/acceptance.json"
