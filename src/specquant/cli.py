@@ -306,14 +306,20 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     from specquant.train.make_data import MakeDataConfig, make_data
     from specquant.train.prompts import default_data_dir, load_prompts
 
-    data_dir = args.data_dir or default_data_dir()
-    prompts = load_prompts(
-        data_dir,
-        args.sources,
-        permissive_only=args.permissive_only,
-        limit=args.limit,
-        seed=args.seed,
-    )
+    if args.prompt_file is not None:
+        from specquant.train.prompts import Prompt
+
+        rows = [json.loads(x) for x in args.prompt_file.read_text().splitlines() if x.strip()]
+        prompts = [Prompt(r["text"], r["source"], r.get("license", "?")) for r in rows]
+        prompts = prompts[: args.limit]
+    else:
+        prompts = load_prompts(
+            args.data_dir or default_data_dir(),
+            args.sources,
+            permissive_only=args.permissive_only,
+            limit=args.limit,
+            seed=args.seed,
+        )
     gen = _load_target(args)
     cfg = MakeDataConfig(
         max_new_tokens=args.max_new_tokens,
