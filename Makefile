@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/specquant generate --prompt "$(PROMPT)" --max-new-tokens 128
+	$(VENV)/bin/specquant compare --prompt "$(PROMPT)" --max-new-tokens 96
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -36,8 +36,11 @@ SPEC_BENCH_ONLY = ("translation", "summarization", "qa", "math_reasoning", "rag"
 def questions(data: Path, per_category: int) -> list[dict[str, Any]]:
     rows = []
     mt = [json.loads(x) for x in (data / "mt_bench" / "question.jsonl").read_text().splitlines()]
-    for q in mt[: per_category * 8] if per_category < 10 else mt:
-        rows.append({"bench": "mt_bench", "category": q["category"], "prompt": q["turns"][0]})
+    taken: dict[str, int] = {}
+    for q in mt:  # the file is sorted by category: take the first few of each
+        if taken.get(q["category"], 0) < per_category:
+            taken[q["category"]] = taken.get(q["category"], 0) + 1
+            rows.append({"bench": "mt_bench", "category": q["category"], "prompt": q["turns"][0]})
     sb = [json.loads(x) for x in (data / "spec_bench" / "question.jsonl").read_text().splitlines()]
     for cat in SPEC_BENCH_ONLY:
         for q in [r for r in sb if r["category"] == cat][:per_category]:

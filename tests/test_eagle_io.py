@@ -32,7 +32,7 @@ ENGINE = EngineConfig(device="cpu", dtype="float32", max_seq_len=256)
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LoadedModel]:
     path = tmp_path_factory.mktemp("eagle_target")
-    make_hf_model("llama", seed=31, num_hidden_layers=6).save_pretrained(path)
+    make_hf_model("llama", seed=31, num_hidden_layers=8).save_pretrained(path)
     return path, load_checkpoint(path, CPU, torch.float32, with_tokenizer=False)
 
 
@@ -132,4 +132,13 @@ def test_eagle3_head_drafts_losslessly(
             gen.generate(prompt, generation=cfg).token_ids
             == ar.generate(prompt, generation=cfg).token_ids
         )
-    assert gen.runner.features == ((2, 3, 3) if method == "eagle2" else None)
+    assert gen.runner.features == ((2, 4, 5) if method == "eagle2" else None)
+
+
+def test_eagle3_needs_seven_layers(tmp_path: Path) -> None:
+    from specquant.config import ConfigError
+    from specquant.engine.runner import eagle3_layers
+
+    assert eagle3_layers(8) == (2, 4, 5)
+    with pytest.raises(ConfigError, match="a model with 2 layers"):
+        eagle3_layers(2)

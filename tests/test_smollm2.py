@@ -107,13 +107,19 @@ def test_load_public_api_defaults() -> None:
     }
 
 
+@pytest.mark.parametrize("drafters", ["shipped", "random"])
 @pytest.mark.parametrize("method", ["sps", "eagle2", "hierspec"])
-def test_speculative_greedy_on_smollm2_with_random_drafters(smollm2: Any, method: str) -> None:
+def test_speculative_greedy_on_smollm2(smollm2: Any, method: str, drafters: str) -> None:
     from specquant.config import SpecConfig
     from specquant.engine.generator import Generator
     from specquant.spec.factory import build_generator
 
-    spec = SpecConfig(method=method, depth=3, tree_topk=4, tree_size=12, hier_tree_size=10)
+    paths = (
+        {}
+        if drafters == "shipped"
+        else {"draft": "random", "eagle": "random", "draft_eagle": "random"}
+    )
+    spec = SpecConfig(method=method, depth=3, tree_topk=4, tree_size=12, hier_tree_size=10, **paths)
     gen = build_generator(
         smollm2.loaded, specquant.EngineConfig(device="cpu", max_seq_len=1024), spec
     )
@@ -138,3 +144,38 @@ def test_cli_speculative_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*args, "--method", "hierspec", "--min-draft-length", "3"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["stats"]["intermediate_accept_lengths"]
+
+
+def test_shipped_drafters_are_the_default(smollm2: Any) -> None:
+    from specquant.config import SpecConfig
+    from specquant.models.eagle import EagleHead
+    from specquant.spec.factory import SHIPPED, build_generator
+
+    gen = build_generator(
+        smollm2.loaded, specquant.EngineConfig(device="cpu"), SpecConfig(method="eagle2")
+    )
+    assert isinstance(gen.drafter.head, EagleHead)
+    # the head's fc is the shipped one, not a random initialisation
+    from safetensors.torch import load_file
+
+    fc = load_file(str(SHIPPED["eagle"] / "model.safetensors"))["fc.weight"].float()
+    assert torch.allclose(gen.drafter.head.fc.weight, fc)
+    for role in ("draft", "eagle", "draft_eagle"):
+        assert "Reproduce" in (SHIPPED[role] / "README.md").read_text()
+
+
+def test_streamed_text_equals_final_text(smollm2: Any) -> None:
+    chunks: list[str] = []
+    out = smollm2.generate(
+        "Say something about café au lait.",
+        generation=GenerationConfig(max_new_tokens=40),
+        stream=lambda _t, d: chunks.append(d),
+    )
+    assert "".join(chunks) == out.text
+
+
+def test_cli_compare(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--prompt", "Name a color.", "--methods", "ar", "eagle2", "--json"]
+    assert main([*args, "--max-new-tokens", "8"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in rows] == ["ar", "eagle2"] and all(r["same_as_first"] for r in rows)

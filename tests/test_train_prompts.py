@@ -34,7 +34,7 @@ MIN_COUNTS = {
     "self_instruct_seed": 170,
     "instructionwild": 850,
     "nq_open_efficientqa": 1_750,
-    "t0_train_50k": 23_000,
+    "t0_train_50k": 22_000,  # SAMSum templates (CC BY-NC-ND) excluded
     "gsm8k_train": 7_400,
 }
 NOT_PERMISSIVE = {"codealpaca", "alpaca_en_demo", "instructionwild", "nq_open_efficientqa"}
@@ -308,3 +308,17 @@ def test_default_data_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SPECQUANT_DATA", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="missing"):
         default_data_dir()
+
+
+def test_t0_samsum_templates_are_excluded() -> None:
+    """SAMSum is CC BY-NC-ND 4.0: none of its prompts may reach shipped weights."""
+    import glob
+
+    data = default_data_dir()
+    samsum = set()
+    for f in glob.glob(str(data / "t0_train_50k" / "samsum_*.jsonl")):
+        for line in Path(f).read_text().splitlines():
+            samsum.add(json.loads(line)["prompt"].replace("<|endoftext|>", "").strip())
+    assert samsum
+    texts = {p.text.strip() for p in load_prompts(data, ["t0_train_50k"])}
+    assert not texts & samsum

@@ -144,3 +144,34 @@ def test_eagle_tree_greedy_lossless_on_real_head(base: ModelRunner) -> None:
     tree = drafter.propose(DraftRequest(base, 5, GenerationConfig(), None, 64))  # type: ignore[arg-type]
     _check_invariants(tree)
     assert drafter.cache.length == base.length  # tree rows dropped, committed rows kept
+
+
+@pytest.mark.parametrize("kind", ["point-mass", "dense-chain", "general"])
+def test_verify_sampling_first_token_is_target_distributed(kind: str) -> None:
+    """Whatever the draft, the first emitted token is distributed as p(root)."""
+    from specquant.spec.verify import _verify_sampling_general, verify_sampling
+
+    v, n_samples = 6, 12000
+    gen = torch.Generator().manual_seed(1)
+    q = torch.softmax(torch.randn(2, v, generator=gen) * 2, -1)
+    if kind == "dense-chain":
+        tree = DraftTree.chain(0, torch.tensor([2, 4]), q)
+    else:
+        tree = DraftTree.from_parents(
+            torch.tensor([0, 1, 2, 2, 3, 5]), torch.tensor([-1, 0, 0, 0, 1, 2])
+        )
+    probs = torch.softmax(torch.randn(tree.size, v, generator=gen) * 1.5, -1)
+    rng = torch.Generator().manual_seed(2)
+    counts = torch.zeros(v)
+    for _ in range(n_samples):
+        if kind == "dense-chain":  # dense proposals: the drafted tokens are samples of q
+            drafted = torch.multinomial(q, 1, generator=rng).squeeze(1)
+            tree = DraftTree.chain(0, drafted, q)
+        if kind == "general":
+            res = _verify_sampling_general(tree, probs, rng, 0, [0])
+        else:
+            res = verify_sampling(tree, probs, rng)
+        counts[res.tokens[0]] += 1
+    expected = probs[0] * n_samples
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < 25.0, (kind, counts.tolist(), expected.tolist())  # chi2(5): p ~ 1e-4

@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(chat, SamplingParams, "sampling")
     add_dataclass_args(chat, GenerationConfig, "generation")
 
+    cmp_ = sub.add_parser(
+        "compare", help="run one prompt with every method; print tokens/s and accept length"
+    )
+    cmp_.add_argument(
+        "--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2 + its drafters)"
+    )
+    add_dataclass_args(cmp_, EngineConfig, "engine")
+    cmp_.add_argument("--prompt", required=True)
+    cmp_.add_argument("--methods", nargs="*", default=list(SPEC_METHODS), choices=SPEC_METHODS)
+    cmp_.add_argument("--json", action="store_true", help="print one JSON object")
+    add_dataclass_args(cmp_, GenerationConfig, "generation")
+
     info = sub.add_parser("info", help="show the model config and the kernels chosen")
     model_args(info)
     _training_parsers(sub)
@@ -266,6 +278,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Same prompt, greedy, every method: speed, mean accept length, and a losslessness check."""
+    from specquant.engine.generator import resolve_device, resolve_dtype
+    from specquant.io.loader import load_checkpoint
+    from specquant.spec.factory import build_generator
+
+    engine = dataclass_from_args(EngineConfig, args)
+    generation = dataclass_from_args(GenerationConfig, args)
+    device = resolve_device(engine.device)
+    loaded = load_checkpoint(args.model, device, resolve_dtype(engine.dtype, device))
+    rows, reference = [], None
+    for method in args.methods:
+        gen = build_generator(loaded, engine, SpecConfig(method=method))
+        gen.generate(args.prompt, generation=GenerationConfig(max_new_tokens=8))  # warm-up
+        gen.reset()
+        out = gen.generate(args.prompt, generation=generation)
+        reference = out.token_ids if reference is None else reference
+        rows.append(
+            {
+                "method": method,
+                "new_tokens": out.stats.new_tokens,
+                "tokens_per_s": out.stats.tokens_per_s,
+                "mean_accept_length": out.stats.mean_accept_length,
+                "same_as_first": out.token_ids == reference,
+            }
+        )
+        if method == args.methods[0]:
+            print(out.text.strip(), file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": str(loaded.path), "device": str(device), "rows": rows}))
+        return 0
+    print(f"\n{'method':<10}{'tokens':>8}{'tok/s':>9}{'accept len':>12}  same output")
+    for r in rows:
+        print(
+            f"{r['method']:<10}{r['new_tokens']:>8}{r['tokens_per_s']:>9.1f}"
+            f"{r['mean_accept_length']:>12.2f}  {'yes' if r['same_as_first'] else 'NO'}"
+        )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from specquant.kernels.registry import KernelContext, explain
 
@@ -390,6 +442,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
+    "compare": cmd_compare,
     "make-data": cmd_make_data,
     "train-eagle": cmd_train,
     "distill-draft": cmd_train,

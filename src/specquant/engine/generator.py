@@ -217,7 +217,8 @@ class Generator:
 
         done = emit(root)
         while not done:
-            room = self.max_seq_len - runner.length
+            # a tree of n nodes yields at most n tokens: draft no more than can be used
+            room = min(self.max_seq_len - runner.length, budget - len(new))
             ta = time.perf_counter()
             if self.drafter is not None and room >= 2:
                 tree = self.drafter.propose(DraftRequest(runner, root, sampling, rng, room))
@@ -268,12 +269,14 @@ def _sync(device: torch.device) -> None:
 
 
 class _TextStreamer:
-    """Emits text deltas; holds back an incomplete UTF-8 sequence until it completes."""
+    """Emits text deltas incrementally: only a short window of recent tokens is decoded per
+    token (as HF's TextStreamer and vLLM do), and an incomplete UTF-8 sequence is held back."""
 
     def __init__(self, tokenizer: Any, callback: StreamCallback | None):
         self.tokenizer, self.callback = tokenizer, callback
         self.ids: list[int] = []
-        self.sent = ""
+        self.prefix_offset = 0  # start of the window decoded for context
+        self.read_offset = 0  # tokens before this were already emitted
 
     def push(self, token: int) -> None:
         if self.callback is None:
@@ -282,10 +285,14 @@ class _TextStreamer:
             self.callback(token, "")
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = "" if text.endswith("\ufffd") else text[len(self.sent) :]
-        if delta:
-            self.sent = text
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        else:
+            delta = ""
         self.callback(token, delta)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specquant.config import ModelConfig
+from specquant.config import ConfigError, ModelConfig
 from specquant.layers.attention import AttnMetadata, select_attention
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
@@ -29,9 +29,32 @@ PREFILL_CHUNK = 1024
 FeatureSpec = str | tuple[int, ...] | None
 
 
+MIN_EAGLE3_LAYERS = 7  # below this, (2, L//2, L-3) repeats or leaves the model
+
+
 def eagle3_layers(num_layers: int) -> tuple[int, int, int]:
     """Low, middle and high layers whose inputs EAGLE-3 heads read."""
+    if num_layers < MIN_EAGLE3_LAYERS:
+        raise ConfigError(
+            f"EAGLE-3 heads read layers (2, L/2, L-3); a model with {num_layers} layers has no "
+            f"three distinct such layers (needs >= {MIN_EAGLE3_LAYERS})"
+        )
     return (2, num_layers // 2, num_layers - 3)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the common case (a pure extension), compared at C speed
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class ModelRunner:
@@ -122,10 +145,7 @@ class ModelRunner:
         self.truncate(0)
 
     def common_prefix(self, ids: Sequence[int]) -> int:
-        n, limit = 0, min(len(self.ids), len(ids))
-        while n < limit and self.ids[n] == ids[n]:
-            n += 1
-        return n
+        return common_prefix(self.ids, ids)
 
     def sync(self, ids: Sequence[int], *, min_recompute: int = 0) -> torch.Tensor | None:
         """Make the runner hold exactly `ids`; reuse the common prefix, run the rest.

@@ -21,6 +21,27 @@ from specquant.spec.drafters.hierarchical import HierSpecDrafter
 
 RANDOM = "random"
 RANDOM_EAGLE3 = "random-eagle3"
+# Drafters trained for the embedded default (see each directory's README.md model card).
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "smollm2"
+SHIPPED = {
+    "draft": ASSETS / "draft",
+    "eagle": ASSETS / "eagle",
+    "draft_eagle": ASSETS / "draft_eagle",
+}
+
+
+def shipped_drafter(role: str, target: LoadedModel, given: str | None) -> str | None:
+    """The trained drafter for `role` when none was given and the target is the default."""
+    if given is not None:
+        return given
+    try:
+        from specquant.io.default_model import default_model_path
+
+        is_default = target.path.resolve() == default_model_path().resolve()
+    except FileNotFoundError:
+        is_default = False
+    path = SHIPPED[role]
+    return str(path) if is_default and (path / "config.json").exists() else None
 
 
 def _note(msg: str) -> None:
@@ -97,14 +118,15 @@ def build_generator(
     if spec.method == "ar":
         return Generator(loaded, engine)
     if spec.method == "sps":
-        draft = _draft_model(spec.draft, loaded, "sps draft")
+        draft = _draft_model(shipped_drafter("draft", loaded, spec.draft), loaded, "sps draft")
         gen = Generator(loaded, engine)
         runner = ModelRunner(draft, gen.max_seq_len + 1)
         gen.drafter = DraftModelDrafter(runner, spec.draft_length)
         return gen
     if spec.method == "eagle2":
         validate_tree_params(spec.depth, spec.tree_topk, spec.tree_size, tcfg.vocab_size)
-        head = _eagle_head(spec.eagle, tcfg, device, dtype, "eagle2")
+        eagle_path = shipped_drafter("eagle", loaded, spec.eagle)
+        head = _eagle_head(eagle_path, tcfg, device, dtype, "eagle2")
         gen = Generator(loaded, engine, features=head_features(head, tcfg.num_layers))
         gen.drafter = EagleDrafter(
             head, gen.runner, depth=spec.depth, topk=spec.tree_topk, tree_size=spec.tree_size
@@ -112,8 +134,11 @@ def build_generator(
         return gen
     assert spec.method == "hierspec"
     validate_tree_params(spec.hier_depth, spec.hier_topk, spec.hier_tree_size, tcfg.vocab_size)
-    inter = _draft_model(spec.draft, loaded, "hierspec intermediate model")
-    head = _eagle_head(spec.draft_eagle, inter.config, device, dtype, "hierspec EAGLE")
+    inter = _draft_model(
+        shipped_drafter("draft", loaded, spec.draft), loaded, "hierspec intermediate"
+    )
+    draft_eagle = shipped_drafter("draft_eagle", loaded, spec.draft_eagle)
+    head = _eagle_head(draft_eagle, inter.config, device, dtype, "hierspec EAGLE")
     gen = Generator(loaded, engine)
     margin = spec.min_draft_length + spec.hier_depth + spec.hier_tree_size + 2
     features = head_features(head, inter.config.num_layers)

@@ -77,23 +77,76 @@ def verify_sampling(
     probs: torch.Tensor,  # [n, V] target distribution after each node
     rng: torch.Generator | None,
 ) -> AcceptResult:
+    """Recursive rejection sampling. The per-candidate numbers (p at the parent, q of the
+    candidate, one uniform draw per node) are gathered in one go, so the walk down the tree
+    runs on host floats; a full-vocabulary residual is built once, for the bonus token."""
+    n = tree.size
+    device = probs.device
     children = tree.children()
     tokens = tree.tokens.tolist()
+    p_tok = probs[tree.parents.clamp(min=0), tree.tokens].tolist()  # p(x_c | parent of c)
+    dense = tree.draft_probs is not None
+    q_tok = (
+        tree.draft_probs[torch.arange(n, device=device), tree.tokens].tolist() if dense else None
+    )
+    u = torch.rand(n, generator=rng, device=device).tolist()
     node, path = 0, [0]
+    while True:
+        kids = children[node]
+        if dense and len(kids) > 1:  # several sampled siblings: general residual updates
+            return _verify_sampling_general(tree, probs, rng, node, path)
+        removed: dict[int, float] = {}  # point-mass proposals rejected so far: token -> p
+        moved = False
+        for c in kids:
+            x = tokens[c]
+            if dense:
+                assert q_tok is not None
+                accept = q_tok[c] > 0 and u[c] * q_tok[c] < p_tok[c]
+            else:
+                # residual after rejecting point masses: p without them, renormalised
+                p_x = 0.0 if x in removed else p_tok[c]
+                accept = u[c] * (1.0 - sum(removed.values())) < p_x
+            if accept:
+                node, moved = c, True
+                path.append(c)
+                break
+            if not dense:
+                removed[x] = p_tok[c]
+        if not moved:
+            p = probs[node]
+            if dense and kids:
+                assert tree.draft_probs is not None
+                p = _residual(p, tree.draft_probs[kids[0]], tokens[kids[0]])
+            elif removed:
+                p = p.clone()
+                p[list(removed)] = 0.0
+                p = p / p.sum() if p.sum() > 0 else probs[node]
+            bonus = int(torch.multinomial(p, 1, generator=rng))
+            break
+    path_t = torch.tensor(path, device=tree.tokens.device)
+    return AcceptResult(path_t, [*(tokens[i] for i in path[1:]), bonus], bonus)
+
+
+def _verify_sampling_general(
+    tree: DraftTree,
+    probs: torch.Tensor,
+    rng: torch.Generator | None,
+    node: int,
+    path: list[int],
+) -> AcceptResult:
+    """The textbook form (full-vocabulary residual after each rejection), continuing from
+    `node`; used when several siblings carry their own sampled proposals."""
+    children = tree.children()
+    tokens = tree.tokens.tolist()
     while True:
         p = probs[node]
         moved = False
         for child in children[node]:
             x = tokens[child]
-            if tree.draft_probs is None:
-                q_x = 1.0
-                q = None
-            else:
-                q = tree.draft_probs[child]
-                q_x = float(q[x])
-            p_x = float(p[x])
+            q = tree.draft_probs[child] if tree.draft_probs is not None else None
+            q_x = 1.0 if q is None else float(q[x])
             u = float(torch.rand((), generator=rng, device=p.device))
-            if q_x > 0 and u * q_x < p_x:  # accept with probability min(1, p/q)
+            if q_x > 0 and u * q_x < float(p[x]):
                 node, moved = child, True
                 path.append(child)
                 break

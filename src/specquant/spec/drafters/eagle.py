@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from specquant.engine.runner import FeatureSpec, ModelRunner, eagle3_layers
+from specquant.engine.runner import (
+    PREFILL_CHUNK,
+    FeatureSpec,
+    ModelRunner,
+    common_prefix,
+    eagle3_layers,
+)
 from specquant.layers.attention import AttnMetadata, select_attention
 from specquant.layers.rope import RopeTable
 from specquant.models.eagle import Eagle3Head, EagleHead
@@ -120,10 +126,7 @@ class EagleDrafter:
 
     def _sync(self, context: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit rows for `context` (base ids + root); return the last row's outputs."""
-        same = 0
-        limit = min(len(self.context), len(context))
-        while same < limit and self.context[same] == context[same]:
-            same += 1
+        same = common_prefix(self.context, context)
         # Row t needs tokens 0..t+1 unchanged; always rerun the last row for its output.
         keep = max(0, min(self.cache.length, same - 1, len(context) - 2))
         self.cache.truncate(keep)
@@ -131,11 +134,14 @@ class EagleDrafter:
         assert feats is not None
         end = len(context) - 1  # rows keep .. end-1
         device = feats.device
-        tokens = torch.tensor(context[keep + 1 : end + 1], device=device)
-        h, logp = self._run(
-            tokens, feats[keep:end], keep, torch.arange(keep, end, device=device), None
-        )
-        self.cache.commit(end - keep)
+        ids = torch.tensor(context[keep + 1 : end + 1], device=device)
+        for start in range(keep, end, PREFILL_CHUNK):  # chunked like the base's prefill
+            stop = min(start + PREFILL_CHUNK, end)
+            positions = torch.arange(start, stop, device=device)
+            h, logp = self._run(
+                ids[start - keep : stop - keep], feats[start:stop], start, positions, None
+            )
+            self.cache.commit(stop - start)
         self.context = list(context)
         return h[-1], logp[-1]
 
@@ -158,7 +164,7 @@ class EagleDrafter:
         frontier_idx = torch.arange(k, device=device)
         frontier_mask = torch.eye(k, dtype=torch.bool, device=device)  # [k, level*k]
         n_hist = k
-        depth = self.depth if n > 1 else 0
+        depth = min(self.depth, n - 1)  # an n-node tree is at most n-1 deep
         for level in range(1, depth):
             positions = torch.full((k,), root_pos + level - 1, device=device)
             h, logp = self._run(
