@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from specquant.kernels.reference import attention_reference
+from specquant.kernels.reference import attention_reference, qlinear_reference
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
 
@@ -89,3 +89,5 @@ def _openblas_ok(ctx: KernelContext) -> tuple[bool, str]:
 
 register("linear", KernelImpl("torch", 0, linear_torch, _always, is_reference=True))
 register("linear", KernelImpl("cpu-openblas", 10, linear_openblas, _openblas_ok))
+
+register("qlinear", KernelImpl("reference", 0, qlinear_reference, _always, is_reference=True))

@@ -34,3 +34,48 @@ def kv_compact_reference(
     # destination ranges are safe.
     rows = cache.index_select(3, keep + start)
     cache[:, :, :, start : start + keep.numel()] = rows
+
+
+# ------------------------------------------------------------------------ quantized linear
+def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic quantization: x [M, K] -> (codes as float32 [M, K], scales [M, 1])."""
+    x = x.float()
+    absmax = x.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    if kind == "int8":
+        s = absmax / 127
+        return (x / s).round().clamp(-127, 127), s
+    s = absmax / 448.0  # fp8 e4m3: emulated by a round trip through float8
+    return (x / s).to(torch.float8_e4m3fn).float(), s
+
+
+def qlinear_reference(
+    x: torch.Tensor,  # [..., K]
+    t: dict[str, torch.Tensor],  # the format's tensors (quant/pack.py)
+    bias: torch.Tensor | None,
+    spec: object,  # QuantSpec
+) -> torch.Tensor:  # [..., N]
+    """Dequantize-then-matmul for weight-only formats; exact integer arithmetic (in float64,
+    exact for |sums| < 2^53) for integer activations, as the hardware kernels compute it."""
+    from specquant.quant.pack import codes_of, dequantize, group_scales
+    from specquant.quant.spec import QuantSpec
+
+    assert isinstance(spec, QuantSpec)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if spec.activations == "none":
+        out = x2.float() @ dequantize(t, spec).T
+    elif spec.activations == "fp8":
+        xq, sx = quantize_activations(x2, "fp8")
+        out = (xq @ t["qweight"].float().T) * sx * t["scales"].float().T
+    else:
+        xq, sx = quantize_activations(x2, "int8")
+        q = codes_of(t, spec).double()  # [N, K] integer codes
+        n, k = q.shape
+        scales = group_scales(t, spec).double()  # [N, G]
+        g = scales.shape[1]
+        # per-group integer dot products [M, N, G], then the group scales
+        dots = torch.einsum("mgk,ngk->mng", xq.double().view(-1, g, k // g), q.view(n, g, k // g))
+        out = ((dots * scales[None]).sum(-1) * sx.double()).float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).view(*shape[:-1], -1)

@@ -7,6 +7,7 @@ format description (issue 5) rather than through one subclass per format.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +32,38 @@ class QLinear(nn.Module):
 
     def prepare(self, override: str | None = None) -> None:
         """Pick the matmul kernel for the weights' device and dtype (after loading)."""
+        if self.spec is not None:
+            return
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec is not None:
+            return self.qkernel(x, self.qtensors(), self.bias, self.spec)
         return self.kernel(x, self.weight, self.bias)
+
+    # ------------------------------------------------------------------ quantized formats
+    spec: Any = None  # a QuantSpec once quantized; dense until then
+
+    def quantize_(self, spec: Any, quantizer: Callable[..., dict[str, torch.Tensor]]) -> float:
+        """Replace the dense weight by `spec`'s tensors (as buffers); returns the relative
+        round-trip error of the weight."""
+        from specquant.quant.rtn import roundtrip_error
+
+        w = self.weight.detach()
+        tensors = quantizer(w, spec)
+        error = roundtrip_error(w, tensors, spec)
+        del self.weight
+        self.qnames = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t.to(w.device))
+        self.spec = spec
+        impl = select("qlinear", KernelContext(w.device, w.dtype))
+        self.qkernel, self.kernel_name = impl.fn, f"{impl.name}:{spec.name}"
+        return error
+
+    def qtensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.qnames}
 
     def extra_repr(self) -> str:
         return (

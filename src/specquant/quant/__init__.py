@@ -1,0 +1,1 @@
+"""Quantized weight formats: format descriptions, packing, quantizers (offline, pure torch)."""
