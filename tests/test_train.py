@@ -153,3 +153,50 @@ def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
     want = smollm2.generate("Name a fruit.", generation=cfg).token_ids
     assert hier.generate("Name a fruit.", generation=cfg).token_ids == want
     assert eagle.generate("Name a fruit.", generation=cfg).token_ids == want
+
+
+def test_reduced_lm_head_vocab_draft_is_lossless(tiny: Any, tmp_path: Path) -> None:
+    """FR-Spec: a draft restricted to frequent tokens stays a valid, lossless drafter."""
+    from specquant.train.distill import init_student, save_draft, write_lm_head_vocab
+
+    draft_dir = tmp_path / "draft"
+    save_draft(init_student(tiny.model, 1), draft_dir, dtype=torch.float32)
+    data = tmp_path / "d.jsonl"
+    answers = generate_batch(tiny.model, [[1, 2, 3], [4, 5], [9, 9, 9, 9]], 30, frozenset())
+    data.write_text(
+        "".join(json.dumps({"prompt_ids": [1], "answer_ids": a}) + "\n" for a in answers)
+    )
+    share = write_lm_head_vocab(draft_dir, data, 16, always=(0,))
+    assert 0.5 < share <= 1.0
+    draft = load_checkpoint(
+        draft_dir, CPU, torch.float32, with_tokenizer=False, shared_with=tiny.model
+    )
+    assert draft.model.vocab_ids is not None and draft.model.vocab_ids.numel() == 16
+    h = torch.randn(1, 2, 64)
+    logits = draft.model.logits(h)
+    assert logits.shape == (1, 2, 160)
+    outside = torch.ones(160, dtype=torch.bool)
+    outside[draft.model.vocab_ids] = False
+    assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
+
+    from specquant.spec.factory import build_generator
+
+    engine = EngineConfig(device="cpu", dtype="float32", max_seq_len=128)
+    ar = Generator(tiny, engine)
+    cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    want = ar.generate([1, 2, 3], generation=cfg).token_ids
+    for spec in (
+        SpecConfig(method="sps", draft=str(draft_dir), draft_length=4),
+        SpecConfig(
+            method="hierspec",
+            draft=str(draft_dir),
+            min_draft_length=3,
+            hier_depth=2,
+            hier_topk=3,
+            hier_tree_size=6,
+        ),
+    ):
+        assert (
+            build_generator(tiny, engine, spec).generate([1, 2, 3], generation=cfg).token_ids
+            == want
+        )

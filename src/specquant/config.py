@@ -65,6 +65,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # A draft model that borrows its target's embedding and lm_head (not stored with it).
     shared_embeddings: bool = False
+    # FR-Spec: a draft's lm_head covers only this many frequent tokens (0 = the full vocab);
+    # the ids live in `lm_head_vocab.json` next to the checkpoint.
+    lm_head_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
@@ -147,6 +150,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(eos),
             shared_embeddings=bool(hf.get("specquant_shared_embeddings", False)),
+            lm_head_vocab=int(hf.get("specquant_lm_head_vocab", 0)),
         )
 
     # ------------------------------------------------------------------ GGUF metadata

@@ -134,6 +134,26 @@ def materialize(
     return model
 
 
+LM_HEAD_VOCAB_FILE = "lm_head_vocab.json"
+
+
+def apply_lm_head_vocab(model: LlamaModel, model_dir: Path) -> None:
+    """Restrict a draft's lm_head to the token ids saved next to its checkpoint (FR-Spec)."""
+    cfg = model.config
+    if not cfg.lm_head_vocab:
+        return
+    path = model_dir / LM_HEAD_VOCAB_FILE
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{model_dir} declares a reduced lm_head but {path}: {e}") from None
+    if len(ids) != cfg.lm_head_vocab or any(not 0 <= int(i) < cfg.vocab_size for i in ids):
+        raise CheckpointError(
+            f"{path} must hold {cfg.lm_head_vocab} token ids in [0, {cfg.vocab_size})"
+        )
+    model.restrict_lm_head(torch.tensor(ids))
+
+
 def load_into(
     module: torch.nn.Module,
     names: dict[str, str],  # checkpoint name -> our (unfused) parameter name

@@ -11,6 +11,7 @@ import torch
 from specquant.config import ModelConfig
 from specquant.io.checkpoint import (
     CheckpointError,
+    apply_lm_head_vocab,
     materialize,
     read_hf_config,
     safetensors_source,
@@ -66,6 +67,7 @@ def load_checkpoint(
         cfg = read_hf_config(path)
         source = safetensors_source(path)
         net = materialize(cfg, source, device, dtype, shared_with)
+        apply_lm_head_vocab(net, path)
         tok = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     elif path.suffix == ".gguf":
         cfg, reader = gguf_config(path)

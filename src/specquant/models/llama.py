@@ -100,6 +100,9 @@ class LlamaModel(nn.Module):
         self.lm_head = QLinear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # FR-Spec (reduced draft vocabulary): logits are computed for these token ids only
+        # and every other token gets -inf; set by `restrict_lm_head`.
+        self.vocab_ids: torch.Tensor | None = None
 
     def forward(
         self,
@@ -127,10 +130,26 @@ class LlamaModel(nn.Module):
             layer_hidden[len(self.layers)] = h
         selected = h if logits_index is None else h[:, logits_index]
         return ModelOutput(
-            logits=self.lm_head(selected),
+            logits=self.logits(selected),
             hidden=h if return_hidden else None,
             layer_hidden=layer_hidden,
         )
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:  # [B, N, H] -> [B, N, V]
+        if self.vocab_ids is None:
+            return self.lm_head(h)
+        sub = self.lm_head(h)  # [B, N, V_sub]
+        full = sub.new_full((*sub.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.vocab_ids, sub)
+
+    def restrict_lm_head(self, vocab_ids: torch.Tensor) -> None:
+        """Keep only these lm_head rows (a draft's frequent tokens, FR-Spec)."""
+        weight = self.lm_head.weight.detach()
+        ids = vocab_ids.to(device=weight.device, dtype=torch.long)
+        head = QLinear(self.config.hidden_size, ids.numel())
+        head.weight = torch.nn.Parameter(weight[ids].clone(), requires_grad=False)
+        head.prepare()
+        self.lm_head, self.vocab_ids = head, ids
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
         """Choose kernels for the current device/dtype; call after loading or `.to()`."""

@@ -182,3 +182,36 @@ def _split_sizes(cfg: Any, fused: str) -> list[int]:
     if fused == "qkv_proj":
         return [cfg.q_size, cfg.kv_size, cfg.kv_size]
     return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def write_lm_head_vocab(
+    draft_dir: Path, data: Path, size: int, always: tuple[int, ...] = ()
+) -> float:
+    """FR-Spec: keep the draft's lm_head rows for the `size` most frequent answer tokens of a
+    make-data file (plus `always`, e.g. stop tokens). Returns the share of answer tokens the
+    kept vocabulary covers."""
+    from collections import Counter
+
+    from specquant.io.checkpoint import LM_HEAD_VOCAB_FILE
+    from specquant.train.make_data import read_data
+
+    if size < 1:
+        raise ValueError(f"lm_head vocabulary size must be >= 1, got {size}")
+    counts: Counter[int] = Counter()
+    for sample in read_data(data):
+        counts.update(sample.answer_ids)
+    config_path = draft_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if size > int(config["vocab_size"]):
+        raise ValueError(
+            f"lm_head vocabulary size {size} exceeds the vocabulary {config['vocab_size']}"
+        )
+    ids = list(dict.fromkeys([*always, *(t for t, _ in counts.most_common())]))[:size]
+    chosen = set(ids)  # pad with unseen ids if the data has fewer distinct tokens than `size`
+    ids += [t for t in range(int(config["vocab_size"])) if t not in chosen][: size - len(ids)]
+    (draft_dir / LM_HEAD_VOCAB_FILE).write_text(json.dumps(sorted(ids)) + "\n")
+    config["specquant_lm_head_vocab"] = len(ids)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    kept = set(ids)
+    total = sum(counts.values())
+    return sum(c for t, c in counts.items() if t in kept) / max(total, 1)

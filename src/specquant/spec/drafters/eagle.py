@@ -115,7 +115,8 @@ class EagleDrafter:
             h = head(embed(tokens)[None], feats[None], self.cache, meta)[0]
             return h, torch.log_softmax(head.draft_logits(h).float(), dim=-1)
         h = head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
-        return h, torch.log_softmax(base.lm_head(h).float(), dim=-1)
+        # base.logits, not base.lm_head: a draft base may restrict its vocabulary (FR-Spec)
+        return h, torch.log_softmax(base.logits(h).float(), dim=-1)
 
     def _topk(self, logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over the head's vocabulary, ids mapped to the target's vocabulary."""
