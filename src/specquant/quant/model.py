@@ -13,12 +13,24 @@ from specquant.quant.rtn import quantize_rtn
 from specquant.quant.spec import QuantSpec
 
 QUANTIZERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {"rtn": quantize_rtn}
+METHODS = ("rtn", "gptq")
 
 
-def quantize_model(model: LlamaModel, spec: QuantSpec, method: str = "rtn") -> dict[str, float]:
+def quantize_model(
+    model: LlamaModel,
+    spec: QuantSpec,
+    method: str = "rtn",
+    calib_tokens: torch.Tensor | None = None,  # [B, T]; GPTQ needs calibration data
+) -> dict[str, float]:
     """Quantize every linear inside the decoder layers; returns name -> round-trip error."""
-    if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {method!r}; available: {', '.join(QUANTIZERS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown quantizer {method!r}; available: {', '.join(METHODS)}")
+    if method == "gptq":
+        from specquant.quant.calibrate import quantize_model_gptq
+
+        if calib_tokens is None:
+            raise ValueError("GPTQ needs calibration tokens (calib_tokens [B, T])")
+        return quantize_model_gptq(model, spec, calib_tokens)
     report = {}
     for name, module in model.layers.named_modules():
         if isinstance(module, QLinear):
