@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import specquant  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts
 # isort: split
 import torch
 
+from common import git_commit
 from specquant.config import EngineConfig, GenerationConfig, SpecConfig
 from specquant.io.loader import load_checkpoint
 from specquant.spec.factory import build_generator
@@ -119,10 +119,7 @@ def main() -> None:
             json.dumps({method: {k: v for k, v in summary.items() if k.endswith("ALL")}}),
             flush=True,
         )
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     report = {
         "benchmark": "acceptance",
         "target": loaded.path.name,

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import specquant  # first: sets OMP_WAIT_POLICY before torch starts OpenMP
 # isort: split
 import torch
 
+from common import git_commit
 from specquant.config import GenerationConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench"
@@ -84,13 +84,6 @@ def run_transformers(model: Any, ids: list[int], n: int) -> dict[str, float]:
         "e2e_tok_s": n / (t1 - t0),
         "prefill_ms": (clock.first - t0) * 1e3,
     }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

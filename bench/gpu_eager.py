@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import specquant
 # isort: split
 import torch
 
+from common import git_commit
 from specquant.config import GenerationConfig, ModelConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import LoadedModel
@@ -48,13 +48,6 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:

@@ -392,14 +392,13 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sources_of(path: Path) -> dict[str, Any]:
+def _sources_of(samples: list[Any]) -> dict[str, Any]:
+    """Per prompt set: how many samples, under which license (for the model card)."""
+    from collections import Counter
+
     from specquant.train.prompts import SOURCES
 
-    counts: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            src = json.loads(line).get("source", "?")
-            counts[src] = counts.get(src, 0) + 1
+    counts = Counter(s.source for s in samples)
     return {
         s: {"count": c, "license": SOURCES[s].license if s in SOURCES else "?"}
         for s, c in counts.items()
@@ -416,7 +415,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(TrainConfig, args)
     gen = _load_target(args)
     samples = read_data(args.data, gen.config.vocab_size)
-    card = _card(args, gen, f"{args.data.name} ({len(samples)} samples)", _sources_of(args.data))
+    card = _card(args, gen, f"{args.data.name} ({len(samples)} samples)", _sources_of(samples))
     if args.command == "train-eagle":
         from specquant.train.eagle_train import train_eagle
 

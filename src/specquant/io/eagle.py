@@ -27,6 +27,12 @@ import torch
 
 from specquant.config import ConfigError, ModelConfig
 from specquant.io.checkpoint import CheckpointError, expected_shapes, load_into
+from specquant.io.export import (
+    llama_config_dict,
+    save_safetensors,
+    unfused_state_dict,
+    write_config,
+)
 from specquant.layers.linear import init_random_
 from specquant.models.eagle import Eagle3Head, EagleHead
 
@@ -162,67 +168,14 @@ def random_eagle_head(
     return head
 
 
-def _to_save(
-    tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies; floating tensors cast to `dtype` (bf16 halves shipped size)."""
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return out
-
-
 def save_eagle_head(head: EagleHead, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the public (unfused) layout."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = head.config
-    tensors: dict[str, torch.Tensor] = {"fc.weight": head.fc.weight}
-    if head.fc.bias is not None:
-        tensors["fc.bias"] = head.fc.bias
-    layer = head.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    q, k, v = attn.qkv_proj.weight.split(attn.split, dim=0)
-    tensors |= {
-        "layers.0.self_attn.q_proj.weight": q,
-        "layers.0.self_attn.k_proj.weight": k,
-        "layers.0.self_attn.v_proj.weight": v,
-        "layers.0.self_attn.o_proj.weight": attn.o_proj.weight,
-        "layers.0.post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-    }
-    if attn.qkv_proj.bias is not None:
-        qb, kb, vb = attn.qkv_proj.bias.split(attn.split, dim=0)
-        tensors |= {
-            "layers.0.self_attn.q_proj.bias": qb,
-            "layers.0.self_attn.k_proj.bias": kb,
-            "layers.0.self_attn.v_proj.bias": vb,
-        }
-    gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
-    tensors |= {
-        "layers.0.mlp.gate_proj.weight": gate,
-        "layers.0.mlp.up_proj.weight": up,
-        "layers.0.mlp.down_proj.weight": mlp.down_proj.weight,
-    }
-    save_file(_to_save(tensors, dtype), str(path / "model.safetensors"))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "num_hidden_layers": 1,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "bias": head.fc.bias is not None,
-    }
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_safetensors(unfused_state_dict(head, head.config), path, dtype)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    config |= llama_config_dict(head.config) | {"bias": head.fc.bias is not None}
+    write_config(path, config)
 
 
 # ---------------------------------------------------------------------------- EAGLE-3
@@ -336,45 +289,11 @@ def random_eagle3_head(
 
 def save_eagle3_head(head: Eagle3Head, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in EAGLE-3's public (unfused) layout."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = head.config
-    layer = head.midlayer
-    attn, mlp = layer.self_attn, layer.mlp
-    q, k, v = attn.qkv_proj.weight.split(attn.split, dim=0)
-    gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
-    m = "midlayer."
-    tensors = {
-        "fc.weight": head.fc.weight,
-        "norm.weight": head.norm.weight,
-        "lm_head.weight": head.lm_head.weight,
-        "d2t": head.d2t,
-        m + "input_layernorm.weight": layer.input_layernorm.weight,
-        m + "hidden_norm.weight": head.hidden_norm.weight,
-        m + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-        m + "self_attn.q_proj.weight": q,
-        m + "self_attn.k_proj.weight": k,
-        m + "self_attn.v_proj.weight": v,
-        m + "self_attn.o_proj.weight": attn.o_proj.weight,
-        m + "mlp.gate_proj.weight": gate,
-        m + "mlp.up_proj.weight": up,
-        m + "mlp.down_proj.weight": mlp.down_proj.weight,
-    }
-    save_file(_to_save(tensors, dtype), str(path / "model.safetensors"))
-    config = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "num_hidden_layers": 1,
-        "vocab_size": cfg.vocab_size,
-        "draft_vocab_size": head.lm_head.out_features,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-    }
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = unfused_state_dict(head, head.config)
+    # EAGLE-3 checkpoints keep the hidden-state norm inside the mid layer
+    tensors["midlayer.hidden_norm.weight"] = tensors.pop("hidden_norm.weight")
+    save_safetensors(tensors, path, dtype)
+    config = {"architectures": ["LlamaForCausalLMEagle3"]} | llama_config_dict(head.config)
+    write_config(path, config | {"draft_vocab_size": head.lm_head.out_features})

@@ -33,16 +33,14 @@ class DraftTree:
     # when tokens were chosen deterministically (top-k): verification then treats each node
     # as a point-mass proposal, which keeps rejection sampling exact.
     draft_probs: torch.Tensor | None = None
+    # Set by `chain()`: the accepted path is then a prefix and can be committed in place.
+    # Known at construction, so the decode loop needs no device check (and no sync) per step;
+    # a chain built any other way is still verified and compacted correctly.
+    is_chain: bool = False
 
     @property
     def size(self) -> int:
         return int(self.tokens.shape[0])
-
-    @property
-    def is_chain(self) -> bool:
-        return bool(
-            (self.parents[1:] == torch.arange(self.size - 1, device=self.parents.device)).all()
-        )
 
     @classmethod
     def single(cls, root: int, device: torch.device) -> DraftTree:
@@ -69,6 +67,7 @@ class DraftTree:
             depth=torch.arange(n, device=device),
             mask=torch.ones(n, n, dtype=torch.bool, device=device).tril(),
             draft_probs=probs,
+            is_chain=True,
         )
 
     @classmethod

@@ -17,9 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from specquant.cache.static_kv import BlockKV
+from specquant.io.export import (
+    llama_config_dict,
+    save_safetensors,
+    unfused_state_dict,
+    write_config,
+)
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.rope import RopeTable
-from specquant.models.llama import PACKED_MODULES, LlamaModel
+from specquant.models.llama import LlamaModel
 from specquant.train.eagle_train import features, write_card
 from specquant.train.loop import Batch, TrainConfig, train
 from specquant.train.make_data import Sample
@@ -108,80 +114,22 @@ def save_draft(
     borrowed embedding/lm_head; loadable with `--draft PATH` next to its target."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.state_dict().items():
-        if name.startswith(("embed_tokens", "lm_head")):
-            continue
-        module_path, _, leaf = name.rpartition(".")
-        parent, _, fused = module_path.rpartition(".")
-        if fused in PACKED_MODULES:
-            sizes = _split_sizes(cfg, fused)
-            for part, chunk in zip(PACKED_MODULES[fused], p.split(sizes, dim=0), strict=True):
-                tensors[f"model.{parent}.{part}.{leaf}"] = chunk
-        else:
-            tensors[f"model.{name}"] = p
-    _save_sharded({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}, out_dir)
+    tensors = unfused_state_dict(model, cfg, skip=("embed_tokens", "lm_head", "vocab_ids"))
+    save_safetensors({f"model.{k}": v for k, v in tensors.items()}, out_dir, dtype)
+    qwen = cfg.family == "qwen2"
     config = {
-        "architectures": ["LlamaForCausalLM" if cfg.family != "qwen2" else "Qwen2ForCausalLM"],
-        "model_type": "llama" if cfg.family != "qwen2" else "qwen2",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        **llama_config_dict(cfg),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": cfg.o_bias,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_ids),
         "specquant_shared_embeddings": True,
     }
-    if cfg.rope_scaling.rope_type != "default":
-        config["rope_scaling"] = dataclasses.asdict(cfg.rope_scaling)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(out_dir, config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-
-
-MAX_SHARD_BYTES = 15 * 2**20  # keeps every file under common 16 MiB transfer limits
-
-
-def _save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
-    """One model.safetensors, or HF-style shards plus model.safetensors.index.json."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"))
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname))
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}
-    }
-    index["weight_map"] = weight_map  # type: ignore[assignment]
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _split_sizes(cfg: Any, fused: str) -> list[int]:
-    if fused == "qkv_proj":
-        return [cfg.q_size, cfg.kv_size, cfg.kv_size]
-    return [cfg.intermediate_size, cfg.intermediate_size]
 
 
 def write_lm_head_vocab(

@@ -83,6 +83,7 @@ def make_data(
 class Sample:
     prompt_ids: list[int]
     answer_ids: list[int]
+    source: str = "?"  # the prompt set it came from (for model cards)
 
 
 def read_data(path: Path, vocab_size: int | None = None) -> list[Sample]:
@@ -104,7 +105,7 @@ def read_data(path: Path, vocab_size: int | None = None) -> list[Sample]:
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"{path}:{n}: token id outside the vocabulary [0, {vocab_size})")
         if answer:
-            samples.append(Sample(list(prompt), list(answer)))
+            samples.append(Sample(list(prompt), list(answer), str(rec.get("source", "?"))))
     if not samples:
         raise ValueError(f"training data file {path} holds no usable records")
     return samples
