@@ -166,3 +166,32 @@ def test_model_level_gptq_beats_rtn_on_held_out_tokens(tmp_path: Path) -> None:
         assert errors["gptq"] < 0.9 * errors["rtn"], (name, errors)
     with pytest.raises(ValueError, match="GPTQ needs calibration tokens"):
         quantize_model(load().model, get_format("w4a16"), "gptq")
+
+
+def test_tensors_contradicting_the_format_are_rejected() -> None:
+    from specquant.layers.linear import QLinear
+
+    layer = QLinear(64, 8)
+    t = quantize_rtn(torch.randn(8, 64), get_format("w4a16"))
+    with pytest.raises(ValueError, match=r"the format needs torch\.uint8"):
+        layer.load_quantized_(get_format("w4a16"), {**t, "qweight": t["qweight"][:, :16]})
+    with pytest.raises(ValueError, match=r"missing \['zeros'\]"):
+        sym = quantize_rtn(torch.randn(8, 256), get_format("w4a16-g128"))
+        QLinear(256, 8).load_quantized_(get_format("w4a16-g128-asym"), sym)
+    with pytest.raises(ValueError, match="does not divide"):
+        layer.load_quantized_(get_format("w4a16-g128"), t)
+    with pytest.raises(ValueError, match="not a permutation"):
+        layer.load_quantized_(get_format("w4a16"), {**t, "perm": torch.zeros(64, dtype=torch.long)})
+
+
+def test_permuted_input_columns() -> None:
+    """A layer whose K axis is stored permuted (act-order imports) equals the unpermuted one."""
+    from specquant.layers.linear import QLinear
+
+    spec = get_format("w4a16")
+    w, x = torch.randn(8, 64), torch.randn(3, 64)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    plain, permuted = QLinear(64, 8), QLinear(64, 8)
+    plain.load_quantized_(spec, quantize_rtn(w, spec))
+    permuted.load_quantized_(spec, {**quantize_rtn(w[:, perm], spec), "perm": perm})
+    torch.testing.assert_close(plain(x), permuted(x), rtol=1e-5, atol=1e-5)

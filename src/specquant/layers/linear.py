@@ -1,7 +1,7 @@
 """The one linear layer of specquant.
 
-Today it holds dense weights; quantized weight formats plug into this same class through a
-format description (issue 5) rather than through one subclass per format.
+It holds either a dense weight or a quantized format's tensors (described by a `QuantSpec`,
+quant/spec.py); formats plug into this one class rather than into one subclass per format.
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ class QLinear(nn.Module):
     def prepare(self, override: str | None = None) -> None:
         """Pick the matmul kernel for the weights' device and dtype (after loading)."""
         if self.spec is not None:
+            self.prepare_quantized()
             return
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is not None:
-            return self.qkernel(x, self.qtensors(), self.bias, self.spec)
+            t = self.qtensors()
+            if "perm" in t:  # act-order imports: groups are contiguous in permuted K order
+                x = x.index_select(-1, t["perm"])
+            return self.qkernel(x, t, self.bias, self.spec)
         return self.kernel(x, self.weight, self.bias)
 
     # ------------------------------------------------------------------ quantized formats
@@ -53,14 +57,45 @@ class QLinear(nn.Module):
         w = self.weight.detach()
         tensors = quantizer(w, spec)
         error = roundtrip_error(w, tensors, spec)
-        del self.weight
+        self.load_quantized_(spec, tensors, w.dtype)
+        return error
+
+    def load_quantized_(
+        self,
+        spec: Any,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype | None = None,
+        override: str | None = None,
+    ) -> None:
+        """Become a quantized layer holding `tensors` in the canonical layout of
+        quant/pack.py (plus an optional int64 `perm` [K] applied to the input first).
+
+        `dtype` is the activation dtype (default: the dense weight's, or float32)."""
+        from specquant.quant.pack import validate_qtensors
+
+        validate_qtensors(tensors, spec, self.out_features, self.in_features)
+        device = next(iter(tensors.values())).device
+        if dtype is None:
+            dtype = self.weight.dtype if hasattr(self, "weight") else torch.float32
+        if "weight" in self._parameters:
+            del self.weight
+        for name in getattr(self, "qnames", ()):
+            delattr(self, name)
         self.qnames = tuple(tensors)
         for name, t in tensors.items():
-            self.register_buffer(name, t.to(w.device))
+            self.register_buffer(name, t)
         self.spec = spec
-        impl = select("qlinear", KernelContext(w.device, w.dtype))
-        self.qkernel, self.kernel_name = impl.fn, f"{impl.name}:{spec.name}"
-        return error
+        self.qdtype = dtype
+        self.prepare_quantized(override, device)
+
+    def prepare_quantized(
+        self, override: str | None = None, device: torch.device | None = None
+    ) -> None:
+        """Pick the quantized matmul kernel for this format, device and activation dtype."""
+        device = device or next(iter(self.qtensors().values())).device
+        ctx = KernelContext(device, self.qdtype, extra=(("spec", self.spec),))
+        impl = select("qlinear", ctx, override)
+        self.qkernel, self.kernel_name = impl.fn, f"{impl.name}:{self.spec.name}"
 
     def qtensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.qnames}

@@ -60,3 +60,51 @@ def dequantize(t: QTensors, spec: QuantSpec) -> torch.Tensor:
     if not spec.symmetric:
         q = q - t["zeros"].float()[:, :, None]
     return (q * group_scales(t, spec)[:, :, None]).view(n, k)
+
+
+def expected_shapes(
+    spec: QuantSpec, n: int, k: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The canonical tensors of `spec` for an [N, K] weight: name -> (shape, dtype)."""
+    if spec.weight_type == "fp8":
+        return {"qweight": ((n, k), torch.float8_e4m3fn), "scales": ((n, 1), torch.float32)}
+    g = spec.groups(k)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if spec.weight_bits == 8:
+        out["qweight"] = ((n, k), torch.int8)
+    else:
+        if k % 2:
+            raise ValueError(f"{spec.name}: int4 weights need an even K, got K={k}")
+        out["qweight"] = ((n, k // 2), torch.uint8)
+    if spec.two_level:
+        out["scales"] = ((n, g), torch.int8)
+        out["channel_scales"] = ((n,), torch.float32)
+    else:
+        out["scales"] = ((n, g), torch.float32)
+    if not spec.symmetric:
+        out["zeros"] = ((n, g), torch.uint8)
+    return out
+
+
+def validate_qtensors(t: QTensors, spec: QuantSpec, n: int, k: int) -> None:
+    """Raise a clear error when `t` does not hold exactly `spec`'s tensors for [N, K]."""
+    want = expected_shapes(spec, n, k)
+    extra = sorted(set(t) - set(want) - {"perm"})
+    missing = sorted(set(want) - set(t))
+    if missing or extra:
+        raise ValueError(
+            f"{spec.name} [N={n}, K={k}] needs tensors {sorted(want)} (+ optional perm); "
+            f"missing {missing}, unexpected {extra}"
+        )
+    for name, (shape, dtype) in want.items():
+        if tuple(t[name].shape) != shape or t[name].dtype != dtype:
+            raise ValueError(
+                f"{spec.name} [N={n}, K={k}]: tensor {name!r} is {t[name].dtype} "
+                f"{tuple(t[name].shape)}, the format needs {dtype} {shape}"
+            )
+    if "perm" in t:
+        perm = t["perm"]
+        if perm.dtype != torch.int64 or tuple(perm.shape) != (k,):
+            raise ValueError(f"perm must be int64 [{k}], got {perm.dtype} {tuple(perm.shape)}")
+        if not torch.equal(perm.sort().values, torch.arange(k, device=perm.device)):
+            raise ValueError("perm is not a permutation of 0..K-1")
