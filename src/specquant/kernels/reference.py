@@ -73,9 +73,14 @@ def qlinear_reference(
         n, k = q.shape
         scales = group_scales(t, spec).double()  # [N, G]
         g = scales.shape[1]
-        # per-group integer dot products [M, N, G], then the group scales
-        dots = torch.einsum("mgk,ngk->mng", xq.double().view(-1, g, k // g), q.view(n, g, k // g))
-        out = ((dots * scales[None]).sum(-1) * sx.double()).float()
+        kg = k // g
+        xd = xq.double()
+        # per-group integer dot products (exact in float64), each times its group scale;
+        # one [M, N] product per group keeps memory at O(M*N) for long prefills
+        acc = torch.zeros(xd.shape[0], n, dtype=torch.float64, device=x.device)
+        for j in range(g):
+            acc += (xd[:, j * kg : (j + 1) * kg] @ q[:, j * kg : (j + 1) * kg].T) * scales[:, j]
+        out = (acc * sx.double()).float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).view(*shape[:-1], -1)
