@@ -135,6 +135,35 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Per-category tau table (one column per method) for one target format."""
+    res = report["results"]
+    methods = [m for m in ("eagle2", "sps", "hierspec") if m in res]
+    cats = sorted({c for m in methods for c in res[m]["categories"]})
+    head = " | ".join(f"{m} tau" for m in methods)
+    lines = [
+        f"## {report['target']} ({report['format']}), {report['device']}, "
+        f"{report['questions']} questions, {report['max_new_tokens']} new tokens, "
+        f"commit {report['commit']}, {report['date']}",
+        "",
+        f"| category | {head} | hierspec inner tau |"
+        if "hierspec" in res
+        else f"| category | {head} |",
+        "|---" * (len(methods) + 1 + ("hierspec" in res)) + "|",
+    ]
+    for c in cats:
+        cells = [f"{res[m]['categories'].get(c, {}).get('tau', float('nan')):.2f}" for m in methods]
+        if "hierspec" in res:
+            inner = res["hierspec"]["categories"].get(c, {}).get("inner_tau")
+            cells.append(f"{inner:.2f}" if inner else "-")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    bad = {m: res[m]["greedy_mismatches_vs_ar"] for m in methods}
+    lines += ["", f"Greedy outputs differing from autoregressive decoding: {bad}"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
