@@ -103,7 +103,8 @@ def _rows_times(w: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_dense(module: nn.Module, what: str) -> None:
+def require_dense(module: nn.Module, what: str) -> None:
+    """Refuse modules whose linears are already quantized (fold into dense weights only)."""
     for name, sub in module.named_modules():
         if isinstance(sub, QLinear) and sub.spec is not None:
             raise ValueError(
@@ -147,9 +148,7 @@ def rotate_model_(model: LlamaModel, seed: int = 0) -> Rotation:
     embedding and lm_head, and `model.config` says so. Returns the rotation state."""
     if get_rotation(model) is not None:
         raise ValueError("the model is already rotated; rotate the original model")
-    _check_dense(model, "rotate_model_")
-    if model.lm_head.spec is not None:
-        raise ValueError("rotate_model_: lm_head is quantized; rotate the dense model first")
+    require_dense(model, "rotate_model_")
     cfg = model.config
     like = model.embed_tokens.weight
     q = random_hadamard(cfg.hidden_size, seed).to(like.device)
@@ -196,7 +195,7 @@ def rotate_shared_draft_(draft: LlamaModel, target: LlamaModel) -> Rotation:
         raise ValueError("rotate_shared_draft_: the draft does not borrow the target's embedding")
     if get_rotation(draft) is not None:
         raise ValueError("rotate_shared_draft_: the draft is already rotated")
-    _check_dense(draft.layers, "rotate_shared_draft_")
+    require_dense(draft, "rotate_shared_draft_")
     like = draft.embed_tokens.weight
     q = rot.orthogonal().to(like.device)
     hd = (hadamard(draft.config.head_dim) / draft.config.head_dim**0.5).to(like.device)
@@ -229,7 +228,7 @@ def rotate_eagle_head_(head: EagleHead | Eagle3Head, rotation: Rotation) -> None
     """
     if head.base_rotation_folded:
         raise ValueError("this EAGLE head was already converted for a rotated base")
-    _check_dense(head, "rotate_eagle_head_")
+    require_dense(head, "rotate_eagle_head_")
     like = head.fc.weight
     q = rotation.orthogonal().to(like.device)
     h = q.shape[0]
