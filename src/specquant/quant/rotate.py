@@ -39,6 +39,9 @@ ROW_CHUNK = 4096  # rows rotated at a time (bounds the float64 working copy of e
 class Rotation(nn.Module):
     """The rotation of a model: x_rot = x @ matrix, and the final-norm weight it folded."""
 
+    matrix: torch.Tensor
+    final_norm_weight: torch.Tensor
+
     def __init__(self, matrix: torch.Tensor, final_norm_weight: torch.Tensor):
         super().__init__()
         self.register_buffer("matrix", matrix)  # [H, H]
