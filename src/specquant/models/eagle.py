@@ -5,7 +5,9 @@
     logits_{t+1} = base.lm_head(h_t)        h_t approximates f_{t+1}
 
 The head shares the base model's embedding and lm_head, which the drafter passes in; the
-head itself owns only `fc` and `layers.0` (the public EAGLE checkpoint layout).
+head itself owns only `fc` and `layers.0` (the public EAGLE checkpoint layout). For a rotated
+base, `quant.rotate.rotate_eagle_head_` folds the rotation into `fc` and adds `out_map`, an
+H x H map of the output into the base's rotated feature space.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class EagleHead(nn.Module):
         self.fc = QLinear(2 * cfg.hidden_size, cfg.hidden_size, bias=fc_bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg, 0)])
         self.layers[0].input_layernorm = nn.Identity()
+        self.out_map: QLinear | None = None  # set for a rotated base (quant/rotate.py)
+        self.base_rotation_folded = False
 
     def forward(
         self,
@@ -51,7 +55,8 @@ class EagleHead(nn.Module):
         meta: AttnMetadata,
     ) -> torch.Tensor:  # [B, T, H] predicted next features
         x = self.fc(torch.cat([embeds, feats], dim=-1))
-        return self.layers[0](x, cache, meta)
+        h = self.layers[0](x, cache, meta)
+        return h if self.out_map is None else self.out_map(h)
 
     def new_cache(self, max_len: int, batch: int = 1) -> StaticKVCache:
         return _one_layer_cache(self.config, self.fc.weight, max_len, batch)
@@ -84,6 +89,7 @@ class Eagle3Head(nn.Module):
         self.lm_head = QLinear(h, draft_vocab)
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
         self.embed_tokens: nn.Embedding | None = None  # own embedding if hidden != base's
+        self.base_rotation_folded = False  # set by quant/rotate.py for a rotated base
 
     def forward(
         self,

@@ -15,6 +15,7 @@ from specquant.io.loader import LoadedModel, load_checkpoint
 from specquant.layers.linear import init_random_
 from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.models.llama import LlamaModel
+from specquant.quant.rotate import get_rotation, rotate_eagle_head_, rotate_shared_draft_
 from specquant.spec.drafters.draft_model import DraftModelDrafter
 from specquant.spec.drafters.eagle import EagleDrafter, head_features, validate_tree_params
 from specquant.spec.drafters.hierarchical import HierSpecDrafter
@@ -93,7 +94,18 @@ def _draft_model(spec_path: str | None, target: LoadedModel, role: str) -> Llama
         return random_draft_model(target.config, device, dtype)
     draft = load_checkpoint(Path(spec_path), device, dtype, shared_with=target.model)
     check_same_tokenizer(target, draft)
+    if draft.config.shared_embeddings and get_rotation(target.model) is not None:
+        # it borrowed the target's rotated embedding and lm_head: rotate it to match
+        rotate_shared_draft_(draft.model, target.model)
     return draft.model
+
+
+def _for_base(head: EagleHead | Eagle3Head, base: LlamaModel) -> EagleHead | Eagle3Head:
+    """Heads are trained on unrotated models: fold the base's rotation in, if any."""
+    rotation = get_rotation(base)
+    if rotation is not None:
+        rotate_eagle_head_(head, rotation)
+    return head
 
 
 def _eagle_head(
@@ -126,7 +138,7 @@ def build_generator(
     if spec.method == "eagle2":
         validate_tree_params(spec.depth, spec.tree_topk, spec.tree_size, tcfg.vocab_size)
         eagle_path = shipped_drafter("eagle", loaded, spec.eagle)
-        head = _eagle_head(eagle_path, tcfg, device, dtype, "eagle2")
+        head = _for_base(_eagle_head(eagle_path, tcfg, device, dtype, "eagle2"), loaded.model)
         gen = Generator(loaded, engine, features=head_features(head, tcfg.num_layers))
         gen.drafter = EagleDrafter(
             head, gen.runner, depth=spec.depth, topk=spec.tree_topk, tree_size=spec.tree_size
@@ -138,7 +150,7 @@ def build_generator(
         shipped_drafter("draft", loaded, spec.draft), loaded, "hierspec intermediate"
     )
     draft_eagle = shipped_drafter("draft_eagle", loaded, spec.draft_eagle)
-    head = _eagle_head(draft_eagle, inter.config, device, dtype, "hierspec EAGLE")
+    head = _for_base(_eagle_head(draft_eagle, inter.config, device, dtype, "hierspec EAGLE"), inter)
     gen = Generator(loaded, engine)
     margin = spec.min_draft_length + spec.hier_depth + spec.hier_tree_size + 2
     features = head_features(head, inter.config.num_layers)
