@@ -20,13 +20,12 @@ concatenating canonical tensors along N (they must share an input permutation, i
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -271,15 +270,18 @@ def _allocate_meta_(model: nn.Module, device: torch.device, dtype: torch.dtype) 
                 )
 
 
-def _rotate_module() -> Any:
-    """specquant.quant.rotate (written separately), or None where it is missing."""
-    if ROTATE_MODULE not in sys.modules and importlib.util.find_spec(ROTATE_MODULE) is None:
-        return None
-    return importlib.import_module(ROTATE_MODULE)
+def optional_module(name: str) -> ModuleType | None:
+    """Import `name`, or None where it is not installed (errors inside it still raise)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
 
 
 def _rotate_api(where: str) -> Any:
-    module = _rotate_module()
+    module = optional_module(ROTATE_MODULE)
     if module is None:
         raise CheckpointError(
             f"{where} holds a rotated model; restoring its rotation needs {ROTATE_MODULE}, "
@@ -290,7 +292,7 @@ def _rotate_api(where: str) -> Any:
 
 def model_rotation(model: LlamaModel) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(matrix [H, H], final_norm_weight [H]) of a rotated model; None when not rotated."""
-    module = _rotate_module()
+    module = optional_module(ROTATE_MODULE)
     rotation = None if module is None else module.get_rotation(model)
     if rotation is None:
         return None
