@@ -335,3 +335,41 @@ def test_tensors_contradicting_the_metadata_are_named(tmp_path: Path) -> None:
     _edit(path, "model.layers.1.mlp.up_proj.weight_shape", torch.tensor([96, 32]))
     with pytest.raises(CheckpointError, match=r"weight_shape is \[96, 32\], the model needs"):
         load(path)
+
+
+def test_compressed_tensors_actorder_group_indices(tmp_path: Path) -> None:
+    qcfg = ct_config("pack-quantized", 4, 32, False)
+    qcfg["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+
+    def pack(u: T, s: T, z: T, g_idx: T, bits: int) -> dict[str, T]:
+        return ct_packed(False)(u, s, z, g_idx, bits) | {"weight_g_idx": g_idx.int()}
+
+    path, hf, w = build(tmp_path / "m", qcfg, pack, sym=False, act_order=True)
+    loaded = check_against_reference(path, hf, w)
+    assert loaded.model.layers[1].mlp.gate_up_proj.perm.shape == (64,)
+
+
+def test_compressed_tensors_fp8(tmp_path: Path) -> None:
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"}
+    qcfg = ct_config("float-quantized", 8, -1, True, acts)
+    qcfg["config_groups"]["group_0"]["weights"]["type"] = "float"
+
+    def pack(u: T, s: T, z: T, g_idx: T, bits: int) -> dict[str, T]:
+        # codes -8..7 are exact in e4m3, so w = s * q holds exactly
+        return {"weight": (u - 8).float().to(torch.float8_e4m3fn), "weight_scale": s.half()}
+
+    path, hf, _ = build(tmp_path / "m", qcfg, pack, bits=4, group=-1)
+    loaded = load_checkpoint(path, CPU, torch.float32, with_tokenizer=False)
+    assert loaded.model.layers[0].self_attn.o_proj.spec.name == "fp8"
+
+    def fake_quant_fp8(x: T) -> T:
+        s = x.abs().amax(-1, keepdim=True) / 448
+        return (x / s).to(torch.float8_e4m3fn).float() * s
+
+    for name, module in hf.named_modules():
+        if ".layers." in name and name.endswith("_proj"):
+            module.register_forward_pre_hook(lambda _m, args: fake_quant_fp8(args[0]))
+    tokens = torch.randint(0, 160, (16,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got = hf(tokens[None]).logits[0], run_logits(loaded.model, tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
