@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -368,7 +369,8 @@ def save_quantized(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temporary directory and rename it at the end: an interrupted save
     # leaves no half-written checkpoint at `out`.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # (unlike mkdtemp's 0700, this follows the umask like any other output)
     try:
         save_safetensors(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
