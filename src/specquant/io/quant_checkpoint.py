@@ -129,15 +129,14 @@ def quantization_layout(raw_config: dict[str, Any], model_dir: Path) -> QuantLay
     """The layout that `config.json` (or AutoGPTQ's older `quantize_config.json`) declares;
     None for a dense checkpoint."""
     qcfg = raw_config.get("quantization_config")
-    if qcfg is None and (model_dir / "quantize_config.json").exists():
+    legacy = model_dir / "quantize_config.json"
+    if qcfg is None and legacy.exists():
         try:
-            qcfg = {"quant_method": "gptq"} | json.loads(
-                (model_dir / "quantize_config.json").read_text()
-            )
+            qcfg = json.loads(legacy.read_text())
         except json.JSONDecodeError as e:
-            raise CheckpointError(
-                f"{model_dir / 'quantize_config.json'} is not valid JSON: {e}"
-            ) from None
+            raise CheckpointError(f"{legacy} is not valid JSON: {e}") from None
+        if isinstance(qcfg, dict):
+            qcfg = {"quant_method": "gptq"} | qcfg
     if qcfg is None:
         return None
     if not isinstance(qcfg, dict):
