@@ -1,4 +1,4 @@
-"""Command line: `specquant generate | chat | info`.
+"""Command line: `specquant generate | chat | compare | info | quantize` and the training tools.
 
 Options that mirror a config dataclass are generated from its fields, so the CLI and the
 Python API share one set of defaults (`specquant.config`).
@@ -46,9 +46,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         flag = "--" + f.name.replace("_", "-")
         typ = _scalar_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        if f.name in CHOICES:
+        choices = f.metadata.get("choices") or CHOICES.get(f.name)
+        if choices:
             group.add_argument(
-                flag, choices=CHOICES[f.name], default=f.default, help=f"{help_text}"
+                flag, choices=choices, default=f.default, help=f"{help_text} (default: {f.default})"
             )
         elif typ is bool:
             group.add_argument(
@@ -118,8 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model config and the kernels chosen")
     model_args(info)
+    _quantize_parser(sub)
     _training_parsers(sub)
     return parser
+
+
+def _quantize_parser(sub: Any) -> None:
+    from specquant.quant.pipeline import QuantizeConfig
+
+    q = sub.add_parser(
+        "quantize", help="quantize a model's decoder linears into a self-describing checkpoint"
+    )
+    q.add_argument(
+        "model", nargs="?", default=None, help="HF dir or .gguf (default: embedded SmolLM2)"
+    )
+    q.add_argument("-o", "--out", type=Path, required=True, help="new (or empty) output directory")
+    q.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    q.add_argument("--data-dir", type=Path, default=None, help="shared/data (default: found)")
+    add_dataclass_args(q, QuantizeConfig, "quantization")
 
 
 def _training_parsers(sub: Any) -> None:
@@ -336,12 +353,36 @@ def cmd_info(args: argparse.Namespace) -> int:
         "device": str(gen.device),
         "dtype": str(gen.dtype),
         "max_seq_len": gen.max_seq_len,
+        "quantization": gen.loaded.quantization,
         "kernels": {
             op: [{"name": n, "ok": ok, "reason": r} for n, ok, r in explain(op, ctx)]
             for op in ("linear", "attention")
         },
     }
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from specquant.quant.pipeline import QuantizeConfig, quantize_checkpoint
+
+    cfg = dataclass_from_args(QuantizeConfig, args)
+    result = quantize_checkpoint(
+        args.model, args.out, cfg, device=args.device, data_dir=args.data_dir
+    )
+    report = result.report
+    width = max(map(len, report)) + 2
+    print(f"{'linear':<{width}}relative weight error ||W - deq(Q(W))|| / ||W||")
+    for name, err in report.items():
+        print(f"{name:<{width}}{err:.4f}")
+    worst = max(report, key=report.__getitem__)
+    mean = sum(report.values()) / len(report)
+    print(f"mean {mean:.4f}, max {report[worst]:.4f} ({worst})")
+    print(
+        f"[specquant] {cfg.format} ({cfg.method}) saved to {result.out}; run it with "
+        f"`specquant generate --model {result.out}`",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -456,6 +497,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "info": cmd_info,
     "compare": cmd_compare,
+    "quantize": cmd_quantize,
     "make-data": cmd_make_data,
     "train-eagle": cmd_train,
     "distill-draft": cmd_train,

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,28 +68,43 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def validate(cfg: ModelConfig, source: TensorSource) -> None:
     """Fail on missing, unexpected or mis-shaped tensors, listing every problem."""
-    want = expected_shapes(cfg)
-    have = {n: v for n, v in source.shapes.items() if not n.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings and "lm_head.weight" in have:
+    optional = {}
+    if cfg.tie_word_embeddings:
         # Some exporters write the tied head anyway; accept it if it has the right shape.
-        want["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+        optional["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    check_tensors(source, expected_shapes(cfg), optional, "does not match its config")
+
+
+def check_tensors(
+    source: TensorSource,
+    want: dict[str, tuple[int, ...]],
+    optional: dict[str, tuple[int, ...]] | None = None,
+    what: str = "does not match its config",
+) -> None:
+    """Every name of `want` present with its shape, names of `optional` allowed (with their
+    shape), nothing else; raises one `CheckpointError` listing every problem."""
+    optional = optional or {}
+    have = {n: v for n, v in source.shapes.items() if not n.endswith(IGNORED_SUFFIXES)}
     problems = []
     for name, shape in want.items():
         if name not in have:
             problems.append(f"missing tensor '{name}' (expected shape {list(shape)})")
-        elif tuple(have[name][0]) != shape:
+    for name in sorted(have):
+        shape = want.get(name, optional.get(name))
+        if shape is None:
+            problems.append(
+                f"unexpected tensor '{name}' {list(have[name][0])} (in {have[name][1]})"
+            )
+        elif tuple(have[name][0]) != tuple(shape):
             problems.append(
                 f"tensor '{name}' has shape {list(have[name][0])}, expected {list(shape)} "
                 f"(in {have[name][1]})"
             )
-    for name in sorted(set(have) - set(want)):
-        problems.append(f"unexpected tensor '{name}' {list(have[name][0])} (in {have[name][1]})")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise CheckpointError(
-            f"checkpoint {source.description} does not match its config "
-            f"({len(problems)} problem(s)):\n  {shown}{more}"
+            f"checkpoint {source.description} {what} ({len(problems)} problem(s)):\n  {shown}{more}"
         )
 
 
@@ -192,6 +208,11 @@ def load_into(
 
 # ------------------------------------------------------------------------ HF safetensors
 def read_hf_config(model_dir: Path) -> ModelConfig:
+    return ModelConfig.from_hf(read_config_json(model_dir))
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """The raw config.json of an HF directory (a JSON object)."""
     path = model_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
@@ -201,7 +222,7 @@ def read_hf_config(model_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return ModelConfig.from_hf(raw)
+    return raw
 
 
 def safetensors_source(model_dir: Path) -> TensorSource:

@@ -39,7 +39,13 @@ def unfused_state_dict(
         module_path, _, leaf = name.rpartition(".")
         parent, _, fused = module_path.rpartition(".")
         if fused in PACKED_MODULES:
-            chunks = t.split(_split_sizes(cfg, fused), dim=0)
+            # an input permutation (act-order `perm` [K]) applies to every part alike
+            parts = len(PACKED_MODULES[fused])
+            chunks = (
+                [t.clone() for _ in range(parts)]
+                if leaf == "perm"
+                else t.split(_split_sizes(cfg, fused), dim=0)
+            )
             for part, chunk in zip(PACKED_MODULES[fused], chunks, strict=True):
                 out[f"{parent}.{part}.{leaf}"] = chunk
         else:
@@ -96,6 +102,35 @@ def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.rope_scaling.rope_type != "default":
         out["rope_scaling"] = dataclasses.asdict(cfg.rope_scaling)
+    return out
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def model_config_dict(cfg: ModelConfig, tie_word_embeddings: bool | None = None) -> dict[str, Any]:
+    """A complete config.json for a standalone model: `ModelConfig.from_hf` reads it back to
+    `cfg` (family, biases and sliding window included)."""
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
+        **llama_config_dict(cfg),
+        "tie_word_embeddings": (
+            cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
+        ),
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids),
+    }
+    if cfg.family == "llama":
+        out["attention_bias"] = cfg.o_bias
+    if cfg.sliding_window is not None:
+        out["sliding_window"] = cfg.sliding_window
+        if cfg.family == "qwen2":
+            out["use_sliding_window"] = True
     return out
 
 

@@ -13,7 +13,7 @@ from specquant.io.checkpoint import (
     CheckpointError,
     apply_lm_head_vocab,
     materialize,
-    read_hf_config,
+    read_config_json,
     safetensors_source,
 )
 from specquant.io.default_model import default_model_path
@@ -28,6 +28,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Any  # a transformers PreTrainedTokenizer(Fast)
     path: Path
+    quantization: str | None = None  # the quantized format it was loaded from, if any
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -63,10 +64,19 @@ def load_checkpoint(
         else:
             found = ", ".join(p.name for p in ggufs) or "no config.json and no .gguf"
             raise CheckpointError(f"cannot tell which model to load in {path}: found {found}")
+    quantization = None
     if path.is_dir():
-        cfg = read_hf_config(path)
+        from specquant.io.quant_checkpoint import materialize_quantized, quantization_layout
+
+        raw = read_config_json(path)
+        cfg = ModelConfig.from_hf(raw)
         source = safetensors_source(path)
-        net = materialize(cfg, source, device, dtype, shared_with)
+        layout = quantization_layout(raw, path)
+        if layout is None:
+            net = materialize(cfg, source, device, dtype, shared_with)
+        else:
+            net = materialize_quantized(cfg, source, layout, device, dtype)
+            quantization = layout.description
         apply_lm_head_vocab(net, path)
         tok = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     elif path.suffix == ".gguf":
@@ -78,4 +88,4 @@ def load_checkpoint(
             f"unsupported model file {path}: expected an HF directory (config.json + "
             "*.safetensors) or a .gguf file"
         )
-    return LoadedModel(net, cfg, tok, path)
+    return LoadedModel(net, cfg, tok, path, quantization)

@@ -10,6 +10,7 @@ every earlier layer is already quantized (GPTQ's sequential mode).
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from specquant.cache.static_kv import BlockKV
 from specquant.layers.attention import AttnMetadata
@@ -28,6 +29,7 @@ def quantize_model_gptq(
     *,
     damp: float = 0.01,
     act_order: bool = False,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Returns name -> relative weight round-trip error, like `quantize_model`."""
     if calib_tokens.dim() != 2 or calib_tokens.numel() == 0:
@@ -42,7 +44,7 @@ def quantize_model_gptq(
     meta = AttnMetadata.plan(rope, 0, t, sliding_window=cfg.sliding_window)
     x = model.embed_tokens(tokens)
     report: dict[str, float] = {}
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(tqdm(model.layers, desc=f"gptq {spec.name}", disable=not progress)):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, QLinear)}
         captured: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
         hooks = [

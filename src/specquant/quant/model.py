@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from specquant.layers.linear import QLinear
 from specquant.models.llama import LlamaModel
@@ -21,6 +22,8 @@ def quantize_model(
     spec: QuantSpec,
     method: str = "rtn",
     calib_tokens: torch.Tensor | None = None,  # [B, T]; GPTQ needs calibration data
+    *,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Quantize every linear inside the decoder layers; returns name -> round-trip error."""
     if method not in METHODS:
@@ -30,9 +33,10 @@ def quantize_model(
 
         if calib_tokens is None:
             raise ValueError("GPTQ needs calibration tokens (calib_tokens [B, T])")
-        return quantize_model_gptq(model, spec, calib_tokens)
+        return quantize_model_gptq(model, spec, calib_tokens, progress=progress)
     report = {}
-    for name, module in model.layers.named_modules():
-        if isinstance(module, QLinear):
-            report[f"layers.{name}"] = module.quantize_(spec, QUANTIZERS[method])
+    for i, layer in enumerate(tqdm(model.layers, desc=f"rtn {spec.name}", disable=not progress)):
+        for name, module in layer.named_modules():
+            if isinstance(module, QLinear):
+                report[f"layers.{i}.{name}"] = module.quantize_(spec, QUANTIZERS[method])
     return report
