@@ -4,8 +4,6 @@ unfused names, rotation state, and refusals."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from specquant.io.export import model_config_dict
 from specquant.io.loader import load_checkpoint
 from specquant.io.quant_checkpoint import REPORT_FILE, save_quantized
 from specquant.quant.model import quantize_model
+from specquant.quant.rotate import attach_rotation, get_rotation, rotate_model_
 from specquant.quant.rtn import quantize_rtn
 from specquant.quant.spec import get_format
 
@@ -111,45 +110,27 @@ def test_permuted_layers_round_trip(tmp_path: Path) -> None:
     assert torch.equal(logits(reloaded), logits(model))
 
 
-def fake_rotate_module() -> types.ModuleType:
-    """Stands in for specquant.quant.rotate: the rotation lives on the model as an attribute."""
-    module = types.ModuleType("specquant.quant.rotate")
-    module.get_rotation = lambda model: getattr(model, "fake_rotation", None)  # type: ignore[attr-defined]
-
-    def attach(model: Any, matrix: torch.Tensor, norm: torch.Tensor) -> None:
-        model.fake_rotation = (matrix, norm)
-
-    module.attach_rotation = attach  # type: ignore[attr-defined]
-    return module
-
-
-def test_rotation_state_is_saved_and_restored(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "specquant.quant.rotate", fake_rotate_module())
+def test_rotation_state_is_saved_and_restored(tmp_path: Path) -> None:
     model = load(tiny(tmp_path / "dense")).model
+    rotate_model_(model, seed=3)
     report = quantize_model(model, get_format("w8a8"))
-    q, _ = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(0)))
-    norm = torch.rand(128) + 0.5
-    model.fake_rotation = (q, norm)
-    out = save_quantized(model, tmp_path / "q", method="rtn", report=report)
+    out = save_quantized(
+        model, tmp_path / "q", method="rtn", report=report, dense_dtype=torch.float32
+    )
     assert json.loads((out / "config.json").read_text())["quantization_config"]["rotation"]
     assert stored(out)["rotation.matrix"] == (torch.float32, (128, 128))
-    matrix, final_norm = load(out).model.fake_rotation
-    assert torch.equal(matrix, q) and torch.equal(final_norm, norm)
+    reloaded = load(out).model
+    before, after = get_rotation(model), get_rotation(reloaded)
+    assert before is not None and after is not None
+    assert torch.equal(after.matrix, before.matrix.float())
+    assert torch.equal(after.final_norm_weight, before.final_norm_weight.float())
+    assert torch.equal(logits(reloaded), logits(model))
 
-    monkeypatch.setitem(sys.modules, "specquant.quant.rotate", None)  # not installed
-    with pytest.raises(CheckpointError, match=r"needs specquant\.quant\.rotate"):
-        load(out)
 
-
-def test_rotated_model_with_tied_head_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "specquant.quant.rotate", fake_rotate_module())
+def test_rotated_model_with_tied_head_is_refused(tmp_path: Path) -> None:
     model = load(tiny(tmp_path / "dense", tie_word_embeddings=True)).model
     quantize_model(model, get_format("w8a8"))
-    model.fake_rotation = (torch.eye(128), torch.ones(128))
+    attach_rotation(model, torch.eye(128), torch.ones(128))  # rotate_model_ would untie it
     with pytest.raises(ValueError, match="untied lm_head"):
         save_quantized(model, tmp_path / "q", method="rtn", report={})
     assert not (tmp_path / "q").exists()

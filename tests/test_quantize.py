@@ -4,8 +4,6 @@ identical logits, lossless speculation on the reloaded target), refusals and the
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from specquant.engine.generator import Generator
 from specquant.io.loader import load_checkpoint
 from specquant.quant.calib_data import CALIBRATION_SOURCES, PERPLEXITY_HELDOUT, calibration_tokens
 from specquant.quant.pipeline import QuantizeConfig, quantize_checkpoint
+from specquant.quant.rotate import get_rotation
 from specquant.spec.factory import build_generator
 
 CPU = torch.device("cpu")
@@ -142,35 +141,27 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in ("q1", "q3", "q4"))
 
 
-def test_rotate_and_smooth_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rotated_and_smoothed_checkpoint(tmp_path: Path) -> None:
+    """--rotate and --smooth-alpha: the rotation state survives the round trip, the reloaded
+    model equals the in-memory one, and greedy speculative decoding on it stays lossless."""
     src = tiny(tmp_path / "dense")
-    for module, flag in (("rotate", "--rotate"), ("smooth", "--smooth-alpha")):
-        monkeypatch.setitem(sys.modules, f"specquant.quant.{module}", None)  # not installed
-        with pytest.raises(RuntimeError, match=f"{flag} needs specquant.quant.{module}"):
-            quantize(src, tmp_path / "q", rotate=module == "rotate", smooth_alpha=0.5)
-    calls: list[Any] = []
-    rotate = types.ModuleType("specquant.quant.rotate")
-
-    def rotate_model_(model: Any, seed: int) -> None:
-        calls.append(("rotate", seed))
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-        model.fake_rotation = (torch.eye(128), torch.ones(128))
-
-    rotate.rotate_model_ = rotate_model_  # type: ignore[attr-defined]
-    rotate.get_rotation = lambda model: getattr(model, "fake_rotation", None)  # type: ignore[attr-defined]
-    rotate.attach_rotation = lambda model, m, n: setattr(model, "fake_rotation", (m, n))  # type: ignore[attr-defined]
-    smooth = types.ModuleType("specquant.quant.smooth")
-    smooth.smooth_model_ = lambda model, tokens, alpha: calls.append(("smooth", tokens, alpha))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "specquant.quant.rotate", rotate)
-    monkeypatch.setitem(sys.modules, "specquant.quant.smooth", smooth)
     result = quantize(
         src, tmp_path / "qs", format="w8a8", method="rtn", rotate=True, seed=3, smooth_alpha=0.5
     )
-    assert calls[0] == ("rotate", 3) and calls[1][0] == "smooth" and calls[1][2] == 0.5
-    assert torch.equal(calls[1][1], CALIB)
     qcfg = json.loads((result.out / "config.json").read_text())["quantization_config"]
     assert qcfg["rotation"] and qcfg["smoothquant_alpha"] == 0.5 and qcfg["calibration"]
-    assert load(result.out).model.fake_rotation[0].shape == (128, 128)
+    reloaded = load(result.out)
+    rotation = get_rotation(reloaded.model)
+    assert rotation is not None and rotation.matrix.shape == (128, 128)
+    assert torch.equal(logits(reloaded.model), logits(result.model))
+    # a random EAGLE head built for the unrotated model is converted for the rotated target
+    engine = EngineConfig(device="cpu", dtype="float32", max_seq_len=256)
+    gen_cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    prompt = [5, 9, 17, 33]
+    ar = build_generator(reloaded, engine, SpecConfig()).generate(prompt, generation=gen_cfg)
+    spec = SpecConfig(method="eagle2", eagle="random", depth=3, tree_topk=4, tree_size=12)
+    out = build_generator(reloaded, engine, spec).generate(prompt, generation=gen_cfg)
+    assert out.token_ids == ar.token_ids
 
 
 # ------------------------------------------------------------------ CLI

@@ -19,14 +19,12 @@ concatenating canonical tensors along N (they must share an input permutation, i
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -55,13 +53,13 @@ from specquant.layers.norm import RMSNorm
 from specquant.models.llama import PACKED_MODULES, LlamaModel
 from specquant.quant.pack import QTensors, validate_qtensors
 from specquant.quant.pack import expected_shapes as qtensor_shapes
+from specquant.quant.rotate import attach_rotation, get_rotation
 from specquant.quant.spec import QuantSpec
 
 QUANT_METHOD = "specquant"
 FORMAT_VERSION = 1
 REPORT_FILE = "quant_report.json"
 ROTATION_MATRIX, ROTATION_NORM = "rotation.matrix", "rotation.final_norm_weight"
-ROTATE_MODULE = "specquant.quant.rotate"
 
 
 # ------------------------------------------------------------------------ our layout
@@ -252,7 +250,7 @@ def materialize_quantized(
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     load_into(model, {n: o for n, o in dense.items() if o not in skip}, source.get, dtype, skip)
     if layout.rotated:
-        _rotate_api(source.description).attach_rotation(
+        attach_rotation(
             model, source.get(ROTATION_MATRIX).to(device), source.get(ROTATION_NORM).to(device)
         )
     model.eval().requires_grad_(False)
@@ -270,34 +268,12 @@ def _allocate_meta_(model: nn.Module, device: torch.device, dtype: torch.dtype) 
                 )
 
 
-def optional_module(name: str) -> ModuleType | None:
-    """Import `name`, or None where it is not installed (errors inside it still raise)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
-
-
-def _rotate_api(where: str) -> Any:
-    module = optional_module(ROTATE_MODULE)
-    if module is None:
-        raise CheckpointError(
-            f"{where} holds a rotated model; restoring its rotation needs {ROTATE_MODULE}, "
-            "which this installation lacks"
-        )
-    return module
-
-
 def model_rotation(model: LlamaModel) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(matrix [H, H], final_norm_weight [H]) of a rotated model; None when not rotated."""
-    module = optional_module(ROTATE_MODULE)
-    rotation = None if module is None else module.get_rotation(model)
+    rotation = get_rotation(model)
     if rotation is None:
         return None
-    matrix, norm = rotation
-    return matrix, norm
+    return rotation.matrix, rotation.final_norm_weight
 
 
 # ------------------------------------------------------------------------ saving

@@ -17,13 +17,14 @@ import torch
 
 from specquant.io.quant_checkpoint import (
     check_output_dir,
-    optional_module,
     round_dense_,
     save_quantized,
 )
 from specquant.layers.linear import QLinear
 from specquant.models.llama import LlamaModel
 from specquant.quant.model import METHODS, quantize_model
+from specquant.quant.rotate import rotate_model_
+from specquant.quant.smooth import smooth_model_
 from specquant.quant.spec import FORMATS, QuantSpec, get_format
 
 DENSE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -89,14 +90,6 @@ class QuantizeResult:
     calibration: dict[str, Any] | None
 
 
-def _optional_step(module: str, function: str, flag: str) -> Any:
-    """A pipeline step that lives in another module; a clear error where it is missing."""
-    step = getattr(optional_module(module), function, None)
-    if step is None:
-        raise RuntimeError(f"{flag} needs {module}.{function}, which this installation lacks")
-    return step
-
-
 def check_group_sizes(model: LlamaModel, spec: QuantSpec) -> None:
     """Fail before any work when the format's group size does not divide some layer's K."""
     ks = sorted({m.in_features for m in model.layers.modules() if isinstance(m, QLinear)})
@@ -130,16 +123,6 @@ def quantize_checkpoint(
 
     out = Path(out)
     check_output_dir(out)
-    rotate = (
-        _optional_step("specquant.quant.rotate", "rotate_model_", "--rotate")
-        if config.rotate
-        else None
-    )
-    smooth = (
-        _optional_step("specquant.quant.smooth", "smooth_model_", "--smooth-alpha")
-        if config.smooth_alpha is not None
-        else None
-    )
     spec = get_format(config.format)
     loaded = load_checkpoint(model, resolve_device(device), torch.float32)
     net = loaded.model
@@ -167,10 +150,10 @@ def quantize_checkpoint(
         b, t = calib_tokens.shape
         calibration = {"samples": b, "seq_len": t, "source": "token ids given by the caller"}
 
-    if rotate is not None:
-        rotate(net, seed=config.seed)
-    if smooth is not None:
-        smooth(net, calib_tokens, config.smooth_alpha)
+    if config.rotate:
+        rotate_model_(net, seed=config.seed)
+    if config.smooth_alpha is not None:
+        smooth_model_(net, calib_tokens, config.smooth_alpha)
     report = quantize_model(net, spec, config.method, calib_tokens, progress=progress)
     dense_dtype = DENSE_DTYPES[config.dense_dtype]
     round_dense_(net, dense_dtype)  # so that this model equals the checkpoint written below
