@@ -434,3 +434,8 @@ def test_gguf_llama31_rope_freqs_is_refused(hf_model: LlamaForCausalLM, tmp_path
     write_tiny_gguf(path, hf_model, tensor_edit={"rope_freqs.weight": np.ones(8, np.float32)})
 
     assert_load_fails(path, CheckpointError, "rope_freqs.weight", str(path))
+
+
+def test_requested_dtype_is_honoured(hf_dir: Path) -> None:
+    model = load_checkpoint(hf_dir, torch.device("cpu"), torch.bfloat16, with_tokenizer=False).model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

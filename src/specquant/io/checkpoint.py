@@ -133,7 +133,7 @@ def materialize(
     validate(cfg, source)
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    model.to_empty(device=device)
+    model.to_empty(device=device).to(dtype)  # load_into copies into these tensors' dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared params
 
