@@ -11,6 +11,9 @@ Group size 128 does not divide SmolLM2's hidden size (576), so its g128 formats 
 largest of 128/64/32 that divides every K; the report names the size used.
 
     python bench/quant_quality.py --device cuda --out bench/results/quant_quality.json
+
+The top-1 agreement and perplexity references are the unquantized model with its tensors
+rounded to bfloat16 (the "bf16" row).
 """
 
 from __future__ import annotations
@@ -33,17 +36,22 @@ from tqdm import tqdm
 from common import git_commit
 from specquant.cache.static_kv import BlockKV
 from specquant.io.loader import load_checkpoint
+from specquant.io.quant_checkpoint import round_dense_
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
+from specquant.quant.calib_data import CALIBRATION_SOURCES, calibration_tokens
 from specquant.quant.model import quantize_model
+from specquant.quant.rotate import rotate_model_
 from specquant.quant.spec import FORMATS, QuantSpec
 from specquant.train.batch_generate import generate_batch
-from specquant.train.prompts import load_prompts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HELDOUT_GLOB = "wmt22/generaltest2022.*.ref.*.en"
+# Quantization (rotation, GPTQ) and all matmuls run in float32; the dense tensors a quantized
+# checkpoint keeps (embeddings, norms, lm_head) are rounded to bfloat16, as it stores them.
+DENSE_DTYPE = torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- data
@@ -57,20 +65,6 @@ def heldout_tokens(tok: Any, data: Path, seqs: int, length: int) -> torch.Tensor
     if len(ids) < seqs * length:
         raise ValueError(f"held-out text has {len(ids)} tokens, need {seqs * length}")
     return torch.tensor(ids[: seqs * length]).view(seqs, length)
-
-
-def calibration_tokens(tok: Any, data: Path, samples: int, length: int) -> torch.Tensor:
-    """[samples, length]: permissive training prompts (never evaluation or WMT text),
-    concatenated and cut into equal rows."""
-    prompts = load_prompts(data, permissive_only=True, limit=samples * 8, seed=1)
-    ids: list[int] = []
-    for p in prompts:
-        ids += tok(p.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        if len(ids) >= samples * length:
-            break
-    if len(ids) < samples * length:
-        raise ValueError(f"calibration text has {len(ids)} tokens, need {samples * length}")
-    return torch.tensor(ids[: samples * length]).view(samples, length)
 
 
 def _parquet_rows(path: Path) -> list[dict[str, str]]:
@@ -161,10 +155,9 @@ def build_variant(
 ) -> tuple[LlamaModel, dict[str, float]]:
     model = copy.deepcopy(dense)
     if rotate:
-        from specquant.quant.rotate import rotate_model_
-
         rotate_model_(model, seed=0)
     errors = quantize_model(model, spec, method, calib if method == "gptq" else None)
+    round_dense_(model, DENSE_DTYPE)
     return model, errors
 
 
@@ -172,7 +165,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--formats", nargs="*", default=list(FORMATS))
     ap.add_argument("--methods", nargs="*", default=["rtn", "gptq"])
     ap.add_argument("--rotate", nargs="*", default=["off", "on"], choices=["off", "on"])
@@ -188,11 +180,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant_quality.json"))
     args = ap.parse_args()
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    loaded = load_checkpoint(args.model, device, dtype)
+    device = torch.device(args.device)
+    loaded = load_checkpoint(args.model, device, torch.float32)
     dense, tok = loaded.model, loaded.tokenizer
     tokens = heldout_tokens(tok, args.data, args.ppl_seqs, args.ppl_len)
-    calib = calibration_tokens(tok, args.data, args.calib_samples, args.calib_len)
+    calib = calibration_tokens(
+        tok, args.calib_samples, args.calib_len, seed=0, data_dir=args.data
+    ).tokens
     prompts, answers = gsm8k_prompts(args.data, args.gsm8k)
 
     def evaluate(model: LlamaModel, ref_top1: torch.Tensor) -> dict[str, float]:
@@ -206,11 +200,13 @@ def main() -> None:
             "eval_s": time.perf_counter() - t0,
         }
 
-    ref_logits = logits_of(dense, tokens, args.batch)
+    reference = copy.deepcopy(dense)
+    round_dense_(reference, DENSE_DTYPE)
+    ref_logits = logits_of(reference, tokens, args.batch)
     ref_top1 = ref_logits.argmax(-1)
     del ref_logits
     rows: list[dict[str, Any]] = [
-        {"format": args.dtype, "method": "-", "rotation": False, **evaluate(dense, ref_top1)}
+        {"format": "bf16", "method": "-", "rotation": False, **evaluate(reference, ref_top1)}
     ]
     configs = [(f, m, r == "on") for f in args.formats for m in args.methods for r in args.rotate]
     for fmt, method, rotate in tqdm(configs, desc="formats", unit="cfg"):
@@ -232,11 +228,11 @@ def main() -> None:
     report = {
         "model": str(loaded.path.name),
         "device": name,
-        "dtype": args.dtype,
+        "dtype": "float32 math, dense tensors rounded to bfloat16",
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "heldout": f"{HELDOUT_GLOB}: {args.ppl_seqs} x {args.ppl_len} tokens",
-        "calibration": f"permissive training prompts (seed 1): {args.calib_samples} x "
+        "calibration": f"{', '.join(CALIBRATION_SOURCES)} (seed 0): {args.calib_samples} x "
         f"{args.calib_len} tokens",
         "gsm8k": f"8-shot (first 8 train problems), first {args.gsm8k} test problems, greedy, "
         f"{args.gsm8k_new_tokens} new tokens",
@@ -252,7 +248,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Quantization quality: {report['model']}",
         "",
-        f"{report['device']}, {report['dtype']} activations, commit {report['commit']}, "
+        f"{report['device']}, {report['dtype']}, commit {report['commit']}, "
         f"{report['date']}. Held-out perplexity: {report['heldout']}. Calibration (GPTQ): "
         f"{report['calibration']}. GSM8K: {report['gsm8k']}.",
         "",

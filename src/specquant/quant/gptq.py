@@ -44,7 +44,7 @@ def quantize_gptq(
         raise ValueError(f"calibration inputs have {inputs.shape[-1]} features, the layer {k}")
     groups = spec.groups(k)
     gsize = k // groups
-    x = inputs.reshape(-1, k).double()
+    x = inputs.reshape(-1, k).to(w.device).double()
     h = 2 * x.T @ x / x.shape[0]
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -53,11 +53,14 @@ def quantize_gptq(
     scales = torch.stack(
         [_group_scales(w[:, g * gsize : (g + 1) * gsize], spec) for g in range(groups)], 1
     )
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    dev = w.device
+    perm = (
+        torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
+    )
     w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype, device=dev)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    codes = torch.zeros(n, k, dtype=torch.float64, device=dev)
     col_group = perm // gsize  # group of each (permuted) column
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
