@@ -68,15 +68,22 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     )
 
 
-def assert_codes_match(got: QuantizedActivations, want: QuantizedActivations, what: str) -> None:
+def assert_codes_match(
+    got: QuantizedActivations, want: QuantizedActivations, what: str, flips: float = 0.0
+) -> None:
+    """Codes equal, except at most a fraction `flips` of them one step apart (a value that
+    moved across a rounding boundary, e.g. through a different rsqrt)."""
     assert got.codes.dtype == want.codes.dtype and got.dtype == want.dtype, what
-    torch.testing.assert_close(got.scales.cpu(), want.scales, rtol=1e-6, atol=0, msg=what)
-    diff = (got.codes.cpu().float() - want.codes.float()).abs()
-    if want.kind == "int8":  # rounding the same value the same way
-        assert int((diff > 0).sum()) == 0, f"{what}: {int((diff > 0).sum())} codes differ"
-    else:  # fp8: equal up to one e4m3 step on a few ties
-        step = want.codes.float().abs().clamp(min=2**-6) * 2**-3
-        assert bool((diff <= step).all()), f"{what}: fp8 codes differ by more than one step"
+    rtol = 1e-6 if flips == 0 else 1e-2
+    torch.testing.assert_close(got.scales.cpu(), want.scales, rtol=rtol, atol=0, msg=what)
+    g, w = got.codes.cpu().float(), want.codes.float()
+    # one step: 1 for int8 codes; for e4m3, 2^-3 of the value (2^-9 below the normal range)
+    step = torch.ones_like(w) if want.kind == "int8" else w.abs().clamp(min=2**-6) * 2**-3
+    diff = (g - w).abs()
+    assert bool((diff <= step).all()), f"{what}: codes differ by more than one step"
+    # fp8 codes in the interpreter may also differ on ties (see _patch_interpreter)
+    allowed = flips * w.numel() + (0 if want.kind == "int8" else 0.002 * w.numel())
+    assert int((diff > 0).sum()) <= allowed, f"{what}: {int((diff > 0).sum())} codes differ"
 
 
 def run_qlinear_case(
@@ -129,13 +136,8 @@ def run_quant_case(kind: str, norm: bool, m: int, k: int, dtype: torch.dtype, de
         got = act_quant.quantize_per_token(x.to(dev), kind)
         want = quantize_per_token(x, kind)
     what = f"{'rmsnorm+' if norm else ''}{kind} M={m} K={k} {dtype}"
-    if norm and device != "cpu":
-        # the GPU's rsqrt may move a normalised value across a bf16 rounding boundary
-        assert_matches(
-            got.codes.float().cpu() * got.scales.cpu(), want.codes.float() * want.scales, what
-        )
-        return
-    assert_codes_match(got, want, what)
+    # the norm's statistics are summed in another order than torch's
+    assert_codes_match(got, want, what, flips=0.002 if norm else 0.0)
 
 
 # ------------------------------------------------------------------------------ case lists
@@ -322,37 +324,68 @@ def test_fused_norm_quant_equals_unfused_model(
 
 
 # ------------------------------------------------------------------------------------- GPU
-GPU_SHAPES = [(768, 1024), (333, 384)]  # (N, K): tile multiples, and odd N with a K tail
 GPU_MS = [1, 3, 16, 17, 33, 64, 100, 128]
+
+
+def gpu_shapes(name: str) -> list[tuple[int, int]]:
+    """(N, K): tile multiples; then odd N with K not a multiple of the K tile (and rows not
+    16-byte aligned) where the format allows it, else odd N with K a multiple of the group."""
+    return [(768, 1024), (333, 328 if SPECS[name].group_size == -1 else 384)]
+
+
+def gpu_qlinear_cases(name: str) -> list[tuple[Any, ...]]:
+    cases: list[tuple[Any, ...]] = []
+    for n, k in gpu_shapes(name):
+        for i, m in enumerate(GPU_MS):
+            cases.append((name, m, n, k, torch.bfloat16, i % 2 == 0, None, i % 3 != 0, "cuda", i))
+    return cases
+
+
+SPLIT_FORMATS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8-g128"]
+SPLIT_CASES = [
+    (name, m, 520, 1152, torch.float16, True, split, True, "cuda", m)
+    for name in SPLIT_FORMATS
+    for m, split in [(1, 1), (5, 3), (40, 2), (128, 4)]
+]
+QUANT_CASES = [
+    (kind, norm, m, k, dtype, "cuda")
+    for kind in ("int8", "fp8")
+    for norm in (False, True)
+    for dtype in (torch.bfloat16, torch.float16)
+    for m, k in [(1, 4096), (7, 14336), (128, 1000)]
+]
+
+
+def _skip_without_fp8(spec_or_kind: QuantSpec | str) -> None:
+    kind = spec_or_kind if isinstance(spec_or_kind, str) else spec_or_kind.activations
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
-def test_qlinear_gpu(name: str, shape: tuple[int, int]) -> None:
-    n, k = shape
-    if SPECS[name].activations == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability >= 8.9")
-    for i, m in enumerate(GPU_MS):
-        run_qlinear_case(name, m, n, k, torch.bfloat16, i % 2 == 0, None, i % 3 != 0, "cuda", i)
+def test_qlinear_gpu(name: str) -> None:
+    _skip_without_fp8(SPECS[name])
+    for case in gpu_qlinear_cases(name):
+        run_qlinear_case(*case)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8-g128"])
+@pytest.mark.parametrize("name", SPLIT_FORMATS)
 def test_qlinear_gpu_fp16_and_forced_split(name: str) -> None:
-    for m, split in [(1, 1), (5, 3), (40, 2), (128, 4)]:
-        run_qlinear_case(name, m, 520, 1152, torch.float16, True, split, True, "cuda", m)
+    for case in SPLIT_CASES:
+        if case[0] == name:
+            run_qlinear_case(*case)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_act_quant_gpu(kind: str, norm: bool, dtype: torch.dtype) -> None:
-    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability >= 8.9")
-    for m, k in [(1, 4096), (7, 14336), (128, 1000)]:
-        run_quant_case(kind, norm, m, k, dtype, "cuda")
+def test_act_quant_gpu(kind: str, norm: bool) -> None:
+    _skip_without_fp8(kind)
+    for case in QUANT_CASES:
+        if case[:2] == (kind, norm):
+            run_quant_case(*case)
 
 
 @pytest.mark.cuda
@@ -361,8 +394,7 @@ def test_qlinear_layer_selects_triton_on_gpu(name: str) -> None:
     from specquant.layers.linear import QLinear
 
     spec = get_format(name)
-    if spec.activations == "fp8" and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability >= 8.9")
+    _skip_without_fp8(spec)
     w = torch.randn(96, 256) * 0.05
     layer = QLinear(256, 96)
     layer.load_quantized_(
@@ -374,5 +406,25 @@ def test_qlinear_layer_selects_triton_on_gpu(name: str) -> None:
     assert_matches(layer(x.cuda()), want, name)
 
 
+def _warm_gpu() -> None:
+    """Run every GPU case once in parallel processes (results ignored), so that the pytest
+    run finds the compiled kernels in Triton's cache instead of compiling them one by one."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(run_qlinear_case, c) for name in SPECS for c in gpu_qlinear_cases(name)]
+    jobs += [(run_qlinear_case, c) for c in SPLIT_CASES]
+    jobs += [(run_quant_case, c) for c in QUANT_CASES]
+    with ProcessPoolExecutor(16, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_try_job, jobs))
+    print(f"warmed {len(jobs)} GPU cases; {sum(r != 'ok' for r in results)} failed")
+
+
+def _try_job(job: tuple[Any, tuple[Any, ...]]) -> str:
+    return _try(job[0], *job[1])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
     _interpret_all(Path(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--warm-gpu"]:
+    _warm_gpu()

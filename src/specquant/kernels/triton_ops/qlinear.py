@@ -311,6 +311,7 @@ CONFIGS: dict[str, list[tuple[int, TileConfig]]] = {
 }
 MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 4  # K tiles per split: below this the fix-up costs more than it saves
+SPLIT_WAVES = 1  # split K until the grid has this many programs per SM
 
 
 def config_for(family: str, m: int) -> TileConfig:
@@ -337,11 +338,11 @@ def _sm_count(index: int) -> int:
 
 
 def choose_split_k(tiles: int, k_blocks: int, sms: int) -> int:
-    """Split K until the grid covers every SM once, keeping >= MIN_BLOCKS_PER_SPLIT K tiles
-    per split."""
+    """Split K until the grid covers every SM SPLIT_WAVES times, keeping at least
+    MIN_BLOCKS_PER_SPLIT K tiles per split."""
     split = 1
     while (
-        tiles * split < sms
+        tiles * split < sms * SPLIT_WAVES
         and k_blocks // (split * 2) >= MIN_BLOCKS_PER_SPLIT
         and split * 2 <= MAX_SPLIT_K
     ):
