@@ -9,8 +9,9 @@ already-quantized activations, as qkv/gate_up do after the fused RMSNorm. Roofli
 the layer must read (all weight tensors + activations) over the copy bandwidth measured in
 this run.
 
-    python bench/kernel_perf.py --out bench/results            # full run, ~2 min on an H100
-    python bench/kernel_perf.py --tune --out $OUT               # also time candidate tiles
+    python bench/kernel_perf.py --out bench/results             # ~1.5 min on an H100
+    python bench/kernel_perf.py --tune-only --out $OUT           # time candidate tiles
+    python bench/kernel_perf.py --configs $OUT/kernel_configs.json --out bench/results
 """
 
 from __future__ import annotations
@@ -207,24 +208,28 @@ def baseline(name: str, n: int, k: int, gen: torch.Generator) -> Any:
 
 
 # ------------------------------------------------------------------------ parallel compile
-def _warm_one(job: tuple[Any, ...]) -> str:
-    """Compile (into Triton's on-disk cache) what one launch needs:
-    (format, N, K, M[, tile config tuple, split waves, pre-quantized])."""
+def apply_configs(table: dict[str, Any] | None) -> None:
+    """Replace the kernels' tile table: family -> [[largest M, [tile config fields]], ...]."""
     import specquant.kernels.triton_ops.qlinear as Q
 
-    name, n, k, m, *tuned = job
+    for family, buckets in (table or {}).items():
+        Q.CONFIGS[family] = [(m, Q.TileConfig(*cfg)) for m, cfg in buckets]
+
+
+def _warm_one(job: tuple[Any, ...]) -> str:
+    """Compile (into Triton's on-disk cache) what one launch needs:
+    (format, N, K, M, tile table or None, pre-quantized activations)."""
+    name, n, k, m, table, prequant = job
     try:
-        if tuned:
-            cfg, Q.SPLIT_WAVES, prequant = tuned
-            Q.CONFIGS[Q.family_of(FORMATS[name])] = [(10**9, Q.TileConfig(*cfg))]
+        apply_configs(table)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        make, _, _ = ours(name, n, k, gen, gemm_only=bool(tuned) and prequant)
+        make, _, _ = ours(name, n, k, gen, gemm_only=prequant)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         make(x)(0)
         torch.cuda.synchronize()
         return "ok"
     except Exception as e:  # reported by the main process
-        return f"{job}: {type(e).__name__}: {str(e)[:300]}"
+        return f"{job[:4]}: {type(e).__name__}: {str(e)[:300]}"
 
 
 def precompile(jobs: list[tuple[Any, ...]], workers: int) -> list[str]:
@@ -272,25 +277,42 @@ def measure(
     return rows
 
 
-TUNE_FORMATS = ["w4a16-g128", "w8a8", "w4a8", "fp8"]
-TUNE_SHAPES = [("8b", layer) for layer in SHAPES["8b"]] + [("70b", "gate_up"), ("70b", "down")]
-TUNE_CANDIDATES = {  # M bucket -> (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages), split waves
-    16: [((64, 16, 128, 4, 4), 1), ((64, 16, 128, 4, 4), 2), ((128, 16, 128, 4, 4), 1),
-         ((64, 16, 256, 4, 3), 1)],
-    32: [((64, 32, 128, 4, 4), 1), ((128, 32, 128, 4, 3), 1), ((64, 32, 256, 4, 3), 1)],
-    64: [((64, 64, 128, 4, 3), 1), ((128, 64, 128, 8, 3), 1), ((128, 64, 64, 4, 4), 1)],
-    128: [((128, 128, 64, 8, 3), 1), ((128, 128, 128, 8, 3), 1), ((64, 128, 128, 4, 3), 1)],
+TUNE_FORMATS = ["w4a16-g128", "w8a8", "w4a8", "fp8"]  # one per kernel family
+TUNE_SHAPES = [(model, layer) for model in SHAPES for layer in SHAPES[model]]
+# M bucket -> candidates (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, split waves); fp8 needs
+# BLOCK_M >= 64 (wgmma), so its small-M candidates are the BLOCK_M = 64 ones.
+TUNE_CANDIDATES = {
+    16: [(128, 16, 128, 4, 4, 1), (128, 16, 128, 4, 4, 2), (64, 16, 128, 4, 4, 1),
+         (128, 16, 256, 4, 3, 1), (128, 64, 128, 4, 3, 1), (128, 64, 256, 4, 3, 1)],
+    32: [(128, 32, 128, 4, 4, 1), (64, 32, 128, 4, 4, 1), (128, 64, 128, 4, 3, 1)],
+    64: [(128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1)],
+    128: [(128, 128, 64, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 128, 64, 4, 3, 1)],
 }  # fmt: skip
+
+
+def _candidates(name: str, m: int) -> list[tuple[int, ...]]:
+    fp8 = FORMATS[name].activations == "fp8"
+    return [c for c in TUNE_CANDIDATES[m] if not fp8 or c[1] >= 64]
 
 
 def tune_jobs() -> list[tuple[Any, ...]]:
     return [
-        (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, cfg, waves, FORMATS[f].activations != "none")
+        (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, {family(f): [[10**9, c]]}, prequant(f))
         for f in TUNE_FORMATS
         for mo, la in TUNE_SHAPES
-        for m, cands in TUNE_CANDIDATES.items()
-        for cfg, waves in cands
+        for m in TUNE_CANDIDATES
+        for c in _candidates(f, m)
     ]
+
+
+def family(name: str) -> str:
+    from specquant.kernels.triton_ops import family_of
+
+    return str(family_of(FORMATS[name]))
+
+
+def prequant(name: str) -> bool:
+    return FORMATS[name].activations != "none"
 
 
 def tune(deadline: float) -> list[dict[str, Any]]:
@@ -300,47 +322,44 @@ def tune(deadline: float) -> list[dict[str, Any]]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in TUNE_FORMATS:
-        spec = FORMATS[name]
-        family = Q.family_of(spec)
-        default = Q.CONFIGS[family]
+        default = Q.CONFIGS[family(name)]
         for model, layer in TUNE_SHAPES:
             k, n = SHAPES[model][layer]
-            make, copies, _ = ours(name, n, k, gen, gemm_only=spec.activations != "none")
-            for m, cands in TUNE_CANDIDATES.items():
+            make, copies, _ = ours(name, n, k, gen, gemm_only=prequant(name))
+            for m in TUNE_CANDIDATES:
                 if time.time() > deadline:
-                    Q.CONFIGS[family], Q.SPLIT_WAVES = default, 1
+                    Q.CONFIGS[family(name)] = default
                     return rows
                 fn = make(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-                for cfg, waves in cands:
-                    Q.CONFIGS[family] = [(10**9, Q.TileConfig(*cfg))]
-                    Q.SPLIT_WAVES = waves
+                for c in _candidates(name, m):
+                    apply_configs({family(name): [[10**9, c]]})
                     try:
                         us = time_graph(fn, copies, replays=5)
                     except Exception as e:
                         us = float("nan")
-                        print(name, layer, cfg, repr(e)[:200], flush=True)
-                    rows.append(dict(fmt=name, model=model, layer=layer, m=m, cfg=cfg,
-                                     waves=waves, us=us))  # fmt: skip
-            Q.CONFIGS[family], Q.SPLIT_WAVES = default, 1
+                        print(name, layer, c, repr(e)[:200], flush=True)
+                    rows.append(dict(fmt=name, model=model, layer=layer, m=m, cfg=c, us=us))
+            Q.CONFIGS[family(name)] = default
             del make
             torch.cuda.empty_cache()
     return rows
 
 
 def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per format and M bucket: the candidate with the smallest total time over the shapes."""
-    best: dict[str, Any] = {}
+    """family -> [[bucket, best candidate]]: the smallest total time over the shapes."""
+    table: dict[str, Any] = {}
     for f in TUNE_FORMATS:
-        for m, cands in TUNE_CANDIDATES.items():
+        for m in TUNE_CANDIDATES:
             totals = []
-            for cfg, waves in cands:
-                us = [r["us"] for r in rows if r["fmt"] == f and r["m"] == m
-                      and tuple(r["cfg"]) == cfg and r["waves"] == waves]  # fmt: skip
+            for c in _candidates(f, m):
+                us = [
+                    r["us"] for r in rows if r["fmt"] == f and r["m"] == m and tuple(r["cfg"]) == c
+                ]
                 if len(us) == len(TUNE_SHAPES) and all(u == u for u in us):
-                    totals.append((sum(us), cfg, waves))
+                    totals.append((sum(us), c))
             if totals:
-                best[f"{f} M<={m}"] = min(totals)
-    return best
+                table.setdefault(family(f), []).append([m, list(min(totals)[1])])
+    return table
 
 
 # ------------------------------------------------------------------------------- report
@@ -437,43 +456,55 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--models", default="8b,70b")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--tune", action="store_true", help="time candidate tile configs first")
+    ap.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="time candidate tile configs; write the best to OUT/kernel_configs.json",
+    )
+    ap.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="tile table (from --tune-only) to measure instead of the built-in one",
+    )
     ap.add_argument("--budget-s", type=float, default=400, help="stop measuring after this")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
-    args = ap.parse_args()
+    args = ap.parse_args()  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("kernel_perf needs a CUDA GPU")
     start = time.time()
-    deadline = start + args.budget_s
     models = [m for m in args.models.split(",") if m]
     for m in models:
         if m not in SHAPES:
             raise SystemExit(f"unknown model {m!r}; known: {', '.join(SHAPES)}")
     ms = [int(m) for m in args.ms.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
     import triton
 
-    jobs: list[tuple[Any, ...]] = [
-        (f, n, k, m) for f in OURS for mo in models for (k, n) in SHAPES[mo].values()
+    if args.tune_only:
+        errors = precompile(tune_jobs(), args.workers)
+        print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
+        rows = tune(start + args.budget_s)
+        table = best_configs(rows)
+        (args.out / "kernel_tune.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "kernel_configs.json").write_text(json.dumps(table, indent=1))
+        print(f"tuned in {time.time() - start:.0f}s: {json.dumps(table)}", flush=True)
+        return
+    table = json.loads(args.configs.read_text()) if args.configs else None
+    apply_configs(table)
+    jobs = [
+        (f, n, k, m, table, gemm)
+        for f in OURS
+        for mo in models
+        for (k, n) in SHAPES[mo].values()
         for m in (1, 32, 64, 128)
-    ]  # fmt: skip
-    if args.tune:
-        jobs += tune_jobs()
+        for gemm in ((False, True) if f in GEMM_ONLY else (False,))
+    ]
     errors = precompile(jobs, args.workers)
-    print(
-        f"precompiled {len(jobs)} launches in {time.time() - start:.0f}s; errors: {errors}",
-        flush=True,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.tune:
-        rows = tune(start + args.budget_s / 2)
-        best = best_configs(rows)
-        (args.out / "kernel_tune.json").write_text(json.dumps(dict(best=best, rows=rows), indent=1))
-        print(f"tuned in {time.time() - start:.0f}s:", flush=True)
-        for key, (us, cfg, waves) in best.items():
-            print(f"  {key}: {cfg} waves={waves} total {us:.1f} us", flush=True)
+    print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
     bw = copy_bandwidth_gbs()
-    rows = measure(models, ms, deadline, args.out / "kernel_perf_rows.json")
+    rows = measure(models, ms, start + args.budget_s, args.out / "kernel_perf_rows.json")
     summary = summarize(rows, bw)
     meta = dict(
         card=torch.cuda.get_device_name(),
@@ -483,6 +514,7 @@ def main() -> None:
         triton=triton.__version__,
         copy_bw_gbs=bw,
         seconds=time.time() - start,
+        tile_configs=table or "built-in",
     )
     lines = goals(summary)
     (args.out / "kernel_perf.json").write_text(

@@ -8,11 +8,12 @@ layout of quant/pack.py (no repacking). One kernel, specialised at compile time 
            under fp32 channel scales (two-level g128)
     FP8    e4m3 x e4m3 -> fp32 dot (compute capability >= 8.9)
 
-The tile is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T ("swap AB"): the
-weight rows fill the 64-wide side of Hopper's wgmma and the few tokens its narrow side, so
-M = 1..16 wastes little. Unsigned int4 codes u = q + 8 (or u with zero point z) enter the
-integer dot as they are and the offset is taken off once per group: dot(x, u - z) =
-dot(x, u) - z * sum(x), exact in int32.
+Each program computes acc[BLOCK_M, BLOCK_N] = x_tile @ W_tile^T over its K range. int4
+tiles are unpacked in registers into the codes of even and odd k, and the dot runs as two
+half-depth dots against x's even and odd columns, so the codes are never interleaved (that
+shuffle cost more than the unpacking itself). Unsigned int4 codes u = q + 8 (or u with zero
+point z) become exact 16 q for the integer dot; zero points are added back once per group as
+(8 - z) * sum(x).
 
 When a launch would have too few output tiles to fill the GPU (small M and N), K is split
 over SPLIT_K programs; the last program of a tile to arrive adds the partial sums in a fixed
@@ -69,11 +70,14 @@ _UNPACK_F16 = (
     .replace("0x43004300", "0x64006400")
     .replace("bf16x2", "f16x2")
 )
-# unsigned codes as int8 for the integer dot: two masks per 4 bytes
-_UNPACK_U8 = """{
-and.b32 $0, $2, 0x0F0F0F0F;
-shr.b32 $1, $2, 4;
-and.b32 $1, $1, 0x0F0F0F0F;
+# int8 codes for the integer dot, scaled by 16 so that no offset has to be subtracted: a
+# nibble u moved to the top of its byte and its top bit flipped is 16 * u - 128 = 16 * q as
+# a signed byte. Three 32-bit operations per 8 codes; the dot's sums are 16x, exactly.
+_UNPACK_I8X16 = """{
+.reg .b32 t;
+shl.b32 t, $2, 4;
+lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6A;
+lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6A;
 }"""
 
 
@@ -96,42 +100,59 @@ def _unpack_signed(packed, DTYPE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _unpack_unsigned(packed, FAST: tl.constexpr):
-    """uint8 [R, C] -> (u at even k, u at odd k) as int8 [R, C], u in 0..15."""
+def _unpack_int8x16(packed, FAST: tl.constexpr):
+    """uint8 [R, C] -> (16 q at even k, 16 q at odd k) as int8 [R, C], q = u - 8."""
     if FAST:
         lo, hi = tl.inline_asm_elementwise(
-            _UNPACK_U8_C, "=r,=r,r", [packed], (tl.int8, tl.int8), True, 4
+            _UNPACK_I8X16_C, "=r,=r,r", [packed], (tl.int8, tl.int8), True, 4
         )
     else:
-        lo = (packed & 0xF).to(tl.int8)
-        hi = (packed >> 4).to(tl.int8)
+        lo = (((packed & 0xF) << 4) ^ 0x80).to(tl.int8, bitcast=True)
+        hi = ((packed & 0xF0) ^ 0x80).to(tl.int8, bitcast=True)
     return lo, hi
 
 
 # Triton kernels may read globals only as constexprs.
 _UNPACK_BF16_C = tl.constexpr(_UNPACK_BF16)
 _UNPACK_F16_C = tl.constexpr(_UNPACK_F16)
-_UNPACK_U8_C = tl.constexpr(_UNPACK_U8)
+_UNPACK_I8X16_C = tl.constexpr(_UNPACK_I8X16)
 
 
 # ---------------------------------------------------------------------------------- kernel
 @triton.jit
 def _epilogue(
-    acc, rn, rm, n_mask, m_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr, stride_om,
-    ACT: tl.constexpr, GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    acc, rm, rn, m_mask, n_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr, stride_om,
+    W4: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """acc [BLOCK_N, BLOCK_M] -> out[m, n] with the scales not yet applied, plus bias."""
+    """acc [BLOCK_M, BLOCK_N] -> out with the remaining scales applied, plus bias."""
     y = acc.to(tl.float32)
+    if W4 and ACT == 1:
+        y = y * 0.0625  # int4 codes entered the integer dot as 16 q
     if GROUP == 0:  # per-channel scales [N, 1]
-        y = y * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[:, None]
+        y = y * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
     elif TWO_LEVEL:  # the fp32 channel level of two-level scales
-        y = y * tl.load(cs_ptr + rn, mask=n_mask, other=0.0)[:, None]
+        y = y * tl.load(cs_ptr + rn, mask=n_mask, other=0.0)[None, :]
     if ACT != 0:  # per-token activation scales
-        y = y * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[None, :]
+        y = y * tl.load(xs_ptr + rm, mask=m_mask, other=0.0)[:, None]
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+        y = y + tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dot(a, b, acc, ACT: tl.constexpr, DOT_F32: tl.constexpr, IMPRECISE: tl.constexpr):
+    if DOT_F32:  # the interpreter's numpy dot cannot multiply bf16
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif ACT == 1:
+        out = tl.dot(a, b, acc, out_dtype=tl.int32)
+    elif ACT == 2:
+        # Hopper adds fp8 products in reduced precision; promote each K tile to fp32
+        out = tl.dot(a, b, acc, max_num_imprecise_acc=IMPRECISE)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -151,23 +172,25 @@ def _qlinear_kernel(
     W4: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
     TWO_LEVEL: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_UNPACK: tl.constexpr,
     DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = rn < N
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
+    n_mask = rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn  # [1, BLOCK_N]: W^T tiles
     # Integer sums stay exact in int32 while the scales are per channel; group scales turn
     # each group's integer sum into fp32.
     if ACT == 1 and GROUP == 0:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # int4 codes enter integer dots as 16 q (see _UNPACK_I8X16), bf16/fp16 dots as q
+    W4_ONE: tl.constexpr = 16 if ACT == 1 else 1
     # per-channel zero-point corrections need sum_k x over all of K
     if ACT == 1:
         xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -181,78 +204,57 @@ def _qlinear_kernel(
     for kb in range(0, K_SPLIT, BLOCK_K):
         k0 = k_lo + kb
         rk = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x_mask = m_mask[None, :]
-            w_mask = n_mask[:, None]
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (rk < K)[None, :]
+        x = tl.load(x_rows + rk[None, :], mask=x_mask, other=ZERO)  # [BLOCK_M, BLOCK_K]
+        if GROUP == 0:
+            part = acc
+        elif ACT == 1:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
-            x_mask = (rk < K)[:, None] & m_mask[None, :]
-            w_mask = n_mask[:, None] & (rk < K)[None, :]
-        xt = tl.load(x_cols + rk[:, None], mask=x_mask, other=ZERO)  # [BLOCK_K, BLOCK_M]
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if W4:
+            # Even and odd k are two half-depth dots, so the unpacked codes never need to be
+            # interleaved: x splits into its even and odd columns instead.
             rkh = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            if not EVEN_K:
-                w_mask = n_mask[:, None] & (rkh < K // 2)[None, :]
-            packed = tl.load(w_rows + rkh[None, :], mask=w_mask, other=0)  # [BLOCK_N, BLOCK_K/2]
+            w_mask = n_mask[None, :] if EVEN_K else n_mask[None, :] & (rkh < K // 2)[:, None]
+            packed = tl.load(w_cols + rkh[:, None], mask=w_mask, other=0)  # [BLOCK_K/2, BLOCK_N]
             if ACT == 0:
                 lo, hi = _unpack_signed(packed, x_ptr.dtype.element_ty, FAST_UNPACK)
             else:
-                lo, hi = _unpack_unsigned(packed, FAST_UNPACK)
-            w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # interleave: k = 2j, 2j + 1
+                lo, hi = _unpack_int8x16(packed, FAST_UNPACK)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            part = _dot(x_even, lo, part, ACT, DOT_F32, BLOCK_K // 2)
+            part = _dot(x_odd, hi, part, ACT, DOT_F32, BLOCK_K // 2)
         else:
-            w = tl.load(w_rows + rk[None, :], mask=w_mask, other=ZERO)  # [BLOCK_N, BLOCK_K]
-        if DOT_F32:
-            w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
+            w_mask = n_mask[None, :] if EVEN_K else n_mask[None, :] & (rk < K)[:, None]
+            w = tl.load(w_cols + rk[:, None], mask=w_mask, other=ZERO)  # [BLOCK_K, BLOCK_N]
+            part = _dot(x, w, part, ACT, DOT_F32, BLOCK_K)
 
         if GROUP == 0:
-            if ACT == 1:
-                acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
-            elif ACT == 2:
-                # Hopper adds fp8 products in reduced precision; promote each K tile to fp32
-                acc = tl.dot(w, xt, acc, max_num_imprecise_acc=BLOCK_K)
-            else:
-                acc = tl.dot(w, xt, acc)
-            if W4 and (ACT == 1 or ASYM):
-                xsum += tl.sum(xt.to(xsum.dtype), axis=0)
+            acc = part
+            if W4 and ASYM:
+                xsum += tl.sum(x.to(xsum.dtype), axis=1)
         else:
             g = k0 // GROUP
             gs = tl.load(s_ptr + rn * G + g, mask=n_mask, other=0).to(tl.float32)
-            if ACT == 1:
-                part = tl.dot(w, xt, out_dtype=tl.int32)
-                if W4:
-                    if ASYM:
-                        zp = tl.load(z_ptr + rn * G + g, mask=n_mask, other=0).to(tl.int32)
-                    else:
-                        zp = tl.full((BLOCK_N,), 8, tl.int32)
-                    part -= zp[:, None] * tl.sum(xt.to(tl.int32), axis=0)[None, :]
-                acc += part.to(tl.float32) * gs[:, None]
-            else:
-                part = tl.dot(w, xt)
-                if ASYM:  # the codes entered as u - 8; add back (8 - z) * sum(x)
-                    zp = tl.load(z_ptr + rn * G + g, mask=n_mask, other=8).to(tl.float32)
-                    xg = tl.sum(xt.to(tl.float32), axis=0)
-                    part += (8.0 - zp)[:, None] * xg[None, :]
-                acc += part * gs[:, None]
+            if W4 and ASYM:  # the codes entered as u - 8: add back (8 - z) * sum(x)
+                zp = tl.load(z_ptr + rn * G + g, mask=n_mask, other=8).to(part.dtype)
+                xg = tl.sum(x.to(part.dtype), axis=1)
+                part += xg[:, None] * (W4_ONE * (8 - zp))[None, :]
+            acc += part.to(tl.float32) * gs[None, :]
 
-    if GROUP == 0 and W4:
-        if ACT == 1:
-            if ASYM:
-                zp = tl.load(z_ptr + rn, mask=n_mask, other=0).to(tl.int32)
-            else:
-                zp = tl.full((BLOCK_N,), 8, tl.int32)
-            acc -= zp[:, None] * xsum[None, :]
-        elif ASYM:
-            zp = tl.load(z_ptr + rn, mask=n_mask, other=8).to(tl.float32)
-            acc += (8.0 - zp)[:, None] * xsum[None, :]
+    if GROUP == 0 and W4 and ASYM:
+        zp = tl.load(z_ptr + rn, mask=n_mask, other=8).to(acc.dtype)
+        acc += xsum[:, None] * (W4_ONE * (8 - zp))[None, :]
 
     if SPLIT_K == 1:
         _epilogue(
-            acc, rn, rm, n_mask, m_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr, stride_om,
-            ACT, GROUP, TWO_LEVEL, HAS_BIAS,
+            acc, rm, rn, m_mask, n_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr, stride_om,
+            W4, ACT, GROUP, TWO_LEVEL, HAS_BIAS,
         )  # fmt: skip
     else:
-        mn_mask = n_mask[:, None] & m_mask[None, :]
-        part_offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        part_offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(ws_ptr + pid_k * M * N + part_offs, acc, mask=mn_mask)
         # every thread's partial sums are written before the counter is bumped (release)
         tl.debug_barrier()
@@ -267,51 +269,52 @@ def _qlinear_kernel(
                 )
             tl.atomic_xchg(lock_ptr + tile, 0)
             _epilogue(
-                total, rn, rm, n_mask, m_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr,
-                stride_om, ACT, GROUP, TWO_LEVEL, HAS_BIAS,
+                total, rm, rn, m_mask, n_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr,
+                stride_om, W4, ACT, GROUP, TWO_LEVEL, HAS_BIAS,
             )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- configurations
 @dataclass(frozen=True)
 class TileConfig:
-    block_n: int  # weight rows per program (the wgmma M side)
+    block_n: int  # weight rows (output features) per program
     block_m: int  # tokens per program
     block_k: int
     num_warps: int
     num_stages: int
+    split_waves: int = 1  # split K until the grid has this many programs per SM
 
 
 # family -> [(largest M, config)], smallest bucket first; M beyond the last uses the last.
+# Tuned with `bench/kernel_perf.py --tune` (see bench/results/kernel_perf.md).
 CONFIGS: dict[str, list[tuple[int, TileConfig]]] = {
     "w4a16": [
-        (16, TileConfig(64, 16, 128, 4, 4)),
-        (32, TileConfig(64, 32, 128, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 3)),
-        (128, TileConfig(128, 128, 64, 8, 3)),
+        (16, TileConfig(128, 16, 128, 4, 4)),
+        (32, TileConfig(128, 32, 128, 4, 4)),
+        (64, TileConfig(128, 64, 128, 4, 3)),
+        (128, TileConfig(64, 128, 128, 4, 3)),
     ],
     "w4a8": [
-        (16, TileConfig(64, 16, 128, 4, 4)),
-        (32, TileConfig(64, 32, 128, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 3)),
-        (128, TileConfig(128, 128, 128, 8, 3)),
+        (16, TileConfig(128, 16, 128, 4, 4)),
+        (32, TileConfig(128, 32, 128, 4, 4)),
+        (64, TileConfig(128, 64, 128, 4, 3)),
+        (128, TileConfig(64, 128, 128, 4, 3)),
     ],
     "w8a8": [
-        (16, TileConfig(64, 16, 256, 4, 4)),
-        (32, TileConfig(64, 32, 256, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 4)),
-        (128, TileConfig(128, 128, 128, 8, 3)),
+        (16, TileConfig(128, 16, 128, 4, 4)),
+        (32, TileConfig(128, 32, 128, 4, 4)),
+        (64, TileConfig(128, 64, 128, 4, 3)),
+        (128, TileConfig(64, 128, 128, 4, 3)),
     ],
-    "fp8": [
-        (16, TileConfig(64, 16, 256, 4, 4)),
-        (32, TileConfig(64, 32, 256, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 4)),
-        (128, TileConfig(128, 128, 128, 8, 3)),
+    "fp8": [  # fp8 needs wgmma (BLOCK_M >= 64): Hopper's mma.sync has no e4m3
+        (16, TileConfig(128, 64, 128, 4, 3)),
+        (32, TileConfig(128, 64, 128, 4, 3)),
+        (64, TileConfig(128, 64, 128, 4, 3)),
+        (128, TileConfig(64, 128, 128, 4, 3)),
     ],
 }
 MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 4  # K tiles per split: below this the fix-up costs more than it saves
-SPLIT_WAVES = 1  # split K until the grid has this many programs per SM
 
 
 def config_for(family: str, m: int) -> TileConfig:
@@ -337,12 +340,12 @@ def _sm_count(index: int) -> int:
     return _SM_COUNTS[index]
 
 
-def choose_split_k(tiles: int, k_blocks: int, sms: int) -> int:
-    """Split K until the grid covers every SM SPLIT_WAVES times, keeping at least
+def choose_split_k(tiles: int, k_blocks: int, sms: int, waves: int = 1) -> int:
+    """Split K until the grid covers every SM `waves` times, keeping at least
     MIN_BLOCKS_PER_SPLIT K tiles per split."""
     split = 1
     while (
-        tiles * split < sms * SPLIT_WAVES
+        tiles * split < sms * waves
         and k_blocks // (split * 2) >= MIN_BLOCKS_PER_SPLIT
         and split * 2 <= MAX_SPLIT_K
     ):
@@ -401,7 +404,7 @@ def qlinear(
     k_blocks = triton.cdiv(k, block_k)
     n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
     if split_k is None:
-        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device))
+        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device), cfg.split_waves)
         if k % block_k == 0:
             while k_blocks % split_k:  # whole K tiles per split: no K masks (EVEN_K)
                 split_k //= 2
@@ -444,8 +447,8 @@ def qlinear(
         DOT_F32=INTERPRET and act == 0,
         SPLIT_K=split_k,
         EVEN_K=even_k,
-        BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         BLOCK_K=block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
