@@ -286,30 +286,29 @@ class TileConfig:
 
 
 # family -> [(largest M, config)], smallest bucket first; M beyond the last uses the last.
-# Tuned with `bench/kernel_perf.py --tune` (see bench/results/kernel_perf.md).
+# Picked on an H200 by `bench/kernel_perf.py --tune-only` (least total time over the Llama-3
+# 8B and 70B linears; bench/results/kernel_perf.md). BLOCK_M = 64 runs M = 1..64 identically.
 CONFIGS: dict[str, list[tuple[int, TileConfig]]] = {
     "w4a16": [
-        (16, TileConfig(128, 16, 128, 4, 4)),
+        (16, TileConfig(128, 16, 256, 4, 3)),  # BLOCK_K is capped at the group size
         (32, TileConfig(128, 32, 128, 4, 4)),
         (64, TileConfig(128, 64, 128, 4, 3)),
         (128, TileConfig(64, 128, 128, 4, 3)),
     ],
     "w4a8": [
-        (16, TileConfig(128, 16, 128, 4, 4)),
+        (16, TileConfig(128, 16, 256, 4, 3)),
         (32, TileConfig(128, 32, 128, 4, 4)),
-        (64, TileConfig(128, 64, 128, 4, 3)),
+        (64, TileConfig(64, 64, 128, 4, 3)),
         (128, TileConfig(64, 128, 128, 4, 3)),
     ],
     "w8a8": [
-        (16, TileConfig(128, 16, 128, 4, 4)),
-        (32, TileConfig(128, 32, 128, 4, 4)),
-        (64, TileConfig(128, 64, 128, 4, 3)),
+        (16, TileConfig(64, 16, 128, 4, 4)),
+        (32, TileConfig(64, 32, 128, 4, 4)),
+        (64, TileConfig(64, 64, 128, 4, 3)),
         (128, TileConfig(64, 128, 128, 4, 3)),
     ],
     "fp8": [  # fp8 needs wgmma (BLOCK_M >= 64): Hopper's mma.sync has no e4m3
-        (16, TileConfig(128, 64, 128, 4, 3)),
-        (32, TileConfig(128, 64, 128, 4, 3)),
-        (64, TileConfig(128, 64, 128, 4, 3)),
+        (64, TileConfig(64, 64, 128, 4, 3)),
         (128, TileConfig(64, 128, 128, 4, 3)),
     ],
 }
