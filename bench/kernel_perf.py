@@ -9,7 +9,7 @@ already-quantized activations, as qkv/gate_up do after the fused RMSNorm. Roofli
 the layer must read (all weight tensors + activations) over the copy bandwidth measured in
 this run.
 
-    python bench/kernel_perf.py --out bench/results             # ~1.5 min on an H100
+    python bench/kernel_perf.py --out bench/results             # about 1 min on an H200
     python bench/kernel_perf.py --tune-only --out $OUT           # time candidate tiles
     python bench/kernel_perf.py --configs $OUT/kernel_configs.json --out bench/results
 """
