@@ -1,11 +1,16 @@
-"""Registers the built-in implementations (reference + torch SDPA)."""
+"""Registers the built-in implementations (references, torch SDPA, OpenBLAS linear)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from specquant.kernels.reference import attention_reference, qlinear_reference
+from specquant.kernels.reference import (
+    attention_reference,
+    qlinear_reference,
+    quantize_per_token,
+    rmsnorm_quant_reference,
+)
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
 
@@ -91,3 +96,8 @@ register("linear", KernelImpl("torch", 0, linear_torch, _always, is_reference=Tr
 register("linear", KernelImpl("cpu-openblas", 10, linear_openblas, _openblas_ok))
 
 register("qlinear", KernelImpl("reference", 0, qlinear_reference, _always, is_reference=True))
+register("act_quant", KernelImpl("reference", 0, quantize_per_token, _always, is_reference=True))
+register(
+    "rmsnorm_quant",
+    KernelImpl("reference", 0, rmsnorm_quant_reference, _always, is_reference=True),
+)

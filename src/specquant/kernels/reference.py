@@ -1,11 +1,15 @@
 """Pure-PyTorch reference implementations of every op: the specification and the CPU path.
 
-Faster backends (SDPA today, Triton later) are tested against these functions.
+Faster backends (SDPA, the Triton kernels in kernels/triton_ops/) are tested against these
+functions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 
 def attention_reference(
@@ -37,19 +41,80 @@ def kv_compact_reference(
 
 
 # ------------------------------------------------------------------------ quantized linear
-def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token dynamic quantization: x [M, K] -> (codes as float32 [M, K], scales [M, 1])."""
-    x = x.float()
-    absmax = x.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+@dataclass(frozen=True)
+class QuantizedActivations:
+    """Activations quantized per token, handed from a fused RMSNorm to the linears after it.
+
+    x[t, :] ~= codes[t, :] * scales[t]; `dtype` is the activation dtype that the linear's
+    output takes (the dtype the activations had before quantization).
+    """
+
+    codes: torch.Tensor  # [..., K] int8, or float8_e4m3fn
+    scales: torch.Tensor  # [..., 1] float32
+    dtype: torch.dtype
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.codes.dtype == torch.int8 else "fp8"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedActivations:
+        """Permute K (as `Tensor.index_select(-1, perm)`); per-token scales do not depend on
+        the order of K."""
+        assert dim in (-1, self.codes.dim() - 1), (
+            f"only the last dim (K) can be permuted, not {dim}"
+        )
+        return QuantizedActivations(self.codes.index_select(-1, index), self.scales, self.dtype)
+
+
+ACTIVATION_KINDS = ("int8", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_per_token(x: torch.Tensor, kind: str) -> QuantizedActivations:
+    """Per-token dynamic quantization: scale = absmax / 127 (int8) or / 448 (fp8 e4m3),
+    codes = round-to-nearest-even(x / scale)."""
+    if kind not in ACTIVATION_KINDS:
+        raise ValueError(f"unknown activation quantization {kind!r}; supported: int8, fp8")
+    xf = x.float()
+    absmax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12)
     if kind == "int8":
         s = absmax / 127
-        return (x / s).round().clamp(-127, 127), s
-    s = absmax / 448.0  # fp8 e4m3: emulated by a round trip through float8
-    return (x / s).to(torch.float8_e4m3fn).float(), s
+        codes = (xf / s).round().clamp(-127, 127).to(torch.int8)
+    else:
+        s = absmax / FP8_MAX
+        codes = (xf / s).to(torch.float8_e4m3fn)
+    return QuantizedActivations(codes, s, x.dtype)
+
+
+def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes as float32 [M, K], scales [M, 1]); see `quantize_per_token`."""
+    q = quantize_per_token(x, kind)
+    return q.codes.float(), q.scales
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 as HF does (so bf16 runs match its numerics), then scale in the
+    # input dtype; F.rms_norm does the normalisation in one fused op.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def rmsnorm_quant_reference(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [K]
+    eps: float,
+    kind: str,
+) -> QuantizedActivations:
+    """RMSNorm then per-token quantization: exactly `quantize_per_token(rmsnorm(x))`."""
+    return quantize_per_token(rmsnorm_reference(x, weight, eps), kind)
 
 
 def qlinear_reference(
-    x: torch.Tensor,  # [..., K]
+    x: torch.Tensor | QuantizedActivations,  # [..., K], or already quantized per token
     t: dict[str, torch.Tensor],  # the format's tensors (quant/pack.py)
     bias: torch.Tensor | None,
     spec: object,  # QuantSpec
@@ -60,27 +125,35 @@ def qlinear_reference(
     from specquant.quant.spec import QuantSpec
 
     assert isinstance(spec, QuantSpec)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    if isinstance(x, QuantizedActivations):
+        if x.kind != spec.activations:
+            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {x.kind}")
+        shape, out_dtype = x.shape, x.dtype
+        xq, sx = x.codes.reshape(-1, shape[-1]).float(), x.scales.reshape(-1, 1)
+    else:
+        shape, out_dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if spec.activations != "none":
+            xq, sx = quantize_activations(x2, spec.activations)
     if spec.activations == "none":
         out = x2.float() @ dequantize(t, spec).T
     elif spec.activations == "fp8":
-        xq, sx = quantize_activations(x2, "fp8")
         out = (xq @ t["qweight"].float().T) * sx * t["scales"].float().T
     else:
-        xq, sx = quantize_activations(x2, "int8")
         q = codes_of(t, spec).double()  # [N, K] integer codes
         n, k = q.shape
         scales = group_scales(t, spec).double()  # [N, G]
         g = scales.shape[1]
         kg = k // g
+        if not spec.symmetric:
+            q = (q.view(n, g, kg) - t["zeros"].double()[:, :, None]).view(n, k)
         xd = xq.double()
         # per-group integer dot products (exact in float64), each times its group scale;
         # one [M, N] product per group keeps memory at O(M*N) for long prefills
-        acc = torch.zeros(xd.shape[0], n, dtype=torch.float64, device=x.device)
+        acc = torch.zeros(xd.shape[0], n, dtype=torch.float64, device=xd.device)
         for j in range(g):
             acc += (xd[:, j * kg : (j + 1) * kg] @ q[:, j * kg : (j + 1) * kg].T) * scales[:, j]
         out = (acc * sx.double()).float()
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).view(*shape[:-1], -1)
+    return out.to(out_dtype).view(*shape[:-1], -1)

@@ -87,4 +87,4 @@ def explain(op: str, ctx: KernelContext) -> list[tuple[str, bool, str]]:
 def _ensure_loaded() -> None:
     # Implementations register themselves on import; importing lazily keeps
     # CPU-only installs free of GPU imports.
-    from specquant.kernels import builtin  # noqa: F401
+    from specquant.kernels import builtin, triton_ops  # noqa: F401

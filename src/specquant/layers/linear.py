@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specquant.kernels.reference import QuantizedActivations
 from specquant.kernels.registry import KernelContext, select
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -29,6 +30,9 @@ class QLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel: LinearFn = F.linear
         self.kernel_name = "torch"
+        # "int8"/"fp8" when the format quantizes activations per token: the norm before
+        # this layer may then hand over `QuantizedActivations` (layers/norm.py `norm_for`)
+        self.act_quant: str | None = None
 
     def prepare(self, override: str | None = None) -> None:
         """Pick the matmul kernel for the weights' device and dtype (after loading)."""
@@ -38,7 +42,7 @@ class QLinear(nn.Module):
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivations) -> torch.Tensor:
         if self.spec is not None:
             t = self.qtensors()
             if "perm" in t:  # act-order imports: groups are contiguous in permuted K order
@@ -93,9 +97,12 @@ class QLinear(nn.Module):
     ) -> None:
         """Pick the quantized matmul kernel for this format, device and activation dtype."""
         device = device or next(iter(self.qtensors().values())).device
-        ctx = KernelContext(device, self.qdtype, extra=(("spec", self.spec),))
+        shape = (self.out_features, self.in_features)
+        ctx = KernelContext(device, self.qdtype, extra=(("spec", self.spec), ("shape", shape)))
         impl = select("qlinear", ctx, override)
         self.qkernel, self.kernel_name = impl.fn, f"{impl.name}:{self.spec.name}"
+        acts = self.spec.activations
+        self.act_quant = None if acts == "none" else acts
 
     def qtensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.qnames}

@@ -1,10 +1,12 @@
-"""RMSNorm."""
+"""RMSNorm, optionally fused with the per-token activation quantization of the next linear."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from specquant.kernels.reference import QuantizedActivations, rmsnorm_reference
+from specquant.kernels.registry import KernelContext, select
 
 
 class RMSNorm(nn.Module):
@@ -12,9 +14,30 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # (device, dtype, kind) -> the chosen "rmsnorm_quant" kernel
+        self._quant_kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as HF does (so bf16 runs match its numerics), then scale in the
-        # input dtype; F.rms_norm does the normalisation in one fused op.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rmsnorm_reference(x, self.weight, self.eps)
+
+    def quantized(self, x: torch.Tensor, kind: str) -> QuantizedActivations:
+        """rmsnorm(x) quantized per token to `kind` ("int8" or "fp8") in one kernel; equals
+        `quantize_per_token(self(x), kind)`."""
+        key = (x.device, x.dtype, kind)
+        fn = self._quant_kernels.get(key)
+        if fn is None:
+            ctx = KernelContext(x.device, x.dtype, extra=(("kind", kind),))
+            fn = self._quant_kernels[key] = select("rmsnorm_quant", ctx).fn
+        return fn(x, self.weight, self.eps, kind)  # type: ignore[operator]
+
+
+def norm_for(
+    norm: nn.Module, x: torch.Tensor, linear: nn.Module
+) -> torch.Tensor | QuantizedActivations:
+    """`norm(x)` as `linear` wants it: quantized in the norm's kernel when `linear` takes
+    int8/fp8 activations (its `act_quant`), plain otherwise (dense, weight-only, or a norm
+    that is not an RMSNorm, such as EAGLE's skipped first norm)."""
+    kind = getattr(linear, "act_quant", None)
+    if kind is None or not isinstance(norm, RMSNorm):
+        return norm(x)
+    return norm.quantized(x, kind)

@@ -18,9 +18,10 @@ from torch import nn
 
 from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
+from specquant.kernels.reference import QuantizedActivations
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear, prepare_linears
-from specquant.layers.norm import RMSNorm
+from specquant.layers.norm import RMSNorm, norm_for
 from specquant.layers.rope import apply_rope
 
 # fused parameter -> the HF parameters stacked (in order) along dim 0
@@ -51,7 +52,7 @@ class Attention(nn.Module):
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache, meta: AttnMetadata
+        self, x: torch.Tensor | QuantizedActivations, cache: KVCache, meta: AttnMetadata
     ) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -72,7 +73,7 @@ class MLP(nn.Module):
         self.gate_up_proj = QLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivations) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -86,8 +87,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache, meta: AttnMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # With int8/fp8 activations the norms also quantize (one fused kernel) and hand
+        # QuantizedActivations to qkv_proj / gate_up_proj; o_proj and down_proj quantize
+        # their own inputs.
+        h = norm_for(self.input_layernorm, x, self.self_attn.qkv_proj)
+        x = x + self.self_attn(h, cache, meta)
+        return x + self.mlp(norm_for(self.post_attention_layernorm, x, self.mlp.gate_up_proj))
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,529 @@
+"""Quantized linear-layer latency vs tokens M on one GPU: specquant's Triton kernels next to
+bf16 cuBLAS and torch's own int4 / int8 / fp8 kernels, measured in the same run.
+
+For each Llama-3-8B and -70B decoder linear (qkv, o, gate_up, down), each M in 1..128 and
+each implementation: the median time of CUDA-graph replays, the weights rotated over enough
+copies that they stream from HBM rather than L2. A8 rows include the per-token activation
+quantization (our Triton kernel, or torch ops for torch's kernels); the "gemm" rows take
+already-quantized activations, as qkv/gate_up do after the fused RMSNorm. Roofline: bytes
+the layer must read (all weight tensors + activations) over the copy bandwidth measured in
+this run.
+
+    python bench/kernel_perf.py --out bench/results             # about 1 min on an H200
+    python bench/kernel_perf.py --tune-only --out $OUT           # time candidate tiles
+    python bench/kernel_perf.py --configs $OUT/kernel_configs.json --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from common import git_commit
+from specquant.quant.spec import FORMATS, QuantSpec
+
+SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
+    "8b": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)},
+    "70b": {
+        "qkv": (8192, 10240),
+        "o": (8192, 8192),
+        "gate_up": (8192, 57344),
+        "down": (28672, 8192),
+    },
+}
+MS = [1, 2, 4, 8, 16, 32, 64, 128]
+OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
+GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
+BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
+L2_BYTES = 60 << 20  # at least this many bytes of weight copies between reuses
+
+
+# ------------------------------------------------------------------------------- timing
+def time_graph(fn: Callable[[int], Any], copies: int, replays: int = 7) -> float:
+    """Median microseconds per call: `fn(i)` (i cycling over the weight copies) captured
+    `calls` times into one CUDA graph, replayed."""
+    calls = max(copies, 16)
+    for i in range(3):  # compile, allocate, warm up outside the capture
+        fn(i % copies)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for i in range(calls):
+            fn(i % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written, median of 10."""
+    a = torch.empty(2**29, dtype=torch.float32, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+# ------------------------------------------------------------------------ weights (random)
+def random_tensors(spec: QuantSpec, n: int, k: int, gen: torch.Generator) -> dict[str, Any]:
+    """The canonical tensors of `spec` for a random [n, k] weight, on the GPU."""
+    dev = "cuda"
+    g = 1 if spec.group_size == -1 else k // spec.group_size
+
+    def scales(rows: int, cols: int) -> torch.Tensor:
+        return torch.rand(rows, cols, device=dev, generator=gen) * 0.01 + 1e-3
+
+    if spec.weight_type == "fp8":
+        w = torch.randn(n, k, device=dev, generator=gen).to(torch.float8_e4m3fn)
+        return {"qweight": w, "scales": scales(n, 1)}
+    t: dict[str, Any] = {}
+    if spec.weight_bits == 8:
+        t["qweight"] = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
+    else:
+        shape = (n, k // 2)
+        t["qweight"] = torch.randint(0, 256, shape, device=dev, generator=gen, dtype=torch.uint8)
+    if spec.two_level:
+        t["scales"] = torch.randint(1, 128, (n, g), device=dev, generator=gen, dtype=torch.int8)
+        t["channel_scales"] = scales(n, 1).view(n)
+    else:
+        t["scales"] = scales(n, g)
+    if not spec.symmetric:
+        t["zeros"] = torch.randint(0, 16, (n, g), device=dev, generator=gen, dtype=torch.uint8)
+    return t
+
+
+def nbytes(t: dict[str, Any] | torch.Tensor) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(nbytes(v) for v in t.values())
+
+
+def copies_for(size: int) -> int:
+    return max(1, min(64, math.ceil(L2_BYTES / size)))
+
+
+# ------------------------------------------------------------------ implementations to time
+def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
+    from specquant.kernels.triton_ops.act_quant import quantize_per_token
+    from specquant.kernels.triton_ops.qlinear import qlinear
+
+    spec = FORMATS[name]
+    one = random_tensors(spec, n, k, gen)
+    weights = [one] + [
+        {key: v.clone() for key, v in one.items()} for _ in range(1, copies_for(nbytes(one)))
+    ]
+
+    def make(x: torch.Tensor) -> Callable[[int], Any]:
+        if gemm_only:
+            qa = quantize_per_token(x, spec.activations)
+            return lambda i: qlinear(qa, weights[i], None, spec)
+        return lambda i: qlinear(x, weights[i], None, spec)
+
+    return make, len(weights), nbytes(one)
+
+
+def baseline(name: str, n: int, k: int, gen: torch.Generator) -> Any:
+    dev = "cuda"
+    if name == "bf16-cublas":
+        one = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+        ws = [one] + [one.clone() for _ in range(1, copies_for(nbytes(one)))]
+        return (lambda x: lambda i: F.linear(x, ws[i])), len(ws), nbytes(one)
+    if name == "torch-int4-g128":
+        q = torch.randint(0, 256, (n, k // 2), device=dev, generator=gen, dtype=torch.uint8)
+        packed = torch._convert_weight_to_int4pack(q, 8)
+        sz = torch.rand(k // 128, n, 2, device=dev, generator=gen).to(torch.bfloat16) * 0.01
+        ws = [(packed, sz)] + [
+            (packed.clone(), sz.clone()) for _ in range(1, copies_for(n * k // 2))
+        ]
+        return (
+            lambda x: lambda i: torch._weight_int4pack_mm(x, ws[i][0], 128, ws[i][1]),
+            len(ws),
+            n * k // 2 + nbytes(sz),
+        )
+    if name == "torch-int-mm-w8a8":
+        w = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
+        sw = torch.rand(1, n, device=dev, generator=gen) * 0.01
+        ws = [w] + [w.clone() for _ in range(1, copies_for(n * k))]
+
+        def make_int(x: torch.Tensor) -> Callable[[int], Any]:
+            pad = max(0, 17 - x.shape[0])  # torch._int_mm needs M > 16
+
+            def run(i: int) -> torch.Tensor:
+                xf = F.pad(x, (0, 0, 0, pad)).float()
+                s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+                a = (xf / s).round().clamp(-127, 127).to(torch.int8)
+                y = torch._int_mm(a, ws[i].t())
+                return (y.float() * s * sw)[: x.shape[0]].to(torch.bfloat16)
+
+            return run
+
+        return make_int, len(ws), n * k + nbytes(sw)
+    if name == "torch-scaled-mm-fp8":
+        w = torch.randn(n, k, device=dev, generator=gen).to(torch.float8_e4m3fn)
+        sw = torch.rand(1, n, device=dev, generator=gen) * 0.01
+        ws = [w] + [w.clone() for _ in range(1, copies_for(n * k))]
+
+        def make_fp8(x: torch.Tensor) -> Callable[[int], Any]:
+            pad = (-x.shape[0]) % 16
+
+            def run(i: int) -> torch.Tensor:
+                xf = F.pad(x, (0, 0, 0, pad)).float()
+                s = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+                a = (xf / s).to(torch.float8_e4m3fn)
+                y = torch._scaled_mm(a, ws[i].t(), scale_a=s, scale_b=sw, out_dtype=torch.bfloat16)
+                return y[: x.shape[0]]
+
+            return run
+
+        return make_fp8, len(ws), n * k + nbytes(sw)
+    raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+
+
+# ------------------------------------------------------------------------ parallel compile
+def apply_configs(table: dict[str, Any] | None) -> None:
+    """Replace the kernels' tile table: family -> [[largest M, [tile config fields]], ...]."""
+    import specquant.kernels.triton_ops.qlinear as Q
+
+    for family, buckets in (table or {}).items():
+        Q.CONFIGS[family] = [(m, Q.TileConfig(*cfg)) for m, cfg in buckets]
+
+
+def _warm_one(job: tuple[Any, ...]) -> str:
+    """Compile (into Triton's on-disk cache) what one launch needs:
+    (format, N, K, M, tile table or None, pre-quantized activations)."""
+    name, n, k, m, table, prequant = job
+    try:
+        apply_configs(table)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        make, _, _ = ours(name, n, k, gen, gemm_only=prequant)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        make(x)(0)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # reported by the main process
+        return f"{job[:4]}: {type(e).__name__}: {str(e)[:300]}"
+
+
+def precompile(jobs: list[tuple[Any, ...]], workers: int) -> list[str]:
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return [r for r in pool.map(_warm_one, jobs) if r != "ok"]
+
+
+# ---------------------------------------------------------------------------------- runs
+def measure(
+    models: list[str], ms: list[int], deadline: float, partial: Path
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model in models:
+        for layer, (k, n) in SHAPES[model].items():
+            impls: list[tuple[str, Callable[[], Any]]] = [
+                *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in OURS],
+                *[(f + ":gemm", lambda f=f, n=n, k=k: ours(f, n, k, gen, True)) for f in GEMM_ONLY],
+                *[(b, lambda b=b, n=n, k=k: baseline(b, n, k, gen)) for b in BASELINES],
+            ]
+            for impl, build in impls:
+                if time.time() > deadline:
+                    print(f"deadline reached before {model} {layer} {impl}", flush=True)
+                    return rows
+                try:
+                    make, copies, size = build()
+                except Exception as e:
+                    rows.append(dict(model=model, layer=layer, impl=impl, error=repr(e)[:300]))
+                    continue
+                for m in ms:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    row = dict(model=model, layer=layer, impl=impl, m=m, n=n, k=k,
+                               weight_bytes=size, copies=copies)  # fmt: skip
+                    try:
+                        row["us"] = time_graph(make(x), copies)
+                    except Exception as e:
+                        row["error"] = repr(e)[:300]
+                    rows.append(row)
+                del make
+                torch.cuda.empty_cache()
+            partial.write_text(json.dumps(rows))  # in case the run is cut short
+            print(f"{model} {layer} done at {time.time():.0f}", flush=True)
+    return rows
+
+
+TUNE_FORMATS = ["w4a16-g128", "w8a8", "w4a8", "fp8"]  # one per kernel family
+TUNE_SHAPES = [(model, layer) for model in SHAPES for layer in SHAPES[model]]
+# M bucket -> candidates (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, split waves); fp8 needs
+# BLOCK_M >= 64 (wgmma), so its small-M candidates are the BLOCK_M = 64 ones.
+TUNE_CANDIDATES = {
+    16: [(128, 16, 128, 4, 4, 1), (128, 16, 128, 4, 4, 2), (64, 16, 128, 4, 4, 1),
+         (128, 16, 256, 4, 3, 1), (128, 64, 128, 4, 3, 1), (128, 64, 256, 4, 3, 1)],
+    32: [(128, 32, 128, 4, 4, 1), (64, 32, 128, 4, 4, 1), (128, 64, 128, 4, 3, 1)],
+    64: [(128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1)],
+    128: [(128, 128, 64, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 128, 64, 4, 3, 1)],
+}  # fmt: skip
+
+
+def _candidates(name: str, m: int) -> list[tuple[int, ...]]:
+    fp8 = FORMATS[name].activations == "fp8"
+    return [c for c in TUNE_CANDIDATES[m] if not fp8 or c[1] >= 64]
+
+
+def tune_jobs() -> list[tuple[Any, ...]]:
+    return [
+        (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, {family(f): [[10**9, c]]}, prequant(f))
+        for f in TUNE_FORMATS
+        for mo, la in TUNE_SHAPES
+        for m in TUNE_CANDIDATES
+        for c in _candidates(f, m)
+    ]
+
+
+def family(name: str) -> str:
+    from specquant.kernels.triton_ops import family_of
+
+    return str(family_of(FORMATS[name]))
+
+
+def prequant(name: str) -> bool:
+    return FORMATS[name].activations != "none"
+
+
+def tune(deadline: float) -> list[dict[str, Any]]:
+    """Time candidate tile configs per family and M bucket (GEMM only)."""
+    import specquant.kernels.triton_ops.qlinear as Q
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in TUNE_FORMATS:
+        default = Q.CONFIGS[family(name)]
+        for model, layer in TUNE_SHAPES:
+            k, n = SHAPES[model][layer]
+            make, copies, _ = ours(name, n, k, gen, gemm_only=prequant(name))
+            for m in TUNE_CANDIDATES:
+                if time.time() > deadline:
+                    Q.CONFIGS[family(name)] = default
+                    return rows
+                fn = make(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                for c in _candidates(name, m):
+                    apply_configs({family(name): [[10**9, c]]})
+                    try:
+                        us = time_graph(fn, copies, replays=5)
+                    except Exception as e:
+                        us = float("nan")
+                        print(name, layer, c, repr(e)[:200], flush=True)
+                    rows.append(dict(fmt=name, model=model, layer=layer, m=m, cfg=c, us=us))
+            Q.CONFIGS[family(name)] = default
+            del make
+            torch.cuda.empty_cache()
+    return rows
+
+
+def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """family -> [[bucket, best candidate]]: the smallest total time over the shapes."""
+    table: dict[str, Any] = {}
+    for f in TUNE_FORMATS:
+        for m in TUNE_CANDIDATES:
+            totals = []
+            for c in _candidates(f, m):
+                us = [
+                    r["us"] for r in rows if r["fmt"] == f and r["m"] == m and tuple(r["cfg"]) == c
+                ]
+                if len(us) == len(TUNE_SHAPES) and all(u == u for u in us):
+                    totals.append((sum(us), c))
+            if totals:
+                table.setdefault(family(f), []).append([m, list(min(totals)[1])])
+    return table
+
+
+# ------------------------------------------------------------------------------- report
+def summarize(rows: list[dict[str, Any]], bw_gbs: float) -> dict[str, Any]:
+    """Per model and implementation: the four linears' total per M, roofline %, ratios."""
+    out: dict[str, Any] = {}
+    for model in SHAPES:
+        table: dict[str, dict[int, float]] = {}
+        roof: dict[str, float] = {}
+        for impl in sorted({r["impl"] for r in rows if r["model"] == model}):
+            got = [r for r in rows if r["model"] == model and r["impl"] == impl and "us" in r]
+            per_m: dict[int, float] = {}
+            for m in MS:
+                layer_times = [r["us"] for r in got if r["m"] == m]
+                if len(layer_times) == len(SHAPES[model]):
+                    per_m[m] = sum(layer_times)
+            if not per_m:
+                continue
+            table[impl] = per_m
+            # bytes at M=1: the weights (+scales) and the bf16 activations in and out
+            one = [r for r in got if r["m"] == 1]
+            if len(one) == len(SHAPES[model]):
+                b = sum(r["weight_bytes"] + 2 * (r["k"] + r["n"]) for r in one)
+                roof[impl] = b / (bw_gbs * 1e3)  # microseconds
+        out[model] = {"total_us": table, "roofline_us": roof}
+    return out
+
+
+def goals(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for model, s in summary.items():
+        t, roof = s["total_us"], s["roofline_us"]
+        if "w4a16-g128" in t and 1 in t["w4a16-g128"]:
+            pct = 100 * roof["w4a16-g128"] / t["w4a16-g128"][1]
+            ratio = t["w4a16-g128"].get(64, float("nan")) / t["w4a16-g128"][1]
+            lines.append(
+                f"{model} W4A16-g128: {pct:.0f}% of its roofline at M=1 (goal >= 70%), "
+                f"time(64)/time(1) = {ratio:.2f} (goal <= 1.6)"
+            )
+        for f in ("w8a8", "fp8"):
+            if f in t and "bf16-cublas" in t:
+                slower = [m for m in t[f] if t[f][m] >= t["bf16-cublas"].get(m, float("inf"))]
+                lines.append(
+                    f"{model} {f.upper()} (with activation quantization) faster than bf16 at "
+                    f"every M: {'yes' if not slower else 'no, not at M=' + str(slower)}"
+                )
+        if "w4a8" in t and "w4a16" in t:
+            slower = [m for m in t["w4a8"] if m >= 32 and t["w4a8"][m] >= t["w4a16"][m]]
+            lines.append(
+                f"{model} W4A8 faster than W4A16 (both per channel) at M >= 32: "
+                f"{'yes' if not slower else 'no, not at M=' + str(slower)}"
+            )
+    return lines
+
+
+def write_markdown(
+    path: Path, meta: dict[str, Any], summary: dict[str, Any], lines: list[str]
+) -> None:
+    md = [
+        "# Quantized linear layers: latency vs tokens M",
+        "",
+        f"Card: {meta['card']}; date {meta['date']}; commit {meta['commit']}; torch "
+        f"{meta['torch']}, triton {meta['triton']}; copy bandwidth {meta['copy_bw_gbs']:.0f} GB/s "
+        "(read + write, measured in this run). Times: sum of one decoder layer's four linears "
+        "(qkv, o, gate_up, down), microseconds, median of CUDA-graph replays with the weights "
+        "rotated through HBM. A8 rows include per-token activation quantization; `:gemm` rows "
+        "take pre-quantized activations (what qkv/gate_up get from the fused RMSNorm). "
+        "Reproduce: `python bench/kernel_perf.py --out bench/results`.",
+        "",
+        "## Goals",
+        "",
+        *[f"- {line}" for line in lines],
+    ]
+    for model, s in summary.items():
+        t, roof = s["total_us"], s["roofline_us"]
+        md += ["", f"## Llama-3-{model.upper()} decoder layer", ""]
+        md.append(
+            "| implementation | "
+            + " | ".join(f"M={m}" for m in MS)
+            + " | % roofline M=1 | t(64)/t(1) | t(128)/t(1) |"
+        )
+        md.append("|---" * (len(MS) + 4) + "|")
+        for impl, per_m in t.items():
+            cells = [f"{per_m[m]:.1f}" if m in per_m else "-" for m in MS]
+            pct = f"{100 * roof[impl] / per_m[1]:.0f}%" if impl in roof and 1 in per_m else "-"
+            r64 = f"{per_m[64] / per_m[1]:.2f}" if 1 in per_m and 64 in per_m else "-"
+            r128 = f"{per_m[128] / per_m[1]:.2f}" if 1 in per_m and 128 in per_m else "-"
+            md.append(f"| {impl} | " + " | ".join(cells) + f" | {pct} | {r64} | {r128} |")
+    path.write_text("\n".join(md) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--models", default="8b,70b")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="time candidate tile configs; write the best to OUT/kernel_configs.json",
+    )
+    ap.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="tile table (from --tune-only) to measure instead of the built-in one",
+    )
+    ap.add_argument("--budget-s", type=float, default=400, help="stop measuring after this")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
+    args = ap.parse_args()  # fmt: skip
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_perf needs a CUDA GPU")
+    start = time.time()
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in SHAPES:
+            raise SystemExit(f"unknown model {m!r}; known: {', '.join(SHAPES)}")
+    ms = [int(m) for m in args.ms.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    if args.tune_only:
+        errors = precompile(tune_jobs(), args.workers)
+        print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
+        rows = tune(start + args.budget_s)
+        table = best_configs(rows)
+        (args.out / "kernel_tune.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "kernel_configs.json").write_text(json.dumps(table, indent=1))
+        print(f"tuned in {time.time() - start:.0f}s: {json.dumps(table)}", flush=True)
+        return
+    table = json.loads(args.configs.read_text()) if args.configs else None
+    apply_configs(table)
+    jobs = [
+        (f, n, k, m, table, gemm)
+        for f in OURS
+        for mo in models
+        for (k, n) in SHAPES[mo].values()
+        for m in (1, 32, 64, 128)
+        for gemm in ((False, True) if f in GEMM_ONLY else (False,))
+    ]
+    errors = precompile(jobs, args.workers)
+    print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
+    bw = copy_bandwidth_gbs()
+    rows = measure(models, ms, start + args.budget_s, args.out / "kernel_perf_rows.json")
+    summary = summarize(rows, bw)
+    meta = dict(
+        card=torch.cuda.get_device_name(),
+        date=time.strftime("%Y-%m-%d"),
+        commit=args.commit or git_commit(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_bw_gbs=bw,
+        seconds=time.time() - start,
+        tile_configs=table or "built-in",
+    )
+    lines = goals(summary)
+    (args.out / "kernel_perf.json").write_text(
+        json.dumps(dict(meta=meta, goals=lines, summary=summary, rows=rows), indent=1)
+    )
+    write_markdown(args.out / "kernel_perf.md", meta, summary, lines)
+    print("\n".join(lines))
+    print((args.out / "kernel_perf.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

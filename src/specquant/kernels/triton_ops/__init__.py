@@ -1,0 +1,139 @@
+"""Triton kernels for CUDA GPUs: their registration and the checks that accept or reject work.
+
+This module does not import triton, so CPU-only installs import it cleanly; the kernels live in
+`qlinear.py` (the quantized GEMM of every format) and `act_quant.py` (per-token activation
+quantization, alone or fused with RMSNorm) and are imported on first use.
+
+| registered name | op            | formats                                                    |
+|-----------------|---------------|------------------------------------------------------------|
+| triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
+| triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
+| triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
+| triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
+| triton          | act_quant     | per-token int8 / fp8 quantization                          |
+| triton          | rmsnorm_quant | RMSNorm + per-token quantization in one kernel             |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from specquant.kernels.registry import KernelContext, KernelImpl, register
+
+PRIORITY = 50  # above the references (0) and the CPU kernels (10)
+ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _common_reason(ctx: KernelContext) -> str | None:
+    """Why no Triton kernel can run here, or None."""
+    if ctx.device.type != "cuda":
+        return f"needs a CUDA device, not {ctx.device.type}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not importable (pip install triton)"
+    if ctx.dtype not in ACT_DTYPES:
+        return f"activations must be bfloat16 or float16, not {ctx.dtype}"
+    return None
+
+
+def _fp8_reason(device: torch.device) -> str | None:
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (
+            f"fp8 e4m3 needs compute capability >= 8.9 (Ada, Hopper or newer); "
+            f"this GPU has {major}.{minor}"
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------- qlinear
+FAMILIES = ("w4a16", "w8a8", "w4a8", "fp8")
+
+
+def family_of(spec: Any) -> str | None:
+    """Which kernel family computes `spec` (a QuantSpec), or None."""
+    if spec.weight_type == "fp8":
+        return "fp8" if spec.activations == "fp8" else None
+    if spec.weight_bits == 4 and spec.activations == "none":
+        return "w4a16"
+    if spec.activations == "int8":
+        return "w4a8" if spec.weight_bits == 4 else "w8a8"
+    return None
+
+
+def _qlinear_check(family: str) -> Callable[[KernelContext], tuple[bool, str]]:
+    def can_implement(ctx: KernelContext) -> tuple[bool, str]:
+        extra = dict(ctx.extra)
+        spec = extra.get("spec")
+        if spec is None:
+            return False, "needs the format (KernelContext extra 'spec')"
+        if family_of(spec) != family:
+            return False, f"computes {family} formats only, not {spec.name}"
+        why = _common_reason(ctx)
+        if why is None and family == "fp8":
+            why = _fp8_reason(ctx.device)
+        if why is None and spec.group_size != -1 and spec.group_size % 32:
+            why = (
+                f"group size must be a multiple of 32 (one K tile per group), not {spec.group_size}"
+            )
+        if why is None and "shape" in extra:
+            n, k = extra["shape"]
+            if n < 1 or k < 1:
+                why = f"empty weight [N={n}, K={k}]"
+        if why is not None:
+            return False, why
+        return True, f"Triton {family} GEMM on {torch.cuda.get_device_name(ctx.device)}"
+
+    return can_implement
+
+
+def qlinear_triton(
+    x: Any,  # torch.Tensor [..., K] or QuantizedActivations
+    t: dict[str, torch.Tensor],
+    bias: torch.Tensor | None,
+    spec: Any,
+) -> torch.Tensor:
+    from specquant.kernels.triton_ops.qlinear import qlinear
+
+    return qlinear(x, t, bias, spec)
+
+
+for _family in FAMILIES:
+    register(
+        "qlinear",
+        KernelImpl(f"triton-{_family}", PRIORITY, qlinear_triton, _qlinear_check(_family)),
+    )
+
+
+# ----------------------------------------------------------------- activation quantization
+def _quant_check(ctx: KernelContext) -> tuple[bool, str]:
+    kind = dict(ctx.extra).get("kind")
+    if kind not in ("int8", "fp8"):
+        return False, f"quantizes to int8 or fp8, not {kind!r}"
+    why = _common_reason(ctx)
+    if why is None and kind == "fp8":
+        why = _fp8_reason(ctx.device)
+    if why is not None:
+        return False, why
+    return True, f"Triton per-token {kind} quantization"
+
+
+def act_quant_triton(x: torch.Tensor, kind: str) -> Any:
+    from specquant.kernels.triton_ops.act_quant import quantize_per_token
+
+    return quantize_per_token(x, kind)
+
+
+def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str) -> Any:
+    from specquant.kernels.triton_ops.act_quant import rmsnorm_quant
+
+    return rmsnorm_quant(x, weight, eps, kind)
+
+
+register("act_quant", KernelImpl("triton", PRIORITY, act_quant_triton, _quant_check))
+register("rmsnorm_quant", KernelImpl("triton", PRIORITY, rmsnorm_quant_triton, _quant_check))

@@ -1,0 +1,430 @@
+"""Triton kernels against the references in kernels/reference.py.
+
+On a GPU (`cuda` mark) every kernel runs compiled, over a spread of M = 1..128 and shapes
+whose N and K are not multiples of the tiles. On the CPU the same kernels run in Triton's
+interpreter. TRITON_INTERPRET is read when a kernel module is imported, so those cases run in
+a fresh Python process (`python tests/test_triton_kernels.py --interpret OUT.json`) and each
+case's result is checked by its own test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from specquant.kernels.reference import (
+    QuantizedActivations,
+    qlinear_reference,
+    quantize_per_token,
+    rmsnorm_quant_reference,
+)
+from specquant.kernels.registry import KernelContext, KernelSelectionError, explain, select
+from specquant.quant.rtn import quantize_rtn
+from specquant.quant.spec import FORMATS, QuantSpec, get_format
+
+ROOT = Path(__file__).resolve().parents[1]
+# formats beyond the named ones that the kernels also compute
+EXTRA_SPECS = {
+    "w4a16-asym": QuantSpec("w4a16-asym", 4, symmetric=False),
+    "w4a16-g64": QuantSpec("w4a16-g64", 4, group_size=64),
+    "w8a8-g128": QuantSpec("w8a8-g128", 8, group_size=128, activations="int8"),
+    "w4a8-g128-asym": QuantSpec(
+        "w4a8-g128-asym", 4, group_size=128, symmetric=False, activations="int8"
+    ),
+}
+SPECS = {**FORMATS, **EXTRA_SPECS}
+ULP = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+# ------------------------------------------------------------------------------ helpers
+def make_case(
+    name: str, m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, QuantSpec]:
+    """Random activations [m, k] and the format's tensors for a random [n, k] weight."""
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[:, : max(1, k // 16)] *= 4  # uneven columns, so group scales differ
+    x = (torch.randn(m, k, generator=gen) * (1 + torch.rand(m, 1, generator=gen))).to(dtype)
+    b = (torch.randn(n, generator=gen) * 0.1).to(dtype) if bias else None
+    return x, quantize_rtn(w, spec), b, spec
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Two roundings of (nearly) one fp32 value to the output dtype differ by <= 1 ulp;
+    the absolute floor covers outputs that cancel to near zero."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    g, w = got.float().cpu(), want.float().cpu()
+    assert torch.isfinite(g).all(), f"{what}: non-finite outputs"
+    torch.testing.assert_close(
+        g, w, rtol=ULP[want.dtype], atol=1e-3 * float(w.abs().max()), msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_codes_match(
+    got: QuantizedActivations, want: QuantizedActivations, what: str, flips: float = 0.0
+) -> None:
+    """Codes equal, except at most a fraction `flips` of them one step apart (a value that
+    moved across a rounding boundary, e.g. through a different rsqrt)."""
+    assert got.codes.dtype == want.codes.dtype and got.dtype == want.dtype, what
+    rtol = 1e-6 if flips == 0 else 1e-2
+    torch.testing.assert_close(got.scales.cpu(), want.scales, rtol=rtol, atol=0, msg=what)
+    g, w = got.codes.cpu().float(), want.codes.float()
+    # one step: 1 for int8 codes; for e4m3, 2^-3 of the value (2^-9 below the normal range)
+    step = torch.ones_like(w) if want.kind == "int8" else w.abs().clamp(min=2**-6) * 2**-3
+    diff = (g - w).abs()
+    assert bool((diff <= step).all()), f"{what}: codes differ by more than one step"
+    # fp8 codes in the interpreter may also differ on ties (see _patch_interpreter)
+    allowed = flips * w.numel() + (0 if want.kind == "int8" else 0.002 * w.numel())
+    assert int((diff > 0).sum()) <= allowed, f"{what}: {int((diff > 0).sum())} codes differ"
+
+
+def run_qlinear_case(
+    name: str,
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    bias: bool,
+    split: int | None,
+    prequant: bool,
+    device: str,
+    seed: int = 0,
+) -> None:
+    """The Triton GEMM (on `device`) against qlinear_reference (on the CPU)."""
+    from specquant.kernels.triton_ops.qlinear import qlinear
+
+    x, t, b, spec = make_case(name, m, n, k, dtype, bias, seed)
+    xin: torch.Tensor | QuantizedActivations = x
+    if prequant and spec.activations != "none":
+        xin = quantize_per_token(x, spec.activations)
+    want = qlinear_reference(xin, t, b, spec)
+    dev = torch.device(device)
+    if isinstance(xin, QuantizedActivations):
+        xin = QuantizedActivations(xin.codes.to(dev), xin.scales.to(dev), xin.dtype)
+    else:
+        xin = xin.to(dev)
+    got = qlinear(
+        xin,
+        {key: v.to(dev) for key, v in t.items()},
+        None if b is None else b.to(dev),
+        spec,
+        split_k=split,
+    )
+    assert_matches(got, want, f"{name} M={m} N={n} K={k} {dtype} split={split}")
+
+
+def run_quant_case(kind: str, norm: bool, m: int, k: int, dtype: torch.dtype, device: str) -> None:
+    from specquant.kernels.triton_ops import act_quant
+
+    gen = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    x[0, 0] = 0.5 * float(x[0].abs().max())  # a value that lands on a rounding tie for int8
+    weight = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    dev = torch.device(device)
+    if norm:
+        got = act_quant.rmsnorm_quant(x.to(dev), weight.to(dev), 1e-5, kind)
+        want = rmsnorm_quant_reference(x, weight, 1e-5, kind)
+    else:
+        got = act_quant.quantize_per_token(x.to(dev), kind)
+        want = quantize_per_token(x, kind)
+    what = f"{'rmsnorm+' if norm else ''}{kind} M={m} K={k} {dtype}"
+    # the norm's statistics are summed in another order than torch's
+    assert_codes_match(got, want, what, flips=0.002 if norm else 0.0)
+
+
+# ------------------------------------------------------------------------------ case lists
+# (format, M, N, K, dtype, bias, split, prequantized); the interpreter's are small.
+INTERPRET_QLINEAR = [
+    (name, m, n, k, torch.bfloat16, m == 19, split, True)
+    for name in SPECS
+    for (m, n, k, split) in [(1, 40, 256, None), (19, 70, 384, 3), (77, 33, 128, None)]
+] + [
+    ("w4a16", 5, 37, 200, torch.float16, True, None, True),  # K not a multiple of the tile
+    ("w8a8", 5, 37, 200, torch.bfloat16, False, 2, True),
+    ("fp8", 3, 29, 72, torch.float16, True, None, True),
+    ("w4a8", 128, 50, 200, torch.bfloat16, False, None, True),
+    ("w4a16-g128", 128, 65, 256, torch.float16, False, None, True),
+    ("w8a8", 4, 48, 256, torch.bfloat16, True, None, False),  # quantizes internally
+]
+INTERPRET_QUANT = [
+    (kind, norm, m, k, dtype)
+    for kind in ("int8", "fp8")
+    for norm in (False, True)
+    for (m, k, dtype) in [(3, 300, torch.bfloat16), (2, 256, torch.float16)]
+]
+
+
+def _case_id(case: tuple[Any, ...]) -> str:
+    return "-".join(str(c).replace("torch.", "") for c in case)
+
+
+# ------------------------------------------------------------------- CPU: the interpreter
+def _patch_interpreter() -> None:
+    """Make Triton 3.6's interpreter behave as the GPU does where this file needs it:
+    int() of its 1-element scalar arrays (NumPy >= 2.4 refuses), and fp32 -> bf16 / e4m3
+    conversions that round to nearest even (it truncates, or rounds ties up)."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched_tensor(tensor: Any, scope: Any) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    convert = interp._convert_float
+    targets = {
+        tl.bfloat16: (torch.bfloat16, np.uint16),
+        tl.float8e4nv: (torch.float8_e4m3fn, np.uint8),
+    }
+
+    def patched_convert(data: Any, src: Any, dst: Any, rounding: Any) -> Any:
+        if src == tl.float32 and dst in targets:
+            torch_dtype, bits = targets[dst]
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+            return values.to(torch_dtype).view(torch.uint8).numpy().view(bits)
+        return convert(data, src, dst, rounding)
+
+    interp._patch_lang_tensor = patched_tensor
+    interp._convert_float = patched_convert
+
+
+def _interpret_all(out: Path) -> None:
+    _patch_interpreter()
+    results = {}
+    for case in INTERPRET_QLINEAR:
+        results[_case_id(case)] = _try(run_qlinear_case, *case, device="cpu")
+    for case in INTERPRET_QUANT:
+        results[_case_id(case)] = _try(run_quant_case, *case, device="cpu")
+    out.write_text(json.dumps(results, indent=1))
+
+
+def _try(fn: Any, *args: Any, **kwargs: Any) -> str:
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # reported per case by the test that reads the file
+        return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("interp") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", INTERPRET_QLINEAR, ids=_case_id)
+def test_qlinear_interpreted(interpreted: dict[str, str], case: tuple[Any, ...]) -> None:
+    assert interpreted[_case_id(case)] == "ok", interpreted[_case_id(case)]
+
+
+@pytest.mark.parametrize("case", INTERPRET_QUANT, ids=_case_id)
+def test_act_quant_interpreted(interpreted: dict[str, str], case: tuple[Any, ...]) -> None:
+    assert interpreted[_case_id(case)] == "ok", interpreted[_case_id(case)]
+
+
+# -------------------------------------------------------------------------- CPU: registry
+def _ctx(name: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> KernelContext:
+    spec = get_format(name)
+    return KernelContext(torch.device(device), dtype, extra=(("spec", spec), ("shape", (64, 256))))
+
+
+def test_registry_prefers_triton_but_rejects_the_cpu() -> None:
+    rows = explain("qlinear", _ctx("w4a16-g128"))
+    names = [r[0] for r in rows]
+    assert names.index("triton-w4a16") < names.index("reference")
+    reasons = dict((r[0], r[2]) for r in rows)
+    assert "needs a CUDA device, not cpu" in reasons["triton-w4a16"]
+    assert "computes fp8 formats only, not w4a16-g128" in reasons["triton-fp8"]
+    assert select("qlinear", _ctx("w4a16-g128")).name == "reference"
+
+
+def test_registry_rejections_name_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    import specquant.kernels.triton_ops as ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: object())
+    ok, why = ops._qlinear_check("fp8")(_ctx("fp8", "cuda"))
+    assert not ok and "compute capability >= 8.9" in why and "8.0" in why
+    # asking for the fp8 kernel by name on such a GPU is an error that says why
+    with pytest.raises(KernelSelectionError, match=r"triton-fp8: fp8 e4m3 needs compute"):
+        select("qlinear", _ctx("fp8", "cuda"), override="triton-fp8")
+    with pytest.raises(KernelSelectionError, match="computes w4a16 formats only, not w8a8"):
+        select("qlinear", _ctx("w8a8", "cuda"), override="triton-w4a16")
+    assert select("qlinear", _ctx("w4a8-g128", "cuda")).name == "triton-w4a8"
+    ok, why = ops._qlinear_check("w4a16")(_ctx("w4a16", "cuda", torch.float32))
+    assert not ok and "bfloat16 or float16, not torch.float32" in why
+    odd = QuantSpec("w4a16-g48", 4, group_size=48)
+    ctx = KernelContext(torch.device("cuda"), torch.bfloat16, extra=(("spec", odd),))
+    assert "group size must be a multiple of 32" in ops._qlinear_check("w4a16")(ctx)[1]
+    monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
+    assert "triton is not importable" in ops._qlinear_check("w8a8")(_ctx("w8a8", "cuda"))[1]
+
+
+def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECQUANT_KERNEL_QLINEAR", "marlin")
+    with pytest.raises(KernelSelectionError, match=r"'marlin'.*available: triton-w4a16"):
+        select("qlinear", _ctx("w4a16"))
+
+
+# ------------------------------------------------- CPU: fused norm + quantization in the model
+@pytest.mark.parametrize("name", ["w8a8", "w4a8-g128", "fp8", "w4a16-g128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_quant_equals_unfused_model(
+    name: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """Decoder layers hand QuantizedActivations from the norms to qkv/gate_up; the logits
+    are bit-identical to letting each QLinear quantize its own input."""
+    from conftest import make_hf_model, run_logits
+    from specquant.io.loader import load_checkpoint
+    from specquant.layers.linear import QLinear
+    from specquant.quant.model import quantize_model
+
+    make_hf_model("llama", seed=5, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path, torch.device("cpu"), dtype, with_tokenizer=False).model
+    quantize_model(model, get_format(name))
+    tokens = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    seen: list[str] = []
+    for layer in model.layers:
+        layer.self_attn.qkv_proj.register_forward_pre_hook(
+            lambda mod, args: seen.append(type(args[0]).__name__)
+        )
+    with torch.no_grad():
+        fused = run_logits(model, tokens)
+        want_type = "Tensor" if name == "w4a16-g128" else "QuantizedActivations"
+        assert seen and set(seen) == {want_type}
+        for sub in model.modules():
+            if isinstance(sub, QLinear):
+                sub.act_quant = None  # every linear quantizes its own input
+        unfused = run_logits(model, tokens)
+    assert torch.equal(fused, unfused)
+
+
+# ------------------------------------------------------------------------------------- GPU
+GPU_MS = [1, 3, 16, 17, 33, 64, 100, 128]
+
+
+def gpu_shapes(name: str) -> list[tuple[int, int]]:
+    """(N, K): tile multiples; then odd N with K not a multiple of the K tile (and rows not
+    16-byte aligned) where the format allows it, else odd N with K a multiple of the group."""
+    return [(768, 1024), (333, 328 if SPECS[name].group_size == -1 else 384)]
+
+
+def gpu_qlinear_cases(name: str) -> list[tuple[Any, ...]]:
+    cases: list[tuple[Any, ...]] = []
+    for n, k in gpu_shapes(name):
+        for i, m in enumerate(GPU_MS):
+            cases.append((name, m, n, k, torch.bfloat16, i % 2 == 0, None, i % 3 != 0, "cuda", i))
+    return cases
+
+
+SPLIT_FORMATS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8-g128"]
+SPLIT_CASES = [
+    (name, m, 520, 1152, torch.float16, True, split, True, "cuda", m)
+    for name in SPLIT_FORMATS
+    for m, split in [(1, 1), (5, 3), (40, 2), (128, 4)]
+]
+QUANT_CASES = [
+    (kind, norm, m, k, dtype, "cuda")
+    for kind in ("int8", "fp8")
+    for norm in (False, True)
+    for dtype in (torch.bfloat16, torch.float16)
+    for m, k in [(1, 4096), (7, 14336), (128, 1000)]
+]
+
+
+def _skip_without_fp8(spec_or_kind: QuantSpec | str) -> None:
+    kind = spec_or_kind if isinstance(spec_or_kind, str) else spec_or_kind.activations
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SPECS))
+def test_qlinear_gpu(name: str) -> None:
+    _skip_without_fp8(SPECS[name])
+    for case in gpu_qlinear_cases(name):
+        run_qlinear_case(*case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", SPLIT_FORMATS)
+def test_qlinear_gpu_fp16_and_forced_split(name: str) -> None:
+    for case in SPLIT_CASES:
+        if case[0] == name:
+            run_qlinear_case(*case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_act_quant_gpu(kind: str, norm: bool) -> None:
+    _skip_without_fp8(kind)
+    for case in QUANT_CASES:
+        if case[:2] == (kind, norm):
+            run_quant_case(*case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_qlinear_layer_selects_triton_on_gpu(name: str) -> None:
+    from specquant.layers.linear import QLinear
+
+    spec = get_format(name)
+    _skip_without_fp8(spec)
+    w = torch.randn(96, 256) * 0.05
+    layer = QLinear(256, 96)
+    layer.load_quantized_(
+        spec, {k: v.cuda() for k, v in quantize_rtn(w, spec).items()}, torch.bfloat16
+    )
+    assert layer.kernel_name.startswith("triton-"), layer.kernel_name
+    x = torch.randn(2, 5, 256, dtype=torch.bfloat16)
+    want = qlinear_reference(x, quantize_rtn(w, spec), None, spec)
+    assert_matches(layer(x.cuda()), want, name)
+
+
+def _warm_gpu() -> None:
+    """Run every GPU case once in parallel processes (results ignored), so that the pytest
+    run finds the compiled kernels in Triton's cache instead of compiling them one by one."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(run_qlinear_case, c) for name in SPECS for c in gpu_qlinear_cases(name)]
+    jobs += [(run_qlinear_case, c) for c in SPLIT_CASES]
+    jobs += [(run_quant_case, c) for c in QUANT_CASES]
+    with ProcessPoolExecutor(16, mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_try_job, jobs))
+    print(f"warmed {len(jobs)} GPU cases; {sum(r != 'ok' for r in results)} failed")
+
+
+def _try_job(job: tuple[Any, tuple[Any, ...]]) -> str:
+    return _try(job[0], *job[1])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
+    _interpret_all(Path(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--warm-gpu"]:
+    _warm_gpu()
