@@ -4,6 +4,7 @@ make-data -> distill-draft -> train-eagle -> hierspec pipeline on CPU (a few ste
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from specquant.config import EngineConfig, GenerationConfig, SpecConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import load_checkpoint
 from specquant.train.batch_generate import generate_batch
-from specquant.train.eagle_train import eagle_loss_fn, init_head
-from specquant.train.loop import TrainConfig, make_batch, train
+from specquant.train.eagle_train import eagle_loss_fn, features, init_head, unroll
+from specquant.train.loop import TrainConfig, make_batch, split_heldout, train
 from specquant.train.make_data import Sample, read_data
 
 CPU = torch.device("cpu")
@@ -83,6 +84,96 @@ def test_eagle_training_reduces_loss_and_resumes(tiny: Any, tmp_path: Path) -> N
     longer = TrainConfig(steps=41, batch_size=4, lr=2e-3, warmup=5, max_len=64, save_every=20)
     with pytest.raises(ValueError, match="different training config"):
         train(head, loss_fn, samples, longer, tmp_path / "run", CPU, resume=True)
+
+
+def test_training_unroll_is_the_drafters_chain(tiny: Any) -> None:
+    """The rows train-eagle scores are the ones EAGLE-2 drafts: a greedy chain (top-k 1) from
+    the drafter equals the argmax chain that `unroll` computes on the same tokens, step j+1
+    at row L-1+j fed the head's own output of step j."""
+    from specquant.config import SamplingParams
+    from specquant.engine.runner import ModelRunner
+    from specquant.layers.rope import RopeTable
+    from specquant.spec.drafters.base import DraftRequest
+    from specquant.spec.drafters.eagle import EagleDrafter
+
+    model = tiny.model
+    context, root, depth = [3, 17, 5, 42, 8, 11, 90], 7, 3
+    runner = ModelRunner(model, 64, features="final")
+    runner.sync(context)
+    head = init_head(model, seed=3)
+    with torch.no_grad():  # a head far from zero, so argmax ties cannot hide a misalignment
+        for p in head.parameters():
+            p.mul_(20.0)
+    drafter = EagleDrafter(head, runner, depth=depth, topk=1, tree_size=depth + 1)
+    req = DraftRequest(runner, root, SamplingParams(), None, max_nodes=depth + 1)
+    chain = drafter.propose(req).tokens.tolist()  # [root, c1, c2, c3]
+    seq = torch.tensor([context + chain])
+    rope = RopeTable(model.config, 64, CPU, torch.float32)
+    with torch.no_grad():
+        feats = features(model, seq, rope)
+        outs = unroll(head, model.embed_tokens(seq[:, 1:]), feats[:, :-1], depth, rope)
+    rows = [len(context) - 1 + j for j in range(depth)]
+    got = [int(model.logits(outs[j][0, r]).argmax()) for j, r in enumerate(rows)]
+    assert got == chain[1:]
+
+
+def test_fresh_head_starts_near_the_features(smollm2: Any) -> None:
+    """Regression: a head copied from the target's last decoder layer started SmolLM2 at
+    feature loss ~37 and token loss ~300 (that layer expects the un-normalised residual
+    stream, not post-norm features). A fresh head starts near a trivial predictor
+    (feature loss ~1, token loss ~1.5 ln V)."""
+    model = smollm2.model
+    ids = smollm2.encode("Name three colors. Red, green and blue are three colors.", chat=None)
+    batch = make_batch([Sample(ids[:-10], ids[-10:])], 64, CPU)
+    head = init_head(model, seed=0)
+    head.eval()  # no input noise
+    _, metrics = eagle_loss_fn(head, model, 64, 0)(batch)
+    assert metrics["feature_loss"] < 2.0, metrics
+    assert metrics["token_loss"] < 2 * math.log(model.config.vocab_size), metrics
+
+
+def test_heldout_split_and_time_limit(tiny: Any, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    samples = [
+        Sample(torch.randint(0, 160, (4,), generator=gen).tolist(), [i % 160 + 1, 2, 3])
+        for i in range(30)
+    ]
+    cfg = TrainConfig(steps=50, batch_size=4, max_len=16, heldout=64, time_limit=1e-6)
+    train_set, held = split_heldout(samples, cfg)
+    assert len(held) == 3 and len(train_set) == 27  # at most 10%
+    assert not {id(s) for s in held} & {id(s) for s in train_set}
+    head = init_head(tiny.model, seed=0)
+    history = train(head, eagle_loss_fn(head, tiny.model, 16, 0), samples, cfg, tmp_path, CPU)
+    assert len(history) == 1  # the time limit stopped it after one step
+    assert "heldout_top1" in history[-1] and "heldout_feature_loss" in history[-1]
+
+
+def test_training_losses_run_under_bf16_autocast(tiny: Any) -> None:
+    """The loop wraps the losses in bf16 autocast on CUDA; CPU autocast checks that no
+    float32 buffer (KV caches, feature scale, lm_head) meets a bf16 activation unconverted."""
+    from specquant.train.distill import distill_loss_fn, init_student
+
+    samples = [Sample([1, 2, 3], [4, 5, 6, 7]), Sample([9, 8], [7, 6, 5])]
+    batch = make_batch(samples, 16, CPU)
+    head = init_head(tiny.model, seed=0)
+    student = init_student(tiny.model, 1)
+    modules = (tiny.model, head, student)
+    for m in modules:
+        m.prepare_kernels("torch")  # F.linear, as on CUDA (the OpenBLAS path is float32-only)
+    try:
+        for module, loss_fn in (
+            (head, eagle_loss_fn(head, tiny.model, 16, 0, torch.ones(64) * 2, depth=2)),
+            (student, distill_loss_fn(student, tiny.model, 16)),
+        ):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss, metrics = loss_fn(batch)
+            loss.backward()
+            assert loss.dtype == torch.float32 and math.isfinite(loss.item()), metrics
+            grads = [p.grad for p in module.parameters() if p.requires_grad]
+            assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    finally:
+        for m in modules:
+            m.prepare_kernels()
 
 
 def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:

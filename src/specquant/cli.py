@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 import types
@@ -171,6 +172,10 @@ def _training_parsers(sub: Any) -> None:
     md.add_argument("--temperature", type=float, default=0.0)
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--resume", action="store_true", help="append to an existing --out")
+    md.add_argument(
+        "--time-limit", type=float, default=0.0, help="stop after about this many seconds"
+    )
+    md.add_argument("--max-chars", type=int, default=2000, help="longest prompt text kept")
 
     for name, extra in (("train-eagle", None), ("distill-draft", "--layers")):
         p = sub.add_parser(
@@ -197,6 +202,12 @@ def _training_parsers(sub: Any) -> None:
                 "--draft",
                 default=None,
                 help="train the head for this draft model of --model (HierSpec's intermediate)",
+            )
+            p.add_argument(
+                "--unroll",
+                type=int,
+                default=2,
+                help="chain steps trained per position, later ones on the head's own outputs",
             )
         add_dataclass_args(p, TrainConfig, "training")
 
@@ -393,12 +404,22 @@ def _load_target(args: argparse.Namespace) -> Any:
     return load(args.model, device=args.device, dtype="float32", max_seq_len=args.max_seq_len)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that ran, for model cards."""
+    return "specquant " + shlex.join(args.argv)
+
+
 def _card(args: argparse.Namespace, gen: Any, data_note: str, sources: dict[str, Any]) -> dict:
+    from specquant.train.make_data import data_meta_path
+
+    meta = data_meta_path(args.data)
+    made_by = json.loads(meta.read_text()).get("command") if meta.exists() else None
     return {
         "target": gen.loaded.path.name,
         "data": data_note,
+        "data_command": made_by,
         "sources": sources,
-        "command": "specquant " + " ".join(sys.argv[1:]),
+        "command": _command(args),
     }
 
 
@@ -419,6 +440,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
             permissive_only=args.permissive_only,
             limit=args.limit,
             seed=args.seed,
+            max_chars=args.max_chars,
         )
     gen = _load_target(args)
     cfg = MakeDataConfig(
@@ -427,8 +449,14 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        time_limit=args.time_limit,
     )
     n = make_data(gen, prompts, args.out, cfg, resume=args.resume)
+    from specquant.train.make_data import data_meta_path
+
+    # provenance next to the data, so drafters trained on it can name the command in their card
+    meta = {"command": _command(args), "records": n}
+    data_meta_path(args.out).write_text(json.dumps(meta) + "\n")
     print(f"[specquant] {n} records in {args.out}", file=sys.stderr)
     return 0
 
@@ -467,7 +495,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             draft = load_checkpoint(args.draft, gen.device, gen.dtype, shared_with=gen.model)
             base = draft.model
             card["target"] = f"{Path(args.draft).name} (draft of {card['target']})"
-        train_eagle(base, samples, cfg, args.out, resume=args.resume, card=card)
+        train_eagle(base, samples, cfg, args.out, depth=args.unroll, resume=args.resume, card=card)
     else:
         from specquant.train.distill import distill_draft
 
@@ -507,6 +535,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

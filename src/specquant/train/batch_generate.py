@@ -61,16 +61,15 @@ def generate_batch(
     logits = model(tokens, cache, meta, logits_index=last).logits[:, -1]  # [B, V]
 
     out: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = [False] * b  # a host list: indexing a device tensor per row would sync per row
     pos = positions[:, -1]
     for step in range(max_new_tokens):
         nxt = sample(logits, sampling, rng)  # [B]
-        for i, tok in enumerate(nxt.tolist()):
+        for i, tok in enumerate(nxt.tolist()):  # one device sync per step
             if not done[i]:
                 out[i].append(tok)
-                if tok in stop_ids:
-                    done[i] = True
-        if bool(done.all()) or step == max_new_tokens - 1:
+                done[i] = tok in stop_ids
+        if all(done) or step == max_new_tokens - 1:
             break
         slot = width + step
         valid[:, slot] = True

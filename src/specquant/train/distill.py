@@ -4,6 +4,9 @@ The student keeps the target's width and tokenizer, starts from evenly spaced ta
 and borrows the target's embedding and lm_head (frozen, not stored: the checkpoint says
 `specquant_shared_embeddings`), so only its few layers are trained and shipped. Loss: the
 forward KL divergence KL(p_target || p_student) on the answer tokens of make-data samples.
+Held-out top-1 (see `train.loop`) is the number to watch: on 2,937 samples for ~9 epochs the
+training-batch top-1 reached 0.64 while unseen answers stayed at 0.2-0.4, so more prompts
+and fewer epochs help more than more steps.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from specquant.layers.attention import AttnMetadata
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 from specquant.train.eagle_train import features, write_card
-from specquant.train.loop import Batch, TrainConfig, train
+from specquant.train.loop import Batch, TrainConfig, split_heldout, train
 from specquant.train.make_data import Sample
 
 
@@ -103,7 +106,8 @@ def distill_draft(
         student, loss_fn, samples, cfg, out_dir, device, resume=resume, desc="distill-draft"
     )
     save_draft(student, out_dir, tokenizer)
-    write_card(out_dir, f"{num_layers}-layer draft model", cfg, history, card or {})
+    card = {**(card or {}), "heldout": len(split_heldout(samples, cfg)[1])}
+    write_card(out_dir, f"{num_layers}-layer draft model", cfg, history, card)
     return student
 
 

@@ -1,14 +1,18 @@
 """`specquant make-data`: the target answers training prompts itself (self-distillation).
 
-Output: one JSON object per line, `{"source", "prompt_ids", "answer_ids"}`, appended as
-batches finish, so an interrupted run resumes where it stopped (`resume=True` skips the
-prompts already written). Drafters trained on a model's own answers learn what that model
+Output: one JSON object per line, `{"source", "prompt_ids", "answer_ids"}`, in prompt order,
+appended as windows of `window` batches finish, so an interrupted run resumes where it
+stopped (`resume=True` skips the prompts already written). Within a window the prompts are
+batched by length, so batches pad little. With `time_limit` the run stops before a window
+that would end past the limit (judged by the previous window's duration): a fixed GPU budget
+yields as much data as fits. Drafters trained on a model's own answers learn what that model
 says, not what a dataset's authors wrote (EAGLE-3, Medusa-2).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ class MakeDataConfig:
     max_prompt_tokens: int = 512
     temperature: float = 0.0
     seed: int = 0
+    time_limit: float = 0.0  # seconds (0: none)
+    window: int = 8  # batches per length-sorted window
 
 
 def make_data(
@@ -46,37 +52,54 @@ def make_data(
         done = sum(1 for line in out.read_text().splitlines() if line.strip())
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = prompts[done:]
-    encoded = []
-    for p in todo:
-        ids = generator.encode(p.text, chat=None)
-        encoded.append((p, ids[-cfg.max_prompt_tokens :]))
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)
     rng = None
     if not sampling.greedy:
         rng = torch.Generator(device=generator.device).manual_seed(cfg.seed)
     written = 0
     bar = tqdm(total=len(todo), desc="make-data", unit="prompt", initial=0)
+    span = cfg.batch_size * cfg.window
+    t0 = time.perf_counter()
+    last_window = 0.0
     with out.open("a") as f:
-        # Keep the file order equal to the prompt order (resume relies on it); batches are
-        # contiguous slices, so similar lengths are not grouped.
-        for start in range(0, len(encoded), cfg.batch_size):
-            chunk = encoded[start : start + cfg.batch_size]
-            answers = generate_batch(
-                generator.model,
-                [ids for _, ids in chunk],
-                cfg.max_new_tokens,
-                generator.stop_token_ids,
-                sampling,
-                rng,
-            )
-            for (prompt, ids), answer in zip(chunk, answers, strict=True):
+        for start in range(0, len(todo), span):
+            elapsed = time.perf_counter() - t0
+            if cfg.time_limit and elapsed + last_window > cfg.time_limit:
+                bar.write(f"make-data: stopping at the time limit ({elapsed:.0f} s)")
+                break
+            window = [
+                (p, generator.encode(p.text, chat=None)[-cfg.max_prompt_tokens :])
+                for p in todo[start : start + span]
+            ]
+            order = sorted(range(len(window)), key=lambda i: len(window[i][1]))
+            answers: list[list[int]] = [[] for _ in window]
+            for b in range(0, len(order), cfg.batch_size):
+                rows = order[b : b + cfg.batch_size]
+                outs = generate_batch(
+                    generator.model,
+                    [window[i][1] for i in rows],
+                    cfg.max_new_tokens,
+                    generator.stop_token_ids,
+                    sampling,
+                    rng,
+                )
+                for i, answer in zip(rows, outs, strict=True):
+                    answers[i] = answer
+                bar.update(len(rows))
+            # File order = prompt order (resume relies on it), whatever the batching order.
+            for (prompt, ids), answer in zip(window, answers, strict=True):
                 record = {"source": prompt.source, "prompt_ids": ids, "answer_ids": answer}
                 f.write(json.dumps(record) + "\n")
             f.flush()
-            written += len(chunk)
-            bar.update(len(chunk))
+            written += len(window)
+            last_window = time.perf_counter() - t0 - elapsed
     bar.close()
     return done + written
+
+
+def data_meta_path(data: Path) -> Path:
+    """Where make-data records how a data file was made (`data.jsonl.meta.json`)."""
+    return data.with_name(data.name + ".meta.json")
 
 
 @dataclass
