@@ -69,7 +69,10 @@ log "train-eagle (draft): $((SECONDS - t)) s"
 for d in draft eagle draft_eagle; do
   grep -h "^Steps\|^Held-out" $d/README.md | sed "s/^/[$d] /" | tee -a "$OUT/timings.txt"
 done
-gzip -1 data.jsonl
-tar cf - --exclude checkpoint.pt draft eagle draft_eagle data.jsonl.gz data.jsonl.meta.json |
+# The data comes back only with KEEP_DATA=1: with it the pieces can pass the 64 MiB a call
+# may return.
+extra=()
+if [ -n "${KEEP_DATA:-}" ]; then gzip -1 data.jsonl && extra=(data.jsonl.gz); fi
+tar cf - --exclude checkpoint.pt draft eagle draft_eagle data.jsonl.meta.json "${extra[@]}" |
   split -b 15m -d - "$OUT/drafters.tar."
 log "packed: $(ls "$OUT" | tr '\n' ' ')"
