@@ -24,7 +24,7 @@ import specquant
 # isort: split
 import torch
 
-from common import git_commit
+from common import copy_bandwidth_gbs, git_commit
 from specquant.config import GenerationConfig, ModelConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import LoadedModel
@@ -48,21 +48,6 @@ LLAMA3_8B = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
 }
-
-
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Device-to-device copy of 2 GiB, bytes read + written, median of 10."""
-    a = torch.empty(2**29, dtype=torch.float32, device=device).normal_()
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() * 4 / statistics.median(times[2:]) / 1e9
 
 
 def ours_tok_s(gen: Generator, ids: list[int], n: int, runs: int) -> tuple[float, list[int]]:

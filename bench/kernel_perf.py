@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common import git_commit
+from common import copy_bandwidth_gbs, git_commit
 from specquant.quant.spec import FORMATS, QuantSpec
 
 SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
@@ -75,21 +75,6 @@ def time_graph(fn: Callable[[int], Any], copies: int, replays: int = 7) -> float
         times.append(s.elapsed_time(e) * 1e3 / calls)
     del graph
     return statistics.median(times)
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy of 2 GiB, bytes read + written, median of 10."""
-    a = torch.empty(2**29, dtype=torch.float32, device="cuda").normal_()
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() * 4 / statistics.median(times[2:]) / 1e9
 
 
 # ------------------------------------------------------------------------ weights (random)

@@ -37,11 +37,10 @@ from common import git_commit
 from specquant.cache.static_kv import BlockKV
 from specquant.io.loader import load_checkpoint
 from specquant.io.quant_checkpoint import round_dense_
-from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear
-from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 from specquant.quant.calib_data import CALIBRATION_SOURCES, calibration_tokens
+from specquant.quant.calibrate import full_sequence_meta
 from specquant.quant.model import quantize_model
 from specquant.quant.rotate import rotate_model_
 from specquant.quant.spec import FORMATS, QuantSpec
@@ -97,9 +96,7 @@ def extract_answer(text: str) -> str | None:
 def logits_of(model: LlamaModel, tokens: torch.Tensor, batch: int) -> torch.Tensor:
     """Full-sequence logits [S, T, V] in float32 on the CPU."""
     device = model.embed_tokens.weight.device
-    t = tokens.shape[1]
-    rope = RopeTable(model.config, t, device, model.embed_tokens.weight.dtype)
-    meta = AttnMetadata.plan(rope, 0, t, sliding_window=model.config.sliding_window)
+    meta = full_sequence_meta(model, tokens.shape[1])
     out = []
     for i in range(0, tokens.shape[0], batch):
         x = tokens[i : i + batch].to(device)

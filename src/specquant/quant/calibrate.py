@@ -21,6 +21,14 @@ from specquant.quant.gptq import quantize_gptq
 from specquant.quant.spec import QuantSpec
 
 
+def full_sequence_meta(model: LlamaModel, t: int) -> AttnMetadata:
+    """Causal attention metadata for one pass over whole [B, t] sequences from position 0
+    (calibration and evaluation passes, no KV cache kept)."""
+    param = model.embed_tokens.weight
+    rope = RopeTable(model.config, t, param.device, param.dtype)
+    return AttnMetadata.plan(rope, 0, t, sliding_window=model.config.sliding_window)
+
+
 @torch.no_grad()
 def quantize_model_gptq(
     model: LlamaModel,
@@ -36,12 +44,8 @@ def quantize_model_gptq(
         raise ValueError(
             f"calibration tokens must be a non-empty [B, T] tensor, got {tuple(calib_tokens.shape)}"
         )
-    cfg = model.config
-    device = model.embed_tokens.weight.device
-    tokens = calib_tokens.to(device)
-    t = tokens.shape[1]
-    rope = RopeTable(cfg, t, device, model.embed_tokens.weight.dtype)
-    meta = AttnMetadata.plan(rope, 0, t, sliding_window=cfg.sliding_window)
+    tokens = calib_tokens.to(model.embed_tokens.weight.device)
+    meta = full_sequence_meta(model, tokens.shape[1])
     x = model.embed_tokens(tokens)
     report: dict[str, float] = {}
     for i, layer in enumerate(tqdm(model.layers, desc=f"gptq {spec.name}", disable=not progress)):

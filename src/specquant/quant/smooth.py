@@ -27,9 +27,8 @@ from collections.abc import Callable
 import torch
 
 from specquant.cache.static_kv import BlockKV
-from specquant.layers.attention import AttnMetadata
-from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
+from specquant.quant.calibrate import full_sequence_meta
 from specquant.quant.rotate import require_dense
 
 SMOOTHED = ("self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj", "mlp.down_proj")
@@ -50,12 +49,8 @@ def _check_tokens(tokens: torch.Tensor, vocab: int) -> None:
 def activation_absmax(model: LlamaModel, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of every smoothable linear over `tokens` [B, T]:
     'layers.{i}.{linear}' -> float64 [K]."""
-    cfg = model.config
-    device = model.embed_tokens.weight.device
-    tokens = tokens.to(device)
-    t = tokens.shape[1]
-    rope = RopeTable(cfg, t, device, model.embed_tokens.weight.dtype)
-    meta = AttnMetadata.plan(rope, 0, t, sliding_window=cfg.sliding_window)
+    tokens = tokens.to(model.embed_tokens.weight.device)
+    meta = full_sequence_meta(model, tokens.shape[1])
     out: dict[str, torch.Tensor] = {}
 
     def record(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
