@@ -39,10 +39,13 @@ def step_ms(runner: ModelRunner, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="target (default: the embedded SmolLM2)")
+    ap.add_argument("--draft", default=str(SHIPPED["draft"]), help="draft model directory")
     ap.add_argument("--out", type=Path, default=Path("bench/results/draft_cost.json"))
     args = ap.parse_args()
-    gen = specquant.load(device="cpu", dtype="float32", max_seq_len=512)
-    draft = load_checkpoint(SHIPPED["draft"], gen.device, gen.dtype, shared_with=gen.model)
+    gen = specquant.load(args.model, device=args.device, dtype="float32", max_seq_len=512)
+    draft = load_checkpoint(args.draft, gen.device, gen.dtype, shared_with=gen.model)
     target_ms = step_ms(ModelRunner(gen.model, 512), args.steps)
     draft_ms = step_ms(ModelRunner(draft.model, 512), args.steps)
     params = {
@@ -52,7 +55,12 @@ def main() -> None:
         "draft_lm_head": draft.model.lm_head.weight.numel(),  # FR-Spec rows only
     }
     report = {
-        "device": "cpu (2 cores), float32",
+        "device": (
+            f"{torch.cuda.get_device_name()}, float32, eager"
+            if gen.device.type == "cuda"
+            else "cpu (2 cores), float32"
+        ),
+        "draft": Path(args.draft).name,
         "date": time.strftime("%Y-%m-%d"),
         "target_step_ms": target_ms,
         "draft_step_ms": draft_ms,

@@ -161,6 +161,14 @@ def test_sdpa_matches_reference(groups: int, t: int) -> None:
         ref = attention_reference(q, k, v, m)
         got = attention_sdpa(q, k, v, m)
         assert (got - ref).abs().max() < 1e-5
+    # per-sequence masks of a padded batch [B, 1, T, S], each row its own
+    qb = torch.randn(3, hkv * groups, t, d, generator=gen)
+    kb = torch.randn(3, hkv, s, d, generator=gen)
+    vb = torch.randn(3, hkv, s, d, generator=gen)
+    mb = torch.rand(3, 1, t, s, generator=gen) > 0.4
+    mb[..., 0] = True
+    ref = attention_reference(qb, kb, vb, mb)
+    assert (attention_sdpa(qb, kb, vb, mb) - ref).abs().max() < 1e-5
 
 
 def test_plan_rejects_bad_shapes() -> None:

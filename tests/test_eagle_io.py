@@ -67,6 +67,9 @@ def test_eagle1_round_trip_safetensors_and_bin(
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
     back = load_eagle_head(tmp_path / "bin", loaded.config, CPU, torch.float32)
     assert torch.allclose(_outputs(head, 64), _outputs(back, 64))
+    # the requested dtype, whatever the file's: a bf16 target feeds its head bf16 inputs
+    half = load_eagle_head(tmp_path / "st", loaded.config, CPU, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_eagle3_round_trip(target: tuple[Path, LoadedModel], tmp_path: Path) -> None:
@@ -76,6 +79,9 @@ def test_eagle3_round_trip(target: tuple[Path, LoadedModel], tmp_path: Path) -> 
     back = load_eagle_head(tmp_path / "e3", loaded.config, CPU, torch.float32)
     assert isinstance(back, Eagle3Head)
     assert torch.equal(back.d2t, head.d2t)
+    half = load_eagle_head(tmp_path / "e3", loaded.config, CPU, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.d2t.dtype == head.d2t.dtype
     assert torch.allclose(_outputs(head, 3 * 64), _outputs(back, 3 * 64))
     assert torch.allclose(_outputs(head, 64), _outputs(back, 64))  # fed-back features
 

@@ -75,6 +75,11 @@ def test_bad_specs_are_named() -> None:
         quantize_rtn(torch.randn(4, 200), get_format("w4a16-g128"))
     with pytest.raises(ValueError, match="unknown quantization format 'w2'"):
         get_format("w2")
+    with pytest.raises(ValueError, match="unknown quantization format 'w8a8-g64'"):
+        get_format("w8a8-g64")  # only the grouped formats take another group size
+    g64 = get_format("w4a8-g64")
+    assert (g64.group_size, g64.two_level, g64.activations) == (64, True, "int8")
+    assert not get_format("w4a16-g32-asym").symmetric
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4a16-g128", "w4a8-g128", "fp8"])

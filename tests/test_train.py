@@ -15,9 +15,11 @@ from conftest import make_hf_model
 from specquant.cli import main
 from specquant.config import EngineConfig, GenerationConfig, SpecConfig
 from specquant.engine.generator import Generator
+from specquant.io.eagle import load_eagle_head, save_eagle_head
 from specquant.io.loader import load_checkpoint
+from specquant.train import batch_generate
 from specquant.train.batch_generate import generate_batch
-from specquant.train.eagle_train import eagle_loss_fn, features, init_head, unroll
+from specquant.train.eagle_train import answer_rows, eagle_loss_fn, features, init_head, unroll
 from specquant.train.loop import TrainConfig, make_batch, split_heldout, train
 from specquant.train.make_data import Sample, read_data
 
@@ -31,14 +33,28 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_checkpoint(path, CPU, torch.float32, with_tokenizer=False)
 
 
-def test_batched_generation_equals_single(tiny: Any) -> None:
+@pytest.mark.parametrize("drop_share", [8, 100])  # finished rows dropped at once / kept
+def test_batched_generation_equals_single(
+    tiny: Any, drop_share: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_generate, "DROP_SHARE", drop_share)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
-    stops = frozenset({17})
+    free = generate_batch(tiny.model, prompts, 12, frozenset())
+    # a stop token that ends one row early, so the batch drops it and goes on without it
+    stops = frozenset({free[1][2]})
     out = generate_batch(tiny.model, prompts, 12, stops)
+    assert min(map(len, out)) < 12 < max(map(len, out)) + 1
     gen = Generator(tiny, EngineConfig(device="cpu", dtype="float32", max_seq_len=64))
     for p, got in zip(prompts, out, strict=True):
         want = gen.generate(p, generation=GenerationConfig(max_new_tokens=12), stop_token_ids=stops)
         assert got == want.token_ids
+
+
+def test_make_data_rejects_a_bad_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["make-data", "--out", str(tmp_path / "d.jsonl"), "--shard", "2/2"])
+    assert "shard '2/2' needs 0 <= K < N" in capsys.readouterr().err
+    assert not (tmp_path / "d.jsonl").exists()
 
 
 def test_read_data_names_file_and_line(tmp_path: Path) -> None:
@@ -62,6 +78,10 @@ def test_loss_mask_covers_answer_predictions() -> None:
     # position t predicts t+1: for [1,2,3 | 4,5] positions 2 and 3 predict 4 and 5
     assert batch.loss_mask.tolist()[0][:5] == [False, False, True, True, False]
     assert batch.loss_mask.tolist()[1][:4] == [True, True, True, False]
+    # EAGLE rows read token t+1 and predict t+2: only row 2 (reads 4, predicts 5) in the
+    # first sample; rows 0 and 1 in the second (row 2 would predict past the last token)
+    assert answer_rows(batch).tolist()[0][:4] == [False, False, True, False]
+    assert answer_rows(batch).tolist()[1][:3] == [True, True, False]
 
 
 def test_eagle_training_reduces_loss_and_resumes(tiny: Any, tmp_path: Path) -> None:
@@ -70,10 +90,27 @@ def test_eagle_training_reduces_loss_and_resumes(tiny: Any, tmp_path: Path) -> N
     # answers: the target's own greedy continuations (self-distillation)
     answers = generate_batch(tiny.model, [s.prompt_ids for s in samples], 24, frozenset())
     samples = [Sample(s.prompt_ids, a) for s, a in zip(samples, answers, strict=True)]
-    cfg = TrainConfig(steps=40, batch_size=4, lr=2e-3, warmup=5, max_len=64, save_every=20)
+    cfg = TrainConfig(
+        steps=40, batch_size=4, lr=2e-3, warmup=5, max_len=64, save_every=20, snapshot_every=20
+    )
     head = init_head(tiny.model, seed=0)
     loss_fn = eagle_loss_fn(head, tiny.model, cfg.max_len, cfg.seed)
-    history = train(head, loss_fn, samples, cfg, tmp_path / "run", CPU)
+    snap = tmp_path / "run" / "snapshots"
+    history = train(
+        head,
+        loss_fn,
+        samples,
+        cfg,
+        tmp_path / "run",
+        CPU,
+        snapshot=lambda p: save_eagle_head(head, p),
+    )
+    # learning-curve snapshots: loadable heads with the answer tokens trained on so far
+    assert sorted(p.name for p in snap.iterdir()) == ["step_20", "step_40"]
+    tokens = json.loads((snap / "step_20" / "trained.json").read_text())["tokens"]
+    assert tokens == sum(h["tokens"] for h in history[:20])
+    final = load_eagle_head(snap / "step_40", tiny.model.config, CPU, torch.float32)
+    assert torch.equal(final.fc.weight, head.fc.weight)
     # the tiny random target is near-uniform, so the feature regression carries the signal
     first = sum(h["feature_loss"] for h in history[:5]) / 5
     last = sum(h["feature_loss"] for h in history[-5:]) / 5
@@ -199,6 +236,12 @@ def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
     assert rc == 0
     records = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(records) == 4 and all(r["answer_ids"] for r in records)
+    # one GPU per shard: shard 1/2 answers prompts 1 and 3 of the same selection
+    half = tmp_path / "half.jsonl"
+    args = ["make-data", "--out", str(half), "--limit", "4", "--max-new-tokens", "8"]
+    assert main([*args, "--shard", "1/2", "--max-prompt-tokens", "48", *common]) == 0
+    shard = [json.loads(line) for line in half.read_text().splitlines()]
+    assert shard == records[1::2]
     train_args = [
         "--data",
         str(data),

@@ -176,6 +176,13 @@ def _training_parsers(sub: Any) -> None:
         "--time-limit", type=float, default=0.0, help="stop after about this many seconds"
     )
     md.add_argument("--max-chars", type=int, default=2000, help="longest prompt text kept")
+    md.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="K/N",
+        help="answer only every N-th prompt from the K-th on (one process per GPU)",
+    )
 
     for name, extra in (("train-eagle", None), ("distill-draft", "--layers")):
         p = sub.add_parser(
@@ -208,6 +215,13 @@ def _training_parsers(sub: Any) -> None:
                 type=int,
                 default=2,
                 help="chain steps trained per position, later ones on the head's own outputs",
+            )
+            p.add_argument(
+                "--token-weight",
+                type=float,
+                default=None,
+                help="weight of the token cross-entropy next to the feature regression "
+                "(default: EAGLE-1's 0.1)",
             )
         add_dataclass_args(p, TrainConfig, "training")
 
@@ -397,6 +411,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K, N) with 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must be K/N, e.g. 0/4; got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"shard {text!r} needs 0 <= K < N")
+    return k, n
+
+
 def _load_target(args: argparse.Namespace) -> Any:
     """Training and data generation run the target in float32 (stable, exact features)."""
     from specquant import load
@@ -442,6 +467,13 @@ def cmd_make_data(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_chars=args.max_chars,
         )
+    import torch
+
+    # TF32 matmuls on CUDA: batched generation is compute-bound at large batches, and answers
+    # only have to be the target's own (they differ from exact fp32 in rare near-ties)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    k, n = args.shard
+    prompts = prompts[k::n]
     gen = _load_target(args)
     cfg = MakeDataConfig(
         max_new_tokens=args.max_new_tokens,
@@ -495,7 +527,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             draft = load_checkpoint(args.draft, gen.device, gen.dtype, shared_with=gen.model)
             base = draft.model
             card["target"] = f"{Path(args.draft).name} (draft of {card['target']})"
-        train_eagle(base, samples, cfg, args.out, depth=args.unroll, resume=args.resume, card=card)
+        train_eagle(
+            base,
+            samples,
+            cfg,
+            args.out,
+            depth=args.unroll,
+            resume=args.resume,
+            card=card,
+            **({} if args.token_weight is None else {"token_weight": args.token_weight}),
+        )
     else:
         from specquant.train.distill import distill_draft
 

@@ -91,6 +91,13 @@ class StaticKVCache:
         kv_compact_reference(self.v, self.length, keep)
         self.length += keep.numel()
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` [B'] (in that order): batched generation drops the
+        sequences that have finished."""
+        rows = rows.to(device=self.k.device, dtype=torch.long)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
     def reset(self) -> None:
         self.length = 0
 

@@ -148,7 +148,7 @@ def load_eagle_head(
     _check(tensors, head_expected_shapes(cfg), OPTIONAL, file)
     with torch.device("meta"):
         head = EagleHead(cfg, fc_bias="fc.bias" in tensors)
-    head.to_empty(device=device)
+    head.to_empty(device=device).to(dtype)  # load_into copies into these tensors' dtype
     names = {
         n: n for n in tensors if n not in ("embed_tokens.weight",) and "input_layernorm" not in n
     }
@@ -248,7 +248,7 @@ def _load_eagle3(
         )
     with torch.device("meta"):
         head = Eagle3Head(cfg, base.hidden_size, draft_vocab)
-    head.to_empty(device=device)
+    head.to_empty(device=device).to(dtype)
     names = {
         n: ("hidden_norm.weight" if n == "midlayer.hidden_norm.weight" else n)
         for n in tensors

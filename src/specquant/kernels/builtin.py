@@ -26,16 +26,15 @@ def attention_sdpa(
 ) -> torch.Tensor:
     b, hq, t, d = q.shape
     groups = hq // k.shape[1]
-    if groups > 1 and (mask is None or mask.dim() == 2):
+    if groups > 1:
         # GQA without copying K/V: query heads kv*G .. kv*G+G-1 share KV head kv, so fold
-        # them into the query-length axis ([B, Hkv, G*T, D]) and repeat the mask G times.
+        # them into the query-length axis ([B, Hkv, G*T, D]) and tile the mask's query rows
+        # G times (per-sequence masks of padded batches too: copying K/V per step would
+        # dominate batched decoding).
         q = q.reshape(b, k.shape[1], groups * t, d)
         if mask is not None:
-            mask = mask.repeat(groups, 1)
+            mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(b, hq, t, d)
-    if groups > 1:  # per-sequence masks (padded batches): expand K/V instead
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -38,7 +38,13 @@ def _doc(text: str, choices: tuple[str, ...] = ()) -> dict[str, Any]:
 class QuantizeConfig:
     """What `specquant quantize` does; the CLI options are generated from these fields."""
 
-    format: str = field(default="w4a16-g128", metadata=_doc("weight format", tuple(FORMATS)))
+    format: str = field(
+        default="w4a16-g128",
+        metadata=_doc(
+            f"weight format: {', '.join(FORMATS)}; grouped formats take other group sizes "
+            "too (w4a16-g64, w4a8-g32, ...)"
+        ),
+    )
     method: str = field(default="gptq", metadata=_doc("quantizer", METHODS))
     rotate: bool = field(default=False, metadata=_doc("rotate the residual stream first"))
     smooth_alpha: float | None = field(
@@ -100,6 +106,11 @@ def check_group_sizes(model: LlamaModel, spec: QuantSpec) -> None:
             for n, s in FORMATS.items()
             if s.group_size == -1 or all(k % s.group_size == 0 for k in ks)
         ]
+        fits += [
+            spec.name.replace(f"-g{spec.group_size}", f"-g{g}")
+            for g in (64, 32)
+            if g < spec.group_size and all(k % g == 0 for k in ks)
+        ][:1]
         raise ValueError(
             f"format {spec.name}: group size {spec.group_size} does not divide the input "
             f"dimension(s) K={bad} of this model; formats that fit: {', '.join(fits)}"

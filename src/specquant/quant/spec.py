@@ -16,7 +16,8 @@ kernel registry with its spec; there is no class per format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACTIVATIONS = ("none", "int8", "fp8")
@@ -89,6 +90,15 @@ FORMATS: dict[str, QuantSpec] = {
 
 
 def get_format(name: str) -> QuantSpec:
-    if name not in FORMATS:
-        raise ValueError(f"unknown quantization format {name!r}; supported: {', '.join(FORMATS)}")
-    return FORMATS[name]
+    """A format by name; grouped formats take any group size (`w4a16-g64`, `w4a8-g32`),
+    for models whose dimensions 128 does not divide."""
+    if name in FORMATS:
+        return FORMATS[name]
+    grouped = re.fullmatch(r"(w4a16|w4a8)-g(\d+)(-asym)?", name)
+    base = FORMATS.get(f"{grouped[1]}-g128{grouped[3] or ''}") if grouped else None
+    if grouped and base is not None:
+        return replace(base, name=name, group_size=int(grouped[2]))
+    raise ValueError(
+        f"unknown quantization format {name!r}; supported: {', '.join(FORMATS)} "
+        "(grouped formats with another group size too, e.g. w4a16-g64)"
+    )

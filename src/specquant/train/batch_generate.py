@@ -20,6 +20,8 @@ from specquant.layers.attention import AttnMetadata, select_attention
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 
+DROP_SHARE = 8  # drop finished rows once 1/DROP_SHARE of the batch has finished
+
 
 @torch.inference_mode()
 def generate_batch(
@@ -61,16 +63,27 @@ def generate_batch(
     logits = model(tokens, cache, meta, logits_index=last).logits[:, -1]  # [B, V]
 
     out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b  # a host list: indexing a device tensor per row would sync per row
+    live = list(range(b))  # prompt index of each batch row
+    finished: set[int] = set()  # batch rows done but not yet dropped
     pos = positions[:, -1]
     for step in range(max_new_tokens):
-        nxt = sample(logits, sampling, rng)  # [B]
-        for i, tok in enumerate(nxt.tolist()):  # one device sync per step
-            if not done[i]:
-                out[i].append(tok)
-                done[i] = tok in stop_ids
-        if all(done) or step == max_new_tokens - 1:
+        nxt = sample(logits, sampling, rng)  # [B']
+        for row, tok in enumerate(nxt.tolist()):  # one device sync per step
+            if row not in finished:
+                out[live[row]].append(tok)
+                if tok in stop_ids:
+                    finished.add(row)
+        if len(finished) == len(live) or step == max_new_tokens - 1:
             break
+        if len(finished) * DROP_SHARE >= len(live):
+            # Finished rows leave the batch (their cache rows too), so a batch whose answers
+            # differ in length stops paying for the short ones; waiting until a share of the
+            # batch has finished keeps the cache copies rare.
+            keep = [r for r in range(len(live)) if r not in finished]
+            rows = torch.tensor(keep, device=device)
+            cache.select_rows(rows)
+            valid, pos, nxt = valid[rows], pos[rows], nxt[rows]
+            live, finished = [live[r] for r in keep], set()
         slot = width + step
         valid[:, slot] = True
         pos = pos + 1

@@ -119,6 +119,12 @@ def unroll(
     return outs
 
 
+def answer_rows(batch: Batch) -> torch.Tensor:  # [B, T-1]
+    """Head rows that are scored: row t reads token t+1 and predicts token t+2, so both
+    must be answer tokens (the row after the stop token would learn what follows the end)."""
+    return batch.loss_mask[:, :-1] & batch.loss_mask[:, 1:]
+
+
 def eagle_loss_fn(
     head: EagleHead,
     target: LlamaModel,
@@ -126,6 +132,7 @@ def eagle_loss_fn(
     seed: int,
     scale: torch.Tensor | None = None,  # [H] feature std for the regression (default 1)
     depth: int = 1,
+    token_weight: float = TOKEN_WEIGHT,
 ) -> Any:
     device = target.embed_tokens.weight.device
     rope_t = RopeTable(target.config, max_len, device, target.embed_tokens.weight.dtype)
@@ -142,7 +149,7 @@ def eagle_loss_fn(
             f_in = f_in + (torch.rand(f_in.shape, generator=gen, device=device) - 0.5) * NOISE
         emb = target.embed_tokens(tokens[:, 1:]).float()
         outs = unroll(head, emb, f_in, depth, rope_h)
-        m = batch.loss_mask[:, :-1]
+        m = answer_rows(batch)
         loss = torch.zeros((), device=device)
         metrics: dict[str, float] = {}
         for j, h in enumerate(outs):
@@ -154,7 +161,7 @@ def eagle_loss_fn(
                 p = F.linear(fv, lm_head).float().softmax(-1)
             logq = F.linear(hv, lm_head).float().log_softmax(-1)
             loss_p = -(p * logq).sum(-1).mean()
-            loss = loss + FEATURE_WEIGHT * loss_v + TOKEN_WEIGHT * loss_p
+            loss = loss + FEATURE_WEIGHT * loss_v + token_weight * loss_p
             acc = (logq.argmax(-1) == p.argmax(-1)).float().mean()
             tag = "" if j == 0 else f"_step{j + 1}"
             metrics |= {
@@ -191,7 +198,7 @@ def chain_accuracy(
             outs = unroll(head, emb, feats[:, :-1], depth, rope_h)
             want = target.logits(feats[:, 1:]).argmax(-1)  # [B, n] target's token at r+2
             got = [target.logits(h).argmax(-1) for h in outs]
-        m = batch.loss_mask[:, :-1]
+        m = answer_rows(batch)
         n = m.shape[1]
         # chains start at rows 0..n-depth, inside the answer with all their steps
         starts = m[:, : n - depth + 1] & m[:, depth - 1 :]
@@ -212,24 +219,37 @@ def train_eagle(
     out_dir: Path,
     *,
     depth: int = 1,
+    token_weight: float = TOKEN_WEIGHT,
     resume: bool = False,
     card: dict[str, Any] | None = None,
 ) -> EagleHead:
     """Train, then save the head (public EAGLE layout), its log and a model card."""
     if depth < 1:
         raise ValueError(f"unroll depth must be >= 1, got {depth}")
+    if token_weight < 0:
+        raise ValueError(f"token loss weight must be >= 0, got {token_weight}")
     target.requires_grad_(False)
     head = init_head(target, cfg.seed)
     train_set, held = split_heldout(samples, cfg)
     scale = feature_scale(target, train_set[:32], cfg.max_len)
-    loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth)
+    loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth, token_weight)
     device = target.embed_tokens.weight.device
-    history = train(head, loss_fn, samples, cfg, out_dir, device, resume=resume, desc="train-eagle")
+    history = train(
+        head,
+        loss_fn,
+        samples,
+        cfg,
+        out_dir,
+        device,
+        resume=resume,
+        desc="train-eagle",
+        snapshot=lambda path: save_eagle_head(head, path, dtype=torch.bfloat16),
+    )
     if held and history:
         chain = chain_accuracy(head, target, held, cfg)
         history[-1] |= {f"heldout_chain{k + 1}": v for k, v in enumerate(chain)}
     save_eagle_head(head, out_dir, dtype=torch.bfloat16)  # compact; loads into any dtype
-    card = {**(card or {}), "heldout": len(held), "unroll": depth}
+    card = {**(card or {}), "heldout": len(held), "unroll": depth, "token_weight": token_weight}
     write_card(out_dir, "EAGLE-1/2 head", cfg, history, card)
     return head
 
@@ -264,7 +284,8 @@ def write_card(
         "",
         f"Steps: {done}{stopped} x {cfg.batch_size} sequences (max {cfg.max_len} tokens), "
         f"peak lr {cfg.lr}, seed {cfg.seed}"
-        + (f", {card['unroll']} chain steps trained per position." if "unroll" in card else "."),
+        + (f", {card['unroll']} chain steps trained per position" if "unroll" in card else "")
+        + (f", token loss weight {card['token_weight']}." if "token_weight" in card else "."),
         "Final training-batch metrics (mean of the last 50 steps): "
         + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
     ]

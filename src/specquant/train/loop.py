@@ -13,6 +13,7 @@ autocast (`bf16`); parameters, optimizer state and the losses stay float32.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -45,6 +46,10 @@ class TrainConfig:
     )
     eval_every: int = field(default=250, metadata={"help": "held-out evaluation interval"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    snapshot_every: int = field(
+        default=0,
+        metadata={"help": "also save the weights every N steps to OUT/snapshots (0: never)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_len", "save_every", "eval_every"):
@@ -52,9 +57,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.time_limit < 0 or self.heldout < 0:
+        if self.time_limit < 0 or self.heldout < 0 or self.snapshot_every < 0:
             raise ValueError(
-                f"time_limit and heldout must be >= 0, got {self.time_limit}, {self.heldout}"
+                "time_limit, heldout and snapshot_every must be >= 0, got "
+                f"{self.time_limit}, {self.heldout}, {self.snapshot_every}"
             )
 
 
@@ -142,9 +148,12 @@ def train(
     *,
     resume: bool = False,
     desc: str = "train",
+    snapshot: Callable[[Path], None] | None = None,
 ) -> list[dict[str, float]]:
     """Optimise the trainable parameters of `module`; returns the per-step log (held-out
-    metrics are added to the entries of the steps that evaluated them)."""
+    metrics are added to the entries of the steps that evaluated them). With
+    `cfg.snapshot_every`, `snapshot(dir)` saves the weights to OUT/snapshots/step_N after
+    every N steps, with the answer tokens trained on so far (learning curves)."""
     samples, held = split_heldout(samples, cfg)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -193,6 +202,11 @@ def train(
         last = step + 1 == cfg.steps or (cfg.time_limit > 0 and elapsed >= cfg.time_limit)
         if held and ((step + 1) % cfg.eval_every == 0 or last):
             metrics.update(evaluate(module, loss_fn, held, cfg, device))
+        if snapshot and cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            snap = out_dir / "snapshots" / f"step_{step + 1}"
+            snapshot(snap)
+            seen = sum(int(h["tokens"]) for h in history)
+            (snap / "trained.json").write_text(json.dumps({"step": step + 1, "tokens": seen}))
         if (step + 1) % cfg.save_every == 0 or last:
             _save(ckpt, module, opt, step + 1, history, rng, cfg, elapsed)
         if last:
