@@ -67,7 +67,8 @@ def curve_points(results: Path) -> list[dict[str, Any]]:
         points.append(
             {
                 "step": int(log[-1]["step"]),
-                "tokens": int(sum(h["tokens"] for h in log)),
+                # committed logs are trimmed and carry the running total
+                "tokens": int(log[-1].get("tokens_cum", sum(h["tokens"] for h in log))),
                 "mt": tau(report, "eagle2", "mt_bench"),
                 "sb": tau(report, "eagle2", "spec_bench"),
             }
@@ -75,8 +76,30 @@ def curve_points(results: Path) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: p["step"])
 
 
+def other_heads(results: Path) -> list[dict[str, Any]]:
+    """Final points of the other heads of the run (`final_<head>.json`, not `eagle`)."""
+    points = []
+    for path in sorted(results.glob("final_*.json")):
+        name = path.stem.removeprefix("final_")
+        log_path = results / f"{name}_train_log.json"
+        if name == "eagle" or not log_path.exists():
+            continue
+        log = load(log_path)
+        report = load(path)
+        points.append(
+            {
+                "head": name,
+                "step": int(log[-1]["step"]),
+                "tokens": int(log[-1].get("tokens_cum", sum(h["tokens"] for h in log))),
+                "mt": tau(report, "eagle2", "mt_bench"),
+                "sb": tau(report, "eagle2", "spec_bench"),
+            }
+        )
+    return points
+
+
 def format_rows(results: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows = [(p.stem[4:], load(p)) for p in results.glob("acc_*.json")]
+    rows = [(p.stem[4:].removeprefix("q_"), load(p)) for p in results.glob("acc_*.json")]
     return sorted(rows, key=lambda r: (r[0] != "fp32", r[0]))
 
 
@@ -136,6 +159,11 @@ def markdown(results: Path, title: str, plot: Path | None) -> str:
             f"| {p['step']} | {p['tokens'] / 1e6:.1f}M | {fmt(p['mt'])} | {fmt(p['sb'])} |"
             for p in points
         ]
+        lines += [
+            f"| {p['step']} ({p['head']}) | {p['tokens'] / 1e6:.1f}M | {fmt(p['mt'])} | "
+            f"{fmt(p['sb'])} |"
+            for p in other_heads(results)
+        ]
         if plot is not None:
             lines += ["", f"![learning curve]({plot.name})"]
     heads = []
@@ -171,8 +199,19 @@ def plot_curve(results: Path, out: Path) -> None:
         raise SystemExit(f"no learning-curve points (curve_*.json) in {results}")
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = [p["tokens"] / 1e6 for p in points]
-    ax.plot(x, [p["mt"] for p in points], "o-", label="MT-Bench")
-    ax.plot(x, [p["sb"] for p in points], "s-", label="Spec-Bench-only categories")
+    ax.plot(x, [p["mt"] for p in points], "o-", label="eagle (lr 5e-4), MT-Bench")
+    ax.plot(x, [p["sb"] for p in points], "s-", label="eagle (lr 5e-4), Spec-Bench-only")
+    for i, p in enumerate(other_heads(results)):
+        x_o = p["tokens"] / 1e6
+        label = None if i else "other heads (MT, Spec)"
+        ax.plot([x_o, x_o], [p["mt"], p["sb"]], "kd", ms=5, label=label)
+        ax.annotate(
+            p["head"],
+            (x_o, max(p["mt"], p["sb"])),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.axhline(TARGETS["eagle2"], color="gray", ls="--", lw=1, label="target tau 3.5")
     ax.set_xlabel("answer tokens trained on (millions)")
     ax.set_ylabel("EAGLE-2 tau")

@@ -148,7 +148,7 @@ EOF
   log "packed"
   ;;
 eval)
-  acc=(python3 "$REPO/bench/acceptance.py" --device $DEVICE --per-category $PER_CAT
+  acc=(python3 "$REPO/bench/acceptance.py" --device $DEVICE --model $MODEL --data "$SPECQUANT_DATA" --per-category $PER_CAT
     --max-new-tokens $NEW_TOKENS --eagle best --draft draft --draft-eagle draft_eagle)
   R=$W/results
   mkdir -p "$R"
@@ -187,7 +187,7 @@ eval)
       [ -f "$s/trained.json" ] && cp "$s/trained.json" "$R/${h}_trained_${s##*_}.json"
     done
   done
-  (cd "$R" && tar cf - ./*.json ./*.md | xz -T0 -6 >"$OUT/eval.tar.xz")
+  (cd "$R" && tar cf - ./*.json ./*.md ./*.log | xz -T0 -6 >"$OUT/eval.tar.xz")
   log "evaluated"
   ;;
 *)

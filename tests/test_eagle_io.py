@@ -4,13 +4,14 @@ greedy losslessness of EAGLE-2 trees drafted by an EAGLE-3 head."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_hf_model
-from specquant.config import EngineConfig, GenerationConfig, SpecConfig
+from specquant.config import ConfigError, EngineConfig, GenerationConfig, SpecConfig
 from specquant.engine.generator import Generator
 from specquant.io.checkpoint import CheckpointError
 from specquant.io.eagle import (
@@ -148,3 +149,43 @@ def test_eagle3_needs_seven_layers(tmp_path: Path) -> None:
     assert eagle3_layers(8) == (2, 4, 5)
     with pytest.raises(ConfigError, match="a model with 2 layers"):
         eagle3_layers(2)
+
+
+def test_reduced_drafting_vocabulary(target: tuple[Path, LoadedModel], tmp_path: Path) -> None:
+    """FR-Spec for EAGLE heads: `lm_head_vocab.json` next to a head restricts drafting to
+    those tokens; output stays the target's own."""
+    _, loaded = target
+    head = random_eagle_head(loaded.config, CPU, torch.float32, seed=2, std=0.1)
+    save_eagle_head(head, tmp_path / "h")
+    vocab = list(range(0, loaded.config.vocab_size, 3))
+    (tmp_path / "h" / "lm_head_vocab.json").write_text(json.dumps(vocab))
+    spec = SpecConfig(
+        method="eagle2", eagle=str(tmp_path / "h"), depth=4, tree_topk=4, tree_size=14
+    )
+    gen = build_generator(loaded, ENGINE, spec)
+    assert gen.drafter.vocab_ids.tolist() == vocab
+    trees = []
+    propose = gen.drafter.propose
+    gen.drafter.propose = lambda req: trees.append(propose(req)) or trees[-1]
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    ar = Generator(loaded, ENGINE)
+    for prompt in ([4, 8, 15, 16, 23, 42], [99]):
+        want = ar.generate(prompt, generation=cfg).token_ids
+        assert gen.generate(prompt, generation=cfg).token_ids == want
+    drafted = {t for tree in trees for t in tree.tokens[1:].tolist()}
+    assert drafted and drafted <= set(vocab)
+    # "auto" reduces on the CPU only; "full" ignores the file; "reduced" needs it
+    full = build_generator(loaded, ENGINE, replace(spec, eagle_vocab="full"))
+    assert full.drafter.vocab_ids is None
+    save_eagle_head(head, tmp_path / "plain")
+    plain = replace(spec, eagle=str(tmp_path / "plain"), eagle_vocab="reduced")
+    with pytest.raises(ConfigError, match=r"plain/lm_head_vocab\.json"):
+        build_generator(loaded, ENGINE, plain)
+    for bad, match in (
+        ("[1, 1]", "distinct"),
+        ("[100000]", "outside the vocabulary"),
+        ("{", "JSON"),
+    ):
+        (tmp_path / "h" / "lm_head_vocab.json").write_text(bad)
+        with pytest.raises(CheckpointError, match=match):
+            build_generator(loaded, ENGINE, spec)

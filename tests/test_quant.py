@@ -109,7 +109,9 @@ def test_speculative_decoding_on_quantized_target_is_lossless(name: str, tmp_pat
         assert gen.generate([7, 3, 9, 1], generation=cfg).token_ids == want, (name, spec.method)
 
 
-@pytest.mark.parametrize("name", ["w4a16", "w4a16-g128", "w8a8"])
+@pytest.mark.parametrize(
+    "name", ["w4a16", "w4a16-g128", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
+)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_with_outlier_inputs(name: str, act_order: bool) -> None:
     """Real activations are correlated across channels (and have outlier channels); GPTQ
@@ -137,11 +139,20 @@ def test_gptq_beats_rtn_with_outlier_inputs(name: str, act_order: bool) -> None:
     assert gptq < 0.8 * rtn, (name, act_order, gptq, rtn)
 
 
-def test_gptq_rejects_unsupported_formats() -> None:
+def test_gptq_keeps_rtns_grid() -> None:
+    """GPTQ only chooses codes: scales, zero points and two-level scales are RTN's."""
     from specquant.quant.gptq import quantize_gptq
 
-    with pytest.raises(ValueError, match="'w4a16-g128-asym'"):
-        quantize_gptq(torch.randn(4, 128), torch.randn(8, 128), get_format("w4a16-g128-asym"))
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(16, 128, generator=gen), torch.randn(64, 128, generator=gen)
+    for name in ("w4a16-g128-asym", "w4a8-g128", "fp8"):
+        spec = get_format(name)
+        rtn, gptq = quantize_rtn(w, spec), quantize_gptq(w, x, spec)
+        assert rtn.keys() == gptq.keys(), name
+        for key in rtn:
+            assert rtn[key].shape == gptq[key].shape and rtn[key].dtype == gptq[key].dtype
+            if key != "qweight":
+                assert torch.equal(rtn[key], gptq[key]), (name, key)
 
 
 def test_model_level_gptq_beats_rtn_on_held_out_tokens(tmp_path: Path) -> None:

@@ -124,8 +124,8 @@ def test_bad_requests_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exists and is not an empty directory"):
         quantize(tmp_path / "no-such-model", busy, method="rtn")
     assert (busy / "keep.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="GPTQ cannot produce 'w4a16-g128-asym'"):
-        QuantizeConfig(format="w4a16-g128-asym", method="gptq")
+    with pytest.raises(ValueError, match="unknown quantizer 'awq'; available: rtn, gptq"):
+        QuantizeConfig(format="w4a16-g128-asym", method="awq")
     with pytest.raises(ValueError, match="unknown quantization format 'w3a16'"):
         QuantizeConfig(format="w3a16")
     with pytest.raises(ValueError, match=r"smooth_alpha must be in \[0, 1\]"):

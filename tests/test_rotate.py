@@ -338,3 +338,45 @@ def test_speculative_decoding_on_rotated_target_is_lossless(
         assert eagle.head.base_rotation_folded  # converted automatically
         if spec.method == "hierspec":
             assert get_rotation(drafter.inter.model) is not None
+
+
+def test_head_trained_on_a_rotated_target_is_not_converted_again(tmp_path: Path) -> None:
+    from specquant.io.checkpoint import CheckpointError
+    from specquant.io.eagle import load_eagle_head, save_eagle_head
+    from specquant.quant.rotate import rotation_fingerprint
+    from specquant.spec.factory import _for_base
+    from specquant.train.eagle_train import train_eagle
+    from specquant.train.loop import TrainConfig
+    from specquant.train.make_data import Sample
+
+    loaded = _load(_save(tmp_path / "m", "llama", seed=9, **TIED_GQA))
+    rot = rotate_model_(loaded.model, seed=2)
+    # train-eagle on the rotated target records its rotation in the head's config
+    samples = [Sample([1, 2, 3], [4, 5, 6, 7]), Sample([8, 9], [10, 11, 12])]
+    cfg = TrainConfig(steps=1, batch_size=2, max_len=16, heldout=0, warmup=1)
+    train_eagle(loaded.model, samples, cfg, tmp_path / "h")
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    fingerprint = rotation_fingerprint(rot)
+    assert config["specquant_trained_on_rotation"] == fingerprint
+    # the same rotation stored in bf16 has the same fingerprint
+    half = Rotation(rot.matrix.bfloat16(), rot.final_norm_weight.bfloat16())
+    assert rotation_fingerprint(half) == fingerprint
+
+    def head() -> EagleHead:
+        h = load_eagle_head(tmp_path / "h", loaded.config, CPU, torch.float32)
+        assert isinstance(h, EagleHead) and h.trained_on_rotation == fingerprint
+        return h
+
+    used = _for_base(head(), loaded.model)  # already reads the rotated features
+    assert used.out_map is None and not used.base_rotation_folded
+    other = _load(_save(tmp_path / "m2", "llama", seed=9, **TIED_GQA))
+    with pytest.raises(CheckpointError, match="but its base here is unrotated"):
+        _for_base(head(), other.model)
+    rotate_model_(other.model, seed=5)
+    with pytest.raises(CheckpointError, match="rotated differently"):
+        _for_base(head(), other.model)
+    # a head converted for a rotated base at load time is not saved as if it were trained so
+    converted = random_eagle_head(loaded.config, CPU, torch.float32)
+    rotate_eagle_head_(converted, rot)
+    with pytest.raises(ValueError, match="converted for a rotated base at load time"):
+        save_eagle_head(converted, tmp_path / "c")

@@ -195,15 +195,15 @@ def _training_parsers(sub: Any) -> None:
         p.add_argument("--data", type=Path, required=True, help="make-data JSONL file")
         p.add_argument("--out", type=Path, required=True, help="output directory")
         p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+        p.add_argument(
+            "--lm-head-vocab",
+            type=int,
+            default=0,
+            help="FR-Spec: draft from the lm_head rows of the N most frequent answer tokens "
+            "only (0 = full vocabulary)",
+        )
         if extra:
             p.add_argument("--layers", type=int, default=4, help="student decoder layers")
-            p.add_argument(
-                "--lm-head-vocab",
-                type=int,
-                default=0,
-                help="FR-Spec: keep the lm_head rows of the N most frequent answer tokens "
-                "(0 = full vocabulary)",
-            )
         else:
             p.add_argument(
                 "--draft",
@@ -550,13 +550,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             card=card,
         )
-        if args.lm_head_vocab:
-            from specquant.train.distill import write_lm_head_vocab
+    if args.lm_head_vocab:
+        from specquant.train.distill import write_lm_head_vocab
 
-            share = write_lm_head_vocab(
-                args.out, args.data, args.lm_head_vocab, tuple(sorted(gen.stop_token_ids))
-            )
-            print(f"[specquant] lm_head keeps {share:.1%} of answer tokens", file=sys.stderr)
+        share = write_lm_head_vocab(
+            args.out, args.data, args.lm_head_vocab, tuple(sorted(gen.stop_token_ids))
+        )
+        print(f"[specquant] lm_head keeps {share:.1%} of answer tokens", file=sys.stderr)
     print(f"[specquant] saved to {args.out}", file=sys.stderr)
     return 0
 

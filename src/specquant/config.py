@@ -307,6 +307,9 @@ class EngineConfig:
 SPEC_METHODS = ("ar", "sps", "eagle2", "hierspec")
 
 
+EAGLE_VOCABS = ("auto", "reduced", "full")
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding method and its parameters (paper defaults)."""
@@ -332,8 +335,21 @@ class SpecConfig:
     hier_depth: int = field(default=3, metadata=_doc("hierspec: EAGLE tree depth"))
     hier_topk: int = field(default=10, metadata=_doc("hierspec: EAGLE top-k"))
     hier_tree_size: int = field(default=30, metadata=_doc("hierspec: EAGLE tree size"))
+    eagle_vocab: str = field(
+        default="auto",
+        metadata={
+            "help": "eagle2: draft from the head's reduced vocabulary (lm_head_vocab.json, "
+            "FR-Spec): auto = on the CPU only, where the lm_head product dominates drafting "
+            "(on a GPU it costs accept length and saves little time), reduced or full",
+            "choices": EAGLE_VOCABS,
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.eagle_vocab not in EAGLE_VOCABS:
+            raise ValueError(
+                f"eagle_vocab must be one of {', '.join(EAGLE_VOCABS)}; got {self.eagle_vocab!r}"
+            )
         if self.method not in SPEC_METHODS:
             raise ValueError(
                 f"method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}"

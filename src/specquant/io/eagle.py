@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 
 from specquant.config import ConfigError, ModelConfig
-from specquant.io.checkpoint import CheckpointError, expected_shapes, load_into
+from specquant.io.checkpoint import (
+    LM_HEAD_VOCAB_FILE,
+    CheckpointError,
+    expected_shapes,
+    load_into,
+)
 from specquant.io.export import (
     llama_config_dict,
     save_safetensors,
@@ -37,6 +42,10 @@ from specquant.layers.linear import init_random_
 from specquant.models.eagle import Eagle3Head, EagleHead
 
 OPTIONAL = ("embed_tokens.weight", "layers.0.input_layernorm.weight", "fc.bias")
+
+
+# config key: fingerprint of the rotated base a head was trained on (quant.rotate)
+ROTATION_KEY = "specquant_trained_on_rotation"
 
 
 def head_config(raw: dict, base: ModelConfig, *, check_hidden: bool = True) -> ModelConfig:
@@ -155,7 +164,26 @@ def load_eagle_head(
     load_into(head, names, tensors.__getitem__, dtype)
     head.eval().requires_grad_(False)
     head.prepare_kernels()
+    head.trained_on_rotation = raw.get(ROTATION_KEY)
     return head
+
+
+def load_eagle_vocab(path: str | Path, vocab_size: int) -> torch.Tensor | None:
+    """The head's drafting vocabulary (FR-Spec): the token ids in `lm_head_vocab.json` next
+    to the head, or None (the full vocabulary) when there is no such file."""
+    file = Path(path) / LM_HEAD_VOCAB_FILE
+    if not file.exists():
+        return None
+    try:
+        ids = json.loads(file.read_text())
+        valid = isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not valid or not ids or len(set(ids)) != len(ids):
+        raise CheckpointError(f"{file} must be a non-empty list of distinct token ids")
+    if not all(0 <= i < vocab_size for i in ids):
+        raise CheckpointError(f"{file} holds token ids outside the vocabulary [0, {vocab_size})")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def random_eagle_head(
@@ -173,8 +201,15 @@ def save_eagle_head(head: EagleHead, path: str | Path, dtype: torch.dtype | None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors(unfused_state_dict(head, head.config), path, dtype)
+    if head.base_rotation_folded:
+        raise ValueError(
+            "this EAGLE head was converted for a rotated base at load time; save the head "
+            "as trained (it is converted again whenever it is loaded for a rotated base)"
+        )
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     config |= llama_config_dict(head.config) | {"bias": head.fc.bias is not None}
+    if head.trained_on_rotation is not None:
+        config[ROTATION_KEY] = head.trained_on_rotation
     write_config(path, config)
 
 
@@ -264,6 +299,7 @@ def _load_eagle3(
             head.embed_tokens.weight.copy_(tensors["embed_tokens.weight"])
     head.eval().requires_grad_(False)
     head.prepare_kernels()
+    head.trained_on_rotation = raw.get(ROTATION_KEY)
     return head
 
 

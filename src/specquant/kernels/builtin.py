@@ -55,16 +55,18 @@ def linear_torch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
 
 
 def linear_openblas(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T through numpy's OpenBLAS sgemm.
+    """x [1, K] @ w[N, K]^T through numpy's OpenBLAS sgemv (other shapes: torch).
 
     NOTE: on the AMD CPUs we run CI on, torch's MKL sgemv streams weights at ~8 GB/s while
-    OpenBLAS reaches ~13 GB/s; batch-1 decoding is bound by exactly that stream.
+    OpenBLAS reaches ~13 GB/s; batch-1 decoding is bound by exactly that stream. For several
+    rows (prefill, verification) OpenBLAS's sgemm is up to 4x slower than torch's at 2-8
+    rows, so only one-row products take this path.
     """
-    if x.requires_grad or w.requires_grad or not x.is_contiguous():
+    k = x.shape[-1]
+    if x.requires_grad or w.requires_grad or not x.is_contiguous() or x.numel() != k:
         return F.linear(x, w, b)
     import numpy as np
 
-    k = x.shape[-1]
     out = torch.from_numpy(np.matmul(x.reshape(-1, k).numpy(), w.numpy().T))
     out = out.view(*x.shape[:-1], w.shape[0])
     if b is not None:

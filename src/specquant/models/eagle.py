@@ -46,6 +46,8 @@ class EagleHead(nn.Module):
         self.layers[0].input_layernorm = nn.Identity()
         self.out_map: QLinear | None = None  # set for a rotated base (quant/rotate.py)
         self.base_rotation_folded = False
+        # fingerprint of the rotation of the base it was trained on (None: unrotated base)
+        self.trained_on_rotation: str | None = None
 
     def forward(
         self,
@@ -90,6 +92,7 @@ class Eagle3Head(nn.Module):
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
         self.embed_tokens: nn.Embedding | None = None  # own embedding if hidden != base's
         self.base_rotation_folded = False  # set by quant/rotate.py for a rotated base
+        self.trained_on_rotation: str | None = None  # as in EagleHead
 
     def forward(
         self,

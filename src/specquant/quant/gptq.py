@@ -7,22 +7,37 @@ onto the not-yet-quantized columns through the inverse Hessian of the layer's in
 
 Options: damping (fraction of mean diag(H)), act-order (columns by decreasing diag(H)) with
 static groups (group scales fixed on the original column order, so no g_idx is needed, as
-SpecMQuant's Marlin path requires). Produces the same tensors as `quantize_rtn`.
+SpecMQuant's Marlin path requires). Every format works: the grid (scales, zero points,
+two-level scales, fp8 scales) is RTN's on the original weights, and GPTQ only chooses the
+codes on that grid. Produces the same tensors as `quantize_rtn`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specquant.quant.pack import QTensors, pack_int4
+from specquant.quant.pack import QTensors, group_scales, pack_int4
+from specquant.quant.rtn import FP8_MAX, quantize_rtn
 from specquant.quant.spec import QuantSpec
 
 BLOCK = 128
 
 
-def _group_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Symmetric scales [N] for a column block w [N, g]."""
-    return (w.abs().amax(1) / spec.qmax).clamp(min=1e-12)
+def _round(
+    col: torch.Tensor,  # [N] float64
+    scale: torch.Tensor,  # [N]
+    zero: torch.Tensor | None,  # [N] zero points (asymmetric formats)
+    spec: QuantSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, dequantized values) of one column on the format's grid."""
+    if spec.weight_type == "fp8":
+        codes = (col / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).double()
+        return codes, codes * scale
+    if zero is not None:
+        codes = ((col / scale).round() + zero).clamp(0, 2**spec.weight_bits - 1)
+        return codes, (codes - zero) * scale
+    codes = (col / scale).round().clamp(-spec.qmax - 1, spec.qmax)
+    return codes, codes * scale
 
 
 def quantize_gptq(
@@ -33,11 +48,6 @@ def quantize_gptq(
     damp: float = 0.01,
     act_order: bool = False,
 ) -> QTensors:
-    if spec.weight_type != "int" or not spec.symmetric or spec.two_level:
-        raise ValueError(
-            f"GPTQ here supports symmetric integer formats with one scale level "
-            f"(w8a8, w4a16, w4a16-g128, w4a8); got {spec.name!r}"
-        )
     w = w.detach().double().clone()
     n, k = w.shape
     if inputs.shape[-1] != k:
@@ -49,10 +59,14 @@ def quantize_gptq(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    # Static groups: scales from the original weights, in the original column order.
-    scales = torch.stack(
-        [_group_scales(w[:, g * gsize : (g + 1) * gsize], spec) for g in range(groups)], 1
-    )
+    # Static grid: RTN's scales (and zero points) from the original weights, in the original
+    # column order; GPTQ picks the codes.
+    grid = quantize_rtn(w, spec)
+    if spec.weight_type == "fp8":
+        scales = grid["scales"].double().reshape(n, 1)
+    else:
+        scales = group_scales(grid, spec).double().to(w.device)  # [N, G]
+    zeros = grid["zeros"].double().to(w.device) if "zeros" in grid else None
     dev = w.device
     perm = (
         torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=dev)
@@ -69,14 +83,19 @@ def quantize_gptq(
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = wb[:, i]
-            s = scales[:, col_group[b0 + i]]
-            q = (col / s).round().clamp(-spec.qmax - 1, spec.qmax)
+            g = col_group[b0 + i]
+            q, deq = _round(col, scales[:, g], None if zeros is None else zeros[:, g], spec)
             codes[:, b0 + i] = q
-            err = (col - q * s) / hb[i, i]
+            err = (col - deq) / hb[i, i]
             wb[:, i:] -= err[:, None] * hb[i, i:][None, :]
             errs[:, i] = err
         w[:, b1:] -= errs @ hinv[b0:b1, b1:]
     codes = codes[:, torch.argsort(perm)]  # back to the original column order
-    out: QTensors = {"scales": scales.float()}
-    out["qweight"] = codes.to(torch.int8) if spec.weight_bits == 8 else pack_int4(codes + 8)
+    out = {name: t for name, t in grid.items() if name != "qweight"}
+    if spec.weight_type == "fp8":
+        out["qweight"] = codes.float().to(torch.float8_e4m3fn)  # exact: already on the grid
+    elif spec.weight_bits == 8:
+        out["qweight"] = codes.to(torch.int8)
+    else:
+        out["qweight"] = pack_int4(codes if zeros is not None else codes + 8)
     return out

@@ -67,6 +67,16 @@ class Rotation(nn.Module):
         return x
 
 
+def rotation_fingerprint(rotation: Rotation) -> str:
+    """A short id of Q: the hash of its sign pattern, which survives any dtype the matrix is
+    stored in (a Hadamard Q's entries are all +-1/sqrt(H)). Heads trained on a rotated model
+    record it, so they are never converted a second time nor used with another rotation."""
+    import hashlib
+
+    signs = (rotation.orthogonal() > 0).to(torch.uint8).cpu().numpy().tobytes()
+    return hashlib.sha256(signs).hexdigest()[:16]
+
+
 def get_rotation(model: nn.Module) -> Rotation | None:
     """The model's rotation state, or None for an unrotated model."""
     rot = getattr(model, "rotation", None)

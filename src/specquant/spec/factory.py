@@ -10,12 +10,23 @@ import torch
 from specquant.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
 from specquant.engine.generator import Generator
 from specquant.engine.runner import ModelRunner
-from specquant.io.eagle import load_eagle_head, random_eagle3_head, random_eagle_head
+from specquant.io.checkpoint import CheckpointError
+from specquant.io.eagle import (
+    load_eagle_head,
+    load_eagle_vocab,
+    random_eagle3_head,
+    random_eagle_head,
+)
 from specquant.io.loader import LoadedModel, load_checkpoint
 from specquant.layers.linear import init_random_
 from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.models.llama import LlamaModel
-from specquant.quant.rotate import get_rotation, rotate_eagle_head_, rotate_shared_draft_
+from specquant.quant.rotate import (
+    get_rotation,
+    rotate_eagle_head_,
+    rotate_shared_draft_,
+    rotation_fingerprint,
+)
 from specquant.spec.drafters.draft_model import DraftModelDrafter
 from specquant.spec.drafters.eagle import EagleDrafter, head_features, validate_tree_params
 from specquant.spec.drafters.hierarchical import HierSpecDrafter
@@ -101,8 +112,20 @@ def _draft_model(spec_path: str | None, target: LoadedModel, role: str) -> Llama
 
 
 def _for_base(head: EagleHead | Eagle3Head, base: LlamaModel) -> EagleHead | Eagle3Head:
-    """Heads are trained on unrotated models: fold the base's rotation in, if any."""
+    """A head trained on the unrotated model gets the base's rotation folded in, if any; a
+    head trained on a rotated model already reads its features, and must meet that same
+    rotation."""
     rotation = get_rotation(base)
+    if head.trained_on_rotation is not None:
+        here = None if rotation is None else rotation_fingerprint(rotation)
+        if here != head.trained_on_rotation:
+            raise CheckpointError(
+                f"this EAGLE head was trained on a rotated model (rotation "
+                f"{head.trained_on_rotation}), but its base here is "
+                f"{'unrotated' if here is None else f'rotated differently ({here})'}; use "
+                "it with the model it was trained on, or train a head for this one"
+            )
+        return head
     if rotation is not None:
         rotate_eagle_head_(head, rotation)
     return head
@@ -140,8 +163,24 @@ def build_generator(
         eagle_path = shipped_drafter("eagle", loaded, spec.eagle)
         head = _for_base(_eagle_head(eagle_path, tcfg, device, dtype, "eagle2"), loaded.model)
         gen = Generator(loaded, engine, features=head_features(head, tcfg.num_layers))
+        vocab = None
+        reduce = spec.eagle_vocab == "reduced" or (
+            spec.eagle_vocab == "auto" and device.type == "cpu"
+        )
+        if reduce and isinstance(head, EagleHead) and Path(str(eagle_path)).is_dir():
+            vocab = load_eagle_vocab(eagle_path, tcfg.vocab_size)
+            if vocab is None and spec.eagle_vocab == "reduced":
+                raise ConfigError(
+                    f"eagle_vocab 'reduced' needs {Path(str(eagle_path)) / 'lm_head_vocab.json'}"
+                    " (train-eagle --lm-head-vocab N writes it)"
+                )
         gen.drafter = EagleDrafter(
-            head, gen.runner, depth=spec.depth, topk=spec.tree_topk, tree_size=spec.tree_size
+            head,
+            gen.runner,
+            depth=spec.depth,
+            topk=spec.tree_topk,
+            tree_size=spec.tree_size,
+            vocab_ids=vocab,
         )
         return gen
     assert spec.method == "hierspec"

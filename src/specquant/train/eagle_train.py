@@ -40,6 +40,7 @@ from specquant.layers.linear import init_random_
 from specquant.layers.rope import RopeTable
 from specquant.models.eagle import EagleHead
 from specquant.models.llama import LlamaModel
+from specquant.quant.rotate import get_rotation, rotation_fingerprint
 from specquant.train.loop import Batch, TrainConfig, autocast, make_batch, split_heldout, train
 from specquant.train.make_data import Sample
 
@@ -230,6 +231,9 @@ def train_eagle(
         raise ValueError(f"token loss weight must be >= 0, got {token_weight}")
     target.requires_grad_(False)
     head = init_head(target, cfg.seed)
+    rotation = get_rotation(target)
+    if rotation is not None:  # the head learns the rotated features: record which rotation
+        head.trained_on_rotation = rotation_fingerprint(rotation)
     train_set, held = split_heldout(samples, cfg)
     scale = feature_scale(target, train_set[:32], cfg.max_len)
     loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth, token_weight)

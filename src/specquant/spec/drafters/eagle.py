@@ -17,6 +17,7 @@ All of it stays on the device; the tree-level KV entries are dropped afterwards.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from specquant.engine.runner import (
     PREFILL_CHUNK,
@@ -26,6 +27,7 @@ from specquant.engine.runner import (
     eagle3_layers,
 )
 from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.linear import QLinear
 from specquant.layers.rope import RopeTable
 from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.spec.drafters.base import DraftRequest, DraftStats
@@ -67,15 +69,35 @@ class EagleDrafter:
         depth: int,
         topk: int,
         tree_size: int,
+        vocab_ids: torch.Tensor | None = None,  # [V_draft] FR-Spec drafting vocabulary
     ):
         want = head_features(head, base.config.num_layers)
         if base.features != want:
             raise ValueError(
                 f"the base runner must record features {want!r}, not {base.features!r}"
             )
-        vocab = (
-            head.lm_head.out_features if isinstance(head, Eagle3Head) else base.config.vocab_size
-        )
+        # FR-Spec: an EAGLE-1/2 head drafts from the lm_head rows of frequent tokens only
+        # (its own `lm_head_vocab.json`, or the rows a draft base already restricted to), so
+        # each tree level multiplies by 8k rows instead of the whole vocabulary.
+        self.vocab_ids: torch.Tensor | None = None
+        self.draft_lm_head: QLinear | None = None
+        model = base.model
+        if isinstance(head, Eagle3Head):
+            vocab = head.lm_head.out_features
+        elif model.vocab_ids is not None:
+            self.vocab_ids, self.draft_lm_head = model.vocab_ids, model.lm_head
+            vocab = int(model.vocab_ids.numel())
+        elif vocab_ids is not None:
+            if getattr(model.lm_head, "spec", None) is not None:
+                raise ValueError("a reduced drafting vocabulary needs a dense lm_head")
+            weight = model.lm_head.weight.detach()
+            self.vocab_ids = vocab_ids.to(device=weight.device, dtype=torch.long)
+            self.draft_lm_head = QLinear(weight.shape[1], self.vocab_ids.numel())
+            self.draft_lm_head.weight = nn.Parameter(weight[self.vocab_ids], requires_grad=False)
+            self.draft_lm_head.prepare()
+            vocab = int(self.vocab_ids.numel())
+        else:
+            vocab = base.config.vocab_size
         validate_tree_params(depth, topk, tree_size, vocab)
         self.head, self.base = head, base
         self.depth, self.topk, self.tree_size = depth, topk, tree_size
@@ -115,14 +137,16 @@ class EagleDrafter:
             h = head(embed(tokens)[None], feats[None], self.cache, meta)[0]
             return h, torch.log_softmax(head.draft_logits(h).float(), dim=-1)
         h = head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
-        # base.logits, not base.lm_head: a draft base may restrict its vocabulary (FR-Spec)
-        return h, torch.log_softmax(base.logits(h).float(), dim=-1)
+        logits = base.logits(h) if self.draft_lm_head is None else self.draft_lm_head(h)
+        return h, torch.log_softmax(logits.float(), dim=-1)
 
     def _topk(self, logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k over the head's vocabulary, ids mapped to the target's vocabulary."""
         scores, ids = logp.topk(k, dim=-1)
         if isinstance(self.head, Eagle3Head):
             ids = self.head.to_target_ids(ids)
+        elif self.vocab_ids is not None:
+            ids = self.vocab_ids[ids]
         return scores, ids
 
     def _sync(self, context: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
