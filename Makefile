@@ -3,9 +3,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specquant-installed
-# The CPU kernel mixes torch ops with OpenBLAS calls; passive OpenMP waiting keeps the two
-# thread pools from starving each other (specquant sets it too, if it is imported first).
-export OMP_WAIT_POLICY ?= PASSIVE
 PROMPT ?= Explain in three sentences why the sky is blue.
 
 .PHONY: install demo test lint bench clean

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import specquant  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts OpenMP)
+import specquant  # noqa: F401
 
 # isort: split
 import torch

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import specquant  # first: sets OMP_WAIT_POLICY before torch starts OpenMP
+import specquant
 
 # isort: split
 import torch

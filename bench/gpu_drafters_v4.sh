@@ -23,7 +23,7 @@
 #   NEW_TOKENS=8 BS=4 MAXLEN=64 FORMATS="w8a8:rtn" STAGE=data|train|eval bench/gpu_drafters_v4.sh
 set -euo pipefail
 REPO=$PWD
-export PYTHONPATH=${PYTHONPATH:-$REPO/src} OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:-$REPO/src} PYTHONUNBUFFERED=1
 W=${WORK:-/tmp/sq4}
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
 DEVICE=${DEVICE:-cuda}

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import specquant  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch starts OpenMP)
+import specquant  # noqa: F401
 
 # isort: split
 import torch

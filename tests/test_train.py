@@ -230,10 +230,13 @@ def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
             "2",
             "--max-prompt-tokens",
             "48",
+            "--cache-features",
             *common,
         ]
     )
     assert rc == 0
+    cache = tmp_path / "data.jsonl.features"
+    assert [p.name for p in cache.iterdir()] == ["w0000000.safetensors"]
     records = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(records) == 4 and all(r["answer_ids"] for r in records)
     # one GPU per shard: shard 1/2 answers prompts 1 and 3 of the same selection
@@ -256,7 +259,8 @@ def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
     assert (
         main(["distill-draft", "--out", str(tmp_path / "draft"), "--layers", "2", *train_args]) == 0
     )
-    assert main(["train-eagle", "--out", str(tmp_path / "head"), *train_args]) == 0
+    cached = ["--features", str(cache)]
+    assert main(["train-eagle", "--out", str(tmp_path / "head"), *cached, *train_args]) == 0
     draft_head = ["--draft", str(tmp_path / "draft")]
     assert main(["train-eagle", "--out", str(tmp_path / "dhead"), *draft_head, *train_args]) == 0
     for d in ("draft", "head", "dhead"):
@@ -334,3 +338,43 @@ def test_reduced_lm_head_vocab_draft_is_lossless(tiny: Any, tmp_path: Path) -> N
             build_generator(tiny, engine, spec).generate([1, 2, 3], generation=cfg).token_ids
             == want
         )
+
+
+def test_cached_features_equal_live_ones(tiny: Any, tmp_path: Path) -> None:
+    """make-data's feature cache: the EAGLE loss reads the same features (to bf16) as it
+    computes by running the target, and a cache of another model is refused."""
+    from specquant.layers.rope import RopeTable
+    from specquant.train.features import FeatureStore, cache_features
+
+    samples = [
+        Sample([1, 2, 3], [4, 5, 6, 7], index=0),
+        Sample([8], [9, 10], index=1),
+        Sample([11, 12, 13, 14, 15], [16, 17, 18], index=2),
+    ]
+    records = [(s.index, s.prompt_ids + s.answer_ids) for s in samples]
+    cache_features(tiny.model, records[:2], tmp_path / "f" / "w0000000.safetensors", 2)
+    cache_features(tiny.model, records[2:], tmp_path / "f" / "w0000002.safetensors", 2)
+    store = FeatureStore(tmp_path / "f", tiny.model)
+    batch = make_batch(samples, 6, CPU)  # truncates the third sample to 6 tokens
+    rope = RopeTable(tiny.model.config, 16, CPU, torch.float32)
+    live = features(tiny.model, batch.tokens, rope)
+    cached = store.batch(batch.indices, batch.lengths, batch.tokens.shape[1], CPU)
+    for i, n in enumerate(min(n, 6) for n in batch.lengths):
+        assert torch.allclose(cached[i, :n], live[i, :n], rtol=2e-2, atol=2e-2)
+        assert not cached[i, n:].any()
+    head = init_head(tiny.model, seed=0).eval()
+    with torch.no_grad():
+        loss_live = float(eagle_loss_fn(head, tiny.model, 16, 0)(batch)[0])
+        loss_cached = float(eagle_loss_fn(head, tiny.model, 16, 0, store=store)(batch)[0])
+    assert abs(loss_live - loss_cached) < 2e-2 * loss_live
+    with pytest.raises(KeyError, match="no record 7"):
+        store.get(7, 3)
+    with pytest.raises(ValueError, match=r"record 0 has features \(7, 64\), expected \(5, 64\)"):
+        store.get(0, 5)
+    other = make_hf_model("llama", seed=42)
+    other.save_pretrained(tmp_path / "other")
+    model = load_checkpoint(tmp_path / "other", CPU, torch.float32, with_tokenizer=False).model
+    with pytest.raises(ValueError, match="holds features of another model"):
+        FeatureStore(tmp_path / "f", model)
+    with pytest.raises(FileNotFoundError, match="holds no w"):
+        FeatureStore(tmp_path, tiny.model)

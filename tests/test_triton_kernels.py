@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from specquant.kernels.reference import (
     QuantizedActivations,
@@ -282,6 +283,26 @@ def test_registry_rejections_name_the_cause(monkeypatch: pytest.MonkeyPatch) -> 
     assert "group size must be a multiple of 32" in ops._qlinear_check("w4a16")(ctx)[1]
     monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
     assert "triton is not importable" in ops._qlinear_check("w8a8")(_ctx("w8a8", "cuda"))[1]
+
+
+def test_cpu_linear_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's matmul by default; OpenBLAS only with passive OpenMP, and then only for one
+    row (several rows fall back to torch), equal to F.linear either way."""
+    import specquant
+    from specquant.kernels.builtin import linear_openblas
+
+    ctx = KernelContext(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(specquant, "OMP_SPINNING", True)
+    assert select("linear", ctx).name == "torch"
+    reasons = {r[0]: r[2] for r in explain("linear", ctx)}
+    assert "OMP_WAIT_POLICY=PASSIVE" in reasons["cpu-openblas"]
+    monkeypatch.setattr(specquant, "OMP_SPINNING", False)
+    assert select("linear", ctx).name == "cpu-openblas"
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    for rows in ((1, 40), (1, 1, 40), (5, 40)):
+        x = torch.randn(*rows, generator=gen)
+        assert torch.allclose(linear_openblas(x, w, b), F.linear(x, w, b), atol=1e-5)
 
 
 def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

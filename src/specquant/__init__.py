@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-# NOTE: the CPU linear kernel calls OpenBLAS (through numpy) between torch ops; with torch's
-# default spinning OpenMP workers the two thread pools fight for the cores (4x slower decode
-# on 2 cores). Must be set before torch starts its OpenMP runtime.
-# If torch was imported first, the setting comes too late; the CPU kernel registry then
-# prefers torch's own matmul (see kernels/builtin.py).
-OMP_SPINNING = "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != (
-    "PASSIVE"
-)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NOTE: the optional OpenBLAS linear kernel (kernels/builtin.py) calls numpy between torch
+# ops; with torch's spinning OpenMP workers the two thread pools fight for the cores. It is
+# used only when OMP_WAIT_POLICY=PASSIVE was set before torch started its OpenMP runtime
+# (checked here, at import): by default torch's own matmul serves the CPU, which measured
+# faster on our 2-core machines (bench/results/cpu_decode.md).
+OMP_SPINNING = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
 
 from specquant.config import (  # noqa: E402
     EngineConfig,

@@ -177,6 +177,12 @@ def _training_parsers(sub: Any) -> None:
     )
     md.add_argument("--max-chars", type=int, default=2000, help="longest prompt text kept")
     md.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="also store the target's features next to --out (OUT.features/, bf16) for "
+        "train-eagle --features",
+    )
+    md.add_argument(
         "--shard",
         type=_shard,
         default=(0, 1),
@@ -215,6 +221,13 @@ def _training_parsers(sub: Any) -> None:
                 type=int,
                 default=2,
                 help="chain steps trained per position, later ones on the head's own outputs",
+            )
+            p.add_argument(
+                "--features",
+                type=Path,
+                default=None,
+                help="read the target's features from this make-data cache (DATA.features) "
+                "instead of running the target at every step",
             )
             p.add_argument(
                 "--token-weight",
@@ -482,6 +495,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         time_limit=args.time_limit,
+        cache_features=args.cache_features,
     )
     n = make_data(gen, prompts, args.out, cfg, resume=args.resume)
     from specquant.train.make_data import data_meta_path
@@ -533,6 +547,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg,
             args.out,
             depth=args.unroll,
+            features_from=args.features,
             resume=args.resume,
             card=card,
             **({} if args.token_weight is None else {"token_weight": args.token_weight}),

@@ -57,10 +57,11 @@ def linear_torch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
 def linear_openblas(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x [1, K] @ w[N, K]^T through numpy's OpenBLAS sgemv (other shapes: torch).
 
-    NOTE: on the AMD CPUs we run CI on, torch's MKL sgemv streams weights at ~8 GB/s while
-    OpenBLAS reaches ~13 GB/s; batch-1 decoding is bound by exactly that stream. For several
-    rows (prefill, verification) OpenBLAS's sgemm is up to 4x slower than torch's at 2-8
-    rows, so only one-row products take this path.
+    NOTE: an option for CPUs where torch's sgemv streams weights slowly (one earlier CI
+    machine: 8 GB/s against OpenBLAS's 13); on the current ones torch with its spinning
+    OpenMP threads is as fast at one row and faster at several, so this kernel runs only
+    under OMP_WAIT_POLICY=PASSIVE. For several rows OpenBLAS's sgemm is up to 4x slower than
+    torch's at 2-8 rows, so only one-row products take this path.
     """
     k = x.shape[-1]
     if x.requires_grad or w.requires_grad or not x.is_contiguous() or x.numel() != k:
@@ -87,8 +88,8 @@ def _openblas_ok(ctx: KernelContext) -> tuple[bool, str]:
 
     if specquant.OMP_SPINNING:
         return False, (
-            "torch was imported before specquant without OMP_WAIT_POLICY=PASSIVE; its "
-            "spinning OpenMP threads would starve OpenBLAS (import specquant first or set it)"
+            "needs OMP_WAIT_POLICY=PASSIVE set before torch starts (torch's spinning OpenMP "
+            "threads would starve OpenBLAS); torch's matmul is faster with them anyway"
         )
     return True, "float32 on the CPU"
 

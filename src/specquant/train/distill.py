@@ -29,7 +29,8 @@ from specquant.io.export import (
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
-from specquant.train.eagle_train import features, write_card
+from specquant.train.eagle_train import write_card
+from specquant.train.features import features
 from specquant.train.loop import Batch, TrainConfig, split_heldout, train
 from specquant.train.make_data import Sample
 

@@ -41,6 +41,7 @@ from specquant.layers.rope import RopeTable
 from specquant.models.eagle import EagleHead
 from specquant.models.llama import LlamaModel
 from specquant.quant.rotate import get_rotation, rotation_fingerprint
+from specquant.train.features import FeatureStore, features
 from specquant.train.loop import Batch, TrainConfig, autocast, make_batch, split_heldout, train
 from specquant.train.make_data import Sample
 
@@ -60,18 +61,6 @@ def init_head(target: LlamaModel, seed: int = 0) -> EagleHead:
         head.fc.bias.zero_()
     head.prepare_kernels()
     return head
-
-
-def features(target: LlamaModel, tokens: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-    """Post-norm features [B, T, H] of a right-padded batch (no grad)."""
-    b, t = tokens.shape
-    with torch.no_grad():
-        cache = target.new_cache(t, batch=b)
-        meta = AttnMetadata.plan(rope, 0, t, sliding_window=target.config.sliding_window)
-        last = torch.tensor([t - 1], device=tokens.device)
-        out = target(tokens, cache, meta, logits_index=last, return_hidden=True)
-    assert out.hidden is not None
-    return out.hidden.float()
 
 
 def feature_scale(
@@ -134,6 +123,7 @@ def eagle_loss_fn(
     scale: torch.Tensor | None = None,  # [H] feature std for the regression (default 1)
     depth: int = 1,
     token_weight: float = TOKEN_WEIGHT,
+    store: FeatureStore | None = None,  # cached features instead of running the target
 ) -> Any:
     device = target.embed_tokens.weight.device
     rope_t = RopeTable(target.config, max_len, device, target.embed_tokens.weight.dtype)
@@ -144,7 +134,10 @@ def eagle_loss_fn(
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         tokens = batch.tokens
-        feats = features(target, tokens, rope_t)  # [B, T, H]
+        if store is None:
+            feats = features(target, tokens, rope_t)  # [B, T, H]
+        else:
+            feats = store.batch(batch.indices, batch.lengths, tokens.shape[1], device)
         f_in, f_next = feats[:, :-1], feats[:, 1:]
         if head.training:  # EAGLE-1's feature augmentation; evaluation sees clean features
             f_in = f_in + (torch.rand(f_in.shape, generator=gen, device=device) - 0.5) * NOISE
@@ -221,6 +214,7 @@ def train_eagle(
     *,
     depth: int = 1,
     token_weight: float = TOKEN_WEIGHT,
+    features_from: Path | None = None,  # a make-data feature cache of this target
     resume: bool = False,
     card: dict[str, Any] | None = None,
 ) -> EagleHead:
@@ -236,7 +230,8 @@ def train_eagle(
         head.trained_on_rotation = rotation_fingerprint(rotation)
     train_set, held = split_heldout(samples, cfg)
     scale = feature_scale(target, train_set[:32], cfg.max_len)
-    loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth, token_weight)
+    store = None if features_from is None else FeatureStore(features_from, target)
+    loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth, token_weight, store)
     device = target.embed_tokens.weight.device
     history = train(
         head,

@@ -69,6 +69,8 @@ class Batch:
     tokens: torch.Tensor  # [B, T] right-padded with 0
     loss_mask: torch.Tensor  # [B, T] True where position t predicts an answer token t+1
     num_tokens: int
+    indices: list[int] = field(default_factory=list)  # records in the make-data file
+    lengths: list[int] = field(default_factory=list)  # their untruncated lengths
 
 
 def make_batch(samples: list[Sample], max_len: int, device: torch.device) -> Batch:
@@ -81,7 +83,9 @@ def make_batch(samples: list[Sample], max_len: int, device: torch.device) -> Bat
         # position t predicts token t+1; train where t+1 is an answer token
         start = max(len(s.prompt_ids) - 1, 0)
         mask[i, start : len(seq) - 1] = True
-    return Batch(tokens.to(device), mask.to(device), int(mask.sum()))
+    lengths = [len(s.prompt_ids) + len(s.answer_ids) for s in samples]
+    indices = [s.index for s in samples]
+    return Batch(tokens.to(device), mask.to(device), int(mask.sum()), indices, lengths)
 
 
 def split_heldout(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:

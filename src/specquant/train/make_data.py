@@ -6,7 +6,8 @@ stopped (`resume=True` skips the prompts already written). Within a window the p
 batched by length, so batches pad little. With `time_limit` the run stops before a window
 that would end past the limit (judged by the previous window's duration): a fixed GPU budget
 yields as much data as fits. Drafters trained on a model's own answers learn what that model
-says, not what a dataset's authors wrote (EAGLE-3, Medusa-2).
+says, not what a dataset's authors wrote (EAGLE-3, Medusa-2). With `cache_features` each
+window's features are stored too (train/features.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from specquant.config import SamplingParams
 from specquant.train.batch_generate import generate_batch
+from specquant.train.features import cache_features, features_dir
 from specquant.train.prompts import Prompt
 
 
@@ -34,6 +36,7 @@ class MakeDataConfig:
     seed: int = 0
     time_limit: float = 0.0  # seconds (0: none)
     window: int = 8  # batches per length-sorted window
+    cache_features: bool = False  # also store the target's features (train/features.py)
 
 
 def make_data(
@@ -87,6 +90,17 @@ def make_data(
                     answers[i] = answer
                 bar.update(len(rows))
             # File order = prompt order (resume relies on it), whatever the batching order.
+            first = done + start  # record index of the window's first record
+            if cfg.cache_features:
+                cache_features(
+                    generator.model,
+                    [
+                        (first + i, ids + answer)
+                        for i, ((_, ids), answer) in enumerate(zip(window, answers, strict=True))
+                    ],
+                    features_dir(out) / f"w{first:07d}.safetensors",
+                    cfg.batch_size,
+                )
             for (prompt, ids), answer in zip(window, answers, strict=True):
                 record = {"source": prompt.source, "prompt_ids": ids, "answer_ids": answer}
                 f.write(json.dumps(record) + "\n")
@@ -107,6 +121,7 @@ class Sample:
     prompt_ids: list[int]
     answer_ids: list[int]
     source: str = "?"  # the prompt set it came from (for model cards)
+    index: int = -1  # record number in its make-data file (keys the feature cache)
 
 
 def read_data(path: Path, vocab_size: int | None = None) -> list[Sample]:
@@ -114,9 +129,11 @@ def read_data(path: Path, vocab_size: int | None = None) -> list[Sample]:
     if not path.exists():
         raise FileNotFoundError(f"training data file {path} does not exist")
     samples = []
+    record = -1
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        record += 1
         try:
             rec = json.loads(line)
             prompt, answer = rec["prompt_ids"], rec["answer_ids"]
@@ -128,7 +145,7 @@ def read_data(path: Path, vocab_size: int | None = None) -> list[Sample]:
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"{path}:{n}: token id outside the vocabulary [0, {vocab_size})")
         if answer:
-            samples.append(Sample(list(prompt), list(answer), str(rec.get("source", "?"))))
+            samples.append(Sample(list(prompt), list(answer), str(rec.get("source", "?")), record))
     if not samples:
         raise ValueError(f"training data file {path} holds no usable records")
     return samples
