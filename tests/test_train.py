@@ -378,3 +378,26 @@ def test_cached_features_equal_live_ones(tiny: Any, tmp_path: Path) -> None:
         FeatureStore(tmp_path / "f", model)
     with pytest.raises(FileNotFoundError, match="holds no w"):
         FeatureStore(tmp_path, tiny.model)
+
+
+def test_eagle_head_trains_on_a_quantized_targets_own_features(tmp_path: Path) -> None:
+    """train-eagle on a W4A8 target reads that target's (quantized) features, as the paper's
+    retrained W4A8 heads do: they differ from the dense model's, and training runs on them."""
+    from specquant.layers.rope import RopeTable
+    from specquant.quant.model import quantize_model
+    from specquant.quant.spec import get_format
+    from specquant.train.eagle_train import train_eagle
+
+    make_hf_model("llama", seed=43).save_pretrained(tmp_path / "m")
+    dense = load_checkpoint(tmp_path / "m", CPU, torch.float32, with_tokenizer=False).model
+    quant = load_checkpoint(tmp_path / "m", CPU, torch.float32, with_tokenizer=False).model
+    quantize_model(quant, get_format("w4a8"), "rtn")
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    rope = RopeTable(dense.config, 8, CPU, torch.float32)
+    assert not torch.allclose(features(quant, tokens, rope), features(dense, tokens, rope))
+    samples = [Sample([1, 2, 3], [4, 5, 6, 7, 8]), Sample([9, 10], [11, 12, 13, 14])] * 5
+    cfg = TrainConfig(steps=3, batch_size=2, max_len=16, heldout=1, warmup=1)
+    head = train_eagle(quant, samples, cfg, tmp_path / "h")
+    log = json.loads((tmp_path / "h" / "train_log.json").read_text())
+    assert len(log) == 3 and all(math.isfinite(h["loss"]) for h in log)
+    assert head.trained_on_rotation is None
