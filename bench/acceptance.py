@@ -28,8 +28,8 @@ from common import git_commit
 from specquant.config import EngineConfig, GenerationConfig, SpecConfig
 from specquant.io.loader import load_checkpoint
 from specquant.spec.factory import build_generator
+from specquant.train.prompts import default_data_dir
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPEC_BENCH_ONLY = ("translation", "summarization", "qa", "math_reasoning", "rag")
 
 
@@ -59,10 +59,14 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--methods", nargs="*", default=["ar", "eagle2", "sps", "hierspec"])
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument(
+        "--data", type=Path, default=None, help="shared/data (default: $SPECQUANT_DATA or found)"
+    )
     ap.add_argument("--format", default="bf16/fp32", help="label of the target's format")
     ap.add_argument("--out", type=Path, default=Path("bench/results/acceptance.json"))
     args = ap.parse_args()
+    if args.data is None:
+        args.data = default_data_dir()
 
     from specquant.engine.generator import resolve_device, resolve_dtype
 

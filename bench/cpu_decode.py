@@ -27,8 +27,8 @@ import torch
 
 from common import git_commit
 from specquant.config import GenerationConfig
+from specquant.train.prompts import default_data_dir
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench"
 CATEGORIES = ("summarization", "rag", "coding", "qa", "translation", "math_reasoning")
 
 
@@ -91,9 +91,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--per-category", type=int, default=1)
-    ap.add_argument("--data", type=Path, default=DATA / "question.jsonl")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="Spec-Bench question.jsonl (default: found)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/cpu_decode.json"))
     args = ap.parse_args()
+    if args.data is None:
+        args.data = default_data_dir() / "spec_bench" / "question.jsonl"
 
     from transformers import AutoModelForCausalLM
 

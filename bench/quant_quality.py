@@ -45,8 +45,8 @@ from specquant.quant.model import quantize_model
 from specquant.quant.rotate import rotate_model_
 from specquant.quant.spec import FORMATS, QuantSpec
 from specquant.train.batch_generate import generate_batch
+from specquant.train.prompts import default_data_dir
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HELDOUT_GLOB = "wmt22/generaltest2022.*.ref.*.en"
 # Quantization (rotation, GPTQ) and all matmuls run in float32; the dense tensors a quantized
 # checkpoint keeps (embeddings, norms, lm_head) are rounded to bfloat16, as it stores them.
@@ -173,9 +173,13 @@ def main() -> None:
     ap.add_argument("--gsm8k-batch", type=int, default=100)
     ap.add_argument("--gsm8k-new-tokens", type=int, default=192)
     ap.add_argument("--batch", type=int, default=8, help="sequences per perplexity forward")
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument(
+        "--data", type=Path, default=None, help="shared/data (default: $SPECQUANT_DATA or found)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant_quality.json"))
     args = ap.parse_args()
+    if args.data is None:
+        args.data = default_data_dir()
 
     device = torch.device(args.device)
     loaded = load_checkpoint(args.model, device, torch.float32)
