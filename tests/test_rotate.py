@@ -380,3 +380,4 @@ def test_head_trained_on_a_rotated_target_is_not_converted_again(tmp_path: Path)
     rotate_eagle_head_(converted, rot)
     with pytest.raises(ValueError, match="converted for a rotated base at load time"):
         save_eagle_head(converted, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before writing anything

@@ -33,7 +33,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return load_checkpoint(path, CPU, torch.float32, with_tokenizer=False)
 
 
-@pytest.mark.parametrize("drop_share", [8, 100])  # finished rows dropped at once / kept
+@pytest.mark.parametrize("drop_share", [8, 0])  # finished rows dropped at once / never
 def test_batched_generation_equals_single(
     tiny: Any, drop_share: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,6 +237,13 @@ def test_pipeline_end_to_end_on_smollm2(tmp_path: Path, smollm2: Any) -> None:
     assert rc == 0
     cache = tmp_path / "data.jsonl.features"
     assert [p.name for p in cache.iterdir()] == ["w0000000.safetensors"]
+    # a fresh run next to a non-empty cache would mix two runs' records: refused
+    (tmp_path / "again.jsonl.features").mkdir()
+    (tmp_path / "again.jsonl.features" / "w0000000.safetensors").write_text("old")
+    again = ["make-data", "--out", str(tmp_path / "again.jsonl"), "--cache-features"]
+    assert main([*again, "--limit", "1", *common]) == 2
+    assert not (tmp_path / "again.jsonl").exists()
+    assert main([*again, "--limit", "2", "--shard", "0/2", *common]) == 2
     records = [json.loads(line) for line in data.read_text().splitlines()]
     assert len(records) == 4 and all(r["answer_ids"] for r in records)
     # one GPU per shard: shard 1/2 answers prompts 1 and 3 of the same selection
@@ -378,6 +385,33 @@ def test_cached_features_equal_live_ones(tiny: Any, tmp_path: Path) -> None:
         FeatureStore(tmp_path / "f", model)
     with pytest.raises(FileNotFoundError, match="holds no w"):
         FeatureStore(tmp_path, tiny.model)
+    # a quantized copy of the same model is another model
+    import copy
+
+    from specquant.quant.model import quantize_model
+    from specquant.quant.spec import get_format
+
+    quant = copy.deepcopy(tiny.model)
+    quantize_model(quant, get_format("w8a8"), "rtn")
+    with pytest.raises(ValueError, match="holds features of another model"):
+        FeatureStore(tmp_path / "f", quant)
+    with pytest.raises(ValueError, match=r"lacks 1 of 4 records \(first: \[9\]\)"):
+        store.check_covers([0, 1, 2, 9])
+    cache_features(tiny.model, records[:1], tmp_path / "f" / "w0000009.safetensors", 2)
+    with pytest.raises(ValueError, match="record 0 is cached twice"):
+        FeatureStore(tmp_path / "f", tiny.model)
+
+
+def test_eagle_loss_of_a_batch_without_scorable_rows_is_zero(tiny: Any) -> None:
+    """One-token answers leave no row that reads an answer token and predicts another: the
+    loss is an exact zero with zero gradients, not the NaN of an empty mean."""
+    batch = make_batch([Sample([1, 2, 3], [4]), Sample([5, 6], [7])], 16, CPU)
+    assert batch.num_tokens == 2 and not answer_rows(batch).any()
+    head = init_head(tiny.model, seed=0)
+    loss, metrics = eagle_loss_fn(head, tiny.model, 16, 0, depth=2)(batch)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and metrics == {}
+    assert all(p.grad is None or not p.grad.any() for p in head.parameters())
 
 
 def test_eagle_head_trains_on_a_quantized_targets_own_features(tmp_path: Path) -> None:

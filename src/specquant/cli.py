@@ -486,6 +486,11 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     # only have to be the target's own (they differ from exact fp32 in rare near-ties)
     torch.backends.cuda.matmul.allow_tf32 = True
     k, n = args.shard
+    if n > 1 and args.cache_features:
+        raise ValueError(
+            "--cache-features with --shard: each shard's cache would be keyed by its own "
+            "record numbers, not those of the concatenated data; cache without sharding"
+        )
     prompts = prompts[k::n]
     gen = _load_target(args)
     cfg = MakeDataConfig(
@@ -596,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # User-facing failures (bad checkpoint, prompt too long, missing model) get one clear
         # line, not a traceback.
         print(f"specquant: error: {e}", file=sys.stderr)

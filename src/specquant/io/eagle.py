@@ -198,14 +198,14 @@ def random_eagle_head(
 
 def save_eagle_head(head: EagleHead, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the public (unfused) layout."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_safetensors(unfused_state_dict(head, head.config), path, dtype)
-    if head.base_rotation_folded:
+    if head.base_rotation_folded:  # checked before anything is written
         raise ValueError(
             "this EAGLE head was converted for a rotated base at load time; save the head "
             "as trained (it is converted again whenever it is loaded for a rotated base)"
         )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors(unfused_state_dict(head, head.config), path, dtype)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     config |= llama_config_dict(head.config) | {"bias": head.fc.bias is not None}
     if head.trained_on_rotation is not None:

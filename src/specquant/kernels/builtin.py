@@ -20,8 +20,9 @@ def _always(ctx: KernelContext) -> tuple[bool, str]:
 
 # NOTE: torch's cuDNN SDPA backend builds a plan per new key length: with the cache growing
 # by one token per step that cost 1.5 ms of CPU time per call (bf16 SmolLM2 decoded 4x slower
-# than it does without it on an H100). It is switched off process-wide on first CUDA use: a
-# `sdpa_kernel` context per call costs ~0.15 ms itself.
+# than it does without it on an H100). It is switched off process-wide on first CUDA use (so
+# for other models in the same process too; README says so): a `sdpa_kernel` context per
+# call costs ~0.15 ms itself.
 _cudnn_sdp_off = False
 
 

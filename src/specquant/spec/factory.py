@@ -169,11 +169,11 @@ def build_generator(
         )
         if reduce and isinstance(head, EagleHead) and Path(str(eagle_path)).is_dir():
             vocab = load_eagle_vocab(eagle_path, tcfg.vocab_size)
-            if vocab is None and spec.eagle_vocab == "reduced":
-                raise ConfigError(
-                    f"eagle_vocab 'reduced' needs {Path(str(eagle_path)) / 'lm_head_vocab.json'}"
-                    " (train-eagle --lm-head-vocab N writes it)"
-                )
+        if vocab is None and spec.eagle_vocab == "reduced":
+            raise ConfigError(
+                "eagle_vocab 'reduced' needs an EAGLE-1/2 head directory with "
+                f"lm_head_vocab.json (train-eagle --lm-head-vocab N writes it); got {eagle_path}"
+            )
         gen.drafter = EagleDrafter(
             head,
             gen.runner,

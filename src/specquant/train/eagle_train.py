@@ -144,11 +144,15 @@ def eagle_loss_fn(
         emb = target.embed_tokens(tokens[:, 1:]).float()
         outs = unroll(head, emb, f_in, depth, rope_h)
         m = answer_rows(batch)
-        loss = torch.zeros((), device=device)
+        # zero, but part of the graph: a batch without a scorable row (answers of one token
+        # within max_len) must give a zero gradient, not the NaN of a mean over nothing
+        loss = outs[0].sum() * 0.0
         metrics: dict[str, float] = {}
         for j, h in enumerate(outs):
             mj = m.clone()
             mj[:, :j] = False  # a chain of j+1 steps needs j real rows before it
+            if not mj.any():
+                continue
             hv, fv = h[mj].float(), f_next[mj]
             loss_v = F.smooth_l1_loss(hv / scale, fv / scale)
             with torch.no_grad():
@@ -231,6 +235,8 @@ def train_eagle(
     train_set, held = split_heldout(samples, cfg)
     scale = feature_scale(target, train_set[:32], cfg.max_len)
     store = None if features_from is None else FeatureStore(features_from, target)
+    if store is not None:
+        store.check_covers([s.index for s in samples])
     loss_fn = eagle_loss_fn(head, target, cfg.max_len, cfg.seed, scale, depth, token_weight, store)
     device = target.embed_tokens.weight.device
     history = train(

@@ -8,7 +8,8 @@ record (prompt and answer, [L, H], bfloat16) in one safetensors file per window:
 
 `train-eagle --features DIR` then reads them instead of running the target at every step
 (EAGLE's own recipe caches hidden states too). A cache made by another model is refused: its
-fingerprint (config and a digest of the final norm and lm_head) must match the target's.
+fingerprint (config, final norm, lm_head and the first rows of every decoder linear as
+stored, so a quantized model differs from its dense original) must match the target's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from specquant.layers.attention import AttnMetadata
+from specquant.layers.linear import QLinear
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 
@@ -40,11 +42,22 @@ def features(target: LlamaModel, tokens: torch.Tensor, rope: RopeTable) -> torch
 
 
 def model_fingerprint(model: LlamaModel) -> str:
-    """A short id of a model's weights and shape: cached features belong to one model."""
+    """A short id of a model's weights and shape: cached features belong to one model. It
+    reads the first rows of every decoder linear as stored (codes and scales when quantized,
+    with the format's name), so a quantized model and its dense original differ."""
     cfg = model.config
     digest = hashlib.sha256(json.dumps([cfg.hidden_size, cfg.num_layers, cfg.vocab_size]).encode())
-    for tensor in (model.norm.weight, model.lm_head.weight[:8]):
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    tensors = [model.norm.weight, model.lm_head.weight[:8]]
+    for module in model.layers.modules():
+        if isinstance(module, QLinear):
+            if module.spec is not None:
+                digest.update(module.spec.name.encode())
+                tensors += [t[:2] for t in module.qtensors().values()]
+            else:
+                tensors.append(module.weight[:2])
+    for tensor in tensors:
+        raw = tensor.detach().cpu().contiguous()
+        digest.update(raw.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -103,9 +116,25 @@ class FeatureStore:
                         f"target's is {want}); cache them again with this target"
                     )
                 keys = handle.keys()  # a safe_open handle is not iterable itself
-                self.where.update((int(k), file) for k in keys)
+                for key in keys:
+                    if int(key) in self.where:
+                        raise ValueError(
+                            f"record {key} is cached twice ({self.where[int(key)].name} and "
+                            f"{file.name}); remove the stale files from {directory}"
+                        )
+                    self.where[int(key)] = file
         self.hidden = target.config.hidden_size
         self._open: dict[Path, Any] = {}
+
+    def check_covers(self, indices: list[int]) -> None:
+        """Fail before training when some records have no cached features."""
+        missing = [i for i in indices if i not in self.where]
+        if missing:
+            raise ValueError(
+                f"the feature cache lacks {len(missing)} of {len(indices)} records (first: "
+                f"{missing[:5]}); was it made for this data file, with --cache-features "
+                "throughout?"
+            )
 
     def get(self, index: int, length: int) -> torch.Tensor:  # [length, H]
         from safetensors import safe_open

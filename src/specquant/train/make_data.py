@@ -53,6 +53,12 @@ def make_data(
         if not resume:
             raise FileExistsError(f"{out} exists; pass --resume to continue it or remove it")
         done = sum(1 for line in out.read_text().splitlines() if line.strip())
+    cache = features_dir(out)
+    if cfg.cache_features and not resume and cache.exists() and any(cache.iterdir()):
+        raise FileExistsError(
+            f"feature cache {cache} is not empty; remove it (its records would be mixed with "
+            "this run's) or pass --resume to continue the run that made it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     todo = prompts[done:]
     sampling = SamplingParams(temperature=cfg.temperature, seed=cfg.seed)
