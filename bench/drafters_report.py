@@ -42,60 +42,46 @@ def heldout(log: list[dict[str, float]]) -> dict[str, float]:
     return rows[-1] if rows else {}
 
 
+def point(report: dict[str, Any], step: int, tokens: int) -> dict[str, Any]:
+    """One learning-curve point: EAGLE-2 tau on both benchmarks after `tokens` trained."""
+    return {
+        "step": step,
+        "tokens": tokens,
+        "mt": tau(report, "eagle2", "mt_bench"),
+        "sb": tau(report, "eagle2", "spec_bench"),
+    }
+
+
+def final_point(results: Path, head: str) -> dict[str, Any] | None:
+    """The point of a head's final weights (`final_<head>.json` and its training log)."""
+    final, log_path = results / f"final_{head}.json", results / f"{head}_train_log.json"
+    if not (final.exists() and log_path.exists()):
+        return None
+    log = load(log_path)
+    # committed logs are trimmed and carry the running total
+    tokens = int(log[-1].get("tokens_cum", sum(h["tokens"] for h in log)))
+    return point(load(final), int(log[-1]["step"]), tokens) | {"head": head}
+
+
 def curve_points(results: Path) -> list[dict[str, Any]]:
     """(step, answer tokens trained on, tau MT-Bench, tau Spec-Bench) per snapshot."""
     points = []
     for path in results.glob("curve_*.json"):
         step = int(path.stem.split("_")[1])
         trained = results / f"eagle_trained_{step}.json"
-        if not trained.exists():
-            continue
-        report = load(path)
-        points.append(
-            {
-                "step": step,
-                "tokens": load(trained)["tokens"],
-                "mt": tau(report, "eagle2", "mt_bench"),
-                "sb": tau(report, "eagle2", "spec_bench"),
-            }
-        )
-    final = results / "final_eagle.json"
-    log_path = results / "eagle_train_log.json"
-    if final.exists() and log_path.exists():
-        log = load(log_path)
-        report = load(final)
-        points.append(
-            {
-                "step": int(log[-1]["step"]),
-                # committed logs are trimmed and carry the running total
-                "tokens": int(log[-1].get("tokens_cum", sum(h["tokens"] for h in log))),
-                "mt": tau(report, "eagle2", "mt_bench"),
-                "sb": tau(report, "eagle2", "spec_bench"),
-            }
-        )
+        if trained.exists():
+            points.append(point(load(path), step, load(trained)["tokens"]))
+    final = final_point(results, "eagle")
+    if final is not None:
+        points.append(final)
     return sorted(points, key=lambda p: p["step"])
 
 
 def other_heads(results: Path) -> list[dict[str, Any]]:
     """Final points of the other heads of the run (`final_<head>.json`, not `eagle`)."""
-    points = []
-    for path in sorted(results.glob("final_*.json")):
-        name = path.stem.removeprefix("final_")
-        log_path = results / f"{name}_train_log.json"
-        if name == "eagle" or not log_path.exists():
-            continue
-        log = load(log_path)
-        report = load(path)
-        points.append(
-            {
-                "head": name,
-                "step": int(log[-1]["step"]),
-                "tokens": int(log[-1].get("tokens_cum", sum(h["tokens"] for h in log))),
-                "mt": tau(report, "eagle2", "mt_bench"),
-                "sb": tau(report, "eagle2", "spec_bench"),
-            }
-        )
-    return points
+    names = sorted(p.stem.removeprefix("final_") for p in results.glob("final_*.json"))
+    points = [final_point(results, name) for name in names if name != "eagle"]
+    return [p for p in points if p is not None]
 
 
 def format_rows(results: Path) -> list[tuple[str, dict[str, Any]]]:

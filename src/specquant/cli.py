@@ -465,6 +465,12 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     from specquant.train.make_data import MakeDataConfig, make_data
     from specquant.train.prompts import default_data_dir, load_prompts
 
+    k, n = args.shard  # checked before any prompt is read
+    if n > 1 and args.cache_features:
+        raise ValueError(
+            "--cache-features with --shard: each shard's cache would be keyed by its own "
+            "record numbers, not those of the concatenated data; cache without sharding"
+        )
     if args.prompt_file is not None:
         from specquant.train.prompts import Prompt
 
@@ -485,12 +491,6 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     # TF32 matmuls on CUDA: batched generation is compute-bound at large batches, and answers
     # only have to be the target's own (they differ from exact fp32 in rare near-ties)
     torch.backends.cuda.matmul.allow_tf32 = True
-    k, n = args.shard
-    if n > 1 and args.cache_features:
-        raise ValueError(
-            "--cache-features with --shard: each shard's cache would be keyed by its own "
-            "record numbers, not those of the concatenated data; cache without sharding"
-        )
     prompts = prompts[k::n]
     gen = _load_target(args)
     cfg = MakeDataConfig(

@@ -153,21 +153,42 @@ def materialize(
 LM_HEAD_VOCAB_FILE = "lm_head_vocab.json"
 
 
+def read_lm_head_vocab(
+    model_dir: Path, vocab_size: int, size: int | None = None
+) -> torch.Tensor | None:
+    """The FR-Spec token ids saved next to a checkpoint (`lm_head_vocab.json`: a draft
+    model's or an EAGLE head's), or None when there is no such file; `size`, when given, is
+    the count the checkpoint's config declares."""
+    path = Path(model_dir) / LM_HEAD_VOCAB_FILE
+    if not path.exists():
+        return None
+    try:
+        ids = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    valid = isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    if not valid or not ids or len(set(ids)) != len(ids):
+        raise CheckpointError(f"{path} must be a non-empty list of distinct token ids")
+    if size is not None and len(ids) != size:
+        raise CheckpointError(
+            f"{path} must hold {size} token ids (its config says so), not {len(ids)}"
+        )
+    if not all(0 <= i < vocab_size for i in ids):
+        raise CheckpointError(f"{path} holds token ids outside the vocabulary [0, {vocab_size})")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def apply_lm_head_vocab(model: LlamaModel, model_dir: Path) -> None:
     """Restrict a draft's lm_head to the token ids saved next to its checkpoint (FR-Spec)."""
     cfg = model.config
     if not cfg.lm_head_vocab:
         return
-    path = model_dir / LM_HEAD_VOCAB_FILE
-    try:
-        ids = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{model_dir} declares a reduced lm_head but {path}: {e}") from None
-    if len(ids) != cfg.lm_head_vocab or any(not 0 <= int(i) < cfg.vocab_size for i in ids):
+    ids = read_lm_head_vocab(model_dir, cfg.vocab_size, cfg.lm_head_vocab)
+    if ids is None:
         raise CheckpointError(
-            f"{path} must hold {cfg.lm_head_vocab} token ids in [0, {cfg.vocab_size})"
+            f"{model_dir} declares a reduced lm_head but has no {LM_HEAD_VOCAB_FILE}"
         )
-    model.restrict_lm_head(torch.tensor(ids))
+    model.restrict_lm_head(ids)
 
 
 def load_into(

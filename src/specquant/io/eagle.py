@@ -26,12 +26,7 @@ from pathlib import Path
 import torch
 
 from specquant.config import ConfigError, ModelConfig
-from specquant.io.checkpoint import (
-    LM_HEAD_VOCAB_FILE,
-    CheckpointError,
-    expected_shapes,
-    load_into,
-)
+from specquant.io.checkpoint import CheckpointError, expected_shapes, load_into
 from specquant.io.export import (
     llama_config_dict,
     save_safetensors,
@@ -166,24 +161,6 @@ def load_eagle_head(
     head.prepare_kernels()
     head.trained_on_rotation = raw.get(ROTATION_KEY)
     return head
-
-
-def load_eagle_vocab(path: str | Path, vocab_size: int) -> torch.Tensor | None:
-    """The head's drafting vocabulary (FR-Spec): the token ids in `lm_head_vocab.json` next
-    to the head, or None (the full vocabulary) when there is no such file."""
-    file = Path(path) / LM_HEAD_VOCAB_FILE
-    if not file.exists():
-        return None
-    try:
-        ids = json.loads(file.read_text())
-        valid = isinstance(ids, list) and all(isinstance(i, int) for i in ids)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not valid or not ids or len(set(ids)) != len(ids):
-        raise CheckpointError(f"{file} must be a non-empty list of distinct token ids")
-    if not all(0 <= i < vocab_size for i in ids):
-        raise CheckpointError(f"{file} holds token ids outside the vocabulary [0, {vocab_size})")
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def random_eagle_head(

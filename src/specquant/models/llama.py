@@ -95,6 +95,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(norm_for(self.post_attention_layernorm, x, self.mlp.gate_up_proj))
 
 
+def lm_head_rows(lm_head: QLinear, vocab_ids: torch.Tensor) -> tuple[QLinear, torch.Tensor]:
+    """A dense lm_head's rows for `vocab_ids` only (FR-Spec) as a new layer, and the ids on
+    its device: logits over the kept tokens, in the order of `vocab_ids`."""
+    if lm_head.spec is not None:
+        raise ValueError("a reduced vocabulary needs a dense lm_head")
+    weight = lm_head.weight.detach()
+    ids = vocab_ids.to(device=weight.device, dtype=torch.long)
+    head = QLinear(weight.shape[1], ids.numel())
+    head.weight = nn.Parameter(weight[ids].clone(), requires_grad=False)
+    head.prepare()
+    return head, ids
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -149,12 +162,7 @@ class LlamaModel(nn.Module):
 
     def restrict_lm_head(self, vocab_ids: torch.Tensor) -> None:
         """Keep only these lm_head rows (a draft's frequent tokens, FR-Spec)."""
-        weight = self.lm_head.weight.detach()
-        ids = vocab_ids.to(device=weight.device, dtype=torch.long)
-        head = QLinear(self.config.hidden_size, ids.numel())
-        head.weight = torch.nn.Parameter(weight[ids].clone(), requires_grad=False)
-        head.prepare()
-        self.lm_head, self.vocab_ids = head, ids
+        self.lm_head, self.vocab_ids = lm_head_rows(self.lm_head, vocab_ids)
 
     def prepare_kernels(self, linear_override: str | None = None) -> None:
         """Choose kernels for the current device/dtype; call after loading or `.to()`."""

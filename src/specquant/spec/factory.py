@@ -10,13 +10,8 @@ import torch
 from specquant.config import ConfigError, EngineConfig, ModelConfig, SpecConfig
 from specquant.engine.generator import Generator
 from specquant.engine.runner import ModelRunner
-from specquant.io.checkpoint import CheckpointError
-from specquant.io.eagle import (
-    load_eagle_head,
-    load_eagle_vocab,
-    random_eagle3_head,
-    random_eagle_head,
-)
+from specquant.io.checkpoint import CheckpointError, read_lm_head_vocab
+from specquant.io.eagle import load_eagle_head, random_eagle3_head, random_eagle_head
 from specquant.io.loader import LoadedModel, load_checkpoint
 from specquant.layers.linear import init_random_
 from specquant.models.eagle import Eagle3Head, EagleHead
@@ -168,7 +163,7 @@ def build_generator(
             spec.eagle_vocab == "auto" and device.type == "cpu"
         )
         if reduce and isinstance(head, EagleHead) and Path(str(eagle_path)).is_dir():
-            vocab = load_eagle_vocab(eagle_path, tcfg.vocab_size)
+            vocab = read_lm_head_vocab(Path(str(eagle_path)), tcfg.vocab_size)
         if vocab is None and spec.eagle_vocab == "reduced":
             raise ConfigError(
                 "eagle_vocab 'reduced' needs an EAGLE-1/2 head directory with "

@@ -104,7 +104,7 @@ def make_data(
                         (first + i, ids + answer)
                         for i, ((_, ids), answer) in enumerate(zip(window, answers, strict=True))
                     ],
-                    features_dir(out) / f"w{first:07d}.safetensors",
+                    cache / f"w{first:07d}.safetensors",
                     cfg.batch_size,
                 )
             for (prompt, ids), answer in zip(window, answers, strict=True):

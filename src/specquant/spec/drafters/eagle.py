@@ -17,7 +17,6 @@ All of it stays on the device; the tree-level KV entries are dropped afterwards.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from specquant.engine.runner import (
     PREFILL_CHUNK,
@@ -30,6 +29,7 @@ from specquant.layers.attention import AttnMetadata, select_attention
 from specquant.layers.linear import QLinear
 from specquant.layers.rope import RopeTable
 from specquant.models.eagle import Eagle3Head, EagleHead
+from specquant.models.llama import lm_head_rows
 from specquant.spec.drafters.base import DraftRequest, DraftStats
 from specquant.spec.tree import MAX_TREE_SIZE, DraftTree
 
@@ -88,13 +88,7 @@ class EagleDrafter:
             self.vocab_ids, self.draft_lm_head = model.vocab_ids, model.lm_head
             vocab = int(model.vocab_ids.numel())
         elif vocab_ids is not None:
-            if getattr(model.lm_head, "spec", None) is not None:
-                raise ValueError("a reduced drafting vocabulary needs a dense lm_head")
-            weight = model.lm_head.weight.detach()
-            self.vocab_ids = vocab_ids.to(device=weight.device, dtype=torch.long)
-            self.draft_lm_head = QLinear(weight.shape[1], self.vocab_ids.numel())
-            self.draft_lm_head.weight = nn.Parameter(weight[self.vocab_ids], requires_grad=False)
-            self.draft_lm_head.prepare()
+            self.draft_lm_head, self.vocab_ids = lm_head_rows(model.lm_head, vocab_ids)
             vocab = int(self.vocab_ids.numel())
         else:
             vocab = base.config.vocab_size
