@@ -21,6 +21,7 @@ import specquant
 # isort: split
 import torch
 
+from common import git_commit
 from specquant.config import ModelConfig
 from specquant.engine.runner import ModelRunner
 from specquant.io.loader import load_checkpoint
@@ -96,6 +97,7 @@ def main() -> None:
         "device": f"{where}, {args.dtype}" + (", random weights" if args.random else ""),
         "draft": Path(args.draft).name,
         "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
         "target_step_ms": target_ms,
         "draft_step_ms": draft_ms,
         "ratio": draft_ms / target_ms,
