@@ -192,13 +192,110 @@ def baseline(name: str, n: int, k: int, gen: torch.Generator) -> Any:
     raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
 
 
+# ------------------------------------------------------- the linears of a layer, as in the model
+CHAIN = ["bf16", "w4a16-g128", "w4a16", "w8a8", "w4a8", "w4a8-g128", "fp8"]
+
+
+def chain(name: str, model: str, gen: torch.Generator) -> Any:
+    """One decoder layer's linear path as models/llama.py runs it, attention excluded:
+    norm -> qkv, o (its input quantized by qlinear where the format needs it), norm ->
+    gate_up, silu(gate) * up -> down. A8 formats run the fused RMSNorm + quantization and
+    silu * up + quantization kernels; bf16 and W4A16 the plain norm and the fused silu * up."""
+    from specquant.kernels.reference import rmsnorm_reference
+    from specquant.kernels.triton_ops.act_quant import rmsnorm_quant, silu_mul, silu_mul_quant
+    from specquant.kernels.triton_ops.qlinear import qlinear
+
+    shapes = SHAPES[model]
+    hidden = shapes["qkv"][0]
+    norm_w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    spec = None if name == "bf16" else FORMATS[name]
+    if spec is None:
+        one = {
+            layer: torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+            for layer, (k, n) in shapes.items()
+        }
+        size = sum(nbytes(w) for w in one.values())
+    else:
+        one = {layer: random_tensors(spec, n, k, gen) for layer, (k, n) in shapes.items()}
+        size = sum(nbytes(t) for t in one.values())
+    copies = copies_for(size)
+    weights = [one] + [{layer: _clone(t) for layer, t in one.items()} for _ in range(1, copies)]
+    act = None if spec is None or spec.activations == "none" else spec.activations
+
+    def linear(x: Any, w: Any) -> torch.Tensor:
+        return F.linear(x, w) if spec is None else qlinear(x, w, None, spec)
+
+    def norm(x: torch.Tensor) -> Any:
+        return (
+            rmsnorm_reference(x, norm_w, 1e-5)
+            if act is None
+            else rmsnorm_quant(x, norm_w, 1e-5, act)
+        )
+
+    def make(x: torch.Tensor) -> Callable[[int], Any]:
+        attn_out = torch.randn(x.shape[0], shapes["o"][0], device="cuda", dtype=x.dtype)
+
+        def run(i: int) -> torch.Tensor:
+            w = weights[i]
+            linear(norm(x), w["qkv"])
+            h = x + linear(attn_out, w["o"])
+            up = linear(norm(h), w["gate_up"])
+            a = silu_mul(up) if act is None else silu_mul_quant(up, act)
+            return h + linear(a, w["down"])
+
+        return run
+
+    return make, copies, size
+
+
+def _clone(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) else {k: v.clone() for k, v in t.items()}
+
+
+def measure_chains(models: list[str], ms: list[int], deadline: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model in models:
+        for name in CHAIN:
+            if time.time() > deadline:
+                print(f"deadline reached before the {model} {name} chain", flush=True)
+                return rows
+            make, copies, size = chain(name, model, gen)
+            k = SHAPES[model]["qkv"][0]
+            fields = dict(model=model, impl=name, weight_bytes=size, copies=copies)
+            rows += time_each_m(make, copies, k, ms, fields)
+            del make
+            torch.cuda.empty_cache()
+    return rows
+
+
+def chain_goals(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for model in SHAPES:
+        t = {(r["impl"], r["m"]): r["us"] for r in rows if r["model"] == model and "us" in r}
+        for f in ("w8a8", "fp8"):
+            ms = [m for (impl, m) in t if impl == f and ("bf16", m) in t]
+            if not ms:
+                continue
+            slower = [m for m in sorted(ms) if t[(f, m)] >= t[("bf16", m)]]
+            lines.append(
+                f"{model} {f.upper()} layer linears as run in the model (norm/SiLU-fused "
+                f"quantization) faster than bf16 at every M: "
+                f"{'yes' if not slower else 'no, not at M=' + str(slower)}"
+            )
+    return lines
+
+
 # ------------------------------------------------------------------------ parallel compile
 def apply_configs(table: dict[str, Any] | None) -> None:
-    """Replace the kernels' tile table: family -> [[largest M, [tile config fields]], ...]."""
+    """Replace the kernels' tile table: family -> [[largest M, (largest N * K,) [tile config
+    fields]], ...]; a rule without a size applies to every size."""
     import specquant.kernels.triton_ops.qlinear as Q
 
-    for family, buckets in (table or {}).items():
-        Q.CONFIGS[family] = [(m, Q.TileConfig(*cfg)) for m, cfg in buckets]
+    for family, rules in (table or {}).items():
+        Q.CONFIGS[family] = [
+            (r[0], r[1] if len(r) == 3 else Q.ANY, Q.TileConfig(*r[-1])) for r in rules
+        ]
 
 
 def _warm_one(job: tuple[Any, ...]) -> str:
@@ -225,6 +322,26 @@ def precompile(jobs: list[tuple[Any, ...]], workers: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- runs
+def time_each_m(
+    make: Callable[[torch.Tensor], Callable[[int], Any]],
+    copies: int,
+    k: int,
+    ms: list[int],
+    fields: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One row per M: `fields` plus the median microseconds (or the error) of make(x [M, k])."""
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {**fields, "m": m}
+        try:
+            row["us"] = time_graph(make(x), copies)
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+    return rows
+
+
 def measure(
     models: list[str], ms: list[int], deadline: float, partial: Path
 ) -> list[dict[str, Any]]:
@@ -246,15 +363,9 @@ def measure(
                 except Exception as e:
                     rows.append(dict(model=model, layer=layer, impl=impl, error=repr(e)[:300]))
                     continue
-                for m in ms:
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    row = dict(model=model, layer=layer, impl=impl, m=m, n=n, k=k,
-                               weight_bytes=size, copies=copies)  # fmt: skip
-                    try:
-                        row["us"] = time_graph(make(x), copies)
-                    except Exception as e:
-                        row["error"] = repr(e)[:300]
-                    rows.append(row)
+                fields = dict(model=model, layer=layer, impl=impl, n=n, k=k,
+                              weight_bytes=size, copies=copies)  # fmt: skip
+                rows += time_each_m(make, copies, k, ms, fields)
                 del make
                 torch.cuda.empty_cache()
             partial.write_text(json.dumps(rows))  # in case the run is cut short
@@ -265,19 +376,32 @@ def measure(
 TUNE_FORMATS = ["w4a16-g128", "w8a8", "w4a8", "fp8"]  # one per kernel family
 TUNE_SHAPES = [(model, layer) for model in SHAPES for layer in SHAPES[model]]
 # M bucket -> candidates (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, split waves); fp8 needs
-# BLOCK_M >= 64 (wgmma), so its small-M candidates are the BLOCK_M = 64 ones.
+# wgmma (BLOCK_M >= 64 and 4+ warps), so its small-M candidates are the BLOCK_M = 64 ones.
+# With 2 warps Triton runs BLOCK_M = 64 on mma.sync: the dequantized weights stay in
+# registers instead of taking wgmma's trip through shared memory.
 TUNE_CANDIDATES = {
-    16: [(128, 16, 128, 4, 4, 1), (128, 16, 128, 4, 4, 2), (64, 16, 128, 4, 4, 1),
-         (128, 16, 256, 4, 3, 1), (128, 64, 128, 4, 3, 1), (128, 64, 256, 4, 3, 1)],
-    32: [(128, 32, 128, 4, 4, 1), (64, 32, 128, 4, 4, 1), (128, 64, 128, 4, 3, 1)],
-    64: [(128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1)],
-    128: [(128, 128, 64, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 128, 64, 4, 3, 1)],
+    16: [(128, 16, 128, 4, 4, 1), (128, 16, 128, 4, 4, 2), (128, 16, 128, 4, 4, 4),
+         (64, 16, 128, 4, 4, 1), (64, 16, 128, 4, 4, 2), (64, 16, 128, 4, 4, 4),
+         (32, 16, 128, 2, 4, 2), (32, 16, 128, 2, 4, 4), (32, 16, 256, 2, 3, 4),
+         (128, 16, 256, 4, 3, 1), (128, 16, 256, 8, 3, 1), (128, 16, 128, 8, 5, 1),
+         (256, 16, 128, 8, 3, 1), (64, 16, 256, 4, 3, 2), (128, 16, 128, 4, 6, 2),
+         (128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2)],
+    32: [(128, 32, 128, 4, 4, 1), (64, 32, 128, 4, 4, 1), (64, 32, 128, 4, 4, 2),
+         (128, 32, 128, 8, 4, 1), (32, 32, 128, 2, 4, 2), (128, 64, 128, 4, 3, 1),
+         (64, 32, 128, 2, 4, 1), (64, 32, 128, 2, 4, 2)],
+    64: [(128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 64, 64, 4, 4, 1),
+         (128, 64, 128, 8, 3, 1), (256, 64, 64, 8, 3, 1), (64, 64, 128, 4, 4, 2),
+         (128, 64, 128, 4, 3, 2), (64, 64, 64, 4, 5, 1),
+         (64, 64, 128, 2, 3, 1), (64, 64, 128, 2, 4, 1), (32, 64, 128, 2, 4, 1),
+         (64, 64, 64, 2, 4, 1), (64, 64, 128, 2, 3, 2)],
+    128: [(128, 128, 64, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 128, 64, 4, 3, 1),
+          (128, 128, 128, 8, 3, 1), (256, 128, 64, 8, 3, 1)],
 }  # fmt: skip
 
 
 def _candidates(name: str, m: int) -> list[tuple[int, ...]]:
     fp8 = FORMATS[name].activations == "fp8"
-    return [c for c in TUNE_CANDIDATES[m] if not fp8 or c[1] >= 64]
+    return [c for c in TUNE_CANDIDATES[m] if not fp8 or (c[1] >= 64 and c[3] >= 4)]
 
 
 def tune_jobs() -> list[tuple[Any, ...]]:
@@ -330,20 +454,38 @@ def tune(deadline: float) -> list[dict[str, Any]]:
     return rows
 
 
+def size_class(model: str, layer: str) -> int:
+    """The largest N * K of the weight-size class (qlinear.SIZE_CLASSES) this layer is in."""
+    from specquant.kernels.triton_ops.qlinear import SIZE_CLASSES
+
+    k, n = SHAPES[model][layer]
+    return next(c for c in SIZE_CLASSES if n * k <= c)
+
+
 def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """family -> [[bucket, best candidate]]: the smallest total time over the shapes."""
+    """family -> [[bucket, largest N * K, best candidate]]: per M bucket and weight-size
+    class, the candidate with the smallest total time over that class's shapes."""
+    from specquant.kernels.triton_ops.qlinear import SIZE_CLASSES
+
     table: dict[str, Any] = {}
     for f in TUNE_FORMATS:
         for m in TUNE_CANDIDATES:
-            totals = []
-            for c in _candidates(f, m):
-                us = [
-                    r["us"] for r in rows if r["fmt"] == f and r["m"] == m and tuple(r["cfg"]) == c
-                ]
-                if len(us) == len(TUNE_SHAPES) and all(u == u for u in us):
-                    totals.append((sum(us), c))
-            if totals:
-                table.setdefault(family(f), []).append([m, list(min(totals)[1])])
+            for size in SIZE_CLASSES:
+                shapes = [s for s in TUNE_SHAPES if size_class(*s) == size]
+                totals = []
+                for c in _candidates(f, m):
+                    us = [
+                        r["us"]
+                        for r in rows
+                        if r["fmt"] == f
+                        and r["m"] == m
+                        and tuple(r["cfg"]) == c
+                        and (r["model"], r["layer"]) in shapes
+                    ]
+                    if shapes and len(us) == len(shapes) and all(u == u for u in us):
+                        totals.append((sum(us), c))
+                if totals:
+                    table.setdefault(family(f), []).append([m, size, list(min(totals)[1])])
     return table
 
 
@@ -401,7 +543,11 @@ def goals(summary: dict[str, Any]) -> list[str]:
 
 
 def write_markdown(
-    path: Path, meta: dict[str, Any], summary: dict[str, Any], lines: list[str]
+    path: Path,
+    meta: dict[str, Any],
+    summary: dict[str, Any],
+    lines: list[str],
+    chains: list[dict[str, Any]],
 ) -> None:
     md = [
         "# Quantized linear layers: latency vs tokens M",
@@ -433,7 +579,34 @@ def write_markdown(
             r64 = f"{per_m[64] / per_m[1]:.2f}" if 1 in per_m and 64 in per_m else "-"
             r128 = f"{per_m[128] / per_m[1]:.2f}" if 1 in per_m and 128 in per_m else "-"
             md.append(f"| {impl} | " + " | ".join(cells) + f" | {pct} | {r64} | {r128} |")
+    md += chain_markdown(chains)
     path.write_text("\n".join(md) + "\n")
+
+
+def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
+    md = [
+        "",
+        "## A decoder layer's linears as the model runs them",
+        "",
+        "norm -> qkv, o, norm -> gate_up, silu(gate) * up -> down (attention excluded), "
+        "microseconds. A8 formats: RMSNorm + quantization and silu * up + quantization in one "
+        "kernel each, o_proj quantizes its input; bf16 / W4A16: the model's RMSNorm and the "
+        "fused silu * up.",
+    ]
+    for model in SHAPES:
+        t = {(r["impl"], r["m"]): r["us"] for r in chains if r["model"] == model and "us" in r}
+        if not t:
+            continue
+        md += ["", f"### Llama-3-{model.upper()}", ""]
+        md.append("| format | " + " | ".join(f"M={m}" for m in MS) + " | vs bf16 at M=1 / 128 |")
+        md.append("|---" * (len(MS) + 2) + "|")
+        for name in CHAIN:
+            cells = [f"{t[(name, m)]:.1f}" if (name, m) in t else "-" for m in MS]
+            ratio = "-"
+            if all((k, m) in t for k in (name, "bf16") for m in (1, 128)):
+                ratio = " / ".join(f"{t[(name, m)] / t[('bf16', m)]:.2f}" for m in (1, 128))
+            md.append(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    return md
 
 
 def main() -> None:
@@ -453,6 +626,9 @@ def main() -> None:
         help="tile table (from --tune-only) to measure instead of the built-in one",
     )
     ap.add_argument("--budget-s", type=float, default=400, help="stop measuring after this")
+    ap.add_argument(
+        "--chain-budget-s", type=float, default=120, help="extra time for the layer chains"
+    )
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
     args = ap.parse_args()  # fmt: skip
@@ -491,6 +667,7 @@ def main() -> None:
     bw = copy_bandwidth_gbs()
     rows = measure(models, ms, start + args.budget_s, args.out / "kernel_perf_rows.json")
     summary = summarize(rows, bw)
+    chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s)
     meta = dict(
         card=torch.cuda.get_device_name(),
         date=time.strftime("%Y-%m-%d"),
@@ -501,11 +678,10 @@ def main() -> None:
         seconds=time.time() - start,
         tile_configs=table or "built-in",
     )
-    lines = goals(summary)
-    (args.out / "kernel_perf.json").write_text(
-        json.dumps(dict(meta=meta, goals=lines, summary=summary, rows=rows), indent=1)
-    )
-    write_markdown(args.out / "kernel_perf.md", meta, summary, lines)
+    lines = goals(summary) + chain_goals(chains)
+    report = dict(meta=meta, goals=lines, summary=summary, rows=rows, chains=chains)
+    (args.out / "kernel_perf.json").write_text(json.dumps(report, indent=1))
+    write_markdown(args.out / "kernel_perf.md", meta, summary, lines, chains)
     print("\n".join(lines))
     print((args.out / "kernel_perf.md").read_text())
 

@@ -177,7 +177,15 @@ def main() -> None:
         "--data", type=Path, default=None, help="shared/data (default: $SPECQUANT_DATA or found)"
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant_quality.json"))
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the rows of an existing --out report in place (each new row records its "
+        "own device, commit and date); the bf16 row is kept, not re-evaluated",
+    )
     args = ap.parse_args()
+    if args.merge and not args.out.is_file():
+        raise SystemExit(f"--merge needs an existing report at --out, found none at {args.out}")
     if args.data is None:
         args.data = default_data_dir()
 
@@ -206,9 +214,14 @@ def main() -> None:
     ref_logits = logits_of(reference, tokens, args.batch)
     ref_top1 = ref_logits.argmax(-1)
     del ref_logits
-    rows: list[dict[str, Any]] = [
-        {"format": "bf16", "method": "-", "rotation": False, **evaluate(reference, ref_top1)}
-    ]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if args.merge:
+        previous = json.loads(args.out.read_text())
+        rows: list[dict[str, Any]] = previous["rows"]
+    else:
+        rows = [
+            {"format": "bf16", "method": "-", "rotation": False, **evaluate(reference, ref_top1)}
+        ]
     configs = [(f, m, r == "on") for f in args.formats for m in args.methods for r in args.rotate]
     for fmt, method, rotate in tqdm(configs, desc="formats", unit="cfg"):
         spec = fit_group_size(FORMATS[fmt], dense)
@@ -222,10 +235,17 @@ def main() -> None:
             del model
         except Exception as exc:  # a failing variant is reported, the rest still run
             row["error"] = f"{type(exc).__name__}: {exc}"
+        if args.merge:
+            row.update(device=name, commit=git_commit(), date=time.strftime("%Y-%m-%d"))
         tqdm.write(json.dumps(row))
-        rows.append(row)
+        _put_row(rows, row)
+        if args.merge:  # a long CPU run keeps what it finished
+            previous["rows"] = rows
+            args.out.write_text(json.dumps(previous, indent=1))
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if args.merge:
+        print(markdown(previous))
+        return
     report = {
         "model": str(loaded.path.name),
         "device": name,
@@ -245,6 +265,16 @@ def main() -> None:
     print(markdown(report))
 
 
+def _put_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """Replace the row of the same (format, method, rotation), or append it."""
+    key = (row["format"], row["method"], row["rotation"])
+    for i, r in enumerate(rows):
+        if (r["format"], r["method"], r["rotation"]) == key:
+            rows[i] = row
+            return
+    rows.append(row)
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Quantization quality: {report['model']}",
@@ -253,17 +283,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['date']}. Held-out perplexity: {report['heldout']}. Calibration (GPTQ): "
         f"{report['calibration']}. GSM8K: {report['gsm8k']}.",
         "",
-        "| format | quantizer | rotation | weight error | perplexity | top-1 agreement | GSM8K |",
-        "|---|---|---|---|---|---|---|",
+        "| format | quantizer | rotation | weight error | perplexity | top-1 agreement | GSM8K "
+        "| run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['method']} | {r['rotation']} | {r['error']} |")
+            rot = "on" if r["rotation"] else "off"
+            lines.append(f"| {r['format']} | {r['method']} | {rot} | {r['error']} |")
             continue
         err = f"{r['mean_weight_error']:.4f}" if "mean_weight_error" in r else "-"
         lines.append(
             f"| {r['format']} | {r['method']} | {'on' if r['rotation'] else 'off'} | {err} | "
             f"{r['ppl']:.2f} | {r['top1_agreement']:.3f} | {r['gsm8k']:.3f} |"
+            f" {r.get('device', report['device'])}"
+            + (f", {r['commit']} |" if "commit" in r else " |")
         )
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,8 @@ from specquant.kernels.reference import (
     qlinear_reference,
     quantize_per_token,
     rmsnorm_quant_reference,
+    silu_mul_quant_reference,
+    silu_mul_reference,
 )
 from specquant.kernels.registry import KernelContext, KernelSelectionError, explain, select
 from specquant.quant.rtn import quantize_rtn
@@ -122,23 +124,41 @@ def run_qlinear_case(
     assert_matches(got, want, f"{name} M={m} N={n} K={k} {dtype} split={split}")
 
 
-def run_quant_case(kind: str, norm: bool, m: int, k: int, dtype: torch.dtype, device: str) -> None:
+def run_quant_case(
+    kind: str | None, pre: str, m: int, k: int, dtype: torch.dtype, device: str
+) -> None:
+    """Per-token quantization after `pre` ("none", "norm" = RMSNorm, "silu" = the MLP's
+    silu(gate) * up of a [gate; up] row of 2k values; `kind` None: silu without quantizing)."""
     from specquant.kernels.triton_ops import act_quant
 
     gen = torch.Generator().manual_seed(m + k)
-    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    x = (torch.randn(m, 2 * k if pre == "silu" else k, generator=gen) * 3).to(dtype)
     x[0, 0] = 0.5 * float(x[0].abs().max())  # a value that lands on a rounding tie for int8
     weight = (torch.rand(k, generator=gen) + 0.5).to(dtype)
     dev = torch.device(device)
-    if norm:
+    what = f"{pre}+{kind} M={m} K={k} {dtype}"
+    if pre == "silu" and kind is None:
+        got_values = act_quant.silu_mul(x.to(dev))
+        want_values = silu_mul_reference(x)
+        assert got_values.dtype == want_values.dtype, what
+        # exp differs from torch's in the last fp32 bits: silu and the product may each round
+        # one step apart
+        torch.testing.assert_close(
+            got_values.cpu().float(), want_values.float(), rtol=2 * ULP[dtype], atol=1e-6, msg=what
+        )
+        return
+    assert kind is not None
+    if pre == "norm":
         got = act_quant.rmsnorm_quant(x.to(dev), weight.to(dev), 1e-5, kind)
         want = rmsnorm_quant_reference(x, weight, 1e-5, kind)
+    elif pre == "silu":
+        got = act_quant.silu_mul_quant(x.to(dev), kind)
+        want = silu_mul_quant_reference(x, kind)
     else:
         got = act_quant.quantize_per_token(x.to(dev), kind)
         want = quantize_per_token(x, kind)
-    what = f"{'rmsnorm+' if norm else ''}{kind} M={m} K={k} {dtype}"
-    # the norm's statistics are summed in another order than torch's
-    assert_codes_match(got, want, what, flips=0.002 if norm else 0.0)
+    # the norm's statistics are summed in another order than torch's, and exp is not torch's
+    assert_codes_match(got, want, what, flips=0.0 if pre == "none" else 0.002)
 
 
 # ------------------------------------------------------------------------------ case lists
@@ -156,10 +176,11 @@ INTERPRET_QLINEAR = [
     ("w8a8", 4, 48, 256, torch.bfloat16, True, None, False),  # quantizes internally
 ]
 INTERPRET_QUANT = [
-    (kind, norm, m, k, dtype)
-    for kind in ("int8", "fp8")
-    for norm in (False, True)
+    (kind, pre, m, k, dtype)
+    for kind in ("int8", "fp8", None)
+    for pre in ("none", "norm", "silu")
     for (m, k, dtype) in [(3, 300, torch.bfloat16), (2, 256, torch.float16)]
+    if kind is not None or pre == "silu"
 ]
 
 
@@ -305,6 +326,24 @@ def test_cpu_linear_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.allclose(linear_openblas(x, w, b), F.linear(x, w, b), atol=1e-5)
 
 
+def test_tile_rules_pick_by_m_and_weight_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from specquant.kernels.triton_ops import qlinear as Q
+
+    small, large = Q.TileConfig(32, 16, 128, 2, 4), Q.TileConfig(128, 16, 128, 4, 4)
+    wide = Q.TileConfig(64, 64, 128, 4, 3)
+    rules = [(16, 1 << 20, small), (16, Q.ANY, large), (64, Q.ANY, wide)]
+    monkeypatch.setitem(Q.CONFIGS, "w4a16", rules)
+    assert Q.config_for("w4a16", 1, 4096 * 64) is small
+    assert Q.config_for("w4a16", 16, 4096 * 4096) is large
+    assert Q.config_for("w4a16", 17, 1) is wide
+    assert Q.config_for("w4a16", 5000, 1) is wide  # beyond the last bucket: its rules
+    for family, table in Q.CONFIGS.items():  # each bucket of the built-in tables has a
+        if family != "w4a16":  # rule for every size (else it would borrow a larger bucket's)
+            for bucket in {max_m for max_m, _, _ in table}:
+                assert max(w for m, w, _ in table if m == bucket) == Q.ANY, (family, bucket)
+
+
 def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECQUANT_KERNEL_QLINEAR", "marlin")
     with pytest.raises(KernelSelectionError, match=r"'marlin'.*available: triton-w4a16"):
@@ -317,8 +356,9 @@ def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> 
 def test_fused_norm_quant_equals_unfused_model(
     name: str, dtype: torch.dtype, tmp_path: Path
 ) -> None:
-    """Decoder layers hand QuantizedActivations from the norms to qkv/gate_up; the logits
-    are bit-identical to letting each QLinear quantize its own input."""
+    """Decoder layers hand QuantizedActivations from the norms to qkv/gate_up and from the
+    MLP's activation to down_proj; the logits are bit-identical to letting each QLinear
+    quantize its own input."""
     from conftest import make_hf_model, run_logits
     from specquant.io.loader import load_checkpoint
     from specquant.layers.linear import QLinear
@@ -330,13 +370,12 @@ def test_fused_norm_quant_equals_unfused_model(
     tokens = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
     seen: list[str] = []
     for layer in model.layers:
-        layer.self_attn.qkv_proj.register_forward_pre_hook(
-            lambda mod, args: seen.append(type(args[0]).__name__)
-        )
+        for linear in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
+            linear.register_forward_pre_hook(lambda mod, args: seen.append(type(args[0]).__name__))
     with torch.no_grad():
         fused = run_logits(model, tokens)
         want_type = "Tensor" if name == "w4a16-g128" else "QuantizedActivations"
-        assert seen and set(seen) == {want_type}
+        assert len(seen) == 2 * len(model.layers) and set(seen) == {want_type}
         for sub in model.modules():
             if isinstance(sub, QLinear):
                 sub.act_quant = None  # every linear quantizes its own input
@@ -369,11 +408,12 @@ SPLIT_CASES = [
     for m, split in [(1, 1), (5, 3), (40, 2), (128, 4)]
 ]
 QUANT_CASES = [
-    (kind, norm, m, k, dtype, "cuda")
-    for kind in ("int8", "fp8")
-    for norm in (False, True)
+    (kind, pre, m, k, dtype, "cuda")
+    for kind in ("int8", "fp8", None)
+    for pre in ("none", "norm", "silu")
     for dtype in (torch.bfloat16, torch.float16)
     for m, k in [(1, 4096), (7, 14336), (128, 1000)]
+    if kind is not None or pre == "silu"
 ]
 
 
@@ -400,12 +440,14 @@ def test_qlinear_gpu_fp16_and_forced_split(name: str) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("norm", [False, True])
-def test_act_quant_gpu(kind: str, norm: bool) -> None:
-    _skip_without_fp8(kind)
+@pytest.mark.parametrize(
+    ("kind", "pre"), sorted({c[:2] for c in QUANT_CASES}, key=str), ids=lambda v: str(v)
+)
+def test_act_quant_gpu(kind: str | None, pre: str) -> None:
+    if kind is not None:
+        _skip_without_fp8(kind)
     for case in QUANT_CASES:
-        if case[:2] == (kind, norm):
+        if case[:2] == (kind, pre):
             run_quant_case(*case)
 
 

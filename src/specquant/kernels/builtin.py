@@ -10,6 +10,8 @@ from specquant.kernels.reference import (
     qlinear_reference,
     quantize_per_token,
     rmsnorm_quant_reference,
+    silu_mul_quant_reference,
+    silu_mul_reference,
 )
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
@@ -120,4 +122,9 @@ register("act_quant", KernelImpl("reference", 0, quantize_per_token, _always, is
 register(
     "rmsnorm_quant",
     KernelImpl("reference", 0, rmsnorm_quant_reference, _always, is_reference=True),
+)
+register("silu_mul", KernelImpl("reference", 0, silu_mul_reference, _always, is_reference=True))
+register(
+    "silu_mul_quant",
+    KernelImpl("reference", 0, silu_mul_quant_reference, _always, is_reference=True),
 )

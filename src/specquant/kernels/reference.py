@@ -113,6 +113,18 @@ def rmsnorm_quant_reference(
     return quantize_per_token(rmsnorm_reference(x, weight, eps), kind)
 
 
+def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] -> [..., I]
+    """The gated MLP's activation: silu(gate) * up, with h = [gate; up] along the last dim
+    (each op rounded to h's dtype, as torch's eager ops do)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul_quant_reference(h: torch.Tensor, kind: str) -> QuantizedActivations:
+    """silu_mul then per-token quantization: exactly `quantize_per_token(silu_mul(h))`."""
+    return quantize_per_token(silu_mul_reference(h), kind)
+
+
 def qlinear_reference(
     x: torch.Tensor | QuantizedActivations,  # [..., K], or already quantized per token
     t: dict[str, torch.Tensor],  # the format's tensors (quant/pack.py)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.kernels.reference import QuantizedActivations
+from specquant.layers.activation import SiluMul
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear, prepare_linears
 from specquant.layers.norm import RMSNorm, norm_for
@@ -72,10 +72,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = QLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = SiluMul()
 
     def forward(self, x: torch.Tensor | QuantizedActivations) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # one kernel for silu(gate) * up, which also quantizes down_proj's input when that
+        # layer takes int8/fp8 activations
+        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.act_quant))
 
 
 class DecoderLayer(nn.Module):

@@ -2,7 +2,8 @@
 
 This module does not import triton, so CPU-only installs import it cleanly; the kernels live in
 `qlinear.py` (the quantized GEMM of every format) and `act_quant.py` (per-token activation
-quantization, alone or fused with RMSNorm) and are imported on first use.
+quantization, alone or fused with RMSNorm or the MLP's SiLU gate) and are imported on first
+use.
 
 | registered name | op            | formats                                                    |
 |-----------------|---------------|------------------------------------------------------------|
@@ -12,6 +13,8 @@ quantization, alone or fused with RMSNorm) and are imported on first use.
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
 | triton          | rmsnorm_quant | RMSNorm + per-token quantization in one kernel             |
+| triton          | silu_mul      | silu(gate) * up of the gated MLP in one kernel             |
+| triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
 """
 
 from __future__ import annotations
@@ -137,3 +140,24 @@ def rmsnorm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, kind
 
 register("act_quant", KernelImpl("triton", PRIORITY, act_quant_triton, _quant_check))
 register("rmsnorm_quant", KernelImpl("triton", PRIORITY, rmsnorm_quant_triton, _quant_check))
+
+
+def _silu_check(ctx: KernelContext) -> tuple[bool, str]:
+    why = _common_reason(ctx)
+    return (False, why) if why is not None else (True, "Triton fused silu(gate) * up")
+
+
+def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
+    from specquant.kernels.triton_ops.act_quant import silu_mul
+
+    return silu_mul(h)
+
+
+def silu_mul_quant_triton(h: torch.Tensor, kind: str) -> Any:
+    from specquant.kernels.triton_ops.act_quant import silu_mul_quant
+
+    return silu_mul_quant(h, kind)
+
+
+register("silu_mul", KernelImpl("triton", PRIORITY, silu_mul_triton, _silu_check))
+register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))

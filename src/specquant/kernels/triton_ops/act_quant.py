@@ -1,10 +1,12 @@
-"""Per-token activation quantization on the GPU, alone or fused with the RMSNorm before it.
+"""Per-token activation quantization on the GPU, alone or fused with the op before it: the
+RMSNorm before qkv/gate_up, or the MLP's silu(gate) * up before down_proj (which also runs
+unquantized, for weight-only and dense models).
 
-One program per token row holds the whole row in registers: RMSNorm (optional), absmax,
+One program per token row holds the whole row in registers: the pre-op (optional), absmax,
 scale = absmax / 127 (int8) or / 448 (fp8 e4m3), codes = round-to-nearest-even(x / scale).
 The arithmetic follows kernels/reference.py step by step (IEEE division, the norm's fp32
-statistics, the product with the norm weight rounded to the activation dtype) so that the
-codes match the reference's.
+statistics, each eager op rounded to the activation dtype) so that the codes match the
+reference's.
 """
 
 from __future__ import annotations
@@ -29,17 +31,21 @@ def _round_half_even(v):
     return f + tl.where(up, 1.0, 0.0)
 
 
+NONE, NORM, SILU_MUL = 0, 1, 2  # the op before the quantization (PRE)
+
+
 @triton.jit(do_not_specialize=["K"])
-def _norm_quant_kernel(
-    x_ptr,  # [M, K] bf16/fp16
+def _row_kernel(
+    x_ptr,  # [M, K] bf16/fp16; [M, 2K] = [gate; up] for SILU_MUL
     w_ptr,  # [K] norm weight (NORM)
-    codes_ptr,  # [M, K] int8 or fp8 e4m3
-    scales_ptr,  # [M] fp32
+    codes_ptr,  # [M, K] int8 or fp8 e4m3 codes (QUANT), else bf16/fp16 values
+    scales_ptr,  # [M] fp32 (QUANT)
     K,
     stride_xm,
     stride_cm,
     eps,
-    NORM: tl.constexpr,
+    PRE: tl.constexpr,
+    QUANT: tl.constexpr,
     FP8: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -48,45 +54,55 @@ def _norm_quant_kernel(
     mask = rk < K
     x = tl.load(x_ptr + row * stride_xm + rk, mask=mask, other=0.0)
     y = x.to(tl.float32)
-    if NORM:
+    if PRE == 2:  # silu(gate) * up, each rounded to the activation dtype as torch's ops are
+        up = tl.load(x_ptr + row * stride_xm + K + rk, mask=mask, other=0.0).to(tl.float32)
+        silu = tl.math.div_rn(y, 1.0 + tl.exp(-y)).to(x.dtype).to(tl.float32)
+        y = (silu * up).to(x.dtype).to(tl.float32)
+    if PRE == 1:
         mean_sq = tl.math.div_rn(tl.sum(y * y, axis=0), K.to(tl.float32))
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
         normed = (y * rstd).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + rk, mask=mask, other=0.0).to(tl.float32)
         # weight * normed in the activation dtype, as the reference's bf16/fp16 product
         y = (w * normed).to(x.dtype).to(tl.float32)
-    absmax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
-    if FP8:
-        s = tl.math.div_rn(absmax, 448.0)
-        codes = tl.math.div_rn(y, s).to(tl.float8e4nv)
+    if QUANT:
+        absmax = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12)
+        if FP8:
+            s = tl.math.div_rn(absmax, 448.0)
+            codes = tl.math.div_rn(y, s).to(tl.float8e4nv)
+        else:
+            s = tl.math.div_rn(absmax, 127.0)
+            q = _round_half_even(tl.math.div_rn(y, s))
+            codes = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+        tl.store(codes_ptr + row * stride_cm + rk, codes, mask=mask)
+        tl.store(scales_ptr + row, s)
     else:
-        s = tl.math.div_rn(absmax, 127.0)
-        q = _round_half_even(tl.math.div_rn(y, s))
-        codes = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-    tl.store(codes_ptr + row * stride_cm + rk, codes, mask=mask)
-    tl.store(scales_ptr + row, s)
+        tl.store(codes_ptr + row * stride_cm + rk, y.to(x.dtype), mask=mask)
 
 
 def _launch(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, kind: str
-) -> QuantizedActivations:
-    if kind not in ACTIVATION_KINDS:
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, kind: str | None, pre: int
+) -> QuantizedActivations | torch.Tensor:
+    if kind is not None and kind not in ACTIVATION_KINDS:
         raise ValueError(f"unknown activation quantization {kind!r}; supported: int8, fp8")
-    k = x.shape[-1]
+    width = x.shape[-1]
+    if pre == SILU_MUL and width % 2:
+        raise ValueError(f"silu_mul needs [gate; up] of even width, got {width}")
+    k = width // 2 if pre == SILU_MUL else width
     if k > MAX_ROW:
         raise ValueError(f"rows of K={k} values exceed the kernel's limit of {MAX_ROW}")
     if weight is not None and weight.dtype != x.dtype:
         raise ValueError(f"norm weight is {weight.dtype} but activations are {x.dtype}")
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    code_dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    code_dtype = {None: x.dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[kind]
     codes = torch.empty(m, k, dtype=code_dtype, device=x.device)
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)
-        _norm_quant_kernel[(m,)](
+        _row_kernel[(m,)](
             x2,
             weight if weight is not None else x2,
             codes,
@@ -95,23 +111,44 @@ def _launch(
             x2.stride(0),
             codes.stride(0),
             eps,
-            NORM=weight is not None,
+            PRE=pre,
+            QUANT=kind is not None,
             FP8=kind == "fp8",
             BLOCK=block,
             # NOTE: at M = 1 one program does all the work; more warps shorten its chain
             num_warps=16 if block >= 2048 else 4,
         )
     lead = x.shape[:-1]
+    if kind is None:
+        return codes.view(*lead, k)
     return QuantizedActivations(codes.view(*lead, k), scales.view(*lead, 1), x.dtype)
 
 
 def quantize_per_token(x: torch.Tensor, kind: str) -> QuantizedActivations:
     """x [..., K] -> per-token int8/fp8 codes and scales (kernels/reference.py semantics)."""
-    return _launch(x, None, 0.0, kind)
+    out = _launch(x, None, 0.0, kind, NONE)
+    assert isinstance(out, QuantizedActivations)
+    return out
 
 
 def rmsnorm_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str
 ) -> QuantizedActivations:
     """quantize_per_token(rmsnorm(x) * weight) in one pass over x."""
-    return _launch(x, weight, eps, kind)
+    out = _launch(x, weight, eps, kind, NORM)
+    assert isinstance(out, QuantizedActivations)
+    return out
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] = [gate; up] -> silu(gate) * up [..., I] in one pass."""
+    out = _launch(h, None, 0.0, None, SILU_MUL)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def silu_mul_quant(h: torch.Tensor, kind: str) -> QuantizedActivations:
+    """quantize_per_token(silu(gate) * up) in one pass over h = [gate; up]."""
+    out = _launch(h, None, 0.0, kind, SILU_MUL)
+    assert isinstance(out, QuantizedActivations)
+    return out

@@ -174,9 +174,11 @@ def _qlinear_kernel(
     DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # M tiles vary fastest: the programs that read the same weight tile run together, so
+    # only the first reads it from HBM
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -258,7 +260,7 @@ def _qlinear_kernel(
         tl.store(ws_ptr + pid_k * M * N + part_offs, acc, mask=mn_mask)
         # every thread's partial sums are written before the counter is bumped (release)
         tl.debug_barrier()
-        tile = pid_m * tl.num_programs(0) + pid_n
+        tile = pid_n * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
             tl.debug_barrier()
@@ -285,43 +287,87 @@ class TileConfig:
     split_waves: int = 1  # split K until the grid has this many programs per SM
 
 
-# family -> [(largest M, config)], smallest bucket first; M beyond the last uses the last.
-# Picked on an H200 by `bench/kernel_perf.py --tune-only` (least total time over the Llama-3
-# 8B and 70B linears; bench/results/kernel_perf.md). BLOCK_M = 64 runs M = 1..64 identically.
-CONFIGS: dict[str, list[tuple[int, TileConfig]]] = {
+ANY = 1 << 62  # a rule for every weight size
+# Weight sizes (N * K) the tuner tells apart: small layers (Llama-3-8B qkv/o) are bound by
+# launch, pipeline ramp and split-K fix-up and want more, smaller programs than large ones.
+SIZE_CLASSES = (32 << 20, 160 << 20, ANY)
+
+# family -> [(largest M, largest N * K, config)]: the first rule that fits wins; M beyond the
+# last bucket uses the last bucket's rules. Picked on an H200 by `bench/kernel_perf.py
+# --tune-only` (least total time per M bucket and size class over the Llama-3 8B and 70B
+# linears; bench/results/kernel_configs.json, kernel_tune.json). BLOCK_K is capped at the
+# group size.
+CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
     "w4a16": [
-        (16, TileConfig(128, 16, 256, 4, 3)),  # BLOCK_K is capped at the group size
-        (32, TileConfig(128, 32, 128, 4, 4)),
-        (64, TileConfig(128, 64, 128, 4, 3)),
-        (128, TileConfig(64, 128, 128, 4, 3)),
+        (16, 32 << 20, TileConfig(64, 16, 256, 4, 3, 2)),
+        (16, 160 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
+        (16, ANY, TileConfig(32, 16, 128, 2, 4, 4)),
+        (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(128, 32, 128, 4, 4)),
+        (32, ANY, TileConfig(128, 32, 128, 4, 4)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (64, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 128, 8, 3)),
     ],
     "w4a8": [
-        (16, TileConfig(128, 16, 256, 4, 3)),
-        (32, TileConfig(128, 32, 128, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 3)),
-        (128, TileConfig(64, 128, 128, 4, 3)),
+        (16, 32 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
+        (16, 160 << 20, TileConfig(64, 16, 256, 4, 3, 2)),
+        (16, ANY, TileConfig(64, 16, 256, 4, 3, 2)),
+        (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(64, 32, 128, 4, 4, 2)),
+        (32, ANY, TileConfig(128, 32, 128, 4, 4)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(64, 64, 128, 4, 4, 2)),
+        (64, ANY, TileConfig(64, 64, 128, 4, 4, 2)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 128, 8, 3)),
     ],
     "w8a8": [
-        (16, TileConfig(64, 16, 128, 4, 4)),
-        (32, TileConfig(64, 32, 128, 4, 4)),
-        (64, TileConfig(64, 64, 128, 4, 3)),
-        (128, TileConfig(64, 128, 128, 4, 3)),
+        (16, 32 << 20, TileConfig(32, 16, 128, 2, 4, 2)),
+        (16, 160 << 20, TileConfig(32, 16, 128, 2, 4, 2)),
+        (16, ANY, TileConfig(64, 16, 256, 4, 3, 2)),
+        (32, 32 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
+        (32, 160 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
+        (32, ANY, TileConfig(32, 32, 128, 2, 4, 2)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, ANY, TileConfig(64, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 128, 8, 3)),
     ],
     "fp8": [  # fp8 needs wgmma (BLOCK_M >= 64): Hopper's mma.sync has no e4m3
-        (64, TileConfig(64, 64, 128, 4, 3)),
-        (128, TileConfig(64, 128, 128, 4, 3)),
+        (16, 32 << 20, TileConfig(64, 64, 128, 4, 3, 2)),
+        (16, 160 << 20, TileConfig(64, 64, 128, 4, 3, 2)),
+        (16, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (32, 32 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (32, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (32, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(64, 128, 128, 4, 3)),
     ],
 }
 MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 4  # K tiles per split: below this the fix-up costs more than it saves
 
 
-def config_for(family: str, m: int) -> TileConfig:
-    buckets = CONFIGS[family]
-    for max_m, cfg in buckets:
-        if m <= max_m:
+def config_for(family: str, m: int, weights: int = ANY) -> TileConfig:
+    """The tile config for M tokens against a weight of `weights` = N * K elements."""
+    rules = CONFIGS[family]
+    top = max(max_m for max_m, _, _ in rules)
+    m = min(m, top)
+    for max_m, max_w, cfg in rules:
+        if m <= max_m and weights <= max_w:
             return cfg
-    return buckets[-1][1]
+    return rules[-1][2]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -397,7 +443,7 @@ def qlinear(
     if m == 0:
         return out.view(*lead, n)
 
-    cfg = config or config_for(family, m)
+    cfg = config or config_for(family, m, n * k)
     group = 0 if spec.group_size == -1 else spec.group_size
     block_k = cfg.block_k if group == 0 else min(cfg.block_k, group & -group)
     k_blocks = triton.cdiv(k, block_k)
@@ -417,7 +463,7 @@ def qlinear(
     else:
         ws = locks = out
     scales = t["scales"]
-    _qlinear_kernel[(n_tiles, split_k, m_tiles)](
+    _qlinear_kernel[(m_tiles, n_tiles, split_k)](
         a,
         xs,
         w,

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU kernel session, as run through the device tool on one H100/H200 (no network):
+#   STAGE=test     the cuda-marked kernel tests (compiled in parallel first)
+#   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
+#   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in)
+# Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+case "${STAGE:?set STAGE=test|tune|measure}" in
+test)
+  python tests/test_triton_kernels.py --warm-gpu
+  python -m pytest -q -m cuda tests/test_triton_kernels.py -p no:cacheprovider
+  ;;
+tune)
+  python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
+  ;;
+measure)
+  python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} \
+    ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}"
+  ;;
+*)
+  echo "unknown STAGE=$STAGE" >&2
+  exit 2
+  ;;
+esac
