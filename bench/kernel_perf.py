@@ -46,6 +46,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128]
 OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
+HUMMING = ["humming-w4a16-g128", "humming-w4a16"]  # with --humming (pip install humming-kernels)
 L2_BYTES = 60 << 20  # at least this many bytes of weight copies between reuses
 
 
@@ -189,7 +190,40 @@ def baseline(name: str, n: int, k: int, gen: torch.Generator) -> Any:
             return run
 
         return make_fp8, len(ws), n * k + nbytes(sw)
-    raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    if name.startswith("humming-"):
+        return humming_baseline(name, n, k, gen)
+    raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES + HUMMING)}")
+
+
+def humming_baseline(name: str, n: int, k: int, gen: torch.Generator) -> Any:
+    """humming-kernels (vLLM's JIT Marlin successor) W4A16, symmetric int4 with bf16 scales,
+    quantized by humming itself from a random bf16 weight: the ceiling the issue names."""
+    from humming.layer import HummingLayer
+
+    group = 128 if name.endswith("-g128") else 0  # 0: one scale per output channel
+
+    def one_layer() -> Any:
+        layer = HummingLayer(
+            shape_n=n,
+            shape_k=k,
+            weight_config={"dtype": "int4", "group_size": group},
+            torch_dtype=torch.bfloat16,
+        ).cuda()
+        w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+        layer.load_from_unquantized(w)
+        layer.transform()
+        return layer, w
+
+    first, w = one_layer()
+    x = torch.randn(4, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    cos = F.cosine_similarity(first(x).float().flatten(), (x @ w.t()).float().flatten(), dim=0)
+    if cos < 0.98:  # 4-bit rounding keeps ~0.99; anything lower is a wrong result
+        raise RuntimeError(f"humming output disagrees with x @ W^T (cosine {float(cos):.3f})")
+    size = sum(
+        t.numel() * t.element_size() for key, t in first.state_dict().items() if key != "locks"
+    )
+    layers = [first] + [one_layer()[0] for _ in range(1, copies_for(size))]
+    return (lambda x: lambda i: layers[i](x)), len(layers), size
 
 
 # ------------------------------------------------------- the linears of a layer, as in the model
@@ -343,7 +377,7 @@ def time_each_m(
 
 
 def measure(
-    models: list[str], ms: list[int], deadline: float, partial: Path
+    models: list[str], ms: list[int], deadline: float, partial: Path, baselines: list[str]
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -352,7 +386,7 @@ def measure(
             impls: list[tuple[str, Callable[[], Any]]] = [
                 *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in OURS],
                 *[(f + ":gemm", lambda f=f, n=n, k=k: ours(f, n, k, gen, True)) for f in GEMM_ONLY],
-                *[(b, lambda b=b, n=n, k=k: baseline(b, n, k, gen)) for b in BASELINES],
+                *[(b, lambda b=b, n=n, k=k: baseline(b, n, k, gen)) for b in baselines],
             ]
             for impl, build in impls:
                 if time.time() > deadline:
@@ -373,7 +407,7 @@ def measure(
     return rows
 
 
-TUNE_FORMATS = ["w4a16-g128", "w8a8", "w4a8", "fp8"]  # one per kernel family
+TUNE_FORMATS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
 TUNE_SHAPES = [(model, layer) for model in SHAPES for layer in SHAPES[model]]
 # M bucket -> candidates (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, split waves); fp8 needs
 # wgmma (BLOCK_M >= 64 and 4+ warps), so its small-M candidates are the BLOCK_M = 64 ones.
@@ -400,13 +434,15 @@ TUNE_CANDIDATES = {
 
 
 def _candidates(name: str, m: int) -> list[tuple[int, ...]]:
-    fp8 = FORMATS[name].activations == "fp8"
-    return [c for c in TUNE_CANDIDATES[m] if not fp8 or (c[1] >= 64 and c[3] >= 4)]
+    if FORMATS[name].activations != "fp8":
+        return TUNE_CANDIDATES[m]
+    pool = TUNE_CANDIDATES[m] + (TUNE_CANDIDATES[64] if m < 64 else [])
+    return list(dict.fromkeys(c for c in pool if c[1] >= 64 and c[3] >= 4))
 
 
 def tune_jobs() -> list[tuple[Any, ...]]:
     return [
-        (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, {family(f): [[10**9, c]]}, prequant(f))
+        (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, {table_key(f): [[10**9, c]]}, prequant(f))
         for f in TUNE_FORMATS
         for mo, la in TUNE_SHAPES
         for m in TUNE_CANDIDATES
@@ -414,10 +450,11 @@ def tune_jobs() -> list[tuple[Any, ...]]:
     ]
 
 
-def family(name: str) -> str:
-    from specquant.kernels.triton_ops import family_of
+def table_key(name: str) -> str:
+    """The tile table (qlinear.tile_key) that format `name` uses."""
+    from specquant.kernels.triton_ops.qlinear import tile_key
 
-    return str(family_of(FORMATS[name]))
+    return tile_key(FORMATS[name])
 
 
 def prequant(name: str) -> bool:
@@ -425,32 +462,34 @@ def prequant(name: str) -> bool:
 
 
 def tune(deadline: float) -> list[dict[str, Any]]:
-    """Time candidate tile configs per family and M bucket (GEMM only)."""
+    """Time candidate tile configs per tile table and M bucket (GEMM only)."""
     import specquant.kernels.triton_ops.qlinear as Q
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for name in TUNE_FORMATS:
-        default = Q.CONFIGS[family(name)]
-        for model, layer in TUNE_SHAPES:
-            k, n = SHAPES[model][layer]
-            make, copies, _ = ours(name, n, k, gen, gemm_only=prequant(name))
-            for m in TUNE_CANDIDATES:
-                if time.time() > deadline:
-                    Q.CONFIGS[family(name)] = default
-                    return rows
-                fn = make(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-                for c in _candidates(name, m):
-                    apply_configs({family(name): [[10**9, c]]})
-                    try:
-                        us = time_graph(fn, copies, replays=5)
-                    except Exception as e:
-                        us = float("nan")
-                        print(name, layer, c, repr(e)[:200], flush=True)
-                    rows.append(dict(fmt=name, model=model, layer=layer, m=m, cfg=c, us=us))
-            Q.CONFIGS[family(name)] = default
-            del make
-            torch.cuda.empty_cache()
+    saved = dict(Q.CONFIGS)
+    try:
+        for name in TUNE_FORMATS:
+            for model, layer in TUNE_SHAPES:
+                k, n = SHAPES[model][layer]
+                make, copies, _ = ours(name, n, k, gen, gemm_only=prequant(name))
+                for m in TUNE_CANDIDATES:
+                    if time.time() > deadline:
+                        return rows
+                    fn = make(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                    for c in _candidates(name, m):
+                        apply_configs({table_key(name): [[10**9, c]]})
+                        try:
+                            us = time_graph(fn, copies, replays=5)
+                        except Exception as e:
+                            us = float("nan")
+                            print(name, layer, c, repr(e)[:200], flush=True)
+                        rows.append(dict(fmt=name, model=model, layer=layer, m=m, cfg=c, us=us))
+                del make
+                torch.cuda.empty_cache()
+    finally:
+        Q.CONFIGS.clear()
+        Q.CONFIGS.update(saved)
     return rows
 
 
@@ -463,7 +502,7 @@ def size_class(model: str, layer: str) -> int:
 
 
 def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """family -> [[bucket, largest N * K, best candidate]]: per M bucket and weight-size
+    """tile table -> [[bucket, largest N * K, best candidate]]: per M bucket and weight-size
     class, the candidate with the smallest total time over that class's shapes."""
     from specquant.kernels.triton_ops.qlinear import SIZE_CLASSES
 
@@ -485,7 +524,7 @@ def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     if shapes and len(us) == len(shapes) and all(u == u for u in us):
                         totals.append((sum(us), c))
                 if totals:
-                    table.setdefault(family(f), []).append([m, size, list(min(totals)[1])])
+                    table.setdefault(table_key(f), []).append([m, size, list(min(totals)[1])])
     return table
 
 
@@ -532,6 +571,16 @@ def goals(summary: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"{model} {f.upper()} (with activation quantization) faster than bf16 at "
                     f"every M: {'yes' if not slower else 'no, not at M=' + str(slower)}"
+                )
+        for h in ("humming-w4a16-g128", "humming-w4a16"):
+            if h in t and 1 in t[h]:
+                ours_name = h.removeprefix("humming-")
+                pct = 100 * roof[h] / t[h][1]
+                ratio = t[h].get(64, float("nan")) / t[h][1]
+                vs = t[ours_name][1] / t[h][1] if ours_name in t and 1 in t[ours_name] else 0
+                lines.append(
+                    f"{model} {h} (the ceiling): {pct:.0f}% of its roofline at M=1, "
+                    f"time(64)/time(1) = {ratio:.2f}; ours takes {vs:.2f}x its time at M=1"
                 )
         if "w4a8" in t and "w4a16" in t:
             slower = [m for m in t["w4a8"] if m >= 32 and t["w4a8"][m] >= t["w4a16"][m]]
@@ -629,6 +678,11 @@ def main() -> None:
     ap.add_argument(
         "--chain-budget-s", type=float, default=120, help="extra time for the layer chains"
     )
+    ap.add_argument(
+        "--humming",
+        action="store_true",
+        help="also time humming-kernels' W4A16 (JIT-compiled with nvcc/NVRTC on first use)",
+    )
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
     args = ap.parse_args()  # fmt: skip
@@ -665,7 +719,9 @@ def main() -> None:
     errors = precompile(jobs, args.workers)
     print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
     bw = copy_bandwidth_gbs()
-    rows = measure(models, ms, start + args.budget_s, args.out / "kernel_perf_rows.json")
+    baselines = BASELINES + (HUMMING if args.humming else [])
+    partial = args.out / "kernel_perf_rows.json"
+    rows = measure(models, ms, start + args.budget_s, partial, baselines)
     summary = summarize(rows, bw)
     chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s)
     meta = dict(

@@ -338,6 +338,11 @@ def test_tile_rules_pick_by_m_and_weight_size(monkeypatch: pytest.MonkeyPatch) -
     assert Q.config_for("w4a16", 16, 4096 * 4096) is large
     assert Q.config_for("w4a16", 17, 1) is wide
     assert Q.config_for("w4a16", 5000, 1) is wide  # beyond the last bucket: its rules
+    assert Q.tile_key(get_format("w4a16-g128")) == "w4a16-g"
+    assert Q.tile_key(get_format("w4a16-g128-asym")) == "w4a16-asym"
+    assert Q.tile_key(get_format("w4a8-g128")) == "w4a8-g"
+    monkeypatch.delitem(Q.CONFIGS, "w4a16-asym", raising=False)  # no table: the family's
+    assert Q.config_for("w4a16-asym", 1, 4096 * 64) is small
     for family, table in Q.CONFIGS.items():  # each bucket of the built-in tables has a
         if family != "w4a16":  # rule for every size (else it would borrow a larger bucket's)
             for bucket in {max_m for max_m, _, _ in table}:

@@ -292,19 +292,19 @@ ANY = 1 << 62  # a rule for every weight size
 # launch, pipeline ramp and split-K fix-up and want more, smaller programs than large ones.
 SIZE_CLASSES = (32 << 20, 160 << 20, ANY)
 
-# family -> [(largest M, largest N * K, config)]: the first rule that fits wins; M beyond the
+# tile_key -> [(largest M, largest N * K, config)]: the first rule that fits wins; M beyond the
 # last bucket uses the last bucket's rules. Picked on an H200 by `bench/kernel_perf.py
 # --tune-only` (least total time per M bucket and size class over the Llama-3 8B and 70B
 # linears; bench/results/kernel_configs.json, kernel_tune.json). BLOCK_K is capped at the
 # group size.
 CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
-    "w4a16": [
+    "w4a16-g": [
         (16, 32 << 20, TileConfig(64, 16, 256, 4, 3, 2)),
         (16, 160 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
         (16, ANY, TileConfig(32, 16, 128, 2, 4, 4)),
         (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
-        (32, 160 << 20, TileConfig(128, 32, 128, 4, 4)),
-        (32, ANY, TileConfig(128, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(64, 32, 128, 2, 4, 2)),
+        (32, ANY, TileConfig(64, 32, 128, 2, 4, 2)),
         (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
         (64, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
         (64, ANY, TileConfig(128, 64, 128, 4, 3)),
@@ -312,13 +312,55 @@ CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
         (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
         (128, ANY, TileConfig(128, 128, 128, 8, 3)),
     ],
+    "w4a16": [
+        (16, 32 << 20, TileConfig(32, 16, 128, 2, 4, 4)),
+        (16, 160 << 20, TileConfig(32, 16, 128, 2, 4, 4)),
+        (16, ANY, TileConfig(64, 16, 256, 4, 3, 2)),
+        (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(64, 32, 128, 2, 4, 2)),
+        (32, ANY, TileConfig(64, 32, 128, 2, 4, 2)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (64, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 64, 4, 3)),
+    ],
+    "w4a16-asym": [
+        (16, 32 << 20, TileConfig(128, 16, 128, 4, 4, 2)),
+        (16, 160 << 20, TileConfig(128, 16, 256, 4, 3)),
+        (16, ANY, TileConfig(128, 16, 128, 4, 4, 4)),
+        (32, 32 << 20, TileConfig(128, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(128, 32, 128, 4, 4)),
+        (32, ANY, TileConfig(128, 32, 128, 4, 4)),
+        (64, 32 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
+        (64, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(256, 128, 64, 8, 3)),
+        (128, ANY, TileConfig(256, 128, 64, 8, 3)),
+    ],
+    "w8a8": [
+        (16, 32 << 20, TileConfig(32, 16, 128, 2, 4, 2)),
+        (16, 160 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
+        (16, ANY, TileConfig(32, 16, 256, 2, 3, 4)),
+        (32, 32 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
+        (32, 160 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
+        (32, ANY, TileConfig(32, 32, 128, 2, 4, 2)),
+        (64, 32 << 20, TileConfig(32, 64, 128, 2, 4)),
+        (64, 160 << 20, TileConfig(64, 64, 128, 2, 4)),
+        (64, ANY, TileConfig(64, 64, 128, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 128, 8, 3)),
+    ],
     "w4a8": [
         (16, 32 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
-        (16, 160 << 20, TileConfig(64, 16, 256, 4, 3, 2)),
+        (16, 160 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
         (16, ANY, TileConfig(64, 16, 256, 4, 3, 2)),
         (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
         (32, 160 << 20, TileConfig(64, 32, 128, 4, 4, 2)),
-        (32, ANY, TileConfig(128, 32, 128, 4, 4)),
+        (32, ANY, TileConfig(128, 32, 128, 8, 4)),
         (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
         (64, 160 << 20, TileConfig(64, 64, 128, 4, 4, 2)),
         (64, ANY, TileConfig(64, 64, 128, 4, 4, 2)),
@@ -326,30 +368,30 @@ CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
         (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
         (128, ANY, TileConfig(128, 128, 128, 8, 3)),
     ],
-    "w8a8": [
-        (16, 32 << 20, TileConfig(32, 16, 128, 2, 4, 2)),
-        (16, 160 << 20, TileConfig(32, 16, 128, 2, 4, 2)),
-        (16, ANY, TileConfig(64, 16, 256, 4, 3, 2)),
-        (32, 32 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
-        (32, 160 << 20, TileConfig(32, 32, 128, 2, 4, 2)),
-        (32, ANY, TileConfig(32, 32, 128, 2, 4, 2)),
+    "w4a8-g": [
+        (16, 32 << 20, TileConfig(32, 16, 256, 2, 3, 4)),
+        (16, 160 << 20, TileConfig(32, 16, 128, 2, 4, 4)),
+        (16, ANY, TileConfig(64, 16, 128, 4, 4, 2)),
+        (32, 32 << 20, TileConfig(64, 32, 128, 4, 4)),
+        (32, 160 << 20, TileConfig(64, 32, 128, 2, 4, 2)),
+        (32, ANY, TileConfig(64, 32, 128, 2, 4, 2)),
+        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (64, 160 << 20, TileConfig(64, 64, 128, 2, 3, 2)),
+        (64, ANY, TileConfig(64, 64, 128, 2, 3, 2)),
+        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
+        (128, ANY, TileConfig(64, 128, 128, 4, 3)),
+    ],
+    "fp8": [  # wgmma only (BLOCK_M >= 64, 4+ warps): Hopper's mma.sync has no e4m3
+        (16, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (16, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (16, ANY, TileConfig(128, 64, 128, 4, 3)),
+        (32, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (32, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (32, ANY, TileConfig(64, 64, 128, 4, 3)),
         (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
         (64, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
         (64, ANY, TileConfig(64, 64, 128, 4, 3)),
-        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
-        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
-        (128, ANY, TileConfig(128, 128, 128, 8, 3)),
-    ],
-    "fp8": [  # fp8 needs wgmma (BLOCK_M >= 64): Hopper's mma.sync has no e4m3
-        (16, 32 << 20, TileConfig(64, 64, 128, 4, 3, 2)),
-        (16, 160 << 20, TileConfig(64, 64, 128, 4, 3, 2)),
-        (16, ANY, TileConfig(128, 64, 128, 4, 3)),
-        (32, 32 << 20, TileConfig(128, 64, 128, 4, 3)),
-        (32, 160 << 20, TileConfig(128, 64, 128, 4, 3)),
-        (32, ANY, TileConfig(128, 64, 128, 4, 3)),
-        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
-        (64, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
-        (64, ANY, TileConfig(128, 64, 128, 4, 3)),
         (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
         (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
         (128, ANY, TileConfig(64, 128, 128, 4, 3)),
@@ -359,9 +401,19 @@ MAX_SPLIT_K = 16
 MIN_BLOCKS_PER_SPLIT = 4  # K tiles per split: below this the fix-up costs more than it saves
 
 
-def config_for(family: str, m: int, weights: int = ANY) -> TileConfig:
-    """The tile config for M tokens against a weight of `weights` = N * K elements."""
-    rules = CONFIGS[family]
+def tile_key(spec: Any) -> str:
+    """The tile table a format uses: its kernel family, plus "-g" for group scales and
+    "-asym" for zero points (their extra per-group work favours other tiles)."""
+    key = str(family_of(spec))
+    if not spec.symmetric:
+        return key + "-asym"
+    return key + "-g" if spec.group_size != -1 else key
+
+
+def config_for(key: str, m: int, weights: int = ANY) -> TileConfig:
+    """The tile config for M tokens against a weight of `weights` = N * K elements, from
+    the table `key` (tile_key), or its family's table when the format has none of its own."""
+    rules = CONFIGS.get(key) or CONFIGS[key.split("-")[0]]
     top = max(max_m for max_m, _, _ in rules)
     m = min(m, top)
     for max_m, max_w, cfg in rules:
@@ -443,7 +495,7 @@ def qlinear(
     if m == 0:
         return out.view(*lead, n)
 
-    cfg = config or config_for(family, m, n * k)
+    cfg = config or config_for(tile_key(spec), m, n * k)
     group = 0 if spec.group_size == -1 else spec.group_size
     block_k = cfg.block_k if group == 0 else min(cfg.block_k, group & -group)
     k_blocks = triton.cdiv(k, block_k)
