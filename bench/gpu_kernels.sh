@@ -2,7 +2,8 @@
 # The GPU kernel session, as run through the device tool on one H100/H200 (no network):
 #   STAGE=test     the cuda-marked kernel tests (compiled in parallel first)
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
-#   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in)
+#   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
+#                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH)
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,8 @@ tune)
   python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
   ;;
 measure)
-  python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} \
-    ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}"
+  python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \
+    ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}"
   ;;
 *)
   echo "unknown STAGE=$STAGE" >&2

@@ -7,9 +7,11 @@ copies that they stream from HBM rather than L2. A8 rows include the per-token a
 quantization (our Triton kernel, or torch ops for torch's kernels); the "gemm" rows take
 already-quantized activations, as qkv/gate_up do after the fused RMSNorm. Roofline: bytes
 the layer must read (all weight tensors + activations) over the copy bandwidth measured in
-this run.
+this run. Then one decoder layer's linear path as the model runs it (norms and silu * up
+included, quantization fused where the model fuses it), per format against bf16; and with
+--humming, humming-kernels' W4A16 (the ceiling issue 5 names) in the same run.
 
-    python bench/kernel_perf.py --out bench/results             # about 1 min on an H200
+    python bench/kernel_perf.py --out bench/results             # about 2 min on an H200
     python bench/kernel_perf.py --tune-only --out $OUT           # time candidate tiles
     python bench/kernel_perf.py --configs $OUT/kernel_configs.json --out bench/results
 """
@@ -46,7 +48,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128]
 OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
-HUMMING = ["humming-w4a16-g128", "humming-w4a16"]  # with --humming (pip install humming-kernels)
+HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)
 L2_BYTES = 60 << 20  # at least this many bytes of weight copies between reuses
 
 
@@ -607,7 +609,8 @@ def write_markdown(
         "(qkv, o, gate_up, down), microseconds, median of CUDA-graph replays with the weights "
         "rotated through HBM. A8 rows include per-token activation quantization; `:gemm` rows "
         "take pre-quantized activations (what qkv/gate_up get from the fused RMSNorm). "
-        "Reproduce: `python bench/kernel_perf.py --out bench/results`.",
+        "Reproduce: `STAGE=measure HUMMING=1 bench/gpu_kernels.sh` (humming rows need "
+        "`pip install humming-kernels`).",
         "",
         "## Goals",
         "",

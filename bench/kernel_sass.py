@@ -1,0 +1,117 @@
+"""Instructions per weight in the main loop of the quantized GEMM, compiled offline for a GPU
+architecture (no GPU needed): the measured cause behind kernel_perf's W4A16 misses.
+
+Triton compiles `_qlinear_kernel` for the given format and tile config down to SASS (with the
+ptxas and nvdisasm that ship in Triton's wheel); the longest backward branch is the K loop.
+Pointers and strides are marked 16-byte aligned, as at run time, so loads vectorise.
+
+    python bench/kernel_sass.py --format w4a16-g128 --tile 64,16,256,4,3
+    python bench/kernel_sass.py --format w4a8 --prequant --tile 64,16,256,4,3
+
+Results depend on the Triton version (the GPU image runs 3.6: `pip install triton==3.6.0
+--target DIR` and put DIR first on PYTHONPATH to match it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from specquant.kernels.triton_ops import qlinear as Q
+from specquant.quant.spec import get_format
+
+ALIGNED = ("x_ptr", "xs_ptr", "w_ptr", "s_ptr", "z_ptr", "cs_ptr", "b_ptr", "out_ptr", "ws_ptr",
+           "lock_ptr", "N", "K", "K_SPLIT", "stride_xm", "stride_wn", "stride_om")  # fmt: skip
+
+
+def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple[str, str]:
+    """(SASS, TTGIR) of the kernel for format `fmt`, activations in bf16 or pre-quantized."""
+    spec = get_format(fmt)
+    act = {"none": 0, "int8": 1, "fp8": 2}[spec.activations]
+    w4 = spec.weight_bits == 4 and spec.weight_type == "int"
+    x_type = {0: "*bf16", 1: "*i8", 2: "*fp8e4nv"}[act]
+    w_type = "*u8" if w4 else ("*i8" if spec.weight_type == "int" else "*fp8e4nv")
+    sig = {"x_ptr": x_type, "xs_ptr": "*fp32", "w_ptr": w_type, "s_ptr": "*fp32",
+           "z_ptr": "*u8", "cs_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
+           "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig.update({n: "i32" for n in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_wn",
+                                   "stride_om")})  # fmt: skip
+    group = 0 if spec.group_size == -1 else spec.group_size
+    block_k = tile.block_k if group == 0 else min(tile.block_k, group & -group)
+    consts = dict(W4=w4, ACT=act, GROUP=group, ASYM=not spec.symmetric,
+                  TWO_LEVEL=spec.two_level, HAS_BIAS=False, FAST_UNPACK=True, DOT_F32=False,
+                  SPLIT_K=split_k, EVEN_K=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                  BLOCK_K=block_k)  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    fn = Q._qlinear_kernel
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True)
+    return out.stdout, kernel.asm["ttgir"]
+
+
+def loop_histogram(sass: str) -> collections.Counter[str]:
+    """Opcode counts of the longest loop (label ... backward branch to it)."""
+    lines = sass.splitlines()
+    labels = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))
+    }
+    best: tuple[int, int] | None = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            cand = (labels[m.group(1)], i)
+            if best is None or cand[1] - cand[0] > best[1] - best[0]:
+                best = cand
+    if best is None:
+        raise RuntimeError("no loop found in the SASS")
+    ops: collections.Counter[str] = collections.Counter()
+    for line in lines[best[0] : best[1] + 1]:
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--format", default="w4a16-g128")
+    ap.add_argument("--tile", default="64,16,256,4,3", help="BLOCK_N,BLOCK_M,BLOCK_K,warps,stages")
+    ap.add_argument("--split-k", type=int, default=2)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
+    ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
+    args = ap.parse_args()
+    tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
+    sass, ttgir = compile_sass(args.format, tile, args.split_k, args.arch)
+    if args.ttgir:
+        args.ttgir.write_text(ttgir)
+    ops = loop_histogram(sass)
+    spec = get_format(args.format)
+    group = 0 if spec.group_size == -1 else spec.group_size
+    block_k = tile.block_k if group == 0 else min(tile.block_k, group & -group)
+    per_thread = tile.block_n * block_k / (32 * tile.num_warps)
+    total = sum(ops.values())
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.format}, tile {args.tile}: "
+          f"{total} instructions per K step, {per_thread:.0f} weights per thread, "
+          f"{total / per_thread:.2f} instructions per weight")  # fmt: skip
+    print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    main()
