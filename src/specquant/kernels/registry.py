@@ -31,6 +31,10 @@ class KernelImpl:
     fn: Callable[..., Any]
     can_implement: Callable[[KernelContext], tuple[bool, str]]
     is_reference: bool = False
+    # For kernels with per-layer state (their own weight layout, JIT compilation): called
+    # once per layer with its canonical tensors, format and activation dtype; returns the
+    # function the layer then calls in place of `fn` (same signature).
+    prepare: Callable[..., Callable[..., Any]] | None = None
 
 
 class KernelSelectionError(RuntimeError):
@@ -87,4 +91,4 @@ def explain(op: str, ctx: KernelContext) -> list[tuple[str, bool, str]]:
 def _ensure_loaded() -> None:
     # Implementations register themselves on import; importing lazily keeps
     # CPU-only installs free of GPU imports.
-    from specquant.kernels import builtin, triton_ops  # noqa: F401
+    from specquant.kernels import builtin, humming_backend, triton_ops  # noqa: F401

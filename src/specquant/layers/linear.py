@@ -100,7 +100,12 @@ class QLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         ctx = KernelContext(device, self.qdtype, extra=(("spec", self.spec), ("shape", shape)))
         impl = select("qlinear", ctx, override)
-        self.qkernel, self.kernel_name = impl.fn, f"{impl.name}:{self.spec.name}"
+        fn = (
+            impl.fn
+            if impl.prepare is None
+            else impl.prepare(self.qtensors(), self.spec, self.qdtype)
+        )
+        self.qkernel, self.kernel_name = fn, f"{impl.name}:{self.spec.name}"
         acts = self.spec.activations
         self.act_quant = None if acts == "none" else acts
 
