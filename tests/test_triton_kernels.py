@@ -355,6 +355,25 @@ def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> 
         select("qlinear", _ctx("w4a16"))
 
 
+def test_silu_mul_module_keeps_autograd_and_picks_per_kind() -> None:
+    """SiluMul: the reference under autograd (the fused kernels have no backward), and one
+    kernel choice per (device, dtype, kind), quantizing when asked."""
+    from specquant.layers.activation import SiluMul
+
+    act = SiluMul()
+    h = torch.randn(3, 16, requires_grad=True)
+    out = act(h)
+    assert isinstance(out, torch.Tensor)
+    out.sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(act(h), silu_mul_reference(h), rtol=0, atol=0)
+        q = act(h, "int8")
+        want = silu_mul_quant_reference(h, "int8")
+        assert isinstance(q, QuantizedActivations) and torch.equal(q.codes, want.codes)
+    assert len(act._kernels) == 2
+
+
 # ------------------------------------------------- CPU: fused norm + quantization in the model
 @pytest.mark.parametrize("name", ["w8a8", "w4a8-g128", "fp8", "w4a16-g128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -29,7 +29,7 @@ class SiluMul(nn.Module):
     def forward(
         self, h: torch.Tensor, kind: str | None = None
     ) -> torch.Tensor | QuantizedActivations:
-        if h.requires_grad:  # training (distill-draft): the fused kernels have no backward
+        if h.requires_grad and torch.is_grad_enabled():  # training: fused kernels have no backward
             return silu_mul_reference(h) if kind is None else silu_mul_quant_reference(h, kind)
         key = (h.device, h.dtype, kind)
         fn = self._kernels.get(key)
