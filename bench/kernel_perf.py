@@ -9,7 +9,7 @@ already-quantized activations, as qkv/gate_up do after the fused RMSNorm. Roofli
 the layer must read (all weight tensors + activations) over the copy bandwidth measured in
 this run. Then one decoder layer's linear path as the model runs it (norms and silu * up
 included, quantization fused where the model fuses it), per format against bf16; and with
---humming, humming-kernels' W4A16 (the ceiling issue 5 names) in the same run.
+--humming, humming-kernels' W4A16 (the fastest W4A16 GEMM we know of, as a ceiling).
 
     python bench/kernel_perf.py --out bench/results             # about 2 min on an H200
     python bench/kernel_perf.py --tune-only --out $OUT           # time candidate tiles
@@ -324,12 +324,12 @@ def chain_goals(rows: list[dict[str, Any]]) -> list[str]:
 
 # ------------------------------------------------------------------------ parallel compile
 def apply_configs(table: dict[str, Any] | None) -> None:
-    """Replace the kernels' tile table: family -> [[largest M, (largest N * K,) [tile config
-    fields]], ...]; a rule without a size applies to every size."""
+    """Replace the kernels' tile tables: tile key (qlinear.tile_key) -> [[largest M, (largest
+    N * K,) [tile config fields]], ...]; a rule without a size applies to every size."""
     import specquant.kernels.triton_ops.qlinear as Q
 
-    for family, rules in (table or {}).items():
-        Q.CONFIGS[family] = [
+    for key, rules in (table or {}).items():
+        Q.CONFIGS[key] = [
             (r[0], r[1] if len(r) == 3 else Q.ANY, Q.TileConfig(*r[-1])) for r in rules
         ]
 

@@ -46,7 +46,7 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
     sig.update({n: "i32" for n in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_wn",
                                    "stride_om")})  # fmt: skip
     group = 0 if spec.group_size == -1 else spec.group_size
-    block_k = tile.block_k if group == 0 else min(tile.block_k, group & -group)
+    block_k = Q.block_k_for(tile, group)
     consts = dict(W4=w4, ACT=act, GROUP=group, ASYM=not spec.symmetric,
                   TWO_LEVEL=spec.two_level, HAS_BIAS=False, FAST_UNPACK=True, DOT_F32=False,
                   SPLIT_K=split_k, EVEN_K=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -102,8 +102,7 @@ def main() -> None:
         args.ttgir.write_text(ttgir)
     ops = loop_histogram(sass)
     spec = get_format(args.format)
-    group = 0 if spec.group_size == -1 else spec.group_size
-    block_k = tile.block_k if group == 0 else min(tile.block_k, group & -group)
+    block_k = Q.block_k_for(tile, 0 if spec.group_size == -1 else spec.group_size)
     per_thread = tile.block_n * block_k / (32 * tile.num_warps)
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.format}, tile {args.tile}: "

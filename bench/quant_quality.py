@@ -217,6 +217,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     if args.merge:
         previous = json.loads(args.out.read_text())
+        heldout = f"{HELDOUT_GLOB}: {args.ppl_seqs} x {args.ppl_len} tokens"
+        if (previous["model"], previous["heldout"]) != (loaded.path.name, heldout):
+            raise SystemExit(
+                f"--merge: {args.out} measured {previous['model']} on {previous['heldout']}; "
+                f"this run measures {loaded.path.name} on {heldout}"
+            )
         rows: list[dict[str, Any]] = previous["rows"]
     else:
         rows = [

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from specquant.kernels import registry
 from specquant.kernels.reference import (
     QuantizedActivations,
     qlinear_reference,
@@ -28,7 +29,13 @@ from specquant.kernels.reference import (
     silu_mul_quant_reference,
     silu_mul_reference,
 )
-from specquant.kernels.registry import KernelContext, KernelSelectionError, explain, select
+from specquant.kernels.registry import (
+    KernelContext,
+    KernelImpl,
+    KernelSelectionError,
+    explain,
+    select,
+)
 from specquant.quant.rtn import quantize_rtn
 from specquant.quant.spec import FORMATS, QuantSpec, get_format
 
@@ -100,9 +107,11 @@ def run_qlinear_case(
     prequant: bool,
     device: str,
     seed: int = 0,
+    tile: tuple[int, ...] | None = None,
 ) -> None:
-    """The Triton GEMM (on `device`) against qlinear_reference (on the CPU)."""
-    from specquant.kernels.triton_ops.qlinear import qlinear
+    """The Triton GEMM (on `device`) against qlinear_reference (on the CPU); `tile` forces a
+    TileConfig (else the tables pick one)."""
+    from specquant.kernels.triton_ops.qlinear import TileConfig, qlinear
 
     x, t, b, spec = make_case(name, m, n, k, dtype, bias, seed)
     xin: torch.Tensor | QuantizedActivations = x
@@ -119,9 +128,10 @@ def run_qlinear_case(
         {key: v.to(dev) for key, v in t.items()},
         None if b is None else b.to(dev),
         spec,
+        config=TileConfig(*tile) if tile else None,
         split_k=split,
     )
-    assert_matches(got, want, f"{name} M={m} N={n} K={k} {dtype} split={split}")
+    assert_matches(got, want, f"{name} M={m} N={n} K={k} {dtype} split={split} tile={tile}")
 
 
 def run_quant_case(
@@ -175,6 +185,12 @@ INTERPRET_QLINEAR = [
     ("w4a16-g128", 128, 65, 256, torch.float16, False, None, True),
     ("w8a8", 4, 48, 256, torch.bfloat16, True, None, False),  # quantizes internally
 ]
+# Several M tiles and split-K in one launch (the tables give M <= 128 a single M tile):
+# (case..., forced tile) with BLOCK_M = 16 over M = 40.
+INTERPRET_TILED = [
+    (name, 40, 70, 512, torch.bfloat16, True, 2, True, (32, 16, 64, 4, 2))
+    for name in ("w4a16-g128", "w8a8", "w4a8-g128", "w4a16-asym")
+]
 INTERPRET_QUANT = [
     (kind, pre, m, k, dtype)
     for kind in ("int8", "fp8", None)
@@ -225,6 +241,8 @@ def _interpret_all(out: Path) -> None:
     results = {}
     for case in INTERPRET_QLINEAR:
         results[_case_id(case)] = _try(run_qlinear_case, *case, device="cpu")
+    for case in INTERPRET_TILED:
+        results[_case_id(case)] = _try(run_qlinear_case, *case[:8], device="cpu", tile=case[8])
     for case in INTERPRET_QUANT:
         results[_case_id(case)] = _try(run_quant_case, *case, device="cpu")
     out.write_text(json.dumps(results, indent=1))
@@ -261,6 +279,13 @@ def test_qlinear_interpreted(interpreted: dict[str, str], case: tuple[Any, ...])
     assert interpreted[_case_id(case)] == "ok", interpreted[_case_id(case)]
 
 
+@pytest.mark.parametrize("case", INTERPRET_TILED, ids=_case_id)
+def test_qlinear_interpreted_several_m_tiles(
+    interpreted: dict[str, str], case: tuple[Any, ...]
+) -> None:
+    assert interpreted[_case_id(case)] == "ok", interpreted[_case_id(case)]
+
+
 @pytest.mark.parametrize("case", INTERPRET_QUANT, ids=_case_id)
 def test_act_quant_interpreted(interpreted: dict[str, str], case: tuple[Any, ...]) -> None:
     assert interpreted[_case_id(case)] == "ok", interpreted[_case_id(case)]
@@ -279,7 +304,7 @@ def test_registry_prefers_triton_but_rejects_the_cpu() -> None:
     reasons = dict((r[0], r[2]) for r in rows)
     assert "needs a CUDA device, not cpu" in reasons["triton-w4a16"]
     assert "computes fp8 formats only, not w4a16-g128" in reasons["triton-fp8"]
-    assert select("qlinear", _ctx("w4a16-g128")).name == "reference"
+    assert select("qlinear", _ctx("w4a16-g128")).name == "cpu-prepared"
 
 
 def test_registry_rejections_name_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,6 +355,9 @@ def test_tile_rules_pick_by_m_and_weight_size(monkeypatch: pytest.MonkeyPatch) -
     pytest.importorskip("triton")
     from specquant.kernels.triton_ops import qlinear as Q
 
+    for family, table in Q.CONFIGS.items():  # each bucket of the built-in tables has a
+        for bucket in {max_m for max_m, _, _ in table}:  # rule for every size
+            assert max(w for m, w, _ in table if m == bucket) == Q.ANY, (family, bucket)
     small, large = Q.TileConfig(32, 16, 128, 2, 4), Q.TileConfig(128, 16, 128, 4, 4)
     wide = Q.TileConfig(64, 64, 128, 4, 3)
     rules = [(16, 1 << 20, small), (16, Q.ANY, large), (64, Q.ANY, wide)]
@@ -343,10 +371,9 @@ def test_tile_rules_pick_by_m_and_weight_size(monkeypatch: pytest.MonkeyPatch) -
     assert Q.tile_key(get_format("w4a8-g128")) == "w4a8-g"
     monkeypatch.delitem(Q.CONFIGS, "w4a16-asym", raising=False)  # no table: the family's
     assert Q.config_for("w4a16-asym", 1, 4096 * 64) is small
-    for family, table in Q.CONFIGS.items():  # each bucket of the built-in tables has a
-        if family != "w4a16":  # rule for every size (else it would borrow a larger bucket's)
-            for bucket in {max_m for max_m, _, _ in table}:
-                assert max(w for m, w, _ in table if m == bucket) == Q.ANY, (family, bucket)
+    capped = [(16, 1 << 20, small), (64, Q.ANY, wide)]  # a bucket without a rule for all sizes
+    monkeypatch.setitem(Q.CONFIGS, "w4a16", capped)
+    assert Q.config_for("w4a16", 1, 1 << 30) is small  # its largest rule, not another bucket's
 
 
 def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,18 +387,30 @@ def test_silu_mul_module_keeps_autograd_and_picks_per_kind() -> None:
     kernel choice per (device, dtype, kind), quantizing when asked."""
     from specquant.layers.activation import SiluMul
 
+    def no_backward(h: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return silu_mul_reference(h).detach()
+
+    calls: list[int] = []
+    fake = KernelImpl("fake", 10**6, no_backward, lambda ctx: (True, "test"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, "silu_mul", [fake, *registry.implementations("silu_mul")])
+        act = SiluMul()
+        h = torch.randn(3, 16, requires_grad=True)
+        out = act(h)
+        assert isinstance(out, torch.Tensor) and not calls  # autograd: the reference
+        out.sum().backward()
+        assert h.grad is not None and torch.isfinite(h.grad).all()
+        with torch.no_grad():
+            act(h)
+        assert calls == [1]  # no autograd: the selected (fused) kernel
     act = SiluMul()
-    h = torch.randn(3, 16, requires_grad=True)
-    out = act(h)
-    assert isinstance(out, torch.Tensor)
-    out.sum().backward()
-    assert h.grad is not None and torch.isfinite(h.grad).all()
     with torch.no_grad():
         torch.testing.assert_close(act(h), silu_mul_reference(h), rtol=0, atol=0)
         q = act(h, "int8")
         want = silu_mul_quant_reference(h, "int8")
         assert isinstance(q, QuantizedActivations) and torch.equal(q.codes, want.codes)
-    assert len(act._kernels) == 2
+    assert len(act._kernels) == 2  # one choice per (device, dtype, kind)
 
 
 # ------------------------------------------------- CPU: fused norm + quantization in the model
@@ -431,6 +470,10 @@ SPLIT_CASES = [
     for name in SPLIT_FORMATS
     for m, split in [(1, 1), (5, 3), (40, 2), (128, 4)]
 ]
+TILED_CASES = [  # a prefill-sized M over several M tiles with split-K
+    (name, 300, 520, 1152, torch.bfloat16, True, 2, True, "cuda", 3, (64, 64, 128, 4, 3))
+    for name in ("w4a16-g128", "w8a8", "w4a8")
+]
 QUANT_CASES = [
     (kind, pre, m, k, dtype, "cuda")
     for kind in ("int8", "fp8", None)
@@ -461,6 +504,12 @@ def test_qlinear_gpu_fp16_and_forced_split(name: str) -> None:
     for case in SPLIT_CASES:
         if case[0] == name:
             run_qlinear_case(*case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", TILED_CASES, ids=_case_id)
+def test_qlinear_gpu_several_m_tiles(case: tuple[Any, ...]) -> None:
+    run_qlinear_case(*case[:10], tile=case[10])
 
 
 @pytest.mark.cuda
@@ -501,10 +550,15 @@ def _warm_gpu() -> None:
 
     jobs = [(run_qlinear_case, c) for name in SPECS for c in gpu_qlinear_cases(name)]
     jobs += [(run_qlinear_case, c) for c in SPLIT_CASES]
+    jobs += [(_run_tiled, c) for c in TILED_CASES]
     jobs += [(run_quant_case, c) for c in QUANT_CASES]
     with ProcessPoolExecutor(16, mp_context=mp.get_context("spawn")) as pool:
         results = list(pool.map(_try_job, jobs))
     print(f"warmed {len(jobs)} GPU cases; {sum(r != 'ok' for r in results)} failed")
+
+
+def _run_tiled(*case: Any) -> None:
+    run_qlinear_case(*case[:10], tile=case[10])
 
 
 def _try_job(job: tuple[Any, tuple[Any, ...]]) -> str:

@@ -3,13 +3,14 @@
 Not used unless asked for (`SPECQUANT_KERNEL_QLINEAR=humming-w4a16`, or the `override`
 argument of `QLinear.prepare`): it keeps its own repacked copy of each layer's weights next
 to the canonical tensors (twice the 4-bit weight memory), compiles its kernels with NVRTC or
-nvcc the first time a shape is seen (tens of seconds; cached on disk by humming), and rounds
-the fp32 group scales to the activation dtype. In exchange it is the faster W4A16 GEMM on
-Hopper (bench/results/kernel_perf.md). Symmetric int4 only; this module does not import
+nvcc the first time a shape is seen (tens of seconds; cached on disk by humming), rounds the
+fp32 group scales to the activation dtype, and adds the bias after rounding the product to
+that dtype (the Triton kernels add it in fp32 before). In exchange it is the faster W4A16 GEMM
+on Hopper (bench/results/kernel_perf.md). Symmetric int4 only; this module does not import
 humming until a layer is prepared.
 
-Canonical int4 bytes (low nibble = even k) read as little-endian int32 words are exactly
-GPTQ's packing along K, which is what humming's weight tensor holds.
+Canonical int4 bytes (low nibble = even k) read as little-endian int32 words hold eight codes
+each in GPTQ's order along K; humming's weight tensor is those words, [N, K/8].
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
-PRIORITY = 40  # below the Triton kernels (50): opt-in by name
+PRIORITY = -1  # below the reference (0), which accepts everything: reached only by name
 
 
 def _check(ctx: KernelContext) -> tuple[bool, str]:
@@ -44,9 +45,9 @@ def _check(ctx: KernelContext) -> tuple[bool, str]:
     if (major, minor) < (8, 0):
         return False, f"needs compute capability >= 8.0; this GPU has {major}.{minor}"
     if "shape" in extra:
-        k = extra["shape"][1]
-        if k % 8:
-            return False, f"K must be a multiple of 8 (int32 words of codes), not {k}"
+        n, k = extra["shape"]
+        if n % 64 or k % 32:  # humming's tiles for 16-bit activations
+            return False, f"needs N a multiple of 64 and K of 32, not N={n}, K={k}"
     return True, "humming-kernels W4A16 (JIT-compiled, own weight layout)"
 
 
@@ -77,6 +78,8 @@ def prepare_humming(
     def forward(
         x: torch.Tensor, _t: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
     ) -> torch.Tensor:  # [..., K] -> [..., N]
+        if x.numel() == 0:
+            return x.new_empty(*x.shape[:-1], n)
         y = layer(x.reshape(-1, k)).view(*x.shape[:-1], n)
         return y if bias is None else y + bias.to(y.dtype)
 

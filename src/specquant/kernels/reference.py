@@ -166,6 +166,17 @@ def qlinear_reference(
         for j in range(g):
             acc += (xd[:, j * kg : (j + 1) * kg] @ q[:, j * kg : (j + 1) * kg].T) * scales[:, j]
         out = (acc * sx.double()).float()
+    return finish_qlinear(out, bias, out_dtype, shape)
+
+
+def finish_qlinear(
+    out: torch.Tensor,  # [M, N] float32
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    shape: torch.Size,  # the input's shape [..., K]
+) -> torch.Tensor:  # [..., N] in out_dtype
+    """A quantized linear's last steps, shared by every CPU implementation: bias in float32,
+    then rounding to the activation dtype."""
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype).view(*shape[:-1], -1)
+    return out.to(out_dtype).view(*shape[:-1], out.shape[-1])

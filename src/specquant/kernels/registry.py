@@ -91,4 +91,4 @@ def explain(op: str, ctx: KernelContext) -> list[tuple[str, bool, str]]:
 def _ensure_loaded() -> None:
     # Implementations register themselves on import; importing lazily keeps
     # CPU-only installs free of GPU imports.
-    from specquant.kernels import builtin, humming_backend, triton_ops  # noqa: F401
+    from specquant.kernels import builtin, cpu_quant, humming_backend, triton_ops  # noqa: F401

@@ -37,7 +37,7 @@ class QLinear(nn.Module):
     def prepare(self, override: str | None = None) -> None:
         """Pick the matmul kernel for the weights' device and dtype (after loading)."""
         if self.spec is not None:
-            self.prepare_quantized()
+            self.prepare_quantized(override)
             return
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name

@@ -148,14 +148,20 @@ def _silu_check(ctx: KernelContext) -> tuple[bool, str]:
 
 
 def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
-    from specquant.kernels.triton_ops.act_quant import silu_mul
+    from specquant.kernels.reference import silu_mul_reference
+    from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul
 
+    if h.shape[-1] // 2 > MAX_ROW:  # one row lives in registers: wider MLPs take torch's ops
+        return silu_mul_reference(h)
     return silu_mul(h)
 
 
 def silu_mul_quant_triton(h: torch.Tensor, kind: str) -> Any:
-    from specquant.kernels.triton_ops.act_quant import silu_mul_quant
+    from specquant.kernels.reference import silu_mul_quant_reference
+    from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul_quant
 
+    if h.shape[-1] // 2 > MAX_ROW:
+        return silu_mul_quant_reference(h, kind)
     return silu_mul_quant(h, kind)
 
 

@@ -414,12 +414,20 @@ def config_for(key: str, m: int, weights: int = ANY) -> TileConfig:
     """The tile config for M tokens against a weight of `weights` = N * K elements, from
     the table `key` (tile_key), or its family's table when the format has none of its own."""
     rules = CONFIGS.get(key) or CONFIGS[key.split("-")[0]]
-    top = max(max_m for max_m, _, _ in rules)
-    m = min(m, top)
-    for max_m, max_w, cfg in rules:
-        if m <= max_m and weights <= max_w:
+    bucket = min((max_m for max_m, _, _ in rules if m <= max_m), default=None)
+    if bucket is None:  # beyond the last bucket: its rules
+        bucket = max(max_m for max_m, _, _ in rules)
+    in_bucket = [(max_w, cfg) for max_m, max_w, cfg in rules if max_m == bucket]
+    for max_w, cfg in in_bucket:
+        if weights <= max_w:
             return cfg
-    return rules[-1][2]
+    return in_bucket[-1][1]  # larger than the bucket's rules cover: its largest size's
+
+
+def block_k_for(cfg: TileConfig, group: int) -> int:
+    """The K tile: the config's, capped at the largest power of two dividing the group size
+    (each K tile lies in one group, so group scales apply per tile)."""
+    return cfg.block_k if group == 0 else min(cfg.block_k, group & -group)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -497,7 +505,7 @@ def qlinear(
 
     cfg = config or config_for(tile_key(spec), m, n * k)
     group = 0 if spec.group_size == -1 else spec.group_size
-    block_k = cfg.block_k if group == 0 else min(cfg.block_k, group & -group)
+    block_k = block_k_for(cfg, group)
     k_blocks = triton.cdiv(k, block_k)
     n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
     if split_k is None:

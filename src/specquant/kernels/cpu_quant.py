@@ -1,0 +1,100 @@
+"""Quantized linears on the CPU, prepared once per layer (`KernelImpl.prepare`).
+
+The arithmetic is qlinear_reference's, with its per-call work moved to load time: weight-only
+and fp8 formats keep their dequantized (fp8: decoded) weight in float32, so a call is one
+matmul, as for a dense layer; int8-activation formats keep their signed integer codes as int8
+and take the per-group integer products from torch's int8 GEMM (`torch._int_mm`, exact in
+int32 for K < 2^31 / 127^2) instead of float64 matmuls. Results equal the reference's bit for
+bit: the same float32 products, and exact integer sums scaled in the same float64 order.
+
+Memory: a weight-only layer holds a float32 copy of its weight (the size of the dense layer)
+next to its packed codes; an int8-activation layer an int8 copy of its codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from specquant.kernels.reference import (
+    QuantizedActivations,
+    finish_qlinear,
+    qlinear_reference,
+    quantize_activations,
+    quantize_per_token,
+)
+from specquant.kernels.registry import KernelContext, KernelImpl, register
+
+PRIORITY = 10  # above the reference (0), below GPU kernels
+
+LinearFn = Callable[..., torch.Tensor]
+
+
+def _check(ctx: KernelContext) -> tuple[bool, str]:
+    spec = dict(ctx.extra).get("spec")
+    if spec is None:
+        return False, "needs the format (KernelContext extra 'spec')"
+    if ctx.device.type != "cpu":
+        return False, f"runs on the CPU, not {ctx.device.type}"
+    if spec.activations == "int8" and not hasattr(torch, "_int_mm"):
+        return False, "this torch has no int8 GEMM (torch._int_mm)"
+    return True, "weights prepared once: float32 matmul, or torch's exact int8 GEMM"
+
+
+def _unprepared(*args: Any) -> torch.Tensor:
+    raise RuntimeError("cpu-prepared runs per layer: QLinear.prepare builds it (prepare=...)")
+
+
+def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> LinearFn:
+    """The layer's forward with its weights decoded once (see the module docstring)."""
+    from specquant.quant.pack import codes_of, dequantize, group_scales
+
+    if spec.activations == "none":
+        w = dequantize(t, spec)  # float32 [N, K]
+
+        def weight_only(x: torch.Tensor, _t: Any, bias: torch.Tensor | None, _s: Any) -> Any:
+            x2 = x.reshape(-1, x.shape[-1])
+            return finish_qlinear(x2.float() @ w.T, bias, x.dtype, x.shape)
+
+        return weight_only
+
+    if spec.activations == "fp8":
+        wq, ws = t["qweight"].float(), t["scales"].float().T  # [N, K], [1, N]
+
+        def fp8(x: Any, _t: Any, bias: torch.Tensor | None, _s: Any) -> torch.Tensor:
+            if isinstance(x, QuantizedActivations):
+                xq, sx = x.codes.reshape(-1, x.shape[-1]).float(), x.scales.reshape(-1, 1)
+            else:
+                xq, sx = quantize_activations(x.reshape(-1, x.shape[-1]), "fp8")
+            return finish_qlinear((xq @ wq.T) * sx * ws, bias, x.dtype, x.shape)
+
+        return fp8
+
+    q = codes_of(t, spec)  # float32 [N, K], signed when symmetric
+    n, k = q.shape
+    scales = group_scales(t, spec).double()  # [N, G]
+    g = scales.shape[1]
+    kg = k // g
+    if not spec.symmetric:
+        q = (q.view(n, g, kg) - t["zeros"].float()[:, :, None]).view(n, k)
+    if n * k and float(q.abs().max()) > 127:  # 8-bit codes minus zero points: beyond int8
+        return lambda x, t_, bias, s: qlinear_reference(x, t, bias, s)
+    # one contiguous int8 [N, K/G] block per group; _int_mm reads its transpose fastest
+    blocks = [q[:, j * kg : (j + 1) * kg].to(torch.int8).contiguous() for j in range(g)]
+
+    def int8(x: Any, _t: Any, bias: torch.Tensor | None, _s: Any) -> torch.Tensor:
+        qa = x if isinstance(x, QuantizedActivations) else quantize_per_token(x, "int8")
+        codes = qa.codes.reshape(-1, qa.shape[-1])
+        sx = qa.scales.reshape(-1, 1)
+        acc = torch.zeros(codes.shape[0], n, dtype=torch.float64)
+        for j, block in enumerate(blocks):
+            part = torch._int_mm(codes[:, j * kg : (j + 1) * kg].contiguous(), block.T)
+            acc += part.double() * scales[:, j]
+        return finish_qlinear((acc * sx.double()).float(), bias, qa.dtype, qa.shape)
+
+    return int8
+
+
+register("qlinear", KernelImpl("cpu-prepared", PRIORITY, _unprepared, _check, prepare=prepare_cpu))

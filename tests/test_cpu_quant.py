@@ -1,0 +1,63 @@
+"""The CPU's prepared quantized linears equal qlinear_reference bit for bit, for every
+format, with and without pre-quantized activations, bias, and odd or empty shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specquant.kernels.cpu_quant import prepare_cpu
+from specquant.kernels.reference import qlinear_reference, quantize_per_token
+from specquant.kernels.registry import KernelContext, select
+from specquant.layers.linear import QLinear
+from specquant.quant.rtn import quantize_rtn
+from specquant.quant.spec import FORMATS, QuantSpec, get_format
+
+ASYM_W4A8 = QuantSpec("w4a8-g64-asym", 4, group_size=64, symmetric=False, activations="int8")
+SPECS = {
+    **FORMATS,
+    "w4a16-asym": QuantSpec("w4a16-asym", 4, symmetric=False),
+    "w4a8-g64-asym": ASYM_W4A8,
+    "w8a8-asym": QuantSpec("w8a8-asym", 8, symmetric=False, activations="int8"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_equals_reference(name: str, dtype: torch.dtype) -> None:
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(len(name))
+    for n, k in [(40, 256), (33, 384)]:
+        if spec.group_size != -1 and k % spec.group_size:
+            continue
+        w = torch.randn(n, k, generator=gen) * 0.05
+        w[:, :8] *= 6  # outlier columns, so group scales differ
+        t = quantize_rtn(w, spec)
+        fn = prepare_cpu(t, spec, dtype)
+        bias = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+        for m in (0, 1, 5):
+            x = (torch.randn(2, m, k, generator=gen) * 2).to(dtype)
+            for b in (None, bias):
+                want = qlinear_reference(x, t, b, spec)
+                got = fn(x, t, b, spec)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert torch.equal(got, want), (name, n, k, m)
+            if spec.activations != "none":
+                qa = quantize_per_token(x, spec.activations)
+                assert torch.equal(fn(qa, t, None, spec), qlinear_reference(qa, t, None, spec))
+
+
+def test_cpu_layers_use_the_prepared_kernel_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = get_format("w8a8")
+    ctx = KernelContext(torch.device("cpu"), torch.float32, (("spec", spec),))
+    assert select("qlinear", ctx).name == "cpu-prepared"
+    layer = QLinear(64, 16)
+    layer.load_quantized_(spec, quantize_rtn(torch.randn(16, 64), spec))
+    assert layer.kernel_name == "cpu-prepared:w8a8"
+    layer.prepare(override="reference")  # an explicit choice reaches quantized layers too
+    assert layer.kernel_name == "reference:w8a8"
+    layer.prepare()
+    assert layer.kernel_name == "cpu-prepared:w8a8"
+    monkeypatch.setenv("SPECQUANT_FORCE_REFERENCE", "1")
+    layer.prepare()
+    assert layer.kernel_name == "reference:w8a8"
