@@ -25,7 +25,7 @@ import specquant  # noqa: F401
 import torch
 
 from common import git_commit
-from specquant.config import EngineConfig, GenerationConfig, SpecConfig
+from specquant.config import EAGLE_TREE_PAPER, EngineConfig, GenerationConfig, SpecConfig
 from specquant.io.loader import load_checkpoint
 from specquant.spec.factory import build_generator
 from specquant.train.prompts import default_data_dir
@@ -73,9 +73,12 @@ def main() -> None:
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
     engine = EngineConfig(device=str(device), dtype=args.dtype, max_seq_len=2048)
+    depth, topk, size = EAGLE_TREE_PAPER
     specs = {
         "ar": SpecConfig(),
-        "eagle2": SpecConfig(method="eagle2", eagle=args.eagle),
+        "eagle2": SpecConfig(  # the paper's tree on every device, so CPU and GPU agree
+            method="eagle2", eagle=args.eagle, depth=depth, tree_topk=topk, tree_size=size
+        ),
         "sps": SpecConfig(method="sps", draft=args.draft),
         "hierspec": SpecConfig(method="hierspec", draft=args.draft, draft_eagle=args.draft_eagle),
     }

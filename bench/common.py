@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +17,26 @@ def git_commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_run_meta() -> dict[str, str]:
+    """Where and when a CPU benchmark ran: cpu, torch, date, commit (for its report)."""
+    import platform
+    import time
+
+    return {
+        "cpu": f"{platform.machine()} ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+    }
+
+
+def write_report(out: Path, report: dict[str, Any], md: list[str]) -> None:
+    """The JSON report at `out` and its markdown next to it (same name, .md)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
 def copy_bandwidth_gbs(device: torch.device | str = "cuda") -> float:

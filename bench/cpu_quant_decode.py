@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import specquant
 
 # isort: split
-import torch
 
-from common import git_commit
+from common import cpu_run_meta, write_report
 from cpu_decode import spec_bench_prompts
 from specquant.config import GenerationConfig
 from specquant.layers.linear import QLinear
@@ -84,17 +81,12 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     report = {
         "benchmark": "cpu_quant_decode",
-        "cpu": f"{platform.machine()} ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": git_commit(),
+        **cpu_run_meta(),
         "new_tokens": args.new_tokens,
         "prompts": [p["category"] for p in picked],
         "dense_float32_tok_s": dense,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
     md = [
         "# Quantized SmolLM2 on the CPU: prepared kernels vs the reference",
         "",
@@ -112,7 +104,7 @@ def main() -> None:
             f"| {r['format']} | {r['reference']:.1f} | {r['cpu-prepared']:.1f} | "
             f"{r['speedup']:.1f}x | {r['vs_dense']:.2f}x | {'yes' if r['same_tokens'] else 'NO'} |"
         )
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_report(args.out, report, md)
     print("\n".join(md))
 
 

@@ -57,12 +57,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
                 flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
             )
         else:
-            group.add_argument(
-                flag,
-                type=typ,
-                default=f.default,
-                help=f"{help_text} (default: {f.default})",
-            )
+            # a None default is resolved later (a shipped drafter, a per-device value): the
+            # help text says how
+            shown = "" if f.default is None else f" (default: {f.default})"
+            group.add_argument(flag, type=typ, default=f.default, help=f"{help_text}{shown}")
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:

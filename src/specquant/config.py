@@ -256,7 +256,9 @@ class SamplingParams:
     temperature: float = field(default=0.0, metadata=_doc("0 = greedy; > 0 samples"))
     top_k: int = field(default=0, metadata=_doc("keep the k most likely tokens; 0 = off"))
     top_p: float = field(default=1.0, metadata=_doc("nucleus sampling mass; 1.0 = off"))
-    seed: int | None = field(default=None, metadata=_doc("random seed for sampling"))
+    seed: int | None = field(
+        default=None, metadata=_doc("random seed for sampling; default: unseeded")
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -309,26 +311,51 @@ SPEC_METHODS = ("ar", "sps", "eagle2", "hierspec")
 
 EAGLE_VOCABS = ("auto", "reduced", "full")
 
+# EAGLE-2 trees as (depth, top-k, size). The paper's suits a GPU, where verifying 60 tokens
+# costs about one step; on the CPU verification is compute-bound and a smaller tree decodes
+# faster (bench/results/cpu_tree.md).
+EAGLE_TREE_PAPER = (6, 10, 60)
+EAGLE_TREE_CPU = (5, 4, 24)
+
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding method and its parameters (paper defaults)."""
+    """Speculative decoding method and its parameters (paper defaults; EAGLE-2's tree is
+    smaller on the CPU unless given)."""
 
     method: str = field(default="ar", metadata=_doc("ar | sps | eagle2 | hierspec"))
     draft: str | None = field(
         default=None,
-        metadata=_doc("draft model (sps) or intermediate model (hierspec): path or 'random'"),
+        metadata=_doc(
+            "draft model (sps) or intermediate model (hierspec): path or 'random'; "
+            "default: the one shipped for the embedded model"
+        ),
     )
     eagle: str | None = field(
-        default=None, metadata=_doc("EAGLE head for the target: path, 'random' or 'random-eagle3'")
+        default=None,
+        metadata=_doc(
+            "EAGLE head for the target: path, 'random' or 'random-eagle3'; "
+            "default: the one shipped for the embedded model"
+        ),
     )
     draft_eagle: str | None = field(
-        default=None, metadata=_doc("hierspec: EAGLE head for the intermediate model")
+        default=None,
+        metadata=_doc("hierspec: EAGLE head for the intermediate model; default: the one shipped"),
     )
     draft_length: int = field(default=6, metadata=_doc("sps: draft tokens per step (k)"))
-    depth: int = field(default=6, metadata=_doc("eagle2: tree depth"))
-    tree_topk: int = field(default=10, metadata=_doc("eagle2: children per expanded node (top-k)"))
-    tree_size: int = field(default=60, metadata=_doc("eagle2: verified tokens, root incl."))
+    depth: int | None = field(
+        default=None, metadata=_doc("eagle2: tree depth; default 6 on a GPU, 5 on the CPU")
+    )
+    tree_topk: int | None = field(
+        default=None,
+        metadata=_doc(
+            "eagle2: children per expanded node (top-k); default 10 on a GPU, 4 on the CPU"
+        ),
+    )
+    tree_size: int | None = field(
+        default=None,
+        metadata=_doc("eagle2: verified tokens, root incl.; default 60 on a GPU, 24 on the CPU"),
+    )
     min_draft_length: int = field(
         default=6, metadata=_doc("hierspec: sequence length the intermediate model reaches")
     )
@@ -359,5 +386,13 @@ class SpecConfig:
         if self.min_draft_length < 1:
             raise ValueError(f"min_draft_length must be >= 1, got {self.min_draft_length}")
         for name in ("depth", "tree_topk", "hier_depth", "hier_topk"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def eagle_tree(self, device_type: str) -> tuple[int, int, int]:
+        """EAGLE-2's (depth, top-k, tree size) on a device of this type ("cpu", "cuda"):
+        the values given, the rest from EAGLE_TREE_CPU or EAGLE_TREE_PAPER."""
+        base = EAGLE_TREE_CPU if device_type == "cpu" else EAGLE_TREE_PAPER
+        given = (self.depth, self.tree_topk, self.tree_size)
+        depth, topk, size = (b if g is None else g for g, b in zip(given, base, strict=True))
+        return depth, topk, size

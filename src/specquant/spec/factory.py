@@ -154,7 +154,8 @@ def build_generator(
         gen.drafter = DraftModelDrafter(runner, spec.draft_length)
         return gen
     if spec.method == "eagle2":
-        validate_tree_params(spec.depth, spec.tree_topk, spec.tree_size, tcfg.vocab_size)
+        depth, topk, tree_size = spec.eagle_tree(device.type)
+        validate_tree_params(depth, topk, tree_size, tcfg.vocab_size)
         eagle_path = shipped_drafter("eagle", loaded, spec.eagle)
         head = _for_base(_eagle_head(eagle_path, tcfg, device, dtype, "eagle2"), loaded.model)
         gen = Generator(loaded, engine, features=head_features(head, tcfg.num_layers))
@@ -172,9 +173,9 @@ def build_generator(
         gen.drafter = EagleDrafter(
             head,
             gen.runner,
-            depth=spec.depth,
-            topk=spec.tree_topk,
-            tree_size=spec.tree_size,
+            depth=depth,
+            topk=topk,
+            tree_size=tree_size,
             vocab_ids=vocab,
         )
         return gen
