@@ -190,3 +190,16 @@ def test_cli_quantizes_smollm2_and_generates_from_it(
     assert main(["generate", "--model", str(out), *prompt, "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["token_ids"]) == 6 and result["text"]
+
+
+def test_info_reports_the_quantized_kernels(tmp_path: Path) -> None:
+    from specquant.cli import kernel_report
+
+    result = quantize(tiny(tmp_path / "dense"), tmp_path / "q", format="w8a8", method="rtn")
+    report = kernel_report(load(result.out).model, CPU, torch.float32)
+    qlinear = {row["name"]: row for row in report["kernels"]["qlinear"]}
+    assert qlinear["cpu-prepared"]["ok"] and qlinear["reference"]["ok"]
+    assert "needs a CUDA device" in qlinear["triton-w8a8"]["reason"]
+    in_use = report["linear_kernels_in_use"]
+    assert in_use["cpu-prepared:w8a8"] == 2 * 4  # qkv, o, gate_up, down of 2 layers
+    assert set(in_use) == {"cpu-prepared:w8a8", "torch"}  # the dense lm_head

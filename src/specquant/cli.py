@@ -378,11 +378,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from specquant.kernels.registry import KernelContext, explain
+def kernel_report(model: Any, device: Any, dtype: Any) -> dict[str, Any]:
+    """Every candidate kernel of the model's ops with why it runs or not (for a quantized
+    model also `qlinear`, asked with its first quantized layer's format and shape), and how
+    many linear layers run on each chosen kernel."""
+    from collections import Counter
 
+    from specquant.kernels.registry import KernelContext, explain
+    from specquant.layers.linear import QLinear
+
+    def rows(op: str, ctx: KernelContext) -> list[dict[str, Any]]:
+        return [{"name": n, "ok": ok, "reason": r} for n, ok, r in explain(op, ctx)]
+
+    ctx = KernelContext(device, dtype)
+    kernels = {op: rows(op, ctx) for op in ("linear", "attention")}
+    linears = [m for m in model.modules() if isinstance(m, QLinear)]
+    quantized = [m for m in linears if m.spec is not None]
+    if quantized:
+        first = quantized[0]
+        shape = (first.out_features, first.in_features)
+        extra = (("spec", first.spec), ("shape", shape))
+        kernels["qlinear"] = rows("qlinear", KernelContext(device, first.qdtype, extra))
+    in_use = Counter(m.kernel_name for m in linears)
+    return {"kernels": kernels, "linear_kernels_in_use": dict(sorted(in_use.items()))}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
     gen = _load(args)
-    ctx = KernelContext(gen.device, gen.dtype)
     info = {
         "path": str(gen.loaded.path),
         "config": gen.config.to_dict(),
@@ -390,10 +412,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "dtype": str(gen.dtype),
         "max_seq_len": gen.max_seq_len,
         "quantization": gen.loaded.quantization,
-        "kernels": {
-            op: [{"name": n, "ok": ok, "reason": r} for n, ok, r in explain(op, ctx)]
-            for op in ("linear", "attention")
-        },
+        **kernel_report(gen.model, gen.device, gen.dtype),
     }
     print(json.dumps(info, indent=2))
     return 0
