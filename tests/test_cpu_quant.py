@@ -61,3 +61,15 @@ def test_cpu_layers_use_the_prepared_kernel_unless_forced(monkeypatch: pytest.Mo
     monkeypatch.setenv("SPECQUANT_FORCE_REFERENCE", "1")
     layer.prepare()
     assert layer.kernel_name == "reference:w8a8"
+
+
+def test_a_layer_moved_without_prepare_falls_back_to_the_reference() -> None:
+    """The prepared weights live on the CPU; a layer moved elsewhere without QLinear.prepare
+    (e.g. `.to(...)` by hand) runs the reference on its current tensors instead of failing."""
+    spec = get_format("w4a16-g128")
+    layer = QLinear(256, 16)
+    layer.load_quantized_(spec, quantize_rtn(torch.randn(16, 256), spec))
+    assert layer.kernel_name == "cpu-prepared:w4a16-g128"
+    layer.to("meta")
+    out = layer(torch.randn(3, 256, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 16)

@@ -49,6 +49,18 @@ def _unprepared(*args: Any) -> torch.Tensor:
 
 def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> LinearFn:
     """The layer's forward with its weights decoded once (see the module docstring)."""
+    prepared = _prepared(t, spec)
+
+    def forward(x: Any, live: Any, bias: torch.Tensor | None, s: Any) -> torch.Tensor:
+        codes = x.codes if isinstance(x, QuantizedActivations) else x
+        if codes.device.type != "cpu":  # moved without QLinear.prepare: the reference, on
+            return qlinear_reference(x, live, bias, s)  # the layer's tensors as they are now
+        return prepared(x, live, bias, s)
+
+    return forward
+
+
+def _prepared(t: dict[str, torch.Tensor], spec: Any) -> LinearFn:
     from specquant.quant.pack import codes_of, dequantize, group_scales
 
     if spec.activations == "none":

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from specquant.kernels.reference import qlinear_reference
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
 PRIORITY = -1  # below the reference (0), which accepts everything: reached only by name
@@ -76,8 +77,10 @@ def prepare_humming(
     layer.transform()
 
     def forward(
-        x: torch.Tensor, _t: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
+        x: torch.Tensor, live: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
     ) -> torch.Tensor:  # [..., K] -> [..., N]
+        if x.device != qweight.device:  # moved without QLinear.prepare: the reference
+            return qlinear_reference(x, live, bias, spec)
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], n)
         y = layer(x.reshape(-1, k)).view(*x.shape[:-1], n)
