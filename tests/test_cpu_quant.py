@@ -73,3 +73,23 @@ def test_a_layer_moved_without_prepare_falls_back_to_the_reference() -> None:
     layer.to("meta")
     out = layer(torch.randn(3, 256, device="meta"))
     assert out.device.type == "meta" and out.shape == (3, 16)
+
+
+@pytest.mark.parametrize("name", ["w4a16-g128", "fp8", "w8a8"])
+def test_layers_too_large_to_decode_stay_on_the_reference(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weight-only and fp8 layers keep a float32 copy only under MAX_DECODED_BYTES; larger
+    ones decode per call (the reference), with the same results. int8 codes are always kept
+    (one byte per weight; 8-bit codes are not even copied)."""
+    from specquant.kernels import cpu_quant
+
+    spec = get_format(name)
+    t = quantize_rtn(torch.randn(32, 256), spec)
+    x = torch.randn(2, 256)
+    for limit in (1 << 30, 32 * 256 * 4 - 1):
+        monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", limit)
+        on_reference = cpu_quant._prepared(t, spec) is cpu_quant._reference
+        assert on_reference == (limit < 32 * 256 * 4 and name != "w8a8"), (name, limit)
+        fn = cpu_quant.prepare_cpu(t, spec, torch.float32)
+        assert torch.equal(fn(x, t, None, spec), qlinear_reference(x, t, None, spec))

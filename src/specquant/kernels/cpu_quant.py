@@ -7,8 +7,9 @@ and take the per-group integer products from torch's int8 GEMM (`torch._int_mm`,
 int32 for K < 2^31 / 127^2) instead of float64 matmuls. Results equal the reference's bit for
 bit: the same float32 products, and exact integer sums scaled in the same float64 order.
 
-Memory: a weight-only layer holds a float32 copy of its weight (the size of the dense layer)
-next to its packed codes; an int8-activation layer an int8 copy of its codes.
+Memory: a weight-only or fp8 layer holds a float32 copy of its weight (the size of the dense
+layer) next to its packed codes, up to MAX_DECODED_BYTES per layer; larger layers stay on the
+reference. An int8-activation layer holds its codes as int8 (8-bit codes: no copy).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from specquant.kernels.reference import (
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
 PRIORITY = 10  # above the reference (0), below GPU kernels
+# Weight-only and fp8 layers keep a float32 copy of their weight; one larger than this stays on
+# the reference (which decodes per call), so a 7B 4-bit model still fits in CPU memory.
+MAX_DECODED_BYTES = 64 << 20
 
 LinearFn = Callable[..., torch.Tensor]
 
@@ -60,8 +64,17 @@ def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Li
     return forward
 
 
+def _reference(x: Any, live: Any, bias: torch.Tensor | None, s: Any) -> torch.Tensor:
+    return qlinear_reference(x, live, bias, s)
+
+
 def _prepared(t: dict[str, torch.Tensor], spec: Any) -> LinearFn:
     from specquant.quant.pack import codes_of, dequantize, group_scales
+
+    w4 = spec.weight_bits == 4 and spec.weight_type == "int"  # two codes per byte
+    n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if w4 else 1)
+    if spec.activations in ("none", "fp8") and 4 * n * k > MAX_DECODED_BYTES:
+        return _reference  # a float32 copy of this layer would cost too much memory
 
     if spec.activations == "none":
         w = dequantize(t, spec)  # float32 [N, K]
@@ -84,17 +97,22 @@ def _prepared(t: dict[str, torch.Tensor], spec: Any) -> LinearFn:
 
         return fp8
 
-    q = codes_of(t, spec)  # float32 [N, K], signed when symmetric
-    n, k = q.shape
     scales = group_scales(t, spec).double()  # [N, G]
     g = scales.shape[1]
     kg = k // g
-    if not spec.symmetric:
-        q = (q.view(n, g, kg) - t["zeros"].float()[:, :, None]).view(n, k)
-    if n * k and float(q.abs().max()) > 127:  # 8-bit codes minus zero points: beyond int8
-        return lambda x, t_, bias, s: qlinear_reference(x, t, bias, s)
+    if spec.weight_bits == 8 and spec.symmetric:
+        q = t["qweight"]  # int8 [N, K]: the codes themselves, no copy for one group
+    else:
+        q = codes_of(t, spec)  # float32 [N, K], signed when symmetric
+        if not spec.symmetric:
+            q = (q.view(n, g, kg) - t["zeros"].float()[:, :, None]).view(n, k)
+        if n * k and float(q.abs().max()) > 127:  # 8-bit codes minus zero points
+            return _reference
+        q = q.to(torch.int8)
     # one contiguous int8 [N, K/G] block per group; _int_mm reads its transpose fastest
-    blocks = [q[:, j * kg : (j + 1) * kg].to(torch.int8).contiguous() for j in range(g)]
+    blocks = (
+        [q.contiguous()] if g == 1 else [q[:, j * kg : (j + 1) * kg].contiguous() for j in range(g)]
+    )
 
     def int8(x: Any, _t: Any, bias: torch.Tensor | None, _s: Any) -> torch.Tensor:
         qa = x if isinstance(x, QuantizedActivations) else quantize_per_token(x, "int8")
