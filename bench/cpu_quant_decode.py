@@ -71,7 +71,7 @@ def main() -> None:
         for kernel in KERNELS:
             for layer in gen.loaded.model.modules():  # the quantized ones (lm_head stays dense)
                 if isinstance(layer, QLinear) and layer.spec is not None:
-                    layer.prepare(override=kernel)
+                    layer.prepare(qlinear_override=kernel)
             decode(gen, prompts[:1], 4)
             row[kernel], outputs[kernel] = decode(gen, prompts, args.new_tokens)
         row["same_tokens"] = outputs["reference"] == outputs["cpu-prepared"]

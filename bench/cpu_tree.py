@@ -45,9 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--data", type=Path, default=None, help="Spec-Bench question.jsonl")
     ap.add_argument("--out", type=Path, default=Path("bench/results/cpu_tree.json"))
     args = ap.parse_args()
-    data = default_data_dir() / "spec_bench" / "question.jsonl"
+    data = args.data or default_data_dir() / "spec_bench" / "question.jsonl"
     prompts = [p["prompt"] for p in spec_bench_prompts(data, args.per_category)]
     rows = [{"method": "ar", **run(SpecConfig(), prompts, args.new_tokens)}]
     print(json.dumps(rows[-1]), flush=True)

@@ -18,7 +18,6 @@ SPECS = {
     **FORMATS,
     "w4a16-asym": QuantSpec("w4a16-asym", 4, symmetric=False),
     "w4a8-g64-asym": ASYM_W4A8,
-    "w8a8-asym": QuantSpec("w8a8-asym", 8, symmetric=False, activations="int8"),
 }
 
 
@@ -54,8 +53,10 @@ def test_cpu_layers_use_the_prepared_kernel_unless_forced(monkeypatch: pytest.Mo
     layer = QLinear(64, 16)
     layer.load_quantized_(spec, quantize_rtn(torch.randn(16, 64), spec))
     assert layer.kernel_name == "cpu-prepared:w8a8"
-    layer.prepare(override="reference")  # an explicit choice reaches quantized layers too
+    layer.prepare(qlinear_override="reference")  # an explicit choice for quantized layers
     assert layer.kernel_name == "reference:w8a8"
+    layer.prepare(override="torch")  # a dense kernel's name leaves quantized layers alone
+    assert layer.kernel_name == "cpu-prepared:w8a8"
     layer.prepare()
     assert layer.kernel_name == "cpu-prepared:w8a8"
     monkeypatch.setenv("SPECQUANT_FORCE_REFERENCE", "1")
@@ -66,10 +67,10 @@ def test_cpu_layers_use_the_prepared_kernel_unless_forced(monkeypatch: pytest.Mo
 def test_a_layer_moved_without_prepare_falls_back_to_the_reference() -> None:
     """The prepared weights live on the CPU; a layer moved elsewhere without QLinear.prepare
     (e.g. `.to(...)` by hand) runs the reference on its current tensors instead of failing."""
-    spec = get_format("w4a16-g128")
+    spec = get_format("w8a8")  # (a float32 matmul would return a meta tensor anyway)
     layer = QLinear(256, 16)
     layer.load_quantized_(spec, quantize_rtn(torch.randn(16, 256), spec))
-    assert layer.kernel_name == "cpu-prepared:w4a16-g128"
+    assert layer.kernel_name == "cpu-prepared:w8a8"
     layer.to("meta")
     out = layer(torch.randn(3, 256, device="meta"))
     assert out.device.type == "meta" and out.shape == (3, 16)
@@ -79,17 +80,27 @@ def test_a_layer_moved_without_prepare_falls_back_to_the_reference() -> None:
 def test_layers_too_large_to_decode_stay_on_the_reference(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Weight-only and fp8 layers keep a float32 copy only under MAX_DECODED_BYTES; larger
-    ones decode per call (the reference), with the same results. int8 codes are always kept
-    (one byte per weight; 8-bit codes are not even copied)."""
+    """Weight-only and fp8 layers whose float32 copy would exceed MAX_DECODED_BYTES are
+    refused with the reason, so the registry picks the reference (which decodes per call);
+    int8 codes take one byte per weight and are always kept."""
     from specquant.kernels import cpu_quant
 
     spec = get_format(name)
-    t = quantize_rtn(torch.randn(32, 256), spec)
-    x = torch.randn(2, 256)
-    for limit in (1 << 30, 32 * 256 * 4 - 1):
-        monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", limit)
-        on_reference = cpu_quant._prepared(t, spec) is cpu_quant._reference
-        assert on_reference == (limit < 32 * 256 * 4 and name != "w8a8"), (name, limit)
-        fn = cpu_quant.prepare_cpu(t, spec, torch.float32)
-        assert torch.equal(fn(x, t, None, spec), qlinear_reference(x, t, None, spec))
+    monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", 32 * 256 * 4 - 1)
+    ctx = KernelContext(torch.device("cpu"), torch.float32, (("spec", spec), ("shape", (32, 256))))
+    ok, why = cpu_quant._check(ctx)
+    assert ok == (name == "w8a8"), why
+    if not ok:
+        assert "[32, 256] weight would take 0 MiB, over the 0 MiB" in why
+    layer = QLinear(256, 32)
+    layer.load_quantized_(spec, quantize_rtn(torch.randn(32, 256), spec))
+    want = "cpu-prepared" if name == "w8a8" else "reference"
+    assert layer.kernel_name == f"{want}:{name}"
+
+
+def test_activations_of_the_wrong_kind_are_refused() -> None:
+    spec = get_format("w8a8")
+    t = quantize_rtn(torch.randn(16, 64), spec)
+    fn = prepare_cpu(t, spec, torch.float32)
+    with pytest.raises(ValueError, match="w8a8 takes int8 activations, got fp8"):
+        fn(quantize_per_token(torch.randn(2, 64), "fp8"), t, None, spec)

@@ -235,15 +235,16 @@ def test_bad_drafters_fail_at_load(target_dir: Path, tmp_path: Path) -> None:
 
 def test_eagle_tree_defaults_depend_on_the_device() -> None:
     """The paper's tree on a GPU, a smaller one on the CPU (verification is compute-bound
-    there); values given explicitly win on both, and bad ones are refused."""
+    there) when no tree value is given; given values complete the paper's tree on both, and
+    bad ones are refused."""
     from specquant.config import EAGLE_TREE_CPU, EAGLE_TREE_PAPER
 
     spec = SpecConfig(method="eagle2")
     assert spec.eagle_tree("cuda") == EAGLE_TREE_PAPER == (6, 10, 60)
     assert spec.eagle_tree("cpu") == EAGLE_TREE_CPU
     assert EAGLE_TREE_CPU[2] < EAGLE_TREE_PAPER[2]
-    given = SpecConfig(method="eagle2", tree_size=40, depth=7)
-    assert given.eagle_tree("cpu") == (7, EAGLE_TREE_CPU[1], 40)
-    assert given.eagle_tree("cuda") == (7, 10, 40)
+    given = SpecConfig(method="eagle2", tree_size=40, depth=7)  # the rest: the paper's
+    assert given.eagle_tree("cpu") == given.eagle_tree("cuda") == (7, 10, 40)
+    assert SpecConfig(method="eagle2", depth=2).eagle_tree("cpu") == (2, 10, 60)
     with pytest.raises(ValueError, match="tree_topk must be >= 1, got 0"):
         SpecConfig(method="eagle2", tree_topk=0)

@@ -15,7 +15,7 @@ import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from specquant.config import (
     SPEC_METHODS,
@@ -24,6 +24,10 @@ from specquant.config import (
     SamplingParams,
     SpecConfig,
 )
+
+if TYPE_CHECKING:  # annotations only: this module imports torch's pieces where it uses them
+    import torch
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -378,7 +382,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def kernel_report(model: Any, device: Any, dtype: Any) -> dict[str, Any]:
+def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Every candidate kernel of the model's ops with why it runs or not (for a quantized
     model also `qlinear`, asked with its first quantized layer's format and shape), and how
     many linear layers run on each chosen kernel."""

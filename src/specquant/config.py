@@ -344,7 +344,8 @@ class SpecConfig:
     )
     draft_length: int = field(default=6, metadata=_doc("sps: draft tokens per step (k)"))
     depth: int | None = field(
-        default=None, metadata=_doc("eagle2: tree depth; default 6 on a GPU, 5 on the CPU")
+        default=None,
+        metadata=_doc("eagle2: tree depth; default 6, or 5 on the CPU when no tree value is set"),
     )
     tree_topk: int | None = field(
         default=None,
@@ -354,7 +355,10 @@ class SpecConfig:
     )
     tree_size: int | None = field(
         default=None,
-        metadata=_doc("eagle2: verified tokens, root incl.; default 60 on a GPU, 24 on the CPU"),
+        metadata=_doc(
+            "eagle2: verified tokens, root incl.; default 60, or 24 on the CPU when no tree "
+            "value is set"
+        ),
     )
     min_draft_length: int = field(
         default=6, metadata=_doc("hierspec: sequence length the intermediate model reaches")
@@ -391,8 +395,11 @@ class SpecConfig:
 
     def eagle_tree(self, device_type: str) -> tuple[int, int, int]:
         """EAGLE-2's (depth, top-k, tree size) on a device of this type ("cpu", "cuda"):
-        the values given, the rest from EAGLE_TREE_CPU or EAGLE_TREE_PAPER."""
-        base = EAGLE_TREE_CPU if device_type == "cpu" else EAGLE_TREE_PAPER
+        EAGLE_TREE_CPU on the CPU when none is given, else the paper's tree with the values
+        given (the CPU tree is tuned as a whole; mixing one given value into it can make an
+        impossible tree, e.g. depth 2 with top-k 4 cannot fill 24 nodes)."""
         given = (self.depth, self.tree_topk, self.tree_size)
+        none_given = all(g is None for g in given)
+        base = EAGLE_TREE_CPU if device_type == "cpu" and none_given else EAGLE_TREE_PAPER
         depth, topk, size = (b if g is None else g for g, b in zip(given, base, strict=True))
         return depth, topk, size

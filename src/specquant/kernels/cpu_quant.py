@@ -8,8 +8,10 @@ int32 for K < 2^31 / 127^2) instead of float64 matmuls. Results equal the refere
 bit: the same float32 products, and exact integer sums scaled in the same float64 order.
 
 Memory: a weight-only or fp8 layer holds a float32 copy of its weight (the size of the dense
-layer) next to its packed codes, up to MAX_DECODED_BYTES per layer; larger layers stay on the
-reference. An int8-activation layer holds its codes as int8 (8-bit codes: no copy).
+layer) next to its packed codes; layers whose copy would exceed MAX_DECODED_BYTES are refused
+(the registry then picks the reference, which decodes per call, and says why). An
+int8-activation layer holds its codes as int8 (8-bit per-channel codes: no copy). The copies
+are made by QLinear.prepare: call it again after changing a layer's device, dtype or tensors.
 """
 
 from __future__ import annotations
@@ -33,17 +35,27 @@ PRIORITY = 10  # above the reference (0), below GPU kernels
 # the reference (which decodes per call), so a 7B 4-bit model still fits in CPU memory.
 MAX_DECODED_BYTES = 64 << 20
 
-LinearFn = Callable[..., torch.Tensor]
+PreparedFn = Callable[..., torch.Tensor]  # (x, tensors, bias, spec) -> y, as KernelImpl.fn
 
 
 def _check(ctx: KernelContext) -> tuple[bool, str]:
-    spec = dict(ctx.extra).get("spec")
+    extra = dict(ctx.extra)
+    spec = extra.get("spec")
     if spec is None:
         return False, "needs the format (KernelContext extra 'spec')"
     if ctx.device.type != "cpu":
         return False, f"runs on the CPU, not {ctx.device.type}"
     if spec.activations == "int8" and not hasattr(torch, "_int_mm"):
         return False, "this torch has no int8 GEMM (torch._int_mm)"
+    if spec.activations == "int8" and spec.weight_bits == 8 and not spec.symmetric:
+        return False, "8-bit codes minus zero points do not fit int8"
+    if spec.activations in ("none", "fp8") and "shape" in extra:
+        n, k = extra["shape"]
+        if 4 * n * k > MAX_DECODED_BYTES:
+            return False, (
+                f"a float32 copy of this [{n}, {k}] weight would take {4 * n * k >> 20} MiB, over "
+                f"the {MAX_DECODED_BYTES >> 20} MiB per layer it allows"
+            )
     return True, "weights prepared once: float32 matmul, or torch's exact int8 GEMM"
 
 
@@ -51,30 +63,25 @@ def _unprepared(*args: Any) -> torch.Tensor:
     raise RuntimeError("cpu-prepared runs per layer: QLinear.prepare builds it (prepare=...)")
 
 
-def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> LinearFn:
-    """The layer's forward with its weights decoded once (see the module docstring)."""
+def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> PreparedFn:
+    """The layer's forward with its weights decoded once (see the module docstring). `dtype`
+    (the activation dtype, part of KernelImpl.prepare's signature) does not matter here: the
+    arithmetic is float32/float64 and the output takes the input's dtype."""
     prepared = _prepared(t, spec)
 
     def forward(x: Any, live: Any, bias: torch.Tensor | None, s: Any) -> torch.Tensor:
         codes = x.codes if isinstance(x, QuantizedActivations) else x
         if codes.device.type != "cpu":  # moved without QLinear.prepare: the reference, on
             return qlinear_reference(x, live, bias, s)  # the layer's tensors as they are now
+        if isinstance(x, QuantizedActivations) and x.kind != spec.activations:
+            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {x.kind}")
         return prepared(x, live, bias, s)
 
     return forward
 
 
-def _reference(x: Any, live: Any, bias: torch.Tensor | None, s: Any) -> torch.Tensor:
-    return qlinear_reference(x, live, bias, s)
-
-
-def _prepared(t: dict[str, torch.Tensor], spec: Any) -> LinearFn:
+def _prepared(t: dict[str, torch.Tensor], spec: Any) -> PreparedFn:
     from specquant.quant.pack import codes_of, dequantize, group_scales
-
-    w4 = spec.weight_bits == 4 and spec.weight_type == "int"  # two codes per byte
-    n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if w4 else 1)
-    if spec.activations in ("none", "fp8") and 4 * n * k > MAX_DECODED_BYTES:
-        return _reference  # a float32 copy of this layer would cost too much memory
 
     if spec.activations == "none":
         w = dequantize(t, spec)  # float32 [N, K]
@@ -98,17 +105,15 @@ def _prepared(t: dict[str, torch.Tensor], spec: Any) -> LinearFn:
         return fp8
 
     scales = group_scales(t, spec).double()  # [N, G]
-    g = scales.shape[1]
-    kg = k // g
-    if spec.weight_bits == 8 and spec.symmetric:
-        q = t["qweight"]  # int8 [N, K]: the codes themselves, no copy for one group
+    n, g = scales.shape
+    if spec.weight_bits == 8:  # symmetric (_check): int8 [N, K], the codes themselves
+        q = t["qweight"]
     else:
         q = codes_of(t, spec)  # float32 [N, K], signed when symmetric
-        if not spec.symmetric:
-            q = (q.view(n, g, kg) - t["zeros"].float()[:, :, None]).view(n, k)
-        if n * k and float(q.abs().max()) > 127:  # 8-bit codes minus zero points
-            return _reference
+        if not spec.symmetric:  # 4-bit codes minus zero points: -15..15
+            q = (q.view(n, g, -1) - t["zeros"].float()[:, :, None]).view(n, -1)
         q = q.to(torch.int8)
+    kg = q.shape[1] // g
     # one contiguous int8 [N, K/G] block per group; _int_mm reads its transpose fastest
     blocks = (
         [q.contiguous()] if g == 1 else [q[:, j * kg : (j + 1) * kg].contiguous() for j in range(g)]

@@ -34,10 +34,12 @@ class QLinear(nn.Module):
         # this layer may then hand over `QuantizedActivations` (layers/norm.py `norm_for`)
         self.act_quant: str | None = None
 
-    def prepare(self, override: str | None = None) -> None:
-        """Pick the matmul kernel for the weights' device and dtype (after loading)."""
+    def prepare(self, override: str | None = None, qlinear_override: str | None = None) -> None:
+        """Pick the matmul kernel for the weights' device and dtype (after loading or `.to()`):
+        `override` names a dense "linear" kernel, `qlinear_override` a quantized one (each
+        applies to its kind of layer only, so one call can serve a whole model)."""
         if self.spec is not None:
-            self.prepare_quantized(override)
+            self.prepare_quantized(qlinear_override)
             return
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name

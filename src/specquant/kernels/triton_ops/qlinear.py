@@ -292,7 +292,8 @@ ANY = 1 << 62  # a rule for every weight size
 # launch, pipeline ramp and split-K fix-up and want more, smaller programs than large ones.
 SIZE_CLASSES = (32 << 20, 160 << 20, ANY)
 
-# tile_key -> [(largest M, largest N * K, config)]: the first rule that fits wins; M beyond the
+# tile_key -> [(largest M, largest N * K, config)], sorted by M bucket and, within a bucket, by
+# size (smallest first): the first rule that fits wins; M beyond the
 # last bucket uses the last bucket's rules. Picked on an H200 by `bench/kernel_perf.py
 # --tune-only` (least total time per M bucket and size class over the Llama-3 8B and 70B
 # linears; bench/results/kernel_configs.json, kernel_tune.json). BLOCK_K is capped at the
