@@ -232,7 +232,7 @@ def materialize_quantized(
         module = model.get_submodule(fused.removeprefix("model."))
         assert isinstance(module, QLinear)
         fused_tensors = {leaf: t.to(device) for leaf, t in _fuse(tensors, fused).items()}
-        module.load_quantized_(layout.spec, fused_tensors, dtype)
+        module.load_quantized_(layout.spec, fused_tensors, dtype, prepare=False)
     _allocate_meta_(model, device, dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -72,11 +72,14 @@ class QLinear(nn.Module):
         tensors: dict[str, torch.Tensor],
         dtype: torch.dtype | None = None,
         override: str | None = None,
+        prepare: bool = True,
     ) -> None:
         """Become a quantized layer holding `tensors` in the canonical layout of
         quant/pack.py (plus an optional int64 `perm` [K] applied to the input first).
 
-        `dtype` is the activation dtype (default: the dense weight's, or float32)."""
+        `dtype` is the activation dtype (default: the dense weight's, or float32). With
+        `prepare=False` the kernel is chosen later by `prepare()` (a loader that prepares the
+        whole model at the end: some kernels decode the weights when prepared)."""
         from specquant.quant.pack import validate_qtensors
 
         validate_qtensors(tensors, spec, self.out_features, self.in_features)
@@ -92,7 +95,8 @@ class QLinear(nn.Module):
             self.register_buffer(name, t)
         self.spec = spec
         self.qdtype = dtype
-        self.prepare_quantized(override, device)
+        if prepare:
+            self.prepare_quantized(override, device)
 
     def prepare_quantized(
         self, override: str | None = None, device: torch.device | None = None
