@@ -32,6 +32,11 @@ def cpu_run_meta() -> dict[str, str]:
     }
 
 
+def cpu_run_text(meta: dict[str, Any]) -> str:
+    """The report's first words: where and when it ran (a dict with cpu_run_meta's keys)."""
+    return f"CPU {meta['cpu']}, torch {meta['torch']}, {meta['date']}, commit {meta['commit']}."
+
+
 def write_report(out: Path, report: dict[str, Any], md: list[str]) -> None:
     """The JSON report at `out` and its markdown next to it (same name, .md)."""
     out.parent.mkdir(parents=True, exist_ok=True)

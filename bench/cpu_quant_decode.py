@@ -22,7 +22,7 @@ import specquant
 
 # isort: split
 
-from common import cpu_run_meta, write_report
+from common import cpu_run_meta, cpu_run_text, write_report
 from cpu_decode import spec_bench_prompts
 from specquant.config import GenerationConfig
 from specquant.layers.linear import QLinear
@@ -90,8 +90,7 @@ def main() -> None:
     md = [
         "# Quantized SmolLM2 on the CPU: prepared kernels vs the reference",
         "",
-        f"CPU {report['cpu']}, torch {report['torch']}, {report['date']}, commit "
-        f"{report['commit']}. RTN-quantized SmolLM2-135M-Instruct, float32 activations, greedy, "
+        f"{cpu_run_text(report)} RTN-quantized SmolLM2-135M-Instruct, float32 activations, greedy, "
         f"{args.new_tokens} new tokens, median decode tok/s over Spec-Bench prompts "
         f"({', '.join(report['prompts'])}). Dense float32 in the same run: {dense:.1f} tok/s. "
         "Reproduce: `python bench/cpu_quant_decode.py`.",

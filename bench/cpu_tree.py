@@ -20,7 +20,7 @@ import specquant
 
 # isort: split
 
-from common import cpu_run_meta, write_report
+from common import cpu_run_meta, cpu_run_text, write_report
 from cpu_decode import spec_bench_prompts
 from specquant.config import GenerationConfig, SpecConfig
 from specquant.train.prompts import default_data_dir
@@ -68,8 +68,7 @@ def main() -> None:
     md = [
         "# EAGLE-2 tree size on the CPU",
         "",
-        f"CPU {report['cpu']}, torch {report['torch']}, {report['date']}, commit "
-        f"{report['commit']}. Embedded SmolLM2-135M-Instruct (float32) with its shipped EAGLE "
+        f"{cpu_run_text(report)} Embedded SmolLM2-135M-Instruct (float32) with its shipped EAGLE "
         f"head, greedy, {args.new_tokens} new tokens, {len(prompts)} Spec-Bench prompts "
         f"({args.per_category} per category); median decode tok/s, mean accept length. "
         "Reproduce: `python bench/cpu_tree.py`.",

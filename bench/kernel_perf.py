@@ -125,9 +125,7 @@ def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = Fals
 
     spec = FORMATS[name]
     one = random_tensors(spec, n, k, gen)
-    weights = [one] + [
-        {key: v.clone() for key, v in one.items()} for _ in range(1, copies_for(nbytes(one)))
-    ]
+    weights = [one] + [_clone(one) for _ in range(1, copies_for(nbytes(one)))]
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         if gemm_only:
@@ -285,6 +283,7 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
 
 
 def _clone(t: Any) -> Any:
+    """A copy of a tensor or of a format's tensors (dict)."""
     return t.clone() if isinstance(t, torch.Tensor) else {k: v.clone() for k, v in t.items()}
 
 

@@ -191,6 +191,14 @@ def main() -> None:
 
     device = torch.device(args.device)
     loaded = load_checkpoint(args.model, device, torch.float32)
+    heldout = f"{HELDOUT_GLOB}: {args.ppl_seqs} x {args.ppl_len} tokens"
+    if args.merge:  # checked before any evaluation runs
+        previous = json.loads(args.out.read_text())
+        if (previous["model"], previous["heldout"]) != (loaded.path.name, heldout):
+            raise SystemExit(
+                f"--merge: {args.out} measured {previous['model']} on {previous['heldout']}; "
+                f"this run measures {loaded.path.name} on {heldout}"
+            )
     dense, tok = loaded.model, loaded.tokenizer
     tokens = heldout_tokens(tok, args.data, args.ppl_seqs, args.ppl_len)
     calib = calibration_tokens(
@@ -216,13 +224,6 @@ def main() -> None:
     del ref_logits
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     if args.merge:
-        previous = json.loads(args.out.read_text())
-        heldout = f"{HELDOUT_GLOB}: {args.ppl_seqs} x {args.ppl_len} tokens"
-        if (previous["model"], previous["heldout"]) != (loaded.path.name, heldout):
-            raise SystemExit(
-                f"--merge: {args.out} measured {previous['model']} on {previous['heldout']}; "
-                f"this run measures {loaded.path.name} on {heldout}"
-            )
         rows: list[dict[str, Any]] = previous["rows"]
     else:
         rows = [
@@ -258,7 +259,7 @@ def main() -> None:
         "dtype": "float32 math, dense tensors rounded to bfloat16",
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "heldout": f"{HELDOUT_GLOB}: {args.ppl_seqs} x {args.ppl_len} tokens",
+        "heldout": heldout,
         "calibration": f"{', '.join(CALIBRATION_SOURCES)} (seed 0): {args.calib_samples} x "
         f"{args.calib_len} tokens",
         "gsm8k": f"8-shot (first 8 train problems), first {args.gsm8k} test problems, greedy, "

@@ -23,9 +23,9 @@ import torch
 
 from specquant.kernels.reference import (
     QuantizedActivations,
+    activation_codes,
     finish_qlinear,
     qlinear_reference,
-    quantize_activations,
     quantize_per_token,
 )
 from specquant.kernels.registry import KernelContext, KernelImpl, register
@@ -73,15 +73,15 @@ def prepare_cpu(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Pr
         codes = x.codes if isinstance(x, QuantizedActivations) else x
         if codes.device.type != "cpu":  # moved without QLinear.prepare: the reference, on
             return qlinear_reference(x, live, bias, s)  # the layer's tensors as they are now
-        if isinstance(x, QuantizedActivations) and x.kind != spec.activations:
-            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {x.kind}")
+        if isinstance(x, QuantizedActivations):
+            x.check_for(spec)
         return prepared(x, live, bias, s)
 
     return forward
 
 
 def _prepared(t: dict[str, torch.Tensor], spec: Any) -> PreparedFn:
-    from specquant.quant.pack import codes_of, dequantize, group_scales
+    from specquant.quant.pack import centered_codes, dequantize, group_scales
 
     if spec.activations == "none":
         w = dequantize(t, spec)  # float32 [N, K]
@@ -96,23 +96,16 @@ def _prepared(t: dict[str, torch.Tensor], spec: Any) -> PreparedFn:
         wq, ws = t["qweight"].float(), t["scales"].float().T  # [N, K], [1, N]
 
         def fp8(x: Any, _t: Any, bias: torch.Tensor | None, _s: Any) -> torch.Tensor:
-            if isinstance(x, QuantizedActivations):
-                xq, sx = x.codes.reshape(-1, x.shape[-1]).float(), x.scales.reshape(-1, 1)
-            else:
-                xq, sx = quantize_activations(x.reshape(-1, x.shape[-1]), "fp8")
+            xq, sx = activation_codes(x, "fp8")
             return finish_qlinear((xq @ wq.T) * sx * ws, bias, x.dtype, x.shape)
 
         return fp8
 
     scales = group_scales(t, spec).double()  # [N, G]
     n, g = scales.shape
-    if spec.weight_bits == 8:  # symmetric (_check): int8 [N, K], the codes themselves
-        q = t["qweight"]
-    else:
-        q = codes_of(t, spec)  # float32 [N, K], signed when symmetric
-        if not spec.symmetric:  # 4-bit codes minus zero points: -15..15
-            q = (q.view(n, g, -1) - t["zeros"].float()[:, :, None]).view(n, -1)
-        q = q.to(torch.int8)
+    # 8-bit codes are symmetric (_check) and int8 already; 4-bit codes minus zero points
+    # span -15..15
+    q = t["qweight"] if spec.weight_bits == 8 else centered_codes(t, spec).to(torch.int8)
     kg = q.shape[1] // g
     # one contiguous int8 [N, K/G] block per group; _int_mm reads its transpose fastest
     blocks = (

@@ -7,9 +7,13 @@ functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: the functions import quant/ where they use it
+    from specquant.quant.spec import QuantSpec
 
 
 def attention_reference(
@@ -61,6 +65,11 @@ class QuantizedActivations:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    def check_for(self, spec: QuantSpec) -> None:
+        """Refuse to feed a format that takes another kind of activations."""
+        if self.kind != spec.activations:
+            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {self.kind}")
+
     def index_select(self, dim: int, index: torch.Tensor) -> QuantizedActivations:
         """Permute K (as `Tensor.index_select(-1, perm)`); per-token scales do not depend on
         the order of K."""
@@ -88,6 +97,15 @@ def quantize_per_token(x: torch.Tensor, kind: str) -> QuantizedActivations:
         s = absmax / FP8_MAX
         codes = (xf / s).to(torch.float8_e4m3fn)
     return QuantizedActivations(codes, s, x.dtype)
+
+
+def activation_codes(
+    x: torch.Tensor | QuantizedActivations, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] (already quantized or not) -> (codes as float32 [M, K], scales [M, 1])."""
+    if isinstance(x, QuantizedActivations):
+        return x.codes.reshape(-1, x.shape[-1]).float(), x.scales.reshape(-1, 1)
+    return quantize_activations(x.reshape(-1, x.shape[-1]), kind)
 
 
 def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,32 +151,27 @@ def qlinear_reference(
 ) -> torch.Tensor:  # [..., N]
     """Dequantize-then-matmul for weight-only formats; exact integer arithmetic (in float64,
     exact for |sums| < 2^53) for integer activations, as the hardware kernels compute it."""
-    from specquant.quant.pack import codes_of, dequantize, group_scales
+    from specquant.quant.pack import centered_codes, dequantize, group_scales
     from specquant.quant.spec import QuantSpec
 
     assert isinstance(spec, QuantSpec)
     if isinstance(x, QuantizedActivations):
-        if x.kind != spec.activations:
-            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {x.kind}")
-        shape, out_dtype = x.shape, x.dtype
-        xq, sx = x.codes.reshape(-1, shape[-1]).float(), x.scales.reshape(-1, 1)
-    else:
-        shape, out_dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, shape[-1])
-        if spec.activations != "none":
-            xq, sx = quantize_activations(x2, spec.activations)
+        x.check_for(spec)
+    shape, out_dtype = x.shape, x.dtype
     if spec.activations == "none":
-        out = x2.float() @ dequantize(t, spec).T
-    elif spec.activations == "fp8":
+        assert isinstance(x, torch.Tensor)
+        return finish_qlinear(
+            x.reshape(-1, shape[-1]).float() @ dequantize(t, spec).T, bias, out_dtype, shape
+        )
+    xq, sx = activation_codes(x, spec.activations)
+    if spec.activations == "fp8":
         out = (xq @ t["qweight"].float().T) * sx * t["scales"].float().T
     else:
-        q = codes_of(t, spec).double()  # [N, K] integer codes
+        q = centered_codes(t, spec).double()  # [N, K] integer codes minus zero points
         n, k = q.shape
         scales = group_scales(t, spec).double()  # [N, G]
         g = scales.shape[1]
         kg = k // g
-        if not spec.symmetric:
-            q = (q.view(n, g, kg) - t["zeros"].double()[:, :, None]).view(n, k)
         xd = xq.double()
         # per-group integer dot products (exact in float64), each times its group scale;
         # one [M, N] product per group keeps memory at O(M*N) for long prefills

@@ -49,17 +49,25 @@ def group_scales(t: QTensors, spec: QuantSpec) -> torch.Tensor:
     return t["scales"].float()
 
 
+def centered_codes(t: QTensors, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes minus their zero points, float32 [N, K] (exact): the weight is this times
+    its group scale."""
+    q = codes_of(t, spec)
+    if spec.symmetric:
+        return q
+    n, k = q.shape
+    groups = t["zeros"].shape[1]
+    return (q.view(n, groups, k // groups) - t["zeros"].float()[:, :, None]).view(n, k)
+
+
 def dequantize(t: QTensors, spec: QuantSpec) -> torch.Tensor:
     """Reference dequantization -> float32 [N, K]."""
     if spec.weight_type == "fp8":
         return t["qweight"].float() * t["scales"].float()
-    q = codes_of(t, spec)
+    q = centered_codes(t, spec)
     n, k = q.shape
-    groups = group_scales(t, spec).shape[1]
-    q = q.view(n, groups, k // groups)
-    if not spec.symmetric:
-        q = q - t["zeros"].float()[:, :, None]
-    return (q * group_scales(t, spec)[:, :, None]).view(n, k)
+    scales = group_scales(t, spec)  # [N, G]
+    return (q.view(n, scales.shape[1], -1) * scales[:, :, None]).view(n, k)
 
 
 def expected_shapes(

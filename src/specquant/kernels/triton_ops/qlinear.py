@@ -486,8 +486,7 @@ def qlinear(
     n, k = w.shape[0], w.shape[1] * (2 if w4 else 1)
     act = {"none": 0, "int8": 1, "fp8": 2}[spec.activations]
     if isinstance(x, QuantizedActivations):
-        if act == 0 or x.kind != spec.activations:
-            raise ValueError(f"{spec.name} takes {spec.activations} activations, got {x.kind}")
+        x.check_for(spec)  # also refuses quantized inputs to weight-only formats
         qa = x
     elif act:
         qa = quantize_per_token(x, spec.activations)
