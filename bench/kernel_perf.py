@@ -46,6 +46,9 @@ SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
+# W4A16 rows time what the model runs (fragment-order kernel up to w4_fragment.MAX_M tokens,
+# the canonical-layout kernel above); these rows time the canonical kernel at every M
+CANONICAL = ["w4a16-g128:canonical"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
 HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)
@@ -119,19 +122,35 @@ def copies_for(size: int) -> int:
 
 
 # ------------------------------------------------------------------ implementations to time
-def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
-    from specquant.kernels.triton_ops.act_quant import quantize_per_token
+def model_linear(spec: QuantSpec, t: dict[str, Any], canonical: bool = False) -> Callable:
+    """x -> y as a QLinear of this format runs on the GPU: the kernel the registry picks,
+    prepared once (the fragment-order W4A16 kernel repacks its weights here)."""
+    from specquant.kernels.registry import KernelContext, select
     from specquant.kernels.triton_ops.qlinear import qlinear
 
-    spec = FORMATS[name]
+    n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if spec.weight_bits == 4 else 1)
+    extra = (("spec", spec), ("shape", (n, k)))
+    impl = select("qlinear", KernelContext(torch.device("cuda"), torch.bfloat16, extra))
+    if canonical or impl.prepare is None:
+        return lambda x: qlinear(x, t, None, spec)
+    fn = impl.prepare(t, spec, torch.bfloat16)
+    return lambda x: fn(x, t, None, spec)
+
+
+def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
+    from specquant.kernels.triton_ops.act_quant import quantize_per_token
+
+    canonical = name.endswith(":canonical")
+    spec = FORMATS[name.removesuffix(":canonical")]
     one = random_tensors(spec, n, k, gen)
     weights = [one] + [_clone(one) for _ in range(1, copies_for(nbytes(one)))]
+    fns = [model_linear(spec, w, canonical) for w in weights]
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         if gemm_only:
             qa = quantize_per_token(x, spec.activations)
-            return lambda i: qlinear(qa, weights[i], None, spec)
-        return lambda i: qlinear(x, weights[i], None, spec)
+            return lambda i: fns[i](qa)
+        return lambda i: fns[i](x)
 
     return make, len(weights), nbytes(one)
 
@@ -237,7 +256,6 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     silu * up + quantization kernels; bf16 and W4A16 the plain norm and the fused silu * up."""
     from specquant.kernels.reference import rmsnorm_reference
     from specquant.kernels.triton_ops.act_quant import rmsnorm_quant, silu_mul, silu_mul_quant
-    from specquant.kernels.triton_ops.qlinear import qlinear
 
     shapes = SHAPES[model]
     hidden = shapes["qkv"][0]
@@ -255,9 +273,11 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     copies = copies_for(size)
     weights = [one] + [{layer: _clone(t) for layer, t in one.items()} for _ in range(1, copies)]
     act = None if spec is None or spec.activations == "none" else spec.activations
+    if spec is not None:
+        weights = [{layer: model_linear(spec, t) for layer, t in w.items()} for w in weights]
 
     def linear(x: Any, w: Any) -> torch.Tensor:
-        return F.linear(x, w) if spec is None else qlinear(x, w, None, spec)
+        return F.linear(x, w) if spec is None else w(x)
 
     def norm(x: torch.Tensor) -> Any:
         return (
@@ -385,7 +405,7 @@ def measure(
     for model in models:
         for layer, (k, n) in SHAPES[model].items():
             impls: list[tuple[str, Callable[[], Any]]] = [
-                *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in OURS],
+                *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in OURS + CANONICAL],
                 *[(f + ":gemm", lambda f=f, n=n, k=k: ours(f, n, k, gen, True)) for f in GEMM_ONLY],
                 *[(b, lambda b=b, n=n, k=k: baseline(b, n, k, gen)) for b in baselines],
             ]

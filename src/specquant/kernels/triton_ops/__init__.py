@@ -7,6 +7,8 @@ use.
 
 | registered name | op            | formats                                                    |
 |-----------------|---------------|------------------------------------------------------------|
+| triton-w4a16-frag | qlinear     | symmetric int4, bf16/fp16, per channel or groups of 128k:  |
+|                 |               | repacked into mma fragment order, M <= 16 (Gluon)          |
 | triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
 | triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
@@ -111,6 +113,45 @@ for _family in FAMILIES:
         "qlinear",
         KernelImpl(f"triton-{_family}", PRIORITY, qlinear_triton, _qlinear_check(_family)),
     )
+
+
+# W4A16 with the weights repacked for few tokens: tried before the canonical-layout kernel
+def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
+    ok, why = _qlinear_check("w4a16")(ctx)
+    if not ok:
+        return ok, why
+    spec = dict(ctx.extra)["spec"]
+    if not spec.symmetric:
+        return False, f"symmetric int4 only; {spec.name} has zero points"
+    if spec.group_size != -1 and spec.group_size % 128:
+        return False, f"needs per-channel scales or groups of 128k, not {spec.group_size}"
+    if torch.cuda.get_device_capability(ctx.device) < (8, 0):
+        return False, "needs mma.sync with bf16 (compute capability >= 8.0)"
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False, "needs Triton's Gluon (triton >= 3.5)"
+    if "shape" in dict(ctx.extra):
+        n, k = dict(ctx.extra)["shape"]
+        if n % 16 or k % 128:
+            return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
+    return True, f"Gluon W4A16 on mma fragments (M <= 16; more tokens: {why})"
+
+
+def _frag_unprepared(*args: Any) -> torch.Tensor:
+    raise RuntimeError("triton-w4a16-frag runs per layer: QLinear.prepare repacks its weights")
+
+
+def prepare_frag(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Callable[..., Any]:
+    from specquant.kernels.triton_ops.w4_fragment import prepare_forward
+
+    return prepare_forward(t, spec)
+
+
+register(
+    "qlinear",
+    KernelImpl(
+        "triton-w4a16-frag", PRIORITY + 5, _frag_unprepared, _frag_check, prepare=prepare_frag
+    ),
+)
 
 
 # ----------------------------------------------------------------- activation quantization

@@ -1,0 +1,407 @@
+"""W4A16 GEMM for few tokens with the weights repacked into tensor-core fragment order (Gluon).
+
+The canonical-layout kernel (qlinear.py) spends ~3 instructions per weight at M <= 16: its
+int4 bytes interleave even and odd k, so x is split into even and odd columns in registers,
+and Triton assembles the mma operands with moves. Here each layer's codes are repacked once
+(`prepare_fragments`) so that one thread's 16-byte load is exactly the codes its mma.sync
+fragments need, and x is read in the same K order. The kernel computes y^T = W x^T: the
+weights are mma's A operand (16 output features x 16 k per instruction, so half as many
+instructions as with W as the B operand) and the tokens its N side (8 or 16).
+
+Order along K inside each 128-wide block. An mma.sync m16n8k16 operand fragment gives lane
+(4 g + t) the k values 2t + {0, 1} + 8 {0, 1} of each k16 step; over 128 k a thread holds
+k = k1 + 2 (t) + 8 k8 + 16 k16 + 32 k32 + 64 k64 for its bits (k1, k8, ..., k64). x column
+c = pi(k) puts those 32 values of one thread next to each other (c bits: k1 k8 k16 k32 k64
+then t), so x loads as 16-byte vectors; the weights are permuted the same way, so the
+products pair the same columns and the sum over K is unchanged.
+
+Weight words. An int16 holds the four codes of k + 8 j (j = 0..3: the k8 and k16 bits);
+two int16 side by side are k and k + 1, so one 32-bit register unpacks (4 lop3, 3 shifts, 4
+packed fma: the PTX of qlinear.py) straight into four bf16x2 operand registers. Atoms of 16
+output features x 128 k (512 int16, 1 KiB): lane-major, 16 int16 per lane in the order
+(k1, n8, k32, k64) of the fragment's registers, so a lane reads its atom with two 16-byte
+loads. `fragment_codes` undoes the packing (tests).
+
+The layouts are Triton linear layouts built here in Python; the kernel reshapes the loaded
+tensors into the mma operand layouts with `convert_layout(assert_trivial=True)`, so a
+layout that would need data movement fails to compile instead of running slowly.
+
+Split-K uses the fixed-order fix-up of qlinear.py (results do not depend on timing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k
+
+ATOM_N, ATOM_K = 16, 128  # one repacked atom: 16 output features x 128 k
+# Tokens this kernel serves by default (the mma N side: 8, or 16 in two halves). Measured on
+# an H200 (bench/results/frag_probe.json): faster than the canonical kernel up to M = 8 on
+# every Llama-3 8B/70B linear, slower at 16, where x's fragments double.
+MAX_M = 8
+
+# x column of mma position k inside a 128 block: (bit of k) -> (bit of c)
+_PI_BITS = {0: 0, 3: 1, 4: 2, 5: 3, 6: 4, 1: 5, 2: 6}
+
+
+def pi(k: int) -> int:
+    """The x column (within its 128-block) whose value sits at mma K position `k`."""
+    return sum(1 << _PI_BITS[b] for b in range(7) if k >> b & 1)
+
+
+# ----------------------------------------------------------------------------- packing
+def _codes(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] canonical (low nibble = even k) -> codes u = q + 8 as int32 [N, K]."""
+    q = qweight.to(torch.int32)
+    return torch.stack((q & 0xF, q >> 4), dim=-1).reshape(q.shape[0], -1)
+
+
+def prepare_fragments(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] -> int16 [N/16, K/128, 512] atoms (N % 16 == K % 128 == 0)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if n % ATOM_N or k % ATOM_K:
+        raise ValueError(f"fragment layout needs N % {ATOM_N} == K % {ATOM_K} == 0, not {n}, {k}")
+    perm = torch.tensor([pi(i) for i in range(ATOM_K)], device=qweight.device)
+    u = _codes(qweight).view(n, k // ATOM_K, ATOM_K)[:, :, perm]  # mma K order
+    # n = 16 nb + 8 n8 + g; k = 64 k64 + 32 k32 + 16 j1 + 8 j0 + 2 t + k1
+    u = u.reshape(n // 16, 2, 8, k // 128, 2, 2, 2, 2, 4, 2)
+    # -> [nb, kb, lane = 4 g + t, reg = 8 k64 + 4 k32 + 2 n8 + k1, j = 2 j1 + j0]
+    u = u.permute(0, 3, 2, 8, 4, 5, 1, 9, 6, 7).reshape(n // 16, k // 128, 512, 4)
+    words = (u << torch.tensor([0, 4, 8, 12], device=u.device, dtype=torch.int32)).sum(-1)
+    return words.to(torch.int32).sub(words.ge(1 << 15).to(torch.int32) << 16).to(torch.int16)
+
+
+def fragment_codes(frag: torch.Tensor) -> torch.Tensor:
+    """Inverse of prepare_fragments: int16 atoms -> canonical uint8 [N, K/2]."""
+    nb, kb = frag.shape[0], frag.shape[1]
+    w = frag.to(torch.int32) & 0xFFFF
+    u = torch.stack([(w >> (4 * j)) & 0xF for j in range(4)], dim=-1)  # [nb, kb, 512, 4]
+    u = u.reshape(nb, kb, 8, 4, 2, 2, 2, 2, 2, 2)  # nb kb g t k64 k32 n8 k1 j1 j0
+    u = u.permute(0, 6, 2, 1, 4, 5, 8, 9, 3, 7).reshape(nb * 16, kb, ATOM_K)
+    inv = torch.empty(ATOM_K, dtype=torch.long, device=frag.device)
+    inv[torch.tensor([pi(i) for i in range(ATOM_K)], device=frag.device)] = torch.arange(
+        ATOM_K, device=frag.device
+    )
+    u = u[:, :, inv].reshape(nb * 16, kb * ATOM_K)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- layouts
+def _bits(n: int) -> list[int]:
+    return [1 << i for i in range((n - 1).bit_length())]
+
+
+@dataclass(frozen=True)
+class Layouts:
+    words: Any  # int16 [BN/16, (BK/128) * 512] as loaded (memory order)
+    words_mma: Any  # int16 [BN, BK/4] in mma order (the A operand minus the k8, k16 bits)
+    x: Any  # x^T [BK, BM] by physical column, as loaded
+
+
+@cache
+def layouts(bn: int, bk: int, bm: int, warps: int) -> Layouts:
+    """The linear layouts of the loaded weight words and x tiles for one tile config.
+
+    mma.sync's A operand over [BN, BK] (warps along N): registers k1, n8, k8, k16, k32, k64,
+    then the N repeats above the warps; lanes k2, k4, n1, n2, n4; warps n16, n32, ... Its B
+    operand over [BK, BM]: registers k1, k8, ..., k64 (then m8 for 16 tokens), lanes k2, k4,
+    m1, m2, m4; every warp holds all of x.
+    """
+    warp_n = [16 * w for w in _bits(warps)]
+    rep_n = [n for n in _bits(bn) if n >= 16 * warps]
+    k_hi = [k for k in _bits(bk) if k >= 32]  # k32, k64, then 128-blocks
+
+    def kh(k: int) -> int:  # mma k -> word index (the k8 and k16 bits live in the word)
+        return (k & 7) | ((k >> 5) << 3)
+
+    words_mma = gl.DistributedLinearLayout(
+        reg_bases=[[0, kh(1)], [8, 0]] + [[0, kh(k)] for k in k_hi] + [[n, 0] for n in rep_n],
+        lane_bases=[[0, kh(2)], [0, kh(4)], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[n, 0] for n in warp_n],
+        block_bases=[],
+        shape=[bn, bk // 4],
+    )
+
+    def col(n: int, k: int) -> list[int]:  # (n, mma k) basis -> (atom row, column) in memory
+        if n:
+            return [n >> 4, 0] if n >= 16 else [0, {1: 64, 2: 128, 4: 256, 8: 2}[n]]
+        if k >= 128:
+            return [0, 512 * (k // 128)]
+        return [0, {1: 1, 2: 16, 4: 32, 32: 4, 64: 8}[k]]
+
+    words = gl.DistributedLinearLayout(
+        reg_bases=[col(0, 1), col(8, 0)] + [col(0, k) for k in k_hi] + [col(n, 0) for n in rep_n],
+        lane_bases=[col(0, 2), col(0, 4), col(1, 0), col(2, 0), col(4, 0)],
+        warp_bases=[col(n, 0) for n in warp_n],
+        block_bases=[],
+        shape=[bn // 16, (bk // 128) * 512],
+    )
+    x_regs = [[pi(k) if k < 128 else k, 0] for k in [1, 8, 16, *k_hi]]
+    x = gl.DistributedLinearLayout(
+        reg_bases=x_regs + [[0, m] for m in _bits(bm) if m >= 8],
+        lane_bases=[[pi(2), 0], [pi(4), 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0]] * len(warp_n),
+        block_bases=[],
+        shape=[bk, bm],
+    )
+    return Layouts(words, words_mma, x)
+
+
+# ------------------------------------------------------------------------------ kernel
+_UNPACK_BF16 = """{
+.reg .b32 a, t, one, off;
+mov.b32 one, 0x3F803F80;
+mov.b32 off, 0xC308C308;
+lop3.b32 a, $4, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, a, one, off;
+shr.b32 t, $4, 4;
+lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $1, a, one, off;
+shr.b32 t, $4, 8;
+lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $2, a, one, off;
+shr.b32 t, $4, 12;
+lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $3, a, one, off;
+}"""
+_UNPACK_F16 = (
+    _UNPACK_BF16.replace("0x3F803F80", "0x3C003C00")
+    .replace("0xC308C308", "0xE408E408")
+    .replace("0x43004300", "0x64006400")
+    .replace("bf16x2", "f16x2")
+)
+# Triton 3.6 (the GPU image) names the CTA barrier thread_barrier; later versions barrier
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_UNPACK_BF16_C = gl.constexpr(_UNPACK_BF16)
+_UNPACK_F16_C = gl.constexpr(_UNPACK_F16)
+
+
+@gluon.jit
+def _words(loaded, BN: gl.constexpr, BK: gl.constexpr, WORDS_MMA: gl.constexpr):
+    """int16 [BN/16, BK/128 * 512] as loaded -> [BN, BK/4] in mma order (no data moves)."""
+    t = gl.reshape(loaded, [BN // 16, BK // 128, 8, 4, 2, 2, 2, 2])  # nb kb g t k64 k32 n8 k1
+    t = gl.permute(t, [0, 6, 2, 1, 4, 5, 3, 7])  # n: nb n8 g | word: kb k64 k32 t k1
+    return gl.convert_layout(gl.reshape(t, [BN, BK // 4]), WORDS_MMA, assert_trivial=True)
+
+
+@gluon.jit
+def _unpack(words, DTYPE: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, AL: gl.constexpr):
+    """int16 [BN, BK/4] (codes of k + 8 j, j = 0..3) -> DTYPE [BN, BK] in layout AL."""
+    if gl.bfloat16 == DTYPE:
+        bf = gl.bfloat16
+        o0, o1, o2, o3 = gl.inline_asm_elementwise(
+            _UNPACK_BF16_C, "=r,=r,=r,=r,r", [words], (bf, bf, bf, bf), True, 2
+        )
+    else:
+        hf = gl.float16
+        o0, o1, o2, o3 = gl.inline_asm_elementwise(
+            _UNPACK_F16_C, "=r,=r,=r,=r,r", [words], (hf, hf, hf, hf), True, 2
+        )
+    j = gl.join(gl.join(o0, o1), gl.join(o2, o3))  # [BN, BK/4, 2 (k8), 2 (k16)]
+    j = gl.reshape(j, [BN, BK // 32, 8, 2, 2])
+    j = gl.permute(j, [0, 1, 4, 3, 2])  # k: blocks above 32, k16, k8, k1..k4
+    return gl.convert_layout(gl.reshape(j, [BN, BK]), AL, assert_trivial=True)
+
+
+@gluon.jit
+def _x_operand(x, BK: gl.constexpr, BM: gl.constexpr, BL: gl.constexpr):
+    """x^T [BK, BM] by physical column c -> mma K order (c bits: k1 k8 k16 k32 k64 k2 k4)."""
+    t = gl.reshape(x, [BK // 128, 2, 2, 2, 2, 2, 2, 2, BM])  # c: blk k4 k2 k64 k32 k16 k8 k1
+    t = gl.permute(t, [0, 3, 4, 5, 6, 1, 2, 7, 8])
+    return gl.convert_layout(gl.reshape(t, [BK, BM]), BL, assert_trivial=True)
+
+
+@gluon.jit
+def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
+              GROUP: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
+    """acc [BN, BM] = y^T -> out[m, n] with per-channel scales and bias applied."""
+    y = acc
+    if GROUP == 0:
+        y = y * gl.load(s_ptr + rn, mask=n_mask, other=0.0)[:, None]
+    if HAS_BIAS:
+        y = y + gl.load(b_ptr + rn, mask=n_mask, other=0.0).to(gl.float32)[:, None]
+    out = out_ptr + rm.to(gl.int64)[None, :] * stride_om + rn[:, None]
+    gl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+@gluon.jit(do_not_specialize=["M"])
+def _w4_fragment_kernel(
+    x_ptr,  # [M, K] bf16 / fp16
+    w_ptr,  # int16 [N/16, K/128, 512] fragment atoms
+    s_ptr,  # fp32 [N, G] scales
+    b_ptr,  # [N] bias (HAS_BIAS)
+    out_ptr,  # [M, N]
+    ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
+    lock_ptr,  # int32 arrival counter per output tile, zero between launches
+    M, N, K, G, K_SPLIT, stride_xm, stride_om,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+    BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
+    WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr,
+):  # fmt: skip
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
+    )
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    n0 = pid_n * BN
+    m0 = pid_m * BM
+
+    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
+    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
+    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
+    w_ptrs = w_ptr + row_off + cols[None, :]  # [BN/16, BK/128 * 512]
+    w_mask = (n0 // 16 + rows < N // 16)[:, None]
+    rc = gl.arange(0, BK, layout=gl.SliceLayout(1, XL))
+    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, XL))
+    x_ptrs = x_ptr + rmx.to(gl.int64)[None, :] * stride_xm + rc[:, None]  # x^T [BK, BM]
+    x_mask = (rmx < M)[None, :]
+
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    n_mask = rn < N
+    m_mask = rm < M
+    acc = gl.zeros([BN, BM], gl.float32, mma)
+    k_lo = pid_k * K_SPLIT
+    for kb in range(0, K_SPLIT, BK):
+        k0 = k_lo + kb
+        loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
+        xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+        a = _unpack(_words(loaded, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        b = _x_operand(xt, BK, BM, BL)
+        if GROUP == 0:
+            acc = gl.nvidia.ampere.mma_v2(a, b, acc)
+        else:
+            part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
+            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += part * gs[:, None]
+
+    if SPLIT_K == 1:
+        _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS)
+    else:
+        mn_mask = n_mask[:, None] & m_mask[None, :]
+        offs = rm.to(gl.int64)[None, :] * N + rn[:, None]
+        gl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mn_mask)
+        _cta_barrier()  # every thread's partial sums are written before the arrival
+        tile = pid_n * gl.num_programs(1) + pid_m
+        arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
+            _cta_barrier()
+            total = gl.load(ws_ptr + offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT_K):
+                total += gl.load(
+                    ws_ptr + s * M * N + offs, mask=mn_mask, other=0.0, cache_modifier=".cg"
+                )
+            gl.atomic_xchg(lock_ptr + tile, 0)
+            _epilogue(
+                total, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS
+            )
+
+
+# ------------------------------------------------------------------------------ launcher
+@dataclass(frozen=True)
+class FragConfig:
+    block_n: int  # output features per program (multiple of 16 * warps)
+    block_k: int  # multiple of 128
+    warps: int
+    split_waves: int = 1  # split K until the grid has this many programs per SM
+
+
+# (largest weight N * K, config) per M bucket (largest M): first fit wins. Picked at M = 1 on
+# an H200 over the Llama-3 8B/70B linears by `bench/frag_probe.py` (least total time per
+# weight-size class, bench/results/frag_probe.json).
+FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig]]] = {
+    16: [
+        (32 << 20, FragConfig(128, 128, 4, 2)),
+        (160 << 20, FragConfig(128, 128, 4, 4)),
+        (1 << 62, FragConfig(128, 256, 4, 4)),
+    ],
+}
+
+
+def frag_config(m: int, weights: int) -> FragConfig:
+    bucket = min((b for b in FRAG_CONFIGS if m <= b), default=max(FRAG_CONFIGS))
+    for max_w, cfg in FRAG_CONFIGS[bucket]:
+        if weights <= max_w:
+            return cfg
+    return FRAG_CONFIGS[bucket][-1][1]
+
+
+def fragment_linear(
+    x: torch.Tensor,  # [..., K] bf16 / fp16
+    frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
+    scales: torch.Tensor,  # fp32 [N, G]
+    bias: torch.Tensor | None,
+    group: int,  # 0: per channel
+    config: FragConfig | None = None,
+    split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
+) -> torch.Tensor:  # [..., N]
+    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+    lead = x.shape[:-1]
+    a = x.reshape(-1, k)
+    if a.stride(-1) != 1 or a.stride(0) % 8:
+        a = a.contiguous()
+    m = a.shape[0]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out.view(*lead, n)
+    cfg = config or frag_config(m, n * k)
+    bm = 8 if m <= 8 else 16
+    fits = k % cfg.block_k == 0 and (not group or group % cfg.block_k == 0)
+    block_k = cfg.block_k if fits else ATOM_K  # a K tile lies in one group
+    k_blocks = k // block_k
+    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm)
+    if split_k is None:
+        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device), cfg.split_waves)
+    while k_blocks % split_k:  # whole K tiles per split, all splits alike
+        split_k -= 1
+    k_split = (k_blocks // split_k) * block_k
+    if split_k > 1:
+        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+        locks = _locks(a.device, n_tiles * m_tiles)
+    else:
+        ws = locks = out
+    lay = layouts(cfg.block_n, block_k, bm, cfg.warps)
+    _w4_fragment_kernel[(n_tiles, m_tiles, split_k)](
+        a, frag, scales, bias if bias is not None else scales, out, ws, locks,
+        m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps,
+        WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x,
+        num_warps=cfg.warps,
+    )  # fmt: skip
+    return out.view(*lead, n)
+
+
+def prepare_forward(t: dict[str, torch.Tensor], spec: Any) -> Callable[..., torch.Tensor]:
+    """One layer's forward: its codes repacked once; M <= 16 tokens run the fragment kernel,
+    more tokens the canonical-layout kernel on the layer's own tensors."""
+    from specquant.kernels.reference import qlinear_reference
+    from specquant.kernels.triton_ops.qlinear import qlinear
+
+    frag = prepare_fragments(t["qweight"])
+    group = 0 if spec.group_size == -1 else spec.group_size
+    device = frag.device
+
+    def forward(
+        x: torch.Tensor, live: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
+    ) -> torch.Tensor:  # [..., K] -> [..., N]
+        if x.device != device:  # moved without QLinear.prepare: the reference
+            return qlinear_reference(x, live, bias, spec)
+        if x.numel() // x.shape[-1] > MAX_M:
+            return qlinear(x, live, bias, spec)
+        return fragment_linear(x, frag, live["scales"], bias, group)
+
+    return forward
