@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU kernel session, as run through the device tool on one H100/H200 (no network):
 #   STAGE=test     the cuda-marked kernel tests (compiled in parallel first)
+#   STAGE=frag     bench/frag_probe.py: the fragment-order W4A16 kernel checked, tuned, compared
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH)
@@ -10,13 +11,17 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|measure}" in
+case "${STAGE:?set STAGE=test|tune|frag|measure}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
-  python -m pytest -q -m cuda tests/test_triton_kernels.py -p no:cacheprovider
+  python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py \
+    tests/test_humming_backend.py -p no:cacheprovider
   ;;
 tune)
   python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
+  ;;
+frag)
+  python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}"
   ;;
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \

@@ -7,6 +7,7 @@ Pointers and strides are marked 16-byte aligned, as at run time, so loads vector
 
     python bench/kernel_sass.py --format w4a16-g128 --tile 64,16,256,4,3
     python bench/kernel_sass.py --format w4a8 --prequant --tile 64,16,256,4,3
+    python bench/kernel_sass.py --fragment 128,128,8,4 --group 128   # w4_fragment.py's kernel
 
 Results depend on the Triton version (the GPU image runs 3.6: `pip install triton==3.6.0
 --target DIR` and put DIR first on PYTHONPATH to match it).
@@ -57,12 +58,38 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return _disassemble(kernel.asm["cubin"]), kernel.asm["ttgir"]
+
+
+def compile_fragment_sass(bn: int, bk: int, bm: int, warps: int, group: int, arch: int) -> str:
+    """SASS of the fragment-order W4A16 kernel (w4_fragment.py) for one tile config."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from specquant.kernels.triton_ops import w4_fragment as F
+
+    lay = F.layouts(bn, bk, bm, warps)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
+                  WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
+    sig.update({a: "constexpr" for a in consts})
+    fn = F._w4_fragment_kernel
+    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
+                                                        "stride_om"]  # fmt: skip
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return _disassemble(kernel.asm["cubin"])
+
+
+def _disassemble(cubin: bytes) -> str:
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        out = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True)
-    return out.stdout, kernel.asm["ttgir"]
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True)
+    return out.stdout
 
 
 def loop_histogram(sass: str) -> collections.Counter[str]:
@@ -95,7 +122,19 @@ def main() -> None:
     ap.add_argument("--split-k", type=int, default=2)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
+    ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps: count "
+                    "the fragment-order W4A16 kernel instead")  # fmt: skip
+    ap.add_argument("--group", type=int, default=128, help="with --fragment: 0 = per channel")
     args = ap.parse_args()
+    if args.fragment:
+        bn, bk, bm, warps = (int(v) for v in args.fragment.split(","))
+        ops = loop_histogram(compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch))
+        total, per_thread = sum(ops.values()), bn * bk / (32 * warps)
+        print(f"triton {triton.__version__}, sm_{args.arch}, fragment W4A16 group {args.group}, "
+              f"tile {args.fragment}: {total} instructions per K step, {per_thread:.0f} weights "
+              f"per thread, {total / per_thread:.2f} instructions per weight")  # fmt: skip
+        print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+        return
     tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
     sass, ttgir = compile_sass(args.format, tile, args.split_k, args.arch)
     if args.ttgir:

@@ -4,8 +4,11 @@ results against the dequantize-and-matmul reference on the GPU."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +58,7 @@ def test_atoms_hold_each_code_where_the_docstring_says() -> None:
                 km >> 4 & 1,
                 km >> 5 & 1,
                 km >> 6 & 1,
-            )  # noqa: E501
+            )
             g, n8 = row & 7, row >> 3 & 1
             lane, reg, j = 4 * g + t, 8 * k64 + 4 * k32 + 2 * n8 + k1, 2 * k16 + k8
             word = int(frag[row // 16, col // 128, lane * 16 + reg])
@@ -71,33 +74,24 @@ def test_fragment_codes_inverts_the_packing_and_bad_shapes_are_refused() -> None
         prepare_fragments(torch.zeros(24, 128, dtype=torch.uint8))
 
 
-_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from specquant.kernels.triton_ops import w4_fragment as F
-for bn, bk, bm, warps, group, split in [(64, 128, 8, 2, 128, 1), (128, 256, 16, 4, 0, 2)]:
-    lay = F.layouts(bn, bk, bm, warps)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
-    consts = dict(GROUP=group, HAS_BIAS=True, SPLIT_K=split, BN=bn, BK=bk, BM=bm, WARPS=warps,
-                  WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x)
-    sig.update({a: "constexpr" for a in consts})
-    src = GluonASTSource(fn=F._w4_fragment_kernel, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    assert k.asm["cubin"]
-print("compiled")
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_layouts_need_no_data_movement_compiled_offline_for_sm90() -> None:
-    """Every convert_layout in the kernel is asserted trivial: a layout mismatch fails here,
-    on the CPU, with Triton's own compiler and ptxas (no GPU involved)."""
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True)
+@pytest.mark.parametrize(("tile", "group"), [("128,128,8,4", 128), ("64,256,16,2", 0)])
+def test_kernel_compiles_for_sm90_in_under_two_instructions_per_weight(tile, group) -> None:
+    """Compiled offline (Triton's compiler and ptxas, no GPU): every convert_layout in the
+    kernel is asserted free, so a layout mismatch fails here; and the K loop stays near
+    the 1.8-1.95 instructions per weight measured on the H200 (the canonical kernel: 3.8)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernel_sass.py"), "--fragment", tile,
+         "--group", str(group)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
     if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
         pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    match = re.search(r"([0-9.]+) instructions per weight", out.stdout)
+    assert match, out.stdout + out.stderr[-3000:]
+    assert float(match.group(1)) < 2.2, out.stdout
 
 
 # ------------------------------------------------------------------------------------ GPU
