@@ -38,10 +38,12 @@ def cpu_run_text(meta: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, report: dict[str, Any], md: list[str]) -> None:
-    """The JSON report at `out` and its markdown next to it (same name, .md)."""
+    """The JSON report at `out` and its markdown next to it (same name, .md); the markdown is
+    also printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def copy_bandwidth_gbs(device: torch.device | str = "cuda") -> float:

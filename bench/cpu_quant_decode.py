@@ -104,7 +104,6 @@ def main() -> None:
             f"{r['speedup']:.1f}x | {r['vs_dense']:.2f}x | {'yes' if r['same_tokens'] else 'NO'} |"
         )
     write_report(args.out, report, md)
-    print("\n".join(md))
 
 
 if __name__ == "__main__":

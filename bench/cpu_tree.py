@@ -83,7 +83,6 @@ def main() -> None:
             f"{r['accept']:.2f} |"
         )
     write_report(args.out, report, md)
-    print("\n".join(md))
 
 
 if __name__ == "__main__":

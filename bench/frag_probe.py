@@ -21,6 +21,7 @@ import torch
 from kernel_perf import SHAPES, _clone, copies_for, nbytes, random_tensors, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops.qlinear import qlinear
+from specquant.quant.pack import dequantize
 from specquant.quant.spec import get_format
 
 CANDIDATES = [
@@ -34,10 +35,8 @@ MS = [1, 2, 4, 8, 16]
 
 
 def reference(x: torch.Tensor, t: dict[str, torch.Tensor], bias: Any) -> torch.Tensor:
-    q = t["qweight"].to(torch.int32)
-    u = torch.stack((q & 0xF, q >> 4), -1).reshape(q.shape[0], -1).float() - 8
-    s = t["scales"].repeat_interleave(u.shape[1] // t["scales"].shape[1], dim=1)
-    y = x.float() @ (u * s).T
+    """Symmetric int4 with any number of groups (taken from the scales' shape)."""
+    y = x.float() @ dequantize(t, get_format("w4a16")).T
     return y if bias is None else y + bias.float()
 
 

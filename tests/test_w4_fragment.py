@@ -20,10 +20,12 @@ pytestmark = pytest.mark.skipif(not HAS_GLUON, reason="needs triton with Gluon")
 
 
 def _reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
-    qi = q.to(torch.int32)
-    u = torch.stack((qi & 0xF, qi >> 4), -1).reshape(q.shape[0], -1).float() - 8
-    s = scales.float().repeat_interleave(u.shape[1] // scales.shape[1], dim=1)
-    y = x.float() @ (u * s).T
+    """Symmetric int4, any number of groups: the project's dequantize, then a float matmul."""
+    from specquant.quant.pack import dequantize
+    from specquant.quant.spec import get_format
+
+    w = dequantize({"qweight": q, "scales": scales}, get_format("w4a16"))
+    y = x.float() @ w.T
     return y if bias is None else y + bias.float()
 
 

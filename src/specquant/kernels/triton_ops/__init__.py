@@ -120,7 +120,8 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
     ok, why = _qlinear_check("w4a16")(ctx)
     if not ok:
         return ok, why
-    spec = dict(ctx.extra)["spec"]
+    extra = dict(ctx.extra)
+    spec = extra["spec"]
     if not spec.symmetric:
         return False, f"symmetric int4 only; {spec.name} has zero points"
     if spec.group_size != -1 and spec.group_size % 128:
@@ -129,8 +130,8 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
         return False, "needs mma.sync with bf16 (compute capability >= 8.0)"
     if importlib.util.find_spec("triton.experimental.gluon") is None:
         return False, "needs Triton's Gluon (triton >= 3.5)"
-    if "shape" in dict(ctx.extra):
-        n, k = dict(ctx.extra)["shape"]
+    if "shape" in extra:
+        n, k = extra["shape"]
         if n % 16 or k % 128:
             return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
     return True, f"Gluon W4A16 on mma fragments (M <= 16; more tokens: {why})"

@@ -40,6 +40,7 @@ from specquant.kernels.triton_ops.act_quant import quantize_per_token
 # multiply bf16 (stored as uint16): it unpacks with plain integer ops and upcasts dot inputs.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
 # ------------------------------------------------------------------------- int4 unpacking
 # Each byte b holds two codes: low nibble = even k, high nibble = odd k. The PTX below turns
 # 4 bytes into 8 values with 32-bit operations: a nibble OR'ed into the mantissa of 128.0
@@ -47,29 +48,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # subtracts 136 (1032): u - 8 = q, exact. prmt first orders the bytes (b0 b2 b1 b3) so that
 # each 16-bit half of a result register is the next element. Output i depends on input
 # byte i only, so it does not matter which 4 elements Triton packs together.
-_UNPACK_BF16 = """{
-.reg .b32 t, a, one, off;
-mov.b32 one, 0x3F803F80;
-mov.b32 off, 0xC308C308;
-prmt.b32 t, $4, 0, 0x3120;
-lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, a, one, off;
-shr.b32 a, t, 8;
-lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $1, a, one, off;
-shr.b32 a, t, 4;
-lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $2, a, one, off;
-shr.b32 a, t, 12;
-lop3.b32 a, a, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $3, a, one, off;
-}"""
-_UNPACK_F16 = (
-    _UNPACK_BF16.replace("0x3F803F80", "0x3C003C00")
-    .replace("0xC308C308", "0xE408E408")
-    .replace("0x43004300", "0x64006400")
-    .replace("bf16x2", "f16x2")
-)
+def unpack_ptx(dtype: str, shifts: tuple[int, ...], prologue: str = "") -> str:
+    """PTX turning the 32-bit register $N (N = len(shifts)) into bf16x2/f16x2 registers $i:
+    the low nibble of each 16-bit half of (t >> shifts[i]) becomes q = u - 8, where t is $N
+    after `prologue` (which may write t)."""
+    one, off, base, op = {
+        "bf16": ("0x3F803F80", "0xC308C308", "0x43004300", "fma.rn.bf16x2"),
+        "f16": ("0x3C003C00", "0xE408E408", "0x64006400", "fma.rn.f16x2"),
+    }[dtype]
+    src = f"${len(shifts)}"
+    lines = [".reg .b32 t, a, one, off;", f"mov.b32 one, {one};", f"mov.b32 off, {off};",
+             prologue or f"mov.b32 t, {src};"]  # fmt: skip
+    for i, shift in enumerate(shifts):
+        if shift:
+            lines.append(f"shr.b32 a, t, {shift};")
+        lines.append(f"lop3.b32 a, {'a' if shift else 't'}, 0x000F000F, {base}, 0xEA;")
+        lines.append(f"{op} ${i}, a, one, off;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_UNPACK_BF16 = unpack_ptx("bf16", (0, 8, 4, 12), "prmt.b32 t, $4, 0, 0x3120;")
+_UNPACK_F16 = unpack_ptx("f16", (0, 8, 4, 12), "prmt.b32 t, $4, 0, 0x3120;")
 # int8 codes for the integer dot, scaled by 16 so that no offset has to be subtracted: a
 # nibble u moved to the top of its byte and its top bit flipped is 16 * u - 128 = 16 * q as
 # a signed byte. Three 32-bit operations per 8 codes; the dot's sums are 16x, exactly.

@@ -41,7 +41,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k
+from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k, unpack_ptx
+from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_N, ATOM_K = 16, 128  # one repacked atom: 16 output features x 128 k
 # Tokens this kernel serves by default (the mma N side: 8, or 16 in two halves). Measured on
@@ -59,10 +60,9 @@ def pi(k: int) -> int:
 
 
 # ----------------------------------------------------------------------------- packing
-def _codes(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] canonical (low nibble = even k) -> codes u = q + 8 as int32 [N, K]."""
-    q = qweight.to(torch.int32)
-    return torch.stack((q & 0xF, q >> 4), dim=-1).reshape(q.shape[0], -1)
+def _column_order(device: torch.device) -> torch.Tensor:
+    """[128]: the x column of each mma K position (pi as a tensor)."""
+    return torch.tensor([pi(i) for i in range(ATOM_K)], device=device)
 
 
 def prepare_fragments(qweight: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,8 @@ def prepare_fragments(qweight: torch.Tensor) -> torch.Tensor:
     n, k = qweight.shape[0], qweight.shape[1] * 2
     if n % ATOM_N or k % ATOM_K:
         raise ValueError(f"fragment layout needs N % {ATOM_N} == K % {ATOM_K} == 0, not {n}, {k}")
-    perm = torch.tensor([pi(i) for i in range(ATOM_K)], device=qweight.device)
-    u = _codes(qweight).view(n, k // ATOM_K, ATOM_K)[:, :, perm]  # mma K order
+    codes = unpack_int4(qweight).to(torch.int32)  # u = q + 8, [N, K]
+    u = codes.view(n, k // ATOM_K, ATOM_K)[:, :, _column_order(qweight.device)]  # mma K order
     # n = 16 nb + 8 n8 + g; k = 64 k64 + 32 k32 + 16 j1 + 8 j0 + 2 t + k1
     u = u.reshape(n // 16, 2, 8, k // 128, 2, 2, 2, 2, 4, 2)
     # -> [nb, kb, lane = 4 g + t, reg = 8 k64 + 4 k32 + 2 n8 + k1, j = 2 j1 + j0]
@@ -87,12 +87,8 @@ def fragment_codes(frag: torch.Tensor) -> torch.Tensor:
     u = torch.stack([(w >> (4 * j)) & 0xF for j in range(4)], dim=-1)  # [nb, kb, 512, 4]
     u = u.reshape(nb, kb, 8, 4, 2, 2, 2, 2, 2, 2)  # nb kb g t k64 k32 n8 k1 j1 j0
     u = u.permute(0, 6, 2, 1, 4, 5, 8, 9, 3, 7).reshape(nb * 16, kb, ATOM_K)
-    inv = torch.empty(ATOM_K, dtype=torch.long, device=frag.device)
-    inv[torch.tensor([pi(i) for i in range(ATOM_K)], device=frag.device)] = torch.arange(
-        ATOM_K, device=frag.device
-    )
-    u = u[:, :, inv].reshape(nb * 16, kb * ATOM_K)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    u = u[:, :, torch.argsort(_column_order(frag.device))]  # back to column order
+    return pack_int4(u.reshape(nb * 16, kb * ATOM_K))
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -157,28 +153,9 @@ def layouts(bn: int, bk: int, bm: int, warps: int) -> Layouts:
 
 
 # ------------------------------------------------------------------------------ kernel
-_UNPACK_BF16 = """{
-.reg .b32 a, t, one, off;
-mov.b32 one, 0x3F803F80;
-mov.b32 off, 0xC308C308;
-lop3.b32 a, $4, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, a, one, off;
-shr.b32 t, $4, 4;
-lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $1, a, one, off;
-shr.b32 t, $4, 8;
-lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $2, a, one, off;
-shr.b32 t, $4, 12;
-lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $3, a, one, off;
-}"""
-_UNPACK_F16 = (
-    _UNPACK_BF16.replace("0x3F803F80", "0x3C003C00")
-    .replace("0xC308C308", "0xE408E408")
-    .replace("0x43004300", "0x64006400")
-    .replace("bf16x2", "f16x2")
-)
+# four codes per 16-bit half, at bits 0, 4, 8, 12: no byte shuffle needed first
+_UNPACK_BF16 = unpack_ptx("bf16", (0, 4, 8, 12))
+_UNPACK_F16 = unpack_ptx("f16", (0, 4, 8, 12))
 # Triton 3.6 (the GPU image) names the CTA barrier thread_barrier; later versions barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _UNPACK_BF16_C = gl.constexpr(_UNPACK_BF16)
