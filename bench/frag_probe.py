@@ -5,7 +5,7 @@ canonical-layout Triton kernel in the same run.
 
     python bench/frag_probe.py --out bench/results
 
-Writes frag_probe.json (every timing, the chosen configs) and prints a summary.
+Writes frag_probe.json (every timing, the chosen configs) and frag_probe.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from common import git_commit, write_report
 from kernel_perf import SHAPES, _clone, copies_for, nbytes, random_tensors, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops.qlinear import qlinear
@@ -152,11 +153,48 @@ def compare(gen: torch.Generator, best: dict[str, Any], deadline: float) -> list
     return rows
 
 
+def markdown(result: dict[str, Any]) -> list[str]:
+    """The report: where it ran, the checks, and fragment vs canonical per layer and M."""
+    checks = result["checks"]
+    md = [
+        "# Fragment-order W4A16 kernel: checks, tile configs, fragment vs canonical",
+        "",
+        f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
+        f"{result['torch']}. Reproduce: `STAGE=frag bench/gpu_kernels.sh`.",
+        "",
+        f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
+        f"{max(r['rel_err'] for r in checks):.1e}; packing round-trips: "
+        f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}. Tile configs chosen at "
+        "M = 1 (BLOCK_N, BLOCK_K, warps, split waves per size class): "
+        f"{json.dumps(result['best'])}.",
+        "",
+        "Microseconds per linear, median of CUDA-graph replays (weights rotated through HBM).",
+        "",
+        "| format | model | layer | " + " | ".join(f"M={m} frag / canonical" for m in MS) + " |",
+        "|---" * (3 + len(MS)) + "|",
+    ]
+    by_layer: dict[tuple[str, str, str], dict[int, str]] = {}
+    for r in result["compare"]:
+        cell = f"{r['frag_us']:.1f} / {r['canonical_us']:.1f}"
+        by_layer.setdefault((r["fmt"], r["model"], r["layer"]), {})[r["m"]] = cell
+    for (fmt, model, layer), cells in by_layer.items():
+        md.append(f"| {fmt} | {model} | {layer} | "
+                  + " | ".join(cells.get(m, "-") for m in MS) + " |")  # fmt: skip
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only rewrite the markdown of an existing frag_probe.json")  # fmt: skip
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        write_report(args.render, result, markdown(result))
+        return
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     checks = check(gen)
@@ -172,9 +210,9 @@ def main() -> None:
               f"{r['frag_us']:6.1f} us ({r['bytes'] / r['frag_us'] / 1e3:5.0f} GB/s), canonical "
               f"{r['canonical_us']:6.1f} us")  # fmt: skip
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
                   checks=checks, tune=tuned, best=best, compare=comp)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "frag_probe.json").write_text(json.dumps(result, indent=1))
+    write_report(args.out / "frag_probe.json", result, markdown(result))
 
 
 if __name__ == "__main__":

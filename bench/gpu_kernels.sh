@@ -21,7 +21,7 @@ tune)
   python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
   ;;
 frag)
-  python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}"
+  python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}" ${COMMIT:+--commit "$COMMIT"}
   ;;
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \
