@@ -1,9 +1,11 @@
 """The fragment-order W4A16 kernel (kernels/triton_ops/w4_fragment.py) on the GPU: checked
-against a dequantize-and-matmul reference, its tile configs timed at M = 1 on the Llama-3
-8B/70B linears, and the best per weight-size class timed for M = 1..16 against the
-canonical-layout Triton kernel in the same run.
+against a dequantize-and-matmul reference, its tile configs timed per M bucket on the Llama-3
+8B/70B linears, and the best per bucket and weight-size class timed for M = 1..128 against
+the canonical-layout Triton kernel in the same run.
 
     python bench/frag_probe.py --out bench/results
+    python bench/frag_probe.py --stages check,tune --buckets 16,32 --out DIR   # split over
+    python bench/frag_probe.py --stages tune,compare --buckets 64 --previous DIR/frag_probe.json
 
 Writes frag_probe.json (every timing, the chosen configs) and frag_probe.md.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,34 @@ from specquant.kernels.triton_ops.qlinear import qlinear
 from specquant.quant.pack import dequantize
 from specquant.quant.spec import get_format
 
-CANDIDATES = [
-    F.FragConfig(bn, bk, w, waves)
-    for bn, bk, w in [(32, 128, 1), (64, 128, 1), (64, 128, 2), (128, 128, 2), (128, 128, 4),
-                      (64, 256, 2), (128, 256, 4)]
-    for waves in (1, 2, 4)
-]  # fmt: skip
+# Tile configs tried per M bucket (timed at the bucket's largest M; bucket 8 at M = 1, decode):
+# FragConfig(BLOCK_N, BLOCK_K, warps along N, split waves, warps along M, stages)
+_C = F.FragConfig
+CANDIDATES: dict[int, list[F.FragConfig]] = {
+    8: [_C(128, 128, 4, w, 1, s) for w in (2, 4) for s in (1, 3, 4)]
+    + [_C(bn, bk, w, 4, 1, s) for bn, bk, w in [(128, 256, 4), (64, 256, 2), (64, 128, 2)]
+       for s in (1, 3)]
+    + [_C(128, 128, 4, 1, 1, 4)],
+    16: [_C(128, 128, 4, 2, 1, s) for s in (1, 3, 4)]
+    + [_C(64, 128, 2, 1, 1, s) for s in (1, 3)]
+    + [_C(64, 128, 2, 2, 1, 3), _C(128, 128, 4, 1, 1, 3), _C(64, 128, 4, 2, 1, 3)],
+    32: [_C(64, 128, 2, 2, 2, s) for s in (1, 3)]
+    + [_C(128, 128, 4, 1, 1, s) for s in (1, 3)]
+    + [_C(128, 128, 4, 2, 1, 3), _C(64, 128, 2, 1, 2, 3), _C(64, 128, 4, 2, 2, 3),
+       _C(128, 128, 4, 2, 2, 3)],
+    64: [_C(64, 128, 2, 2, 4, s) for s in (1, 3)]
+    + [_C(128, 128, 4, 2, 2, s) for s in (1, 3)]
+    + [_C(64, 128, 2, 1, 4, 3), _C(64, 128, 4, 2, 2, 3), _C(128, 128, 4, 1, 2, 3),
+       _C(64, 128, 2, 2, 2, 3)],
+}  # fmt: skip
+CHECKED = [None, _C(32, 128, 1, 4), _C(128, 256, 4), _C(64, 128, 2, 1, 4, 3), _C(128, 128, 4, 2, 2),
+           _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
-MS = [1, 2, 4, 8, 16]
+MS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def timed_m(bucket: int) -> int:
+    return 1 if bucket == 8 else bucket
 
 
 def reference(x: torch.Tensor, t: dict[str, torch.Tensor], bias: Any) -> torch.Tensor:
@@ -53,20 +76,20 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
         }  # fmt: skip
         frag = F.prepare_fragments(t["qweight"])
         roundtrip = bool(torch.equal(F.fragment_codes(frag), t["qweight"]))
-        for dtype in (torch.bfloat16, torch.float16):
-            for m in (1, 3, 8, 9, 16):
-                for with_bias in (False, True):
-                    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-                    bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
-                    for cfg in (None, F.FragConfig(32, 128, 1, 4), F.FragConfig(128, 256, 4)):
-                        if cfg is not None and cfg.block_n > n:
-                            continue
-                        y = F.fragment_linear(x, frag, t["scales"], bias, group, config=cfg)
-                        ref = reference(x, t, bias)
-                        err = float((y.float() - ref).norm() / ref.norm())
-                        rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), m=m,
-                                         bias=with_bias, config=str(cfg), rel_err=err,
-                                         roundtrip=roundtrip))  # fmt: skip
+        for i, m in enumerate((1, 3, 8, 9, 16, 17, 33, 64, 100)):
+            # dtype and bias alternate: every combination meets several token counts
+            for dtype, with_bias in [(torch.bfloat16, i % 2 == 0), (torch.float16, i % 2 == 1)]:
+                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+                ref = reference(x, t, bias)
+                for cfg in CHECKED:
+                    if cfg is not None and cfg.block_n > n:
+                        continue
+                    y = F.fragment_linear(x, frag, t["scales"], bias, group, config=cfg)
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), m=m,
+                                     bias=with_bias, config=str(cfg), rel_err=err,
+                                     roundtrip=roundtrip))  # fmt: skip
     return rows
 
 
@@ -83,7 +106,13 @@ def time_frag(x: torch.Tensor, frags: list[Any], ws: list[Any], group: int, cfg:
     return time_graph(run, len(ws))
 
 
-def tune(gen: torch.Generator, deadline: float) -> list[dict[str, Any]]:
+def size_class(n: int, k: int) -> str:
+    return next(name for name, bound in F.SIZE_CLASSES if n * k <= bound)
+
+
+def tune(gen: torch.Generator, buckets: list[int], deadline: float) -> list[dict[str, Any]]:
+    """Every candidate of each bucket on every Llama linear, in both formats (stops at the
+    deadline; best_by_size only ranks configs timed on every layer of a class)."""
     rows = []
     for fmt in FORMATS:
         group = get_format(fmt).group_size
@@ -92,45 +121,55 @@ def tune(gen: torch.Generator, deadline: float) -> list[dict[str, Any]]:
             for layer, (k, n) in layers.items():
                 ws, size = weights(fmt, n, k, gen)
                 frags = [F.prepare_fragments(w["qweight"]) for w in ws]
-                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-                for cfg in CANDIDATES:
-                    if time.time() > deadline:
-                        return rows
-                    cfg_list = [cfg.block_n, cfg.block_k, cfg.warps, cfg.split_waves]
-                    row = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size,
-                               config=cfg_list)  # fmt: skip
-                    try:
-                        row["us"] = time_frag(x, frags, ws, group, cfg)
-                    except Exception as e:
-                        row["error"] = repr(e)[:300]
-                    rows.append(row)
+                for bucket in buckets:
+                    x = torch.randn(timed_m(bucket), k, device="cuda", dtype=torch.bfloat16)
+                    for cfg in CANDIDATES[bucket]:
+                        if time.time() > deadline:
+                            return rows
+                        row = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size,
+                                   bucket=bucket, config=list(astuple(cfg)))  # fmt: skip
+                        try:
+                            row["us"] = time_frag(x, frags, ws, group, cfg)
+                        except Exception as e:
+                            row["error"] = repr(e)[:300]
+                        rows.append(row)
                 print(f"tuned {fmt} {model} {layer} at {time.time():.0f}", flush=True)
+                del ws, frags
                 torch.cuda.empty_cache()
     return rows
 
 
-def best_by_size(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
-    """Per format and size class (<= 32M, <= 160M, larger N * K): least total time."""
-    out: dict[str, dict[str, list[int]]] = {}
-    for fmt in FORMATS:
-        out[fmt] = {}
-        for cls, lo, hi in (("32M", 0, 32 << 20), ("160M", 32 << 20, 160 << 20),
-                            ("any", 160 << 20, 1 << 62)):  # fmt: skip
-            totals: dict[tuple[int, ...], float] = {}
-            counts: dict[tuple[int, ...], int] = {}
+def best_by_size(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+    """Per bucket and size class: the config of least total time over both formats."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for bucket in sorted({r.get("bucket", 8) for r in rows}):
+        out[str(bucket)] = {}
+        for cls, _ in F.SIZE_CLASSES:
+            totals: dict[tuple[Any, ...], float] = {}
+            counts: dict[tuple[Any, ...], int] = {}
             for r in rows:
-                if r["fmt"] == fmt and lo < r["n"] * r["k"] <= hi and "us" in r:
+                if r.get("bucket", 8) == bucket and size_class(r["n"], r["k"]) == cls and "us" in r:
                     c = tuple(r["config"])
                     totals[c] = totals.get(c, 0.0) + r["us"]
                     counts[c] = counts.get(c, 0) + 1
             full = max(counts.values(), default=0)
             complete = {c: v for c, v in totals.items() if counts[c] == full}
             if complete:
-                out[fmt][cls] = list(min(complete, key=lambda c: complete[c]))
+                out[str(bucket)][cls] = list(min(complete, key=lambda c: complete[c]))
     return out
 
 
-def compare(gen: torch.Generator, best: dict[str, Any], deadline: float) -> list[dict[str, Any]]:
+def config_for(best: dict[str, dict[str, list[Any]]], m: int, n: int, k: int) -> Any:
+    """The tuned config of the smallest tuned bucket holding m (the largest one beyond)."""
+    buckets = sorted(int(b) for b in best)
+    bucket = next((b for b in buckets if m <= b), buckets[-1]) if buckets else None
+    cfg = best.get(str(bucket), {}).get(size_class(n, k))
+    return F.FragConfig(*cfg) if cfg else None
+
+
+def compare(
+    gen: torch.Generator, best: dict[str, Any], ms: list[int], deadline: float
+) -> list[dict[str, Any]]:
     rows = []
     for fmt in FORMATS:
         spec = get_format(fmt)
@@ -141,16 +180,40 @@ def compare(gen: torch.Generator, best: dict[str, Any], deadline: float) -> list
                     return rows
                 ws, size = weights(fmt, n, k, gen)
                 frags = [F.prepare_fragments(w["qweight"]) for w in ws]
-                cls = "32M" if n * k <= 32 << 20 else "160M" if n * k <= 160 << 20 else "any"
-                cfg = F.FragConfig(*best[fmt][cls]) if cls in best.get(fmt, {}) else None
-                for m in MS:
+                for m in ms:
+                    cfg = config_for(best, m, n, k)
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size, m=m)
+                    base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size, m=m,
+                                config=list(astuple(cfg)) if cfg else None)  # fmt: skip
                     t_frag = time_frag(x, frags, ws, group, cfg)
                     t_canon = time_graph(lambda i, x=x, ws=ws, spec=spec: qlinear(x, ws[i], None, spec), len(ws))  # fmt: skip  # noqa: E501
                     rows.append(dict(base, frag_us=t_frag, canonical_us=t_canon))
+                del ws, frags
                 torch.cuda.empty_cache()
     return rows
+
+
+def table(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, list[Any]]:
+    """The FRAG_CONFIGS this run supports: per bucket and size class its tuned config where
+    the fragment kernel beat the canonical one over the bucket's compared M (summed over the
+    class's layers and both formats), else None (also where nothing was compared). M beyond
+    the tuned buckets (128) gets a bucket of its own with the largest tuned bucket's
+    configs, if they win there."""
+    tuned = sorted(int(b) for b in best)
+    out: dict[str, list[Any]] = {}
+    lo = 0
+    if not rows:
+        return out
+    for bucket in tuned + [b for b in (max(MS),) if tuned and b > tuned[-1]]:
+        by_cls = best[str(min(bucket, tuned[-1]))]
+        out[str(bucket)] = []
+        for cls, _ in F.SIZE_CLASSES:
+            sel = [r for r in rows if lo < r["m"] <= bucket and size_class(r["n"], r["k"]) == cls]
+            frag = sum(r["frag_us"] for r in sel)
+            canon = sum(r["canonical_us"] for r in sel)
+            out[str(bucket)].append(by_cls.get(cls) if sel and frag < canon else None)
+        lo = bucket
+    return out
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
@@ -164,9 +227,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
         f"{max(r['rel_err'] for r in checks):.1e}; packing round-trips: "
-        f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}. Tile configs chosen at "
-        "M = 1 (BLOCK_N, BLOCK_K, warps, split waves per size class): "
-        f"{json.dumps(result['best'])}.",
+        f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}.",
+        "",
+        "Tile configs per M bucket and weight-size class (BLOCK_N, BLOCK_K, warps along N, "
+        "split waves, warps along M, stages), tuned at the bucket's M (bucket 8 at M = 1); "
+        "null where the canonical kernel was faster (the table `FRAG_CONFIGS` takes):",
+        "",
+        "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",
+        "|---" * (1 + len(F.SIZE_CLASSES)) + "|",
+    ]
+    for bucket, cfgs in result.get("table", {}).items():
+        md.append(f"| {bucket} | " + " | ".join(json.dumps(c) for c in cfgs) + " |")
+    md += [
         "",
         "Microseconds per linear, median of CUDA-graph replays (weights rotated through HBM).",
         "",
@@ -188,6 +260,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    ap.add_argument("--stages", default="check,tune,compare",
+                    help="comma-separated: check, tune, compare")  # fmt: skip
+    ap.add_argument("--buckets", default="8,16,32,64", help="M buckets to tune")
+    ap.add_argument("--compare-ms", default=",".join(map(str, MS)),
+                    help="token counts of the fragment vs canonical comparison")  # fmt: skip
+    ap.add_argument("--previous", type=Path, default=None,
+                    help="an earlier frag_probe.json whose checks and tuning rows this run "
+                         "keeps (rows of buckets tuned again are replaced)")  # fmt: skip
     ap.add_argument("--render", type=Path, default=None,
                     help="only rewrite the markdown of an existing frag_probe.json")  # fmt: skip
     args = ap.parse_args()
@@ -195,23 +275,34 @@ def main() -> None:
         result = json.loads(args.render.read_text())
         write_report(args.render, result, markdown(result))
         return
+    stages = set(args.stages.split(","))
+    buckets = [int(b) for b in args.buckets.split(",")]
+    prev = json.loads(args.previous.read_text()) if args.previous else {}
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    checks = check(gen)
-    worst = max(r["rel_err"] for r in checks)
-    print(f"checks: {len(checks)}, worst relative error {worst:.2e}, "
-          f"roundtrips ok: {all(r['roundtrip'] for r in checks)}", flush=True)  # fmt: skip
-    tuned = tune(gen, start + args.budget_s * 0.6)
+    checks = check(gen) if "check" in stages else prev.get("checks", [])
+    if checks:
+        worst = max(r["rel_err"] for r in checks)
+        print(f"checks: {len(checks)}, worst relative error {worst:.2e}, "
+              f"roundtrips ok: {all(r['roundtrip'] for r in checks)}", flush=True)  # fmt: skip
+    tuned = [r for r in prev.get("tune", []) if "tune" not in stages
+             or r.get("bucket", 8) not in buckets]  # fmt: skip
+    if "tune" in stages:
+        frac = 0.6 if "compare" in stages else 1.0
+        tuned += tune(gen, buckets, start + args.budget_s * frac)
     best = best_by_size(tuned)
     print("best:", json.dumps(best), flush=True)
-    comp = compare(gen, best, start + args.budget_s)
+    ms = [int(m) for m in args.compare_ms.split(",")]
+    comp = compare(gen, best, ms, start + args.budget_s) if "compare" in stages else []
     for r in comp:
-        print(f"{r['fmt']:>11} {r['model']:>3} {r['layer']:>7} M={r['m']:>2}: frag "
+        print(f"{r['fmt']:>11} {r['model']:>3} {r['layer']:>7} M={r['m']:>3}: frag "
               f"{r['frag_us']:6.1f} us ({r['bytes'] / r['frag_us'] / 1e3:5.0f} GB/s), canonical "
               f"{r['canonical_us']:6.1f} us")  # fmt: skip
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                  checks=checks, tune=tuned, best=best, compare=comp)  # fmt: skip
+                  checks=checks, tune=tuned, best=best, compare=comp,
+                  table=table(comp, best))  # fmt: skip
+    print("table:", json.dumps(result["table"]), flush=True)
     write_report(args.out / "frag_probe.json", result, markdown(result))
 
 

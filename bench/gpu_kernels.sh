@@ -21,7 +21,9 @@ tune)
   python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
   ;;
 frag)
-  python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}" ${COMMIT:+--commit "$COMMIT"}
+  # FRAG_ARGS: e.g. "--stages check,tune --buckets 16,32" (see bench/frag_probe.py)
+  python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}" ${COMMIT:+--commit "$COMMIT"} \
+    ${FRAG_ARGS:-}
   ;;
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \

@@ -61,26 +61,42 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
     return _disassemble(kernel.asm["cubin"]), kernel.asm["ttgir"]
 
 
-def compile_fragment_sass(bn: int, bk: int, bm: int, warps: int, group: int, arch: int) -> str:
-    """SASS of the fragment-order W4A16 kernel (w4_fragment.py) for one tile config."""
+def compile_fragment_sass(
+    bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
+    stages: int = 1,
+) -> tuple[str, str]:  # fmt: skip
+    """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from specquant.kernels.triton_ops import w4_fragment as F
 
-    lay = F.layouts(bn, bk, bm, warps)
+    lay = F.layouts(bn, bk, bm, warps, warps_m)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
            "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
     sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
-                  WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
+                  WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
+                  WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
     sig.update({a: "constexpr" for a in consts})
     fn = F._w4_fragment_kernel
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
                                                         "stride_om"]  # fmt: skip
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    return _disassemble(kernel.asm["cubin"])
+    opts = {"num_warps": warps * warps_m}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+
+
+def _resources(cubin: bytes) -> str:
+    """cuobjdump's register / stack / local-memory line (spills show as STACK or LOCAL)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True,
+                             text=True)  # fmt: skip
+    return next((ln.strip() for ln in out.stdout.splitlines() if "REG:" in ln), out.stdout)
 
 
 def _disassemble(cubin: bytes) -> str:
@@ -122,18 +138,22 @@ def main() -> None:
     ap.add_argument("--split-k", type=int, default=2)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
-    ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps: count "
-                    "the fragment-order W4A16 kernel instead")  # fmt: skip
+    ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
+                    "[,stages]]: count the fragment-order W4A16 kernel instead")  # fmt: skip
     ap.add_argument("--group", type=int, default=128, help="with --fragment: 0 = per channel")
     args = ap.parse_args()
     if args.fragment:
-        bn, bk, bm, warps = (int(v) for v in args.fragment.split(","))
-        ops = loop_histogram(compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch))
+        bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
+                                              + [1, 1])[:6]  # fmt: skip
+        sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
+                                          stages)  # fmt: skip
+        ops = loop_histogram(sass)
         total, per_thread = sum(ops.values()), bn * bk / (32 * warps)
         print(f"triton {triton.__version__}, sm_{args.arch}, fragment W4A16 group {args.group}, "
               f"tile {args.fragment}: {total} instructions per K step, {per_thread:.0f} weights "
               f"per thread, {total / per_thread:.2f} instructions per weight")  # fmt: skip
         print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+        print(res)
         return
     tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
     sass, ttgir = compile_sass(args.format, tile, args.split_k, args.arch)

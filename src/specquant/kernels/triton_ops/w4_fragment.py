@@ -18,9 +18,14 @@ products pair the same columns and the sum over K is unchanged.
 Weight words. An int16 holds the four codes of k + 8 j (j = 0..3: the k8 and k16 bits);
 two int16 side by side are k and k + 1, so one 32-bit register unpacks (4 lop3, 3 shifts, 4
 packed fma: the PTX of qlinear.py) straight into four bf16x2 operand registers. Atoms of 16
-output features x 128 k (512 int16, 1 KiB): lane-major, 16 int16 per lane in the order
-(k1, n8, k32, k64) of the fragment's registers, so a lane reads its atom with two 16-byte
-loads. `fragment_codes` undoes the packing (tests).
+output features x 128 k (512 int16, 1 KiB): two halves (k64), each lane-major with 8 int16
+per lane in the order (k1, n8, k32) of the fragment's registers, so a lane reads its atom
+with two 16-byte loads and each load of a warp is 512 contiguous bytes (whole sectors, and
+no shared-memory bank conflicts). `fragment_codes` undoes the packing (tests).
+
+Pipelining (STAGES > 1): the weight tiles stream through a ring of shared-memory buffers
+with cp.async, STAGES - 1 tiles ahead of the mma. Each thread reads back exactly the bytes
+it copied (same layout for copy and load), so the ring needs no CTA barrier.
 
 The layouts are Triton linear layouts built here in Python; the kernel reshapes the loaded
 tensors into the mma operand layouts with `convert_layout(assert_trivial=True)`, so a
@@ -40,15 +45,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k, unpack_ptx
 from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_N, ATOM_K = 16, 128  # one repacked atom: 16 output features x 128 k
-# Tokens this kernel serves by default (the mma N side: 8, or 16 in two halves). Measured on
-# an H200 (bench/results/frag_probe.json): faster than the canonical kernel up to M = 8 on
-# every Llama-3 8B/70B linear, slower at 16, where x's fragments double.
-MAX_M = 8
 
 # x column of mma position k inside a 128 block: (bit of k) -> (bit of c)
 _PI_BITS = {0: 0, 3: 1, 4: 2, 5: 3, 6: 4, 1: 5, 2: 6}
@@ -74,8 +76,8 @@ def prepare_fragments(qweight: torch.Tensor) -> torch.Tensor:
     u = codes.view(n, k // ATOM_K, ATOM_K)[:, :, _column_order(qweight.device)]  # mma K order
     # n = 16 nb + 8 n8 + g; k = 64 k64 + 32 k32 + 16 j1 + 8 j0 + 2 t + k1
     u = u.reshape(n // 16, 2, 8, k // 128, 2, 2, 2, 2, 4, 2)
-    # -> [nb, kb, lane = 4 g + t, reg = 8 k64 + 4 k32 + 2 n8 + k1, j = 2 j1 + j0]
-    u = u.permute(0, 3, 2, 8, 4, 5, 1, 9, 6, 7).reshape(n // 16, k // 128, 512, 4)
+    # -> [nb, kb, k64, lane = 4 g + t, reg = 4 k32 + 2 n8 + k1, j = 2 j1 + j0]
+    u = u.permute(0, 3, 4, 2, 8, 5, 1, 9, 6, 7).reshape(n // 16, k // 128, 512, 4)
     words = (u << torch.tensor([0, 4, 8, 12], device=u.device, dtype=torch.int32)).sum(-1)
     return words.to(torch.int32).sub(words.ge(1 << 15).to(torch.int32) << 16).to(torch.int16)
 
@@ -85,8 +87,8 @@ def fragment_codes(frag: torch.Tensor) -> torch.Tensor:
     nb, kb = frag.shape[0], frag.shape[1]
     w = frag.to(torch.int32) & 0xFFFF
     u = torch.stack([(w >> (4 * j)) & 0xF for j in range(4)], dim=-1)  # [nb, kb, 512, 4]
-    u = u.reshape(nb, kb, 8, 4, 2, 2, 2, 2, 2, 2)  # nb kb g t k64 k32 n8 k1 j1 j0
-    u = u.permute(0, 6, 2, 1, 4, 5, 8, 9, 3, 7).reshape(nb * 16, kb, ATOM_K)
+    u = u.reshape(nb, kb, 2, 8, 4, 2, 2, 2, 2, 2)  # nb kb k64 g t k32 n8 k1 j1 j0
+    u = u.permute(0, 6, 3, 1, 2, 5, 8, 9, 4, 7).reshape(nb * 16, kb, ATOM_K)
     u = u[:, :, torch.argsort(_column_order(frag.device))]  # back to column order
     return pack_int4(u.reshape(nb * 16, kb * ATOM_K))
 
@@ -104,15 +106,20 @@ class Layouts:
 
 
 @cache
-def layouts(bn: int, bk: int, bm: int, warps: int) -> Layouts:
+def layouts(bn: int, bk: int, bm: int, warps: int, warps_m: int = 1) -> Layouts:
     """The linear layouts of the loaded weight words and x tiles for one tile config.
 
-    mma.sync's A operand over [BN, BK] (warps along N): registers k1, n8, k8, k16, k32, k64,
+    mma.sync's A operand over [BN, BK] (`warps` along N): registers k1, n8, k8, k16, k32, k64,
     then the N repeats above the warps; lanes k2, k4, n1, n2, n4; warps n16, n32, ... Its B
-    operand over [BK, BM]: registers k1, k8, ..., k64 (then m8 for 16 tokens), lanes k2, k4,
-    m1, m2, m4; every warp holds all of x.
+    operand over [BK, BM]: registers k1, k8, ..., k64, then the token blocks of 8 above the
+    warps; lanes k2, k4, m1, m2, m4. With `warps_m` > 1 the blocks of 8 tokens are dealt out
+    over warps too (the mma layout's warp order is M first, at 8-token granularity): those
+    warps load and unpack the same weights, and each holds 1 / warps_m of x in registers.
     """
+    if bm % (8 * warps_m):
+        raise ValueError(f"BLOCK_M {bm} gives fewer than 8 tokens to each of {warps_m} warps")
     warp_n = [16 * w for w in _bits(warps)]
+    warp_m = [8 * w for w in _bits(warps_m)]
     rep_n = [n for n in _bits(bn) if n >= 16 * warps]
     k_hi = [k for k in _bits(bk) if k >= 32]  # k32, k64, then 128-blocks
 
@@ -122,30 +129,30 @@ def layouts(bn: int, bk: int, bm: int, warps: int) -> Layouts:
     words_mma = gl.DistributedLinearLayout(
         reg_bases=[[0, kh(1)], [8, 0]] + [[0, kh(k)] for k in k_hi] + [[n, 0] for n in rep_n],
         lane_bases=[[0, kh(2)], [0, kh(4)], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[n, 0] for n in warp_n],
+        warp_bases=[[0, 0] for _ in warp_m] + [[n, 0] for n in warp_n],
         block_bases=[],
         shape=[bn, bk // 4],
     )
 
     def col(n: int, k: int) -> list[int]:  # (n, mma k) basis -> (atom row, column) in memory
         if n:
-            return [n >> 4, 0] if n >= 16 else [0, {1: 64, 2: 128, 4: 256, 8: 2}[n]]
+            return [n >> 4, 0] if n >= 16 else [0, {1: 32, 2: 64, 4: 128, 8: 2}[n]]
         if k >= 128:
             return [0, 512 * (k // 128)]
-        return [0, {1: 1, 2: 16, 4: 32, 32: 4, 64: 8}[k]]
+        return [0, {1: 1, 2: 8, 4: 16, 32: 4, 64: 256}[k]]
 
     words = gl.DistributedLinearLayout(
         reg_bases=[col(0, 1), col(8, 0)] + [col(0, k) for k in k_hi] + [col(n, 0) for n in rep_n],
         lane_bases=[col(0, 2), col(0, 4), col(1, 0), col(2, 0), col(4, 0)],
-        warp_bases=[col(n, 0) for n in warp_n],
+        warp_bases=[[0, 0] for _ in warp_m] + [col(n, 0) for n in warp_n],
         block_bases=[],
         shape=[bn // 16, (bk // 128) * 512],
     )
     x_regs = [[pi(k) if k < 128 else k, 0] for k in [1, 8, 16, *k_hi]]
     x = gl.DistributedLinearLayout(
-        reg_bases=x_regs + [[0, m] for m in _bits(bm) if m >= 8],
+        reg_bases=x_regs + [[0, m] for m in _bits(bm) if m >= 8 * warps_m],
         lane_bases=[[pi(2), 0], [pi(4), 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 0]] * len(warp_n),
+        warp_bases=[[0, m] for m in warp_m] + [[0, 0] for _ in warp_n],
         block_bases=[],
         shape=[bk, bm],
     )
@@ -158,6 +165,8 @@ _UNPACK_BF16 = unpack_ptx("bf16", (0, 4, 8, 12))
 _UNPACK_F16 = unpack_ptx("f16", (0, 4, 8, 12))
 # Triton 3.6 (the GPU image) names the CTA barrier thread_barrier; later versions barrier
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# and names cp.async global -> shared async_copy_global_to_shared; later versions async_load
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _UNPACK_BF16_C = gl.constexpr(_UNPACK_BF16)
 _UNPACK_F16_C = gl.constexpr(_UNPACK_F16)
 
@@ -165,8 +174,8 @@ _UNPACK_F16_C = gl.constexpr(_UNPACK_F16)
 @gluon.jit
 def _words(loaded, BN: gl.constexpr, BK: gl.constexpr, WORDS_MMA: gl.constexpr):
     """int16 [BN/16, BK/128 * 512] as loaded -> [BN, BK/4] in mma order (no data moves)."""
-    t = gl.reshape(loaded, [BN // 16, BK // 128, 8, 4, 2, 2, 2, 2])  # nb kb g t k64 k32 n8 k1
-    t = gl.permute(t, [0, 6, 2, 1, 4, 5, 3, 7])  # n: nb n8 g | word: kb k64 k32 t k1
+    t = gl.reshape(loaded, [BN // 16, BK // 128, 2, 8, 4, 2, 2, 2])  # nb kb k64 g t k32 n8 k1
+    t = gl.permute(t, [0, 6, 3, 1, 2, 5, 4, 7])  # n: nb n8 g | word: kb k64 k32 t k1
     return gl.convert_layout(gl.reshape(t, [BN, BK // 4]), WORDS_MMA, assert_trivial=True)
 
 
@@ -198,6 +207,16 @@ def _x_operand(x, BK: gl.constexpr, BM: gl.constexpr, BL: gl.constexpr):
 
 
 @gluon.jit
+def _copy_tile(w_dst, x_dst, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT):
+    """cp.async of the K tile at k_lo + kb (nothing past K_SPLIT) into one ring slot."""
+    live = kb < K_SPLIT
+    k0 = k_lo + kb
+    _async_load(w_dst, w_ptrs + (k0 // 128) * 512, mask=w_mask & live)
+    _async_load(x_dst, x_ptrs + k0, mask=x_mask & live)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
     """acc [BN, BM] = y^T -> out[m, n] with per-channel scales and bias applied."""
@@ -222,14 +241,19 @@ def _w4_fragment_kernel(
     M, N, K, G, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
+    WARPS_M: gl.constexpr, STAGES: gl.constexpr,
     WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr,
 ):  # fmt: skip
     mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8]
+        version=[2, 0], warps_per_cta=[WARPS, WARPS_M], instr_shape=[16, 8]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    # each thread reads back what it copied, so no swizzle (the 16-byte runs of a warp are
+    # contiguous) and no barrier
+    W_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    X_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1])
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -252,10 +276,25 @@ def _w4_fragment_kernel(
     m_mask = rm < M
     acc = gl.zeros([BN, BM], gl.float32, mma)
     k_lo = pid_k * K_SPLIT
+    if STAGES > 1:  # rings of weight and x tiles in shared memory, STAGES - 1 tiles ahead
+        w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_RING)
+        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BK, BM], X_RING)
+        for s in gl.static_range(STAGES - 1):
+            _copy_tile(w_ring.index(s), x_ring.index(s), w_ptrs, w_mask, x_ptrs, x_mask,
+                       k_lo, s * BK, K_SPLIT)  # fmt: skip
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
-        loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
-        xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+        if STAGES > 1:
+            i = kb // BK
+            nxt = (i + STAGES - 1) % STAGES
+            _copy_tile(w_ring.index(nxt), x_ring.index(nxt), w_ptrs, w_mask, x_ptrs, x_mask,
+                       k_lo, kb + (STAGES - 1) * BK, K_SPLIT)  # fmt: skip
+            async_copy.wait_group(STAGES - 1)  # this thread's copies of tile i have landed
+            loaded = w_ring.index(i % STAGES).load(WORDS)
+            xt = x_ring.index(i % STAGES).load(XL)
+        else:
+            loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
+            xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
         a = _unpack(_words(loaded, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
         b = _x_operand(xt, BK, BM, BL)
         if GROUP == 0:
@@ -292,28 +331,54 @@ def _w4_fragment_kernel(
 class FragConfig:
     block_n: int  # output features per program (multiple of 16 * warps)
     block_k: int  # multiple of 128
-    warps: int
+    warps: int  # along N
     split_waves: int = 1  # split K until the grid has this many programs per SM
+    warps_m: int = 1  # along the tokens (each such warp holds BLOCK_M / warps_m of them)
+    stages: int = 1  # > 1: cp.async ring of this many K tiles in shared memory
 
 
-# (largest weight N * K, config) per M bucket (largest M): first fit wins. Picked at M = 1 on
-# an H200 over the Llama-3 8B/70B linears by `bench/frag_probe.py` (least total time per
-# weight-size class, bench/results/frag_probe.json).
-FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig]]] = {
-    16: [
-        (32 << 20, FragConfig(128, 128, 4, 2)),
-        (160 << 20, FragConfig(128, 128, 4, 4)),
-        (1 << 62, FragConfig(128, 256, 4, 4)),
-    ],
+BLOCK_M_MAX = 64  # more tokens run as several token tiles
+DEFAULT_CONFIG = FragConfig(128, 128, 4, 2)
+
+# Weight-size classes (largest N * K) that the tile tables distinguish.
+SIZE_CLASSES = [("32M", 32 << 20), ("160M", 160 << 20), ("256M", 256 << 20), ("any", 1 << 62)]
+
+
+def _table(*configs: FragConfig | None) -> list[tuple[int, FragConfig | None]]:
+    return [(bound, cfg) for (_, bound), cfg in zip(SIZE_CLASSES, configs, strict=True)]
+
+
+# Per M bucket (its largest M), one config per size class; None means the canonical-layout
+# kernel is faster there. Picked on an H200 over the Llama-3 8B/70B linears, both W4A16
+# formats together, by `bench/frag_probe.py` (least total time per class;
+# bench/results/frag_probe.json). Buckets 16, 32 and 64 were tuned too and lost to the
+# canonical kernel (its wgmma tiles), so more than 8 tokens take that kernel.
+FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
+    8: _table(  # timed at M = 1
+        FragConfig(128, 128, 4, 2, stages=3),
+        FragConfig(128, 128, 4, 4),
+        FragConfig(128, 128, 4, 2, stages=3),
+        FragConfig(128, 256, 4, 4),
+    ),
 }
 
 
-def frag_config(m: int, weights: int) -> FragConfig:
-    bucket = min((b for b in FRAG_CONFIGS if m <= b), default=max(FRAG_CONFIGS))
-    for max_w, cfg in FRAG_CONFIGS[bucket]:
-        if weights <= max_w:
-            return cfg
-    return FRAG_CONFIGS[bucket][-1][1]
+def frag_config(m: int, weights: int) -> FragConfig | None:
+    """The tile config for `m` tokens and an N * K weight, or None: the canonical kernel."""
+    bucket = min((b for b in FRAG_CONFIGS if m <= b), default=None)
+    if bucket is None:
+        return None
+    return next((cfg for max_w, cfg in FRAG_CONFIGS[bucket] if weights <= max_w), None)
+
+
+def max_m() -> int:
+    """The most tokens any layer runs on fragments by default (more: the canonical kernel)."""
+    return max((b for b, rows in FRAG_CONFIGS.items() if any(c for _, c in rows)), default=0)
+
+
+def block_m(m: int) -> int:
+    """Tokens per program: the next power of two from 8 (the mma's N) to BLOCK_M_MAX."""
+    return min(BLOCK_M_MAX, max(8, triton.next_power_of_2(m)))
 
 
 def fragment_linear(
@@ -334,8 +399,9 @@ def fragment_linear(
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out.view(*lead, n)
-    cfg = config or frag_config(m, n * k)
-    bm = 8 if m <= 8 else 16
+    cfg = config or frag_config(m, n * k) or DEFAULT_CONFIG
+    bm = block_m(m)
+    warps_m = min(cfg.warps_m, bm // 8)
     fits = k % cfg.block_k == 0 and (not group or group % cfg.block_k == 0)
     block_k = cfg.block_k if fits else ATOM_K  # a K tile lies in one group
     k_blocks = k // block_k
@@ -350,35 +416,39 @@ def fragment_linear(
         locks = _locks(a.device, n_tiles * m_tiles)
     else:
         ws = locks = out
-    lay = layouts(cfg.block_n, block_k, bm, cfg.warps)
+    lay = layouts(cfg.block_n, block_k, bm, cfg.warps, warps_m)
     _w4_fragment_kernel[(n_tiles, m_tiles, split_k)](
         a, frag, scales, bias if bias is not None else scales, out, ws, locks,
         m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps,
+        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
+        STAGES=cfg.stages if k_split > block_k else 1,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x,
-        num_warps=cfg.warps,
+        num_warps=cfg.warps * warps_m,
     )  # fmt: skip
     return out.view(*lead, n)
 
 
 def prepare_forward(t: dict[str, torch.Tensor], spec: Any) -> Callable[..., torch.Tensor]:
-    """One layer's forward: its codes repacked once; M <= 16 tokens run the fragment kernel,
-    more tokens the canonical-layout kernel on the layer's own tensors."""
+    """One layer's forward: its codes repacked once; token counts with a tuned fragment config
+    (FRAG_CONFIGS) run the fragment kernel, others the canonical-layout kernel on the layer's
+    own tensors."""
     from specquant.kernels.reference import qlinear_reference
     from specquant.kernels.triton_ops.qlinear import qlinear
 
     frag = prepare_fragments(t["qweight"])
     group = 0 if spec.group_size == -1 else spec.group_size
     device = frag.device
+    weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
 
     def forward(
         x: torch.Tensor, live: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
     ) -> torch.Tensor:  # [..., K] -> [..., N]
         if x.device != device:  # moved without QLinear.prepare: the reference
             return qlinear_reference(x, live, bias, spec)
-        if x.numel() // x.shape[-1] > MAX_M:
+        cfg = frag_config(x.numel() // x.shape[-1], weights)
+        if cfg is None:
             return qlinear(x, live, bias, spec)
-        return fragment_linear(x, frag, live["scales"], bias, group)
+        return fragment_linear(x, frag, live["scales"], bias, group, config=cfg)
 
     return forward
