@@ -70,7 +70,13 @@ def time_graph(fn: Callable[[int], Any], copies: int, replays: int = 7) -> float
         for i in range(calls):
             fn(i % copies)
     torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
+    # Replay for ~30 ms before timing: after the host-side weight setup the GPU needs that
+    # long to reach its clocks (the first layer measured after it ran ~10% slow otherwise;
+    # bench/frag_m1.py).
+    warm_until = time.perf_counter() + 0.03
+    while time.perf_counter() < warm_until:
+        graph.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(replays):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
