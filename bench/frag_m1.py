@@ -1,4 +1,4 @@
-"""Why one token is slower than two on the 70B layers (bench/results/kernel_perf.md): times
+"""Whether one token is really slower than two on the 70B layers (frag_m1.md): times
 the fragment kernel at M = 1 and 2 on the 70B gate_up / down shapes, M = 1 again with x padded
 to two rows, and counts the compiled variants, to tell a specialisation of M = 1 from a
 property of the hardware or of the data.
@@ -8,21 +8,11 @@ property of the hardware or of the data.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from frag_probe import weights
-from kernel_perf import SHAPES, time_graph
+from frag_probe import time_frag, weights
+from kernel_perf import SHAPES
 from specquant.kernels.triton_ops import w4_fragment as F
-
-
-def timed(x: torch.Tensor, frags: list[Any], ws: list[Any], cfg: Any, rows: int = 0) -> float:
-    def f(i: int) -> torch.Tensor:
-        y = F.fragment_linear(x, frags[i], ws[i]["scales"], None, 128, config=cfg)
-        return y[:rows] if rows else y
-
-    return time_graph(f, len(ws))
 
 
 def variants() -> int:
@@ -40,11 +30,11 @@ def main() -> None:
         x1 = x2[:1].clone()
         x1_pad = torch.cat([x1, torch.zeros_like(x1)])
         before = variants()
-        t1 = [round(timed(x1, frags, ws, cfg), 1) for _ in range(3)]
+        t1 = [round(time_frag(x1, frags, ws, 128, cfg), 1) for _ in range(3)]
         mid = variants()
-        t2 = [round(timed(x2, frags, ws, cfg), 1) for _ in range(3)]
+        t2 = [round(time_frag(x2, frags, ws, 128, cfg), 1) for _ in range(3)]
         after = variants()
-        tp = [round(timed(x1_pad, frags, ws, cfg, 1), 1) for _ in range(3)]
+        tp = [round(time_frag(x1_pad, frags, ws, 128, cfg), 1) for _ in range(3)]
         print(f"70b {layer} {cfg}: M=1 {t1}, M=2 {t2}, M=1 padded to 2 {tp}; compiled "
               f"variants: {before} -> {mid} (M=1) -> {after} (M=2)", flush=True)  # fmt: skip
         del ws, frags

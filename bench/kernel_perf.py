@@ -46,7 +46,7 @@ SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
-# W4A16 rows time what the model runs (fragment-order kernel up to w4_fragment.MAX_M tokens,
+# W4A16 rows time what the model runs (fragment-order kernel up to w4_fragment.max_m() tokens,
 # the canonical-layout kernel above); these rows time the canonical kernel at every M
 CANONICAL = ["w4a16-g128:canonical"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations

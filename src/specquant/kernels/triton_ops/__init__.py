@@ -8,7 +8,7 @@ use.
 | registered name | op            | formats                                                    |
 |-----------------|---------------|------------------------------------------------------------|
 | triton-w4a16-frag | qlinear     | symmetric int4, bf16/fp16, per channel or groups of 128k:  |
-|                 |               | repacked into mma fragment order, M <= 16 (Gluon)          |
+|                 |               | repacked into mma fragment order, tuned M buckets (Gluon)  |
 | triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
 | triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
@@ -134,7 +134,9 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
         n, k = extra["shape"]
         if n % 16 or k % 128:
             return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
-    return True, f"Gluon W4A16 on mma fragments (M <= 16; more tokens: {why})"
+    from specquant.kernels.triton_ops.w4_fragment import max_m
+
+    return True, f"Gluon W4A16 on mma fragments (M <= {max_m()}; more tokens: {why})"
 
 
 def _frag_unprepared(*args: Any) -> torch.Tensor:
