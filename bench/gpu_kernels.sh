@@ -2,6 +2,7 @@
 # The GPU kernel session, as run through the device tool on one H100/H200 (no network):
 #   STAGE=test     the cuda-marked kernel tests (compiled in parallel first)
 #   STAGE=frag     bench/frag_probe.py: the fragment-order W4A16 kernel checked, tuned, compared
+#   STAGE=wgmma    bench/wgmma_probe.py: the wgmma W4A16 kernel checked and timed against the others
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH)
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|measure}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py \
@@ -24,6 +25,10 @@ frag)
   # FRAG_ARGS: e.g. "--stages check,tune --buckets 16,32" (see bench/frag_probe.py)
   python bench/frag_probe.py --out "$OUT" --budget-s "${BUDGET:-270}" ${COMMIT:+--commit "$COMMIT"} \
     ${FRAG_ARGS:-}
+  ;;
+wgmma)
+  python bench/wgmma_probe.py --out "$OUT" --budget-s "${BUDGET:-300}" ${COMMIT:+--commit "$COMMIT"} \
+    ${WGMMA_ARGS:-}
   ;;
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \

@@ -229,6 +229,34 @@ def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
     gl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
+@gluon.jit
+def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+            stride_om, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):  # fmt: skip
+    """Write acc [BN, BM] = y^T, or with split-K its partial sums; the last split of a tile
+    to arrive adds them in a fixed order (the result does not depend on timing)."""
+    if SPLIT_K == 1:
+        _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS)
+    else:
+        pid_k = gl.program_id(2)
+        mn_mask = n_mask[:, None] & m_mask[None, :]
+        offs = rm.to(gl.int64)[None, :] * N + rn[:, None]
+        gl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mn_mask)
+        _cta_barrier()  # every thread's partial sums are written before the arrival
+        tile = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+        arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
+            _cta_barrier()
+            total = gl.load(ws_ptr + offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT_K):
+                total += gl.load(
+                    ws_ptr + s * M * N + offs, mask=mn_mask, other=0.0, cache_modifier=".cg"
+                )
+            gl.atomic_xchg(lock_ptr + tile, 0)
+            _epilogue(
+                total, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS
+            )
+
+
 @gluon.jit(do_not_specialize=["M"])
 def _w4_fragment_kernel(
     x_ptr,  # [M, K] bf16 / fp16
@@ -304,26 +332,8 @@ def _w4_fragment_kernel(
             gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
 
-    if SPLIT_K == 1:
-        _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS)
-    else:
-        mn_mask = n_mask[:, None] & m_mask[None, :]
-        offs = rm.to(gl.int64)[None, :] * N + rn[:, None]
-        gl.store(ws_ptr + pid_k * M * N + offs, acc, mask=mn_mask)
-        _cta_barrier()  # every thread's partial sums are written before the arrival
-        tile = pid_n * gl.num_programs(1) + pid_m
-        arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
-            _cta_barrier()
-            total = gl.load(ws_ptr + offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
-            for s in gl.static_range(1, SPLIT_K):
-                total += gl.load(
-                    ws_ptr + s * M * N + offs, mask=mn_mask, other=0.0, cache_modifier=".cg"
-                )
-            gl.atomic_xchg(lock_ptr + tile, 0)
-            _epilogue(
-                total, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS
-            )
+    _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+            stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ launcher

@@ -1,0 +1,177 @@
+"""The wgmma W4A16 kernel (kernels/triton_ops/w4_wgmma.py) on the GPU: checked against a
+dequantize-and-matmul reference, then its tile configs timed on the Llama-3 8B/70B linears
+for M = 8..64 (and M = 1) next to the canonical-layout kernel and the fragment kernel in the
+same run.
+
+    python bench/wgmma_probe.py --out bench/results
+
+Writes wgmma_probe.json (every timing) and wgmma_probe.md (sums over each model's four
+linears per M: the canonical kernel, the fragment kernel's default config, each wgmma config,
+and the best wgmma config per layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import git_commit, write_report
+from frag_probe import reference, time_frag, weights
+from kernel_perf import SHAPES, time_graph
+from specquant.kernels.triton_ops import w4_fragment as F
+from specquant.kernels.triton_ops import w4_wgmma as W
+from specquant.kernels.triton_ops.qlinear import qlinear
+from specquant.quant.spec import get_format
+
+# WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves)
+_C = W.WgmmaConfig
+CANDIDATES = [
+    _C(64, 128, 4, 2), _C(64, 128, 4, 3), _C(128, 128, 4, 3), _C(128, 128, 8, 2),
+    _C(128, 128, 8, 3), _C(128, 128, 8, 4), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
+    _C(64, 128, 4, 3, 2),
+]  # fmt: skip
+CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4), _C(256, 128, 8, 3)]
+FORMATS = ["w4a16-g128", "w4a16"]
+MS = [1, 8, 16, 32, 64]
+
+
+def check(gen: torch.Generator) -> list[dict[str, Any]]:
+    rows = []
+    for n, k, group in [(64, 256, 128), (48, 384, 0), (4096, 4096, 128), (1024, 28672, 128),
+                        (272, 1024, 256), (10240, 8192, 0)]:  # fmt: skip
+        g = 1 if group == 0 else k // group
+        t = {
+            "qweight": torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen,
+                                     dtype=torch.uint8),
+            "scales": torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3,
+        }  # fmt: skip
+        frag = F.prepare_fragments(t["qweight"])
+        for i, m in enumerate((1, 3, 8, 9, 16, 17, 33, 64, 100, 130)):
+            for dtype, with_bias in [(torch.bfloat16, i % 2 == 0), (torch.float16, i % 2 == 1)]:
+                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+                ref = reference(x, t, bias)
+                for cfg in CHECKED:
+                    for split in (None, 2):
+                        y = W.wgmma_linear(x, frag, t["scales"], bias, group, cfg, split)
+                        err = float((y.float() - ref).norm() / ref.norm())
+                        rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), m=m,
+                                         bias=with_bias, config=list(astuple(cfg)),
+                                         split_k=split, rel_err=err))  # fmt: skip
+    return rows
+
+
+def timings(deadline: float) -> list[dict[str, Any]]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for fmt in FORMATS:
+        spec = get_format(fmt)
+        group = 0 if spec.group_size == -1 else spec.group_size
+        for model, layers in SHAPES.items():
+            for layer, (k, n) in layers.items():
+                ws, size = weights(fmt, n, k, gen)
+                frags = [F.prepare_fragments(w["qweight"]) for w in ws]
+                for m in MS:
+                    if time.time() > deadline:
+                        return rows
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size, m=m)
+
+                    def canon(i: int, x=x, ws=ws, spec=spec) -> torch.Tensor:
+                        return qlinear(x, ws[i], None, spec)
+
+                    rows.append(dict(base, kernel="canonical", us=time_graph(canon, len(ws))))
+                    rows.append(dict(base, kernel="fragment",
+                                     us=time_frag(x, frags, ws, group, F.DEFAULT_CONFIG)))  # fmt: skip
+                    for cfg in CANDIDATES:
+
+                        def run(i: int, x=x, cfg=cfg) -> torch.Tensor:
+                            return W.wgmma_linear(x, frags[i], ws[i]["scales"], None, group, cfg)
+
+                        row = dict(base, kernel="wgmma", config=list(astuple(cfg)))
+                        try:
+                            row["us"] = time_graph(run, len(ws))
+                        except Exception as e:  # a config that does not fit (shared memory)
+                            row["error"] = repr(e)[:300]
+                        rows.append(row)
+                print(f"timed {fmt} {model} {layer} at {time.time():.0f}", flush=True)
+                del ws, frags
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sums(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """(fmt, model, M) -> kernel name -> microseconds summed over the model's four linears
+    (a wgmma config only where it ran on all four; 'wgmma best' takes each layer's best)."""
+    out: dict[str, dict[str, float]] = {}
+    keys = sorted({(r["fmt"], r["model"], r["m"]) for r in rows})
+    for fmt, model, m in keys:
+        sel = [r for r in rows if (r["fmt"], r["model"], r["m"]) == (fmt, model, m) and "us" in r]
+        cell: dict[str, list[float]] = {}
+        best: dict[str, float] = {}
+        for r in sel:
+            name = r["kernel"] if r["kernel"] != "wgmma" else f"wgmma {r['config']}"
+            cell.setdefault(name, []).append(r["us"])
+            if r["kernel"] == "wgmma":
+                best[r["layer"]] = min(best.get(r["layer"], float("inf")), r["us"])
+        full = max(len(v) for v in cell.values())
+        out[f"{fmt} {model} M={m}"] = {
+            name: round(sum(v), 1) for name, v in cell.items() if len(v) == full
+        }
+        if len(best) == full:
+            out[f"{fmt} {model} M={m}"]["wgmma best"] = round(sum(best.values()), 1)
+    return out
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    checks = result["checks"]
+    md = [
+        "# wgmma W4A16 kernel: checks and timings against the canonical and fragment kernels",
+        "",
+        f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
+        f"{result['torch']}. Reproduce: `STAGE=wgmma bench/gpu_kernels.sh`.",
+        "",
+        f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
+        f"{max((r['rel_err'] for r in checks), default=float('nan')):.1e}.",
+        "",
+        "Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
+        "replays, weights rotated through HBM). wgmma configs: [BLOCK_N, BLOCK_K, warps, "
+        "stages, split waves].",
+        "",
+    ]
+    for key, cell in result["sums"].items():
+        ranked = sorted(cell.items(), key=lambda kv: kv[1])
+        md.append(f"- {key}: " + ", ".join(f"{name} {us}" for name, us in ranked[:6]))
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    start = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    checks = [] if args.skip_check else check(gen)
+    if checks:
+        worst = max(checks, key=lambda r: r["rel_err"])
+        print(f"checks: {len(checks)}, worst {json.dumps(worst)}", flush=True)
+    rows = timings(start + args.budget_s)
+    result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
+                  checks=checks, timings=rows, sums=sums(rows))  # fmt: skip
+    for line in markdown(result)[8:]:
+        print(line, flush=True)
+    write_report(args.out / "wgmma_probe.json", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

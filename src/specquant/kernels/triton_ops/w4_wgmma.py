@@ -1,0 +1,203 @@
+"""W4A16 GEMM for 8-64 tokens on Hopper: fragment-order weights as wgmma's register operand.
+
+The fragment kernel (w4_fragment.py) feeds mma.sync, whose token operand lives in registers:
+every warp holds its share of x for each K step and the unpacking repeats per token-warp,
+so it loses to the canonical kernel from 16 tokens on. wgmma takes its A operand from
+registers in the same per-warp layout as mma.sync's A, and its B operand from shared memory
+with up to 256 tokens. Here each warpgroup unpacks its 64 x BK weights once, straight from
+the fragment atoms (same packing, `prepare_fragments`, no second copy), into wgmma's A
+registers, and x^T [BK, BM] streams through a cp.async ring of shared-memory tiles that all
+warps read.
+
+x's columns inside each 128 block are stored in mma K order (the fragment packing permutes
+K, see `w4_fragment.pi`): column pi(k) goes to position k. pi keeps k and k + 1 next to each
+other, so x is copied as 4-byte pairs.
+
+Per K tile: wait for this thread's copies, one CTA barrier (all copies landed, and every warp
+is done with the slot the next copy overwrites), the copy STAGES - 1 tiles ahead, the weight
+load one tile ahead into registers, unpack, wgmma. With group scales each group's product
+is taken separately and added scaled in fp32, as in the other W4A16 kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k
+from specquant.kernels.triton_ops.w4_fragment import (
+    ATOM_K,
+    ATOM_N,
+    _async_load,
+    _cta_barrier,
+    _finish,
+    _unpack,
+    _words,
+    layouts,
+)
+
+
+@gluon.jit
+def _x_columns(BK: gl.constexpr, LAYOUT: gl.constexpr):
+    """[BK]: the x column at each mma K position of a tile (pi inside each 128 block)."""
+    k = gl.arange(0, BK, layout=LAYOUT)
+    q = k % 128
+    c = (k - q) + (q & 1) + ((q >> 3) & 1) * 2 + ((q >> 4) & 1) * 4 + ((q >> 5) & 1) * 8
+    c += ((q >> 6) & 1) * 16 + ((q >> 1) & 1) * 32 + ((q >> 2) & 1) * 64
+    return gl.max_contiguous(gl.multiple_of(c, 2), 2)  # k, k + 1 are adjacent columns
+
+
+@gluon.jit(do_not_specialize=["M"])
+def _w4_wgmma_kernel(
+    x_ptr,  # [M, K] bf16 / fp16
+    w_ptr,  # int16 [N/16, K/128, 512] fragment atoms
+    s_ptr,  # fp32 [N, G] scales
+    b_ptr,  # [N] bias (HAS_BIAS)
+    out_ptr,  # [M, N]
+    ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
+    lock_ptr,  # int32 arrival counter per output tile, zero between launches
+    M, N, K, G, K_SPLIT, stride_xm, stride_om,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+    BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
+    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+):  # fmt: skip
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
+    )
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    XC: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # copies of x
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=128, element_bitwidth=16, rank=2
+    )
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    n0 = pid_n * BN
+    m0 = pid_m * BM
+
+    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
+    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
+    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
+    w_ptrs = w_ptr + row_off + cols[None, :]  # [BN/16, BK/128 * 512]
+    w_mask = (n0 // 16 + rows < N // 16)[:, None]
+    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
+    xc = _x_columns(BK, gl.SliceLayout(0, XC))
+    x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK], mma order
+    x_mask = (rmx < M)[:, None]
+
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
+    n_mask = rn < N
+    m_mask = rm < M
+    acc = gl.zeros([BN, BM], gl.float32, acc_l)
+    k_lo = gl.program_id(2) * K_SPLIT
+    x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BM, BK], X_SMEM)
+    for s in gl.static_range(STAGES - 1):
+        _async_load(x_ring.index(s), x_ptrs + k_lo + s * BK, mask=x_mask & (s * BK < K_SPLIT))
+        async_copy.commit_group()
+    words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
+    for kb in range(0, K_SPLIT, BK):
+        k0 = k_lo + kb
+        i = kb // BK
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of tile i have landed
+        _cta_barrier()  # everyone's have, and every warp is done reading tile i - 1's slot
+        fence_async_shared()  # the copies are visible to wgmma (the async proxy)
+        ahead = kb + (STAGES - 1) * BK
+        _async_load(x_ring.index((i + STAGES - 1) % STAGES), x_ptrs + k_lo + ahead,
+                    mask=x_mask & (ahead < K_SPLIT))  # fmt: skip
+        async_copy.commit_group()
+        nxt = gl.load(w_ptrs + ((k0 + BK) // 128) * 512, mask=w_mask & (kb + BK < K_SPLIT),
+                      other=0)  # fmt: skip
+        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        b = x_ring.index(i % STAGES).permute((1, 0))  # x^T [BK, BM]
+        if GROUP == 0:
+            acc = warpgroup_mma(a, b, acc)
+        else:
+            part = warpgroup_mma(a, b, gl.zeros([BN, BM], gl.float32, acc_l), use_acc=False)
+            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += part * gs[:, None]
+        words = nxt
+    async_copy.wait_group(0)  # no copy may land in shared memory after the program ends
+    _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+            stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ launcher
+@dataclass(frozen=True)
+class WgmmaConfig:
+    block_n: int  # output features per program: 64 per warpgroup, or a multiple
+    block_k: int  # multiple of 128
+    warps: int  # 4 (one warpgroup) or 8
+    stages: int = 3  # x tiles in the cp.async ring (>= 2)
+    split_waves: int = 1  # split K until the grid has this many programs per SM
+
+
+DEFAULT_WGMMA = WgmmaConfig(128, 128, 8)
+TOKEN_TILES = (8, 16, 32, 64)  # wgmma's N; more tokens run as several tiles of 64
+
+
+def token_tile(m: int) -> int:
+    return next((t for t in TOKEN_TILES if m <= t), TOKEN_TILES[-1])
+
+
+def check_config(cfg: WgmmaConfig) -> None:
+    if cfg.warps not in (4, 8):
+        raise ValueError(f"warps must be 4 or 8 (one or two warpgroups), not {cfg.warps}")
+    if cfg.block_n % (16 * cfg.warps):
+        raise ValueError(f"block_n {cfg.block_n} is not a multiple of 16 * warps = {16 * cfg.warps}")
+    if cfg.block_k % ATOM_K:
+        raise ValueError(f"block_k {cfg.block_k} is not a multiple of {ATOM_K}")
+    if cfg.stages < 2:
+        raise ValueError(f"stages must be >= 2 (the x ring), not {cfg.stages}")
+
+
+def wgmma_linear(
+    x: torch.Tensor,  # [..., K] bf16 / fp16
+    frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
+    scales: torch.Tensor,  # fp32 [N, G]
+    bias: torch.Tensor | None,
+    group: int,  # 0: per channel
+    config: WgmmaConfig | None = None,
+    split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
+) -> torch.Tensor:  # [..., N]
+    cfg = config or DEFAULT_WGMMA
+    check_config(cfg)
+    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+    lead = x.shape[:-1]
+    a = x.reshape(-1, k)
+    if a.stride(-1) != 1 or a.stride(0) % 8:
+        a = a.contiguous()
+    m = a.shape[0]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out.view(*lead, n)
+    bm = token_tile(m)
+    fits = k % cfg.block_k == 0 and (not group or group % cfg.block_k == 0)
+    block_k = cfg.block_k if fits else ATOM_K  # a K tile lies in one group
+    k_blocks = k // block_k
+    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm)
+    if split_k is None:
+        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device), cfg.split_waves)
+    while k_blocks % split_k:  # whole K tiles per split, all splits alike
+        split_k -= 1
+    k_split = (k_blocks // split_k) * block_k
+    if split_k > 1:
+        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+        locks = _locks(a.device, n_tiles * m_tiles)
+    else:
+        ws = locks = out
+    lay = layouts(cfg.block_n, block_k, bm, cfg.warps)
+    _w4_wgmma_kernel[(n_tiles, m_tiles, split_k)](
+        a, frag, scales, bias if bias is not None else scales, out, ws, locks,
+        m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
+        WORDS=lay.words, WORDS_MMA=lay.words_mma, num_warps=cfg.warps,
+    )  # fmt: skip
+    return out.view(*lead, n)
