@@ -1,13 +1,12 @@
 """The wgmma W4A16 kernel (kernels/triton_ops/w4_wgmma.py) on the GPU: checked against a
 dequantize-and-matmul reference, then its tile configs timed on the Llama-3 8B/70B linears
-for M = 8..64 (and M = 1) next to the canonical-layout kernel and the fragment kernel in the
-same run.
+at M = 16, 32, 64 and 128 next to the canonical-layout kernel in the same run.
 
     python bench/wgmma_probe.py --out bench/results
 
 Writes wgmma_probe.json (every timing) and wgmma_probe.md (sums over each model's four
-linears per M: the canonical kernel, the fragment kernel's default config, each wgmma config,
-and the best wgmma config per layer).
+linears per M: the canonical kernel, each wgmma config, and the best wgmma config per
+layer), and the table per M bucket and weight-size class that `WGMMA_CONFIGS` takes.
 """
 
 from __future__ import annotations
@@ -22,24 +21,24 @@ from typing import Any
 import torch
 
 from common import git_commit, write_report
-from frag_probe import reference, time_frag, weights
+from frag_probe import reference, size_class, weights
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
 from specquant.kernels.triton_ops.qlinear import qlinear
 from specquant.quant.spec import get_format
 
-# WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, group scales on A from this M tile)
+# WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, weights through the ring)
 _C = W.WgmmaConfig
 CANDIDATES = [
-    _C(64, 128, 4, 3), _C(64, 128, 4, 4), _C(128, 128, 4, 4), _C(128, 128, 8, 3),
-    _C(128, 128, 8, 4), _C(128, 128, 8, 5), _C(256, 128, 8, 4), _C(128, 128, 8, 4, 2),
-    _C(64, 128, 4, 4, 2), _C(128, 128, 8, 4, 1, 1 << 10), _C(128, 128, 8, 4, 1, 8),
+    _C(64, 128, 4, 2), _C(64, 128, 4, 3), _C(128, 128, 4, 3), _C(128, 128, 8, 2),
+    _C(128, 128, 8, 3), _C(128, 128, 8, 4), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
+    _C(128, 128, 8, 3, 1, True), _C(128, 128, 4, 3, 1, True),
 ]  # fmt: skip
-CHECKED = [_C(64, 128, 4, 3), _C(128, 128, 8, 4), _C(128, 256, 8, 4), _C(256, 128, 8, 4, 1, 8),
-           _C(128, 128, 8, 3, 1, 1 << 10)]  # fmt: skip
+CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
+           _C(128, 128, 4, 3, 1, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
-MS = [1, 16, 32, 64]
+MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
 
 def check(gen: torch.Generator) -> list[dict[str, Any]]:
@@ -88,8 +87,6 @@ def timings(deadline: float) -> list[dict[str, Any]]:
                         return qlinear(x, ws[i], None, spec)
 
                     rows.append(dict(base, kernel="canonical", us=time_graph(canon, len(ws))))
-                    t_frag = time_frag(x, frags, ws, group, F.DEFAULT_CONFIG)
-                    rows.append(dict(base, kernel="fragment", us=t_frag))
                     for cfg in CANDIDATES:
 
                         def run(i: int, x=x, cfg=cfg, fr=frags, ws=ws, g=group) -> torch.Tensor:
@@ -130,6 +127,28 @@ def sums(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The WGMMA_CONFIGS this run supports: per M bucket and weight-size class the config of
+    least total time (both formats, the class's layers) where it beats the canonical kernel's
+    total, else None."""
+    out: dict[str, list[Any]] = {}
+    for m in MS:
+        out[str(m)] = []
+        for cls, _ in F.SIZE_CLASSES:
+            sel = [r for r in rows if r["m"] == m and size_class(r["n"], r["k"]) == cls]
+            totals: dict[tuple[Any, ...], list[float]] = {}
+            for r in sel:
+                if "us" in r:
+                    key = tuple(r.get("config") or ["canonical"])
+                    totals.setdefault(key, []).append(r["us"])
+            full = max((len(v) for v in totals.values()), default=0)
+            done = {c: sum(v) for c, v in totals.items() if len(v) == full}
+            best = min((c for c in done if c != ("canonical",)), key=done.get, default=None)
+            wins = best is not None and done[best] < done.get(("canonical",), float("inf"))
+            out[str(m)].append(list(best) if wins else None)
+    return out
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     checks = result["checks"]
     md = [
@@ -149,6 +168,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
     for key, cell in result["sums"].items():
         ranked = sorted(cell.items(), key=lambda kv: kv[1])
         md.append(f"- {key}: " + ", ".join(f"{name} {us}" for name, us in ranked[:6]))
+    md += ["", "Config per M bucket and weight-size class where the wgmma kernel beat the "
+           "canonical one (`WGMMA_CONFIGS`; null: canonical):", "",
+           "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",
+           "|---" * (1 + len(F.SIZE_CLASSES)) + "|"]  # fmt: skip
+    for m, cfgs in result["table"].items():
+        md.append(f"| {m} | " + " | ".join(json.dumps(c) for c in cfgs) + " |")
     return md
 
 
@@ -168,7 +193,7 @@ def main() -> None:
     rows = timings(start + args.budget_s)
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                  checks=checks, timings=rows, sums=sums(rows))  # fmt: skip
+                  checks=checks, timings=rows, sums=sums(rows), table=table(rows))  # fmt: skip
     for line in markdown(result)[8:]:
         print(line, flush=True)
     write_report(args.out / "wgmma_probe.json", result, markdown(result))

@@ -48,19 +48,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # subtracts 136 (1032): u - 8 = q, exact. prmt first orders the bytes (b0 b2 b1 b3) so that
 # each 16-bit half of a result register is the next element. Output i depends on input
 # byte i only, so it does not matter which 4 elements Triton packs together.
-def unpack_ptx(
-    dtype: str, shifts: tuple[int, ...], prologue: str = "", scaled: bool = False
-) -> str:
+def unpack_ptx(dtype: str, shifts: tuple[int, ...], prologue: str = "") -> str:
     """PTX turning the 32-bit register $N (N = len(shifts)) into bf16x2/f16x2 registers $i:
     the low nibble of each 16-bit half of (t >> shifts[i]) becomes q = u - 8, where t is $N
-    after `prologue` (which may write t). `scaled`: then times the x2 register $N+1 (q is
-    exact, so the product is rounded once; the offset cannot fold into the fma, as 136 * s
-    is not exact in 8 or 11 bits)."""
+    after `prologue` (which may write t)."""
     one, off, base, op = {
         "bf16": ("0x3F803F80", "0xC308C308", "0x43004300", "fma.rn.bf16x2"),
         "f16": ("0x3C003C00", "0xE408E408", "0x64006400", "fma.rn.f16x2"),
     }[dtype]
-    mul = op.replace("fma", "mul")
     src = f"${len(shifts)}"
     lines = [".reg .b32 t, a, one, off;", f"mov.b32 one, {one};", f"mov.b32 off, {off};",
              prologue or f"mov.b32 t, {src};"]  # fmt: skip
@@ -69,8 +64,6 @@ def unpack_ptx(
             lines.append(f"shr.b32 a, t, {shift};")
         lines.append(f"lop3.b32 a, {'a' if shift else 't'}, 0x000F000F, {base}, 0xEA;")
         lines.append(f"{op} ${i}, a, one, off;")
-        if scaled:
-            lines.append(f"{mul} ${i}, ${i}, ${len(shifts) + 1};")
     return "{\n" + "\n".join(lines) + "\n}"
 
 

@@ -169,9 +169,6 @@ _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _UNPACK_BF16_C = gl.constexpr(_UNPACK_BF16)
 _UNPACK_F16_C = gl.constexpr(_UNPACK_F16)
-# the same, times a per-row scale (w4_wgmma.py: group scales applied to the A operand)
-_SCALED_BF16_C = gl.constexpr(unpack_ptx("bf16", (0, 4, 8, 12), scaled=True))
-_SCALED_F16_C = gl.constexpr(unpack_ptx("f16", (0, 4, 8, 12), scaled=True))
 
 
 @gluon.jit
@@ -195,29 +192,6 @@ def _unpack(words, DTYPE: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, AL: 
         o0, o1, o2, o3 = gl.inline_asm_elementwise(
             _UNPACK_F16_C, "=r,=r,=r,=r,r", [words], (hf, hf, hf, hf), True, 2
         )
-    return _interleave(o0, o1, o2, o3, BN, BK, AL)
-
-
-@gluon.jit
-def _unpack_scaled(words, scale, DTYPE: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                   AL: gl.constexpr):  # fmt: skip
-    """As _unpack, times `scale` (DTYPE, broadcast like `words`): DTYPE(q * scale)."""
-    if gl.bfloat16 == DTYPE:
-        bf = gl.bfloat16
-        o0, o1, o2, o3 = gl.inline_asm_elementwise(
-            _SCALED_BF16_C, "=r,=r,=r,=r,r,r", [words, scale], (bf, bf, bf, bf), True, 2
-        )
-    else:
-        hf = gl.float16
-        o0, o1, o2, o3 = gl.inline_asm_elementwise(
-            _SCALED_F16_C, "=r,=r,=r,=r,r,r", [words, scale], (hf, hf, hf, hf), True, 2
-        )
-    return _interleave(o0, o1, o2, o3, BN, BK, AL)
-
-
-@gluon.jit
-def _interleave(o0, o1, o2, o3, BN: gl.constexpr, BK: gl.constexpr, AL: gl.constexpr):
-    """The four unpacked [BN, BK/4] (codes j = 0..3 of each word) -> [BN, BK] in layout AL."""
     j = gl.join(gl.join(o0, o1), gl.join(o2, o3))  # [BN, BK/4, 2 (k8), 2 (k16)]
     j = gl.reshape(j, [BN, BK // 32, 8, 2, 2])
     j = gl.permute(j, [0, 1, 4, 3, 2])  # k: blocks above 32, k16, k8, k1..k4

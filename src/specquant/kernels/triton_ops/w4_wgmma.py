@@ -13,10 +13,14 @@ x's columns inside each 128 block are stored in mma K order (the fragment packin
 K, see `w4_fragment.pi`): column pi(k) goes to position k. pi keeps k and k + 1 next to each
 other, so x is copied as 4-byte pairs.
 
-Per K tile: wait for this thread's copies, one CTA barrier (all copies landed, and every warp
-is done with the slot the next copy overwrites), the copy STAGES - 1 tiles ahead, the weight
-load one tile ahead into registers, unpack, wgmma. With group scales each group's product
-is taken separately and added scaled in fp32, as in the other W4A16 kernels.
+Per K tile: wait for this thread's copies, fence them to the async proxy, one CTA barrier
+(every copy landed, and every warp is done with the slot the next copy overwrites), the copy
+STAGES - 1 tiles ahead, the weights one tile ahead into registers (or through the ring with
+`w_ring`), unpack, wgmma. The wgmma is synchronous: an asynchronous chain would need two sets
+of A registers, as the next tile's unpacking overwrites them (tried with one set: wrong
+results, bench/results/wgmma_probe.md). With group scales each group's product is taken
+separately and added scaled in fp32, as in the other W4A16 kernels; folding the scales into
+A (one bf16x2 multiply per two weights) made ptxas serialize the wgmmas.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
-    warpgroup_mma_wait,
 )
 
 from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k
@@ -42,7 +45,6 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _cta_barrier,
     _finish,
     _unpack,
-    _unpack_scaled,
     _words,
     layouts,
 )
@@ -58,17 +60,6 @@ def _x_columns(BK: gl.constexpr, LAYOUT: gl.constexpr):
     return gl.max_contiguous(gl.multiple_of(c, 2), 2)  # k, k + 1 are adjacent columns
 
 
-@gluon.jit
-def _copy(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT,
-          BK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """cp.async of the weight and x tiles at k_lo + kb (nothing past K_SPLIT) into their slot."""
-    live = kb < K_SPLIT
-    slot = (kb // BK) % STAGES
-    _async_load(w_ring.index(slot), w_ptrs + ((k_lo + kb) // 128) * 512, mask=w_mask & live)
-    _async_load(x_ring.index(slot), x_ptrs + k_lo + kb, mask=x_mask & live)
-    async_copy.commit_group()
-
-
 @gluon.jit(do_not_specialize=["M"])
 def _w4_wgmma_kernel(
     x_ptr,  # [M, K] bf16 / fp16
@@ -81,7 +72,7 @@ def _w4_wgmma_kernel(
     M, N, K, G, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, SCALE_A: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+    STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
 ):  # fmt: skip
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
@@ -90,12 +81,8 @@ def _w4_wgmma_kernel(
     XC: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # copies of x
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # each thread reads back the weights it copied: no swizzle, no barrier needed for them
+    # each thread reads back the weights it copied: no swizzle
     W_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    # Async wgmma (a chain into acc) unless group scales are applied to its fp32 product:
-    # a slot is then reused two tiles later instead of one.
-    ASYNC: gl.constexpr = GROUP == 0 or SCALE_A
-    AHEAD: gl.constexpr = STAGES - 2 if ASYNC else STAGES - 1
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
 
@@ -113,42 +100,52 @@ def _w4_wgmma_kernel(
     rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
     n_mask = rn < N
     m_mask = rm < M
-    rw = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, WORDS_MMA))  # rows of the A operand
     acc = gl.zeros([BN, BM], gl.float32, acc_l)
     k_lo = gl.program_id(2) * K_SPLIT
-    w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_SMEM)
     x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BM, BK], X_SMEM)
-    for s in gl.static_range(AHEAD):
-        _copy(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, s * BK, K_SPLIT, BK, STAGES)
+    if W_RING:  # weights stream through the ring too
+        w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512],
+                                           W_SMEM)  # fmt: skip
+    for s in gl.static_range(STAGES - 1):
+        live = s * BK < K_SPLIT
+        if W_RING:
+            _async_load(w_ring.index(s), w_ptrs + ((k_lo + s * BK) // 128) * 512,
+                        mask=w_mask & live)  # fmt: skip
+        _async_load(x_ring.index(s), x_ptrs + k_lo + s * BK, mask=x_mask & live)
+        async_copy.commit_group()
+    if not W_RING:  # weights go to registers one tile ahead
+        words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         slot = (kb // BK) % STAGES
-        async_copy.wait_group(AHEAD - 1)  # this thread's copies of this tile have landed
-        # everyone's have, and the slot the next copy overwrites is no longer read (by the
-        # wgmma two tiles back, asynchronous, or one tile back)
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
+        fence_async_shared()  # and are visible to wgmma (the async proxy)
+        # everyone's are, and every warp is done with the tile before (its slot is next)
         _cta_barrier()
-        fence_async_shared()  # the copies are visible to wgmma (the async proxy)
-        _copy(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + AHEAD * BK, K_SPLIT,
-              BK, STAGES)  # fmt: skip
-        words = _words(w_ring.index(slot).load(WORDS), BN, BK, WORDS_MMA)
-        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
-        if ASYNC:
-            if GROUP == 0:
-                a = _unpack(words, DTYPE, BN, BK, AL)
-            else:
-                gs = gl.load(s_ptr + rw * G + k0 // GROUP, mask=rw < N, other=0.0).to(DTYPE)
-                a = _unpack_scaled(words, gs[:, None], DTYPE, BN, BK, AL)
-            acc = warpgroup_mma(a, b, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=[acc])
+        ahead = kb + (STAGES - 1) * BK
+        nxt = (slot + STAGES - 1) % STAGES
+        if W_RING:
+            _async_load(w_ring.index(nxt), w_ptrs + ((k_lo + ahead) // 128) * 512,
+                        mask=w_mask & (ahead < K_SPLIT))  # fmt: skip
+            words = w_ring.index(slot).load(WORDS)
         else:
-            a = _unpack(words, DTYPE, BN, BK, AL)
+            following = gl.load(w_ptrs + ((k0 + BK) // 128) * 512,
+                                mask=w_mask & (kb + BK < K_SPLIT), other=0)  # fmt: skip
+        _async_load(x_ring.index(nxt), x_ptrs + k_lo + ahead, mask=x_mask & (ahead < K_SPLIT))
+        async_copy.commit_group()
+        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
+        # Synchronous: wgmma reads its A operand from registers, which the next tile's
+        # unpacking overwrites (an asynchronous chain needs two register sets; not done).
+        if GROUP == 0:
+            acc = warpgroup_mma(a, b, acc)
+        else:
             part = warpgroup_mma(a, b, gl.zeros([BN, BM], gl.float32, acc_l), use_acc=False)
             gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
-    if ASYNC:
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        if not W_RING:
+            words = following
     async_copy.wait_group(0)  # no copy may land in shared memory after the program ends
-    # per-channel scales and bias are applied here; group scales are in the sums already
     _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
 
@@ -159,9 +156,9 @@ class WgmmaConfig:
     block_n: int  # output features per program: 64 per warpgroup, or a multiple
     block_k: int  # multiple of 128
     warps: int  # 4 (one warpgroup) or 8
-    stages: int = 4  # slots of the cp.async ring of weight and x tiles (>= 3)
+    stages: int = 3  # slots of the cp.async ring of x tiles (>= 2)
     split_waves: int = 1  # split K until the grid has this many programs per SM
-    scale_a_from: int = 32  # token tile from which group scales multiply the A operand
+    w_ring: bool = False  # weights through the ring too (else loaded one tile ahead)
 
 
 DEFAULT_WGMMA = WgmmaConfig(128, 128, 8)
@@ -179,8 +176,8 @@ def check_config(cfg: WgmmaConfig) -> None:
         raise ValueError(f"block_n {cfg.block_n} is not a multiple of 16 * warps ({cfg.warps})")
     if cfg.block_k % ATOM_K:
         raise ValueError(f"block_k {cfg.block_k} is not a multiple of {ATOM_K}")
-    if cfg.stages < 3:
-        raise ValueError(f"stages must be >= 3 (the copy ring), not {cfg.stages}")
+    if cfg.stages < 2:
+        raise ValueError(f"stages must be >= 2 (the copy ring), not {cfg.stages}")
 
 
 def wgmma_linear(
@@ -224,7 +221,7 @@ def wgmma_linear(
         m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
         BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
-        SCALE_A=bool(group) and bm >= cfg.scale_a_from,
+        W_RING=cfg.w_ring,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, num_warps=cfg.warps,
     )  # fmt: skip
     return out.view(*lead, n)
