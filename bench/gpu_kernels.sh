@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
-  python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py \
+  python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
     tests/test_humming_backend.py -p no:cacheprovider
   ;;
 tune)

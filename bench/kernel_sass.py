@@ -88,6 +88,33 @@ def compile_fragment_sass(
     return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
 
 
+def compile_wgmma_sass(
+    bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 3,
+    w_ring: bool = False,
+) -> tuple[str, str]:  # fmt: skip
+    """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+
+    lay = F.layouts(bn, bk, bm, warps)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
+                  STAGES=stages, W_RING=w_ring, WORDS=lay.words,
+                  WORDS_MMA=lay.words_mma)  # fmt: skip
+    sig.update({a: "constexpr" for a in consts})
+    fn = W._w4_wgmma_kernel
+    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
+                                                        "stride_om"]  # fmt: skip
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+
+
 def _resources(cubin: bytes) -> str:
     """cuobjdump's register / stack / local-memory line (spills show as STACK or LOCAL)."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -140,8 +167,24 @@ def main() -> None:
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
                     "[,stages]]: count the fragment-order W4A16 kernel instead")  # fmt: skip
-    ap.add_argument("--group", type=int, default=128, help="with --fragment: 0 = per channel")
+    ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
+                    "[,w_ring 0/1]]: count the wgmma W4A16 kernel instead")  # fmt: skip
+    ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
+                    "channel")  # fmt: skip
     args = ap.parse_args()
+    if args.wgmma:
+        bn, bk, bm, warps, stages, ring = ([int(v) for v in args.wgmma.split(",")] + [3, 0])[:6]
+        sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
+                                       bool(ring))  # fmt: skip
+        ops = loop_histogram(sass)
+        total, per_thread = sum(ops.values()), bn * bk / (32 * warps)
+        print(f"triton {triton.__version__}, sm_{args.arch}, wgmma W4A16 group {args.group}, "
+              f"tile {args.wgmma}: {total} instructions per K step, {per_thread:.0f} weights "
+              f"per thread, {total / per_thread:.2f} instructions per weight")  # fmt: skip
+        print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+        print(f"HGMMA {ops['HGMMA']}, WARPGROUP.DEPBAR {sass.count('WARPGROUP.DEPBAR')} in all")
+        print(res)
+        return
     if args.fragment:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
                                               + [1, 1])[:6]  # fmt: skip

@@ -136,7 +136,14 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
             return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
     from specquant.kernels.triton_ops.w4_fragment import max_m
 
-    return True, f"Gluon W4A16 on mma fragments (M <= {max_m()}; more tokens: {why})"
+    where = f"mma.sync for M <= {max_m()}"
+    if _hopper(ctx.device):
+        where += ", wgmma for the tuned buckets above (w4_wgmma.WGMMA_CONFIGS)"
+    return True, f"Gluon W4A16 on mma fragments ({where}; other token counts: {why})"
+
+
+def _hopper(device: Any) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _frag_unprepared(*args: Any) -> torch.Tensor:
@@ -146,7 +153,7 @@ def _frag_unprepared(*args: Any) -> torch.Tensor:
 def prepare_frag(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Callable[..., Any]:
     from specquant.kernels.triton_ops.w4_fragment import prepare_forward
 
-    return prepare_forward(t, spec)
+    return prepare_forward(t, spec, wgmma=_hopper(t["qweight"].device))
 
 
 register(

@@ -374,12 +374,18 @@ FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
 }
 
 
-def frag_config(m: int, weights: int) -> FragConfig | None:
-    """The tile config for `m` tokens and an N * K weight, or None: the canonical kernel."""
-    bucket = min((b for b in FRAG_CONFIGS if m <= b), default=None)
+def lookup(table: dict[int, list[tuple[int, Any]]], m: int, weights: int) -> Any:
+    """The entry of a tile table for `m` tokens (the smallest bucket holding m) and an N * K
+    weight (the first size class holding it); None past the last bucket."""
+    bucket = min((b for b in table if m <= b), default=None)
     if bucket is None:
         return None
-    return next((cfg for max_w, cfg in FRAG_CONFIGS[bucket] if weights <= max_w), None)
+    return next((cfg for max_w, cfg in table[bucket] if weights <= max_w), None)
+
+
+def frag_config(m: int, weights: int) -> FragConfig | None:
+    """The tile config for `m` tokens and an N * K weight, or None: another kernel."""
+    return lookup(FRAG_CONFIGS, m, weights)
 
 
 def max_m() -> int:
@@ -440,12 +446,16 @@ def fragment_linear(
     return out.view(*lead, n)
 
 
-def prepare_forward(t: dict[str, torch.Tensor], spec: Any) -> Callable[..., torch.Tensor]:
+def prepare_forward(
+    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False
+) -> Callable[..., torch.Tensor]:
     """One layer's forward: its codes repacked once; token counts with a tuned fragment config
-    (FRAG_CONFIGS) run the fragment kernel, others the canonical-layout kernel on the layer's
-    own tensors."""
+    (FRAG_CONFIGS) run the fragment kernel, then with `wgmma` (Hopper) those with a tuned
+    w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on the same fragments, others the
+    canonical-layout kernel on the layer's own tensors."""
     from specquant.kernels.reference import qlinear_reference
     from specquant.kernels.triton_ops.qlinear import qlinear
+    from specquant.kernels.triton_ops.w4_wgmma import wgmma_config, wgmma_linear
 
     frag = prepare_fragments(t["qweight"])
     group = 0 if spec.group_size == -1 else spec.group_size
@@ -457,9 +467,13 @@ def prepare_forward(t: dict[str, torch.Tensor], spec: Any) -> Callable[..., torc
     ) -> torch.Tensor:  # [..., K] -> [..., N]
         if x.device != device:  # moved without QLinear.prepare: the reference
             return qlinear_reference(x, live, bias, spec)
-        cfg = frag_config(x.numel() // x.shape[-1], weights)
-        if cfg is None:
-            return qlinear(x, live, bias, spec)
-        return fragment_linear(x, frag, live["scales"], bias, group, config=cfg)
+        m = x.numel() // x.shape[-1]
+        cfg = frag_config(m, weights)
+        if cfg is not None:
+            return fragment_linear(x, frag, live["scales"], bias, group, config=cfg)
+        wcfg = wgmma_config(m, weights) if wgmma else None
+        if wcfg is not None:
+            return wgmma_linear(x, frag, live["scales"], bias, group, config=wcfg)
+        return qlinear(x, live, bias, spec)
 
     return forward

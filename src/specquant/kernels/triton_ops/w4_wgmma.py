@@ -44,9 +44,11 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _async_load,
     _cta_barrier,
     _finish,
+    _table,
     _unpack,
     _words,
     layouts,
+    lookup,
 )
 
 
@@ -161,7 +163,31 @@ class WgmmaConfig:
     w_ring: bool = False  # weights through the ring too (else loaded one tile ahead)
 
 
-DEFAULT_WGMMA = WgmmaConfig(128, 128, 8)
+DEFAULT_WGMMA = WgmmaConfig(128, 128, 4, 3, 1, True)
+_W = WgmmaConfig
+
+# Per M bucket (its largest M, timed there), one config per weight-size class
+# (w4_fragment.SIZE_CLASSES); None: the canonical kernel is faster. Picked on an H200 over
+# the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
+# total time per class; bench/results/wgmma_probe.json). Up to 8 tokens the fragment kernel
+# runs (FRAG_CONFIGS), past the last bucket the canonical kernel.
+WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
+    16: _table(None, _W(128, 128, 4, 3, 1, True), _W(128, 128, 8, 3, 1, True),
+               _W(128, 128, 4, 3, 1, True)),
+    32: _table(_W(128, 128, 8, 3, 1, True), _W(128, 128, 4, 3, 1, True),
+               _W(128, 128, 4, 3, 1, True), _W(128, 128, 4, 3, 1, True)),
+    64: _table(_W(64, 128, 4, 3), _W(128, 128, 4, 3, 1, True), _W(128, 128, 4, 3, 1, True),
+               _W(256, 128, 8, 3)),
+    128: _table(_W(128, 128, 8, 3), _W(128, 128, 4, 3, 1, True), _W(128, 128, 8, 3),
+                _W(128, 128, 8, 3, 2)),
+}  # fmt: skip
+
+
+def wgmma_config(m: int, weights: int) -> WgmmaConfig | None:
+    """The tile config for `m` tokens and an N * K weight, or None: another kernel."""
+    return lookup(WGMMA_CONFIGS, m, weights)
+
+
 TOKEN_TILES = (8, 16, 32, 64)  # wgmma's N; more tokens run as several tiles of 64
 
 

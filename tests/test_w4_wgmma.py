@@ -1,0 +1,99 @@
+"""The wgmma W4A16 kernel (w4_wgmma.py): compiled offline for sm_90 on the CPU (no spills,
+one wgmma per 64 x 16 x BM block, wgmmas not serialized), its tile table and config checks,
+and on the GPU against a dequantize-and-matmul reference."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("tile", "group", "most"),
+    [("128,128,64,4,3,1", 128, 4.0), ("256,128,64,8,3,0", 128, 3.7), ("64,128,16,4,3,0", 0, 4.0)],
+)
+def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group, most) -> None:
+    """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows,
+    and one wait for them per K tile: ptxas serializes wgmmas (a wait after each) when it
+    cannot prove their register operands safe, which would show as one wait per wgmma."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernel_sass.py"), "--wgmma", tile,
+         "--group", str(group)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    match = re.search(r"([0-9.]+) instructions per weight", out.stdout)
+    assert match, out.stdout + out.stderr[-3000:]
+    assert float(match.group(1)) < most, out.stdout
+    assert "LOCAL:0" in out.stdout, out.stdout
+    bn, bk, _, warps = (int(v) for v in tile.split(",")[:4])
+    hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+)", out.stdout)
+    assert hgmma, out.stdout
+    assert int(hgmma.group(1)) == (bk // 16) * (bn // (16 * warps)), out.stdout
+    assert int(hgmma.group(2)) == 1, out.stdout
+
+
+def test_tile_table_and_bad_configs() -> None:
+    from specquant.kernels.triton_ops import w4_wgmma as W
+
+    assert W.wgmma_config(8, 1 << 20) is None  # not a bucket: the fragment kernel's
+    assert W.wgmma_config(16, 16 << 20) is None  # small layers at 16 tokens: canonical
+    assert W.wgmma_config(17, 16 << 20) == W.WGMMA_CONFIGS[32][0][1]
+    assert W.wgmma_config(128, 1 << 40) == W.WGMMA_CONFIGS[128][-1][1]
+    assert W.wgmma_config(129, 1 << 20) is None  # past the last bucket: canonical
+    assert [W.token_tile(m) for m in (1, 8, 9, 16, 33, 64, 65, 500)] == [8, 8, 16, 16, 64, 64,
+                                                                        64, 64]  # fmt: skip
+    for cfg, match in [
+        (W.WgmmaConfig(128, 128, 2), "warps must be 4 or 8"),
+        (W.WgmmaConfig(96, 128, 8), "block_n 96 is not a multiple of 16 \\* warps \\(8\\)"),
+        (W.WgmmaConfig(128, 192, 4), "block_k 192 is not a multiple of 128"),
+        (W.WgmmaConfig(128, 128, 4, 1), "stages must be >= 2"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            W.check_config(cfg)
+
+
+# ------------------------------------------------------------------------------------ GPU
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "group"), [(64, 256, 128), (48, 384, 0), (272, 1024, 256)])
+def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
+    """N not a multiple of the tile (48, 272), tokens not a multiple of the token tile, two
+    token tiles and more, split K, bias, both weight paths."""
+    if not _hopper():
+        pytest.skip("wgmma needs a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.quant.pack import dequantize
+    from specquant.quant.spec import get_format
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    g = 1 if group == 0 else k // group
+    qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
+    frag = F.prepare_fragments(qweight)
+    w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
+    for i, m in enumerate((1, 9, 17, 40, 64, 100, 200)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
+        want = x.float() @ w.T + (0 if bias is None else bias.float())
+        for cfg in (W.WgmmaConfig(64, 128, 4, 2), W.WgmmaConfig(128, 256, 8, 4, 1, True)):
+            for split in (None, 2):
+                got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
+                err = float((got - want).norm() / want.norm())
+                assert err < 8e-3, (m, cfg, split, err)
