@@ -46,8 +46,9 @@ SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "fp8"]
-# W4A16 rows time what the model runs (fragment-order kernel up to w4_fragment.max_m() tokens,
-# the canonical-layout kernel above); these rows time the canonical kernel at every M
+# W4A16 rows time what the model runs (the fragment-order kernels: mma.sync up to
+# w4_fragment.max_m() tokens, on Hopper wgmma where w4_wgmma.WGMMA_CONFIGS has a config, else
+# the canonical-layout kernel); these rows time the canonical kernel at every M
 CANONICAL = ["w4a16-g128:canonical"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
@@ -636,6 +637,7 @@ def write_markdown(
         "take pre-quantized activations (what qkv/gate_up get from the fused RMSNorm). "
         "Reproduce: `STAGE=measure HUMMING=1 bench/gpu_kernels.sh` (humming rows need "
         "`pip install humming-kernels`).",
+        *[f"Merged: {m}." for m in meta.get("merged", [])],
         "",
         "## Goals",
         "",
@@ -686,6 +688,36 @@ def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
     return md
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One report from runs of one commit on one card that each finished part of the models
+    (a run stops at its budget): the per-linear rows and summary of each model from the first
+    run that measured them, the layer chains from the first run."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len({(r["meta"]["commit"], r["meta"]["card"]) for r in runs}) != 1:
+        raise SystemExit("--merge takes runs of one commit on one card")
+    meta = dict(runs[0]["meta"], merged=[])
+    summary: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for model in SHAPES:
+        for path, run in zip(paths, runs, strict=True):
+            if run["summary"].get(model, {}).get("total_us"):
+                one = run["summary"][model]
+                totals = {impl: {int(m): us for m, us in t.items()}  # JSON keys are strings
+                          for impl, t in one["total_us"].items()}  # fmt: skip
+                summary[model] = dict(one, total_us=totals)
+                rows += [r for r in run["rows"] if r["model"] == model]
+                bw = run["meta"]["copy_bw_gbs"]
+                meta["merged"].append(f"{model} per linear from run {paths.index(path) + 1} of "
+                                      f"{len(paths)} (copy bandwidth {bw:.0f} GB/s)")  # fmt: skip
+                break
+    chains = runs[0]["chains"]
+    lines = goals(summary) + chain_goals(chains)
+    report = dict(meta=meta, goals=lines, summary=summary, rows=rows, chains=chains)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_perf.json").write_text(json.dumps(report, indent=1))
+    write_markdown(out / "kernel_perf.md", meta, summary, lines, chains)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -713,7 +745,14 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="only combine kernel_perf.json files of one commit and card: per "
+                         "model the first with its per-linear rows, the chains from the "
+                         "first")  # fmt: skip
     args = ap.parse_args()  # fmt: skip
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("kernel_perf needs a CUDA GPU")
     start = time.time()

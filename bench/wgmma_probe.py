@@ -152,7 +152,7 @@ def table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 def markdown(result: dict[str, Any]) -> list[str]:
     checks = result["checks"]
     md = [
-        "# wgmma W4A16 kernel: checks and timings against the canonical and fragment kernels",
+        "# wgmma W4A16 kernel: checks, and timings against the canonical kernel",
         "",
         f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
         f"{result['torch']}. Reproduce: `STAGE=wgmma bench/gpu_kernels.sh`.",
@@ -162,7 +162,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         "Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
         "replays, weights rotated through HBM). wgmma configs: [BLOCK_N, BLOCK_K, warps, "
-        "stages, split waves, token tile from which group scales multiply the weights].",
+        "stages, split waves, weights through the ring].",
         "",
     ]
     for key, cell in result["sums"].items():
