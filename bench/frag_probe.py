@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import astuple
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,31 @@ def reference(x: torch.Tensor, t: dict[str, torch.Tensor], bias: Any) -> torch.T
     return y if bias is None else y + bias.float()
 
 
-def check(gen: torch.Generator) -> list[dict[str, Any]]:
-    rows = []
-    for n, k, group in [(64, 256, 128), (48, 384, 0), (4096, 4096, 128), (10240, 8192, 0),
-                        (1024, 28672, 128), (272, 1024, 256)]:  # fmt: skip
+# (N, K, group; 0: per channel) of the checked layers
+CHECK_SHAPES = [(64, 256, 128), (48, 384, 0), (4096, 4096, 128), (10240, 8192, 0),
+                (1024, 28672, 128), (272, 1024, 256)]  # fmt: skip
+
+
+@dataclass
+class Case:
+    """One check: a random symmetric int4 layer, its fragments, an input and the reference."""
+
+    n: int
+    k: int
+    group: int
+    t: dict[str, torch.Tensor]
+    frag: torch.Tensor
+    m: int
+    dtype: torch.dtype
+    x: torch.Tensor
+    bias: torch.Tensor | None
+    ref: torch.Tensor
+
+
+def check_cases(gen: torch.Generator, ms: tuple[int, ...]) -> Iterator[Case]:
+    """Every CHECK_SHAPES layer at each token count in `ms`, in bf16 and fp16; the bias
+    alternates, so every combination meets several token counts."""
+    for n, k, group in CHECK_SHAPES:
         g = 1 if group == 0 else k // group
         t = {
             "qweight": torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen,
@@ -75,21 +97,28 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
             "scales": torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3,
         }  # fmt: skip
         frag = F.prepare_fragments(t["qweight"])
-        roundtrip = bool(torch.equal(F.fragment_codes(frag), t["qweight"]))
-        for i, m in enumerate((1, 3, 8, 9, 16, 17, 33, 64, 100)):
-            # dtype and bias alternate: every combination meets several token counts
+        for i, m in enumerate(ms):
             for dtype, with_bias in [(torch.bfloat16, i % 2 == 0), (torch.float16, i % 2 == 1)]:
                 x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
-                ref = reference(x, t, bias)
-                for cfg in CHECKED:
-                    if cfg is not None and cfg.block_n > n:
-                        continue
-                    y = F.fragment_linear(x, frag, t["scales"], bias, group, config=cfg)
-                    err = float((y.float() - ref).norm() / ref.norm())
-                    rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), m=m,
-                                     bias=with_bias, config=str(cfg), rel_err=err,
-                                     roundtrip=roundtrip))  # fmt: skip
+                yield Case(n, k, group, t, frag, m, dtype, x, bias, reference(x, t, bias))
+
+
+def rel_err(y: torch.Tensor, c: Case) -> dict[str, Any]:
+    """The check's row: the case and y's relative error against its reference."""
+    return dict(n=c.n, k=c.k, group=c.group, dtype=str(c.dtype), m=c.m, bias=c.bias is not None,
+                rel_err=float((y.float() - c.ref).norm() / c.ref.norm()))  # fmt: skip
+
+
+def check(gen: torch.Generator) -> list[dict[str, Any]]:
+    rows = []
+    for c in check_cases(gen, (1, 3, 8, 9, 16, 17, 33, 64, 100)):
+        roundtrip = bool(torch.equal(F.fragment_codes(c.frag), c.t["qweight"]))
+        for cfg in CHECKED:
+            if cfg is not None and cfg.block_n > c.n:
+                continue
+            y = F.fragment_linear(c.x, c.frag, c.t["scales"], c.bias, c.group, config=cfg)
+            rows.append(dict(rel_err(y, c), config=str(cfg), roundtrip=roundtrip))
     return rows
 
 

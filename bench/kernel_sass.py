@@ -22,6 +22,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -66,26 +67,13 @@ def compile_fragment_sass(
     stages: int = 1,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
-    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
                   WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
                   WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
-    sig.update({a: "constexpr" for a in consts})
-    fn = F._w4_fragment_kernel
-    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
-                                                        "stride_om"]  # fmt: skip
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    opts = {"num_warps": warps * warps_m}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+    return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch)
 
 
 def compile_wgmma_sass(
@@ -93,20 +81,25 @@ def compile_wgmma_sass(
     w_ring: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma as W
 
     lay = F.layouts(bn, bk, bm, warps)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
-    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
                   STAGES=stages, W_RING=w_ring, WORDS=lay.words,
                   WORDS_MMA=lay.words_mma)  # fmt: skip
+    return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch)
+
+
+def _compile_w4_gluon(fn: Any, consts: dict[str, Any], warps: int, arch: int) -> tuple[str, str]:
+    """(SASS, resource usage) of a fragment-order W4A16 Gluon kernel (both share their
+    arguments), bf16 activations, pointers and K-side sizes 16-aligned."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
     sig.update({a: "constexpr" for a in consts})
-    fn = W._w4_wgmma_kernel
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
                                                         "stride_om"]  # fmt: skip
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -158,6 +151,17 @@ def loop_histogram(sass: str) -> collections.Counter[str]:
     return ops
 
 
+def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
+    """The K loop's instruction count per weight, its opcodes, and the resource line."""
+    ops = loop_histogram(sass)
+    total, per_thread = sum(ops.values()), weights / threads
+    print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
+          f"{per_thread:.0f} weights per thread, {total / per_thread:.2f} instructions per "
+          "weight")  # fmt: skip
+    print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    print(res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="w4a16-g128")
@@ -176,27 +180,18 @@ def main() -> None:
         bn, bk, bm, warps, stages, ring = ([int(v) for v in args.wgmma.split(",")] + [3, 0])[:6]
         sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
                                        bool(ring))  # fmt: skip
+        _print_w4(sass, res, f"wgmma W4A16 group {args.group}, tile {args.wgmma}", bn * bk,
+                  32 * warps, args.arch)  # fmt: skip
         ops = loop_histogram(sass)
-        total, per_thread = sum(ops.values()), bn * bk / (32 * warps)
-        print(f"triton {triton.__version__}, sm_{args.arch}, wgmma W4A16 group {args.group}, "
-              f"tile {args.wgmma}: {total} instructions per K step, {per_thread:.0f} weights "
-              f"per thread, {total / per_thread:.2f} instructions per weight")  # fmt: skip
-        print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
         print(f"HGMMA {ops['HGMMA']}, WARPGROUP.DEPBAR {sass.count('WARPGROUP.DEPBAR')} in all")
-        print(res)
         return
     if args.fragment:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
                                               + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
                                           stages)  # fmt: skip
-        ops = loop_histogram(sass)
-        total, per_thread = sum(ops.values()), bn * bk / (32 * warps)
-        print(f"triton {triton.__version__}, sm_{args.arch}, fragment W4A16 group {args.group}, "
-              f"tile {args.fragment}: {total} instructions per K step, {per_thread:.0f} weights "
-              f"per thread, {total / per_thread:.2f} instructions per weight")  # fmt: skip
-        print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
-        print(res)
+        _print_w4(sass, res, f"fragment W4A16 group {args.group}, tile {args.fragment}",
+                  bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
     tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
     sass, ttgir = compile_sass(args.format, tile, args.split_k, args.arch)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from common import git_commit, write_report
-from frag_probe import reference, size_class, weights
+from frag_probe import check_cases, rel_err, size_class, weights
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
@@ -43,27 +43,11 @@ MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
 def check(gen: torch.Generator) -> list[dict[str, Any]]:
     rows = []
-    for n, k, group in [(64, 256, 128), (48, 384, 0), (4096, 4096, 128), (1024, 28672, 128),
-                        (272, 1024, 256), (10240, 8192, 0)]:  # fmt: skip
-        g = 1 if group == 0 else k // group
-        t = {
-            "qweight": torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen,
-                                     dtype=torch.uint8),
-            "scales": torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3,
-        }  # fmt: skip
-        frag = F.prepare_fragments(t["qweight"])
-        for i, m in enumerate((1, 9, 17, 33, 64, 100, 130)):
-            for dtype, with_bias in [(torch.bfloat16, i % 2 == 0), (torch.float16, i % 2 == 1)]:
-                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-                bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
-                ref = reference(x, t, bias)
-                for cfg in CHECKED:
-                    for split in (None, 2):
-                        y = W.wgmma_linear(x, frag, t["scales"], bias, group, cfg, split)
-                        err = float((y.float() - ref).norm() / ref.norm())
-                        rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), m=m,
-                                         bias=with_bias, config=list(astuple(cfg)),
-                                         split_k=split, rel_err=err))  # fmt: skip
+    for c in check_cases(gen, (1, 9, 17, 33, 64, 100, 130)):
+        for cfg in CHECKED:
+            for split in (None, 2):
+                y = W.wgmma_linear(c.x, c.frag, c.t["scales"], c.bias, c.group, cfg, split)
+                rows.append(dict(rel_err(y, c), config=list(astuple(cfg)), split_k=split))
     return rows
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +82,24 @@ def smollm2() -> Any:
     import specquant
 
     return specquant.load(device="cpu", dtype="float32", max_seq_len=1024)
+
+
+# Gluon kernel tests: bench/kernel_sass.py's report of one offline compile
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def compiled_loop(args: list[str], most: float) -> str:
+    """kernel_sass.py's output for `args` (Triton's compiler and ptxas, no GPU), after
+    checking that the K loop stays under `most` instructions per weight and nothing spills
+    to local memory; skips where Triton ships no ptxas."""
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "kernel_sass.py"), *args],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
+    )  # fmt: skip
+    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    match = re.search(r"([0-9.]+) instructions per weight", out.stdout)
+    assert match, out.stdout + out.stderr[-3000:]
+    assert float(match.group(1)) < most, out.stdout
+    assert "LOCAL:0" in out.stdout, out.stdout
+    return out.stdout

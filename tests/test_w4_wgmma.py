@@ -4,18 +4,14 @@ and on the GPU against a dequantize-and-matmul reference."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton.experimental.gluon")
+from conftest import compiled_loop
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton.experimental.gluon")
 
 
 @pytest.mark.parametrize(
@@ -26,22 +22,12 @@ def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group
     """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows,
     and one wait for them per K tile: ptxas serializes wgmmas (a wait after each) when it
     cannot prove their register operands safe, which would show as one wait per wgmma."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "kernel_sass.py"), "--wgmma", tile,
-         "--group", str(group)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )  # fmt: skip
-    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
-        pytest.skip("Triton's ptxas is not available")
-    match = re.search(r"([0-9.]+) instructions per weight", out.stdout)
-    assert match, out.stdout + out.stderr[-3000:]
-    assert float(match.group(1)) < most, out.stdout
-    assert "LOCAL:0" in out.stdout, out.stdout
+    out = compiled_loop(["--wgmma", tile, "--group", str(group)], most)
     bn, bk, _, warps = (int(v) for v in tile.split(",")[:4])
-    hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+)", out.stdout)
-    assert hgmma, out.stdout
-    assert int(hgmma.group(1)) == (bk // 16) * (bn // (16 * warps)), out.stdout
-    assert int(hgmma.group(2)) == 1, out.stdout
+    hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+)", out)
+    assert hgmma, out
+    assert int(hgmma.group(1)) == (bk // 16) * (bn // (16 * warps)), out
+    assert int(hgmma.group(2)) == 1, out
 
 
 def test_tile_table_and_bad_configs() -> None:

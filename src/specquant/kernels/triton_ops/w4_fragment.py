@@ -398,6 +398,54 @@ def block_m(m: int) -> int:
     return min(BLOCK_M_MAX, max(8, triton.next_power_of_2(m)))
 
 
+def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride and rows aligned to 16 bytes."""
+    a = x.reshape(-1, k)
+    if a.stride(-1) != 1 or a.stride(0) % 8:
+        a = a.contiguous()
+    return a
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One launch of a fragment-order kernel: its tiles and the split-K workspace."""
+
+    block_k: int  # the config's, or ATOM_K where that would straddle a group
+    k_split: int  # K per split (whole K tiles, all splits alike)
+    split_k: int
+    n_tiles: int
+    m_tiles: int
+    ws: torch.Tensor  # fp32 [split_k, M, N] partial sums (the output when split_k == 1)
+    locks: torch.Tensor  # arrival counters (the output when split_k == 1)
+
+
+def plan_grid(
+    out: torch.Tensor,  # [M, N]
+    k: int,
+    group: int,
+    block_n: int,
+    block_k: int,
+    bm: int,
+    split_waves: int,
+    split_k: int | None,  # None: choose_split_k; lowered to divide the K tiles
+) -> Grid:
+    m, n = out.shape
+    fits = k % block_k == 0 and (not group or group % block_k == 0)
+    block_k = block_k if fits else ATOM_K  # a K tile lies in one group
+    k_blocks = k // block_k
+    n_tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, bm)
+    if split_k is None:
+        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(out.device), split_waves)
+    while k_blocks % split_k:  # whole K tiles per split, all splits alike
+        split_k -= 1
+    if split_k > 1:
+        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)
+        locks = _locks(out.device, n_tiles * m_tiles)
+    else:
+        ws = locks = out
+    return Grid(block_k, (k_blocks // split_k) * block_k, split_k, n_tiles, m_tiles, ws, locks)
+
+
 def fragment_linear(
     x: torch.Tensor,  # [..., K] bf16 / fp16
     frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
@@ -409,9 +457,7 @@ def fragment_linear(
 ) -> torch.Tensor:  # [..., N]
     n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
     lead = x.shape[:-1]
-    a = x.reshape(-1, k)
-    if a.stride(-1) != 1 or a.stride(0) % 8:
-        a = a.contiguous()
+    a = as_rows(x, k)
     m = a.shape[0]
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
@@ -419,27 +465,14 @@ def fragment_linear(
     cfg = config or frag_config(m, n * k) or DEFAULT_CONFIG
     bm = block_m(m)
     warps_m = min(cfg.warps_m, bm // 8)
-    fits = k % cfg.block_k == 0 and (not group or group % cfg.block_k == 0)
-    block_k = cfg.block_k if fits else ATOM_K  # a K tile lies in one group
-    k_blocks = k // block_k
-    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm)
-    if split_k is None:
-        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device), cfg.split_waves)
-    while k_blocks % split_k:  # whole K tiles per split, all splits alike
-        split_k -= 1
-    k_split = (k_blocks // split_k) * block_k
-    if split_k > 1:
-        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
-        locks = _locks(a.device, n_tiles * m_tiles)
-    else:
-        ws = locks = out
-    lay = layouts(cfg.block_n, block_k, bm, cfg.warps, warps_m)
-    _w4_fragment_kernel[(n_tiles, m_tiles, split_k)](
-        a, frag, scales, bias if bias is not None else scales, out, ws, locks,
-        m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
-        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
-        STAGES=cfg.stages if k_split > block_k else 1,
+    g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
+    lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps, warps_m)
+    _w4_fragment_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
+        a, frag, scales, bias if bias is not None else scales, out, g.ws, g.locks,
+        m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
+        BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
+        STAGES=cfg.stages if g.k_split > g.block_k else 1,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x,
         num_warps=cfg.warps * warps_m,
     )  # fmt: skip

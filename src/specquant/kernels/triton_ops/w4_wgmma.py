@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -37,7 +36,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
 )
 
-from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
@@ -47,8 +45,10 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _table,
     _unpack,
     _words,
+    as_rows,
     layouts,
     lookup,
+    plan_grid,
 )
 
 
@@ -219,35 +219,19 @@ def wgmma_linear(
     check_config(cfg)
     n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
     lead = x.shape[:-1]
-    a = x.reshape(-1, k)
-    if a.stride(-1) != 1 or a.stride(0) % 8:
-        a = a.contiguous()
+    a = as_rows(x, k)
     m = a.shape[0]
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out.view(*lead, n)
     bm = token_tile(m)
-    fits = k % cfg.block_k == 0 and (not group or group % cfg.block_k == 0)
-    block_k = cfg.block_k if fits else ATOM_K  # a K tile lies in one group
-    k_blocks = k // block_k
-    n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm)
-    if split_k is None:
-        split_k = choose_split_k(n_tiles * m_tiles, k_blocks, _num_sms(a.device), cfg.split_waves)
-    while k_blocks % split_k:  # whole K tiles per split, all splits alike
-        split_k -= 1
-    k_split = (k_blocks // split_k) * block_k
-    if split_k > 1:
-        ws = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
-        locks = _locks(a.device, n_tiles * m_tiles)
-    else:
-        ws = locks = out
-    lay = layouts(cfg.block_n, block_k, bm, cfg.warps)
-    _w4_wgmma_kernel[(n_tiles, m_tiles, split_k)](
-        a, frag, scales, bias if bias is not None else scales, out, ws, locks,
-        m, n, k, scales.shape[1], k_split, a.stride(0), out.stride(0),
-        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-        BN=cfg.block_n, BK=block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
-        W_RING=cfg.w_ring,
-        WORDS=lay.words, WORDS_MMA=lay.words_mma, num_warps=cfg.warps,
+    g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
+    lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps)
+    _w4_wgmma_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
+        a, frag, scales, bias if bias is not None else scales, out, g.ws, g.locks,
+        m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
+        BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
+        W_RING=cfg.w_ring, WORDS=lay.words, WORDS_MMA=lay.words_mma, num_warps=cfg.warps,
     )  # fmt: skip
     return out.view(*lead, n)
