@@ -18,9 +18,10 @@ Per K tile: wait for this thread's copies, fence them to the async proxy, one CT
 STAGES - 1 tiles ahead, the weights one tile ahead into registers (or through the ring with
 `w_ring`), unpack, wgmma. The wgmma is synchronous: an asynchronous chain would need two sets
 of A registers, as the next tile's unpacking overwrites them (tried with one set: wrong
-results, bench/results/wgmma_probe.md). With group scales each group's product is taken
-separately and added scaled in fp32, as in the other W4A16 kernels; folding the scales into
-A (one bf16x2 multiply per two weights) made ptxas serialize the wgmmas.
+results, bench/results/wgmma_probe_async_4311014.md). With group scales each group's
+product is taken separately and added scaled in fp32, as in the other W4A16 kernels;
+folding the scales into A (one bf16x2 multiply per two weights) made ptxas serialize the
+wgmmas.
 """
 
 from __future__ import annotations
