@@ -28,15 +28,19 @@ from specquant.kernels.triton_ops import w4_wgmma as W
 from specquant.kernels.triton_ops.qlinear import qlinear
 from specquant.quant.spec import get_format
 
-# WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, weights through the ring)
+# WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, weights through the ring,
+# overlap: asynchronous wgmma with the next tile unpacked meanwhile)
 _C = W.WgmmaConfig
 CANDIDATES = [
-    _C(64, 128, 4, 2), _C(64, 128, 4, 3), _C(128, 128, 4, 3), _C(128, 128, 8, 2),
-    _C(128, 128, 8, 3), _C(128, 128, 8, 4), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
+    _C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
     _C(128, 128, 8, 3, 1, True), _C(128, 128, 4, 3, 1, True),
+    _C(64, 128, 4, 4, 1, False, True), _C(128, 128, 8, 4, 1, False, True),
+    _C(128, 128, 8, 4, 1, True, True), _C(128, 128, 4, 4, 1, True, True),
+    _C(128, 128, 8, 4, 2, True, True), _C(128, 128, 4, 3, 1, True, True),
 ]  # fmt: skip
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
-           _C(128, 128, 4, 3, 1, True)]  # fmt: skip
+           _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
+           _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
@@ -146,7 +150,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         "Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
         "replays, weights rotated through HBM). wgmma configs: [BLOCK_N, BLOCK_K, warps, "
-        "stages, split waves, weights through the ring].",
+        "stages, split waves, weights through the ring, overlapping K loop].",
         "",
     ]
     for key, cell in result["sums"].items():

@@ -16,18 +16,24 @@ pytest.importorskip("triton.experimental.gluon")
 
 @pytest.mark.parametrize(
     ("tile", "group", "most"),
-    [("128,128,64,4,3,1", 128, 4.0), ("256,128,64,8,3,0", 128, 3.7), ("64,128,16,4,3,0", 0, 4.0)],
-)
+    [("128,128,64,4,3,1", 128, 4.0), ("256,128,64,8,3,0", 128, 3.7), ("64,128,16,4,3,0", 0, 4.0),
+     ("128,128,64,8,4,1,1", 128, 4.7), ("128,128,64,4,4,1,1", 0, 3.3)],
+)  # fmt: skip
 def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group, most) -> None:
-    """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows,
-    and one wait for them per K tile: ptxas serializes wgmmas (a wait after each) when it
-    cannot prove their register operands safe, which would show as one wait per wgmma."""
+    """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows.
+    Synchronous loop: one wait for them per K tile. ptxas serializes wgmmas (a wait after
+    each) when it cannot prove their register operands safe, which would show as one wait
+    per wgmma. Overlapping loop (unrolled by two tiles): per tile one wait that leaves that
+    tile's wgmmas running, and one wait after the loop."""
     out = compiled_loop(["--wgmma", tile, "--group", str(group)], most)
     bn, bk, _, warps = (int(v) for v in tile.split(",")[:4])
-    hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+)", out)
+    overlap = tile.endswith(",1,1")
+    hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+) in all, (\d+) leaving one", out)
     assert hgmma, out
-    assert int(hgmma.group(1)) == (bk // 16) * (bn // (16 * warps)), out
-    assert int(hgmma.group(2)) == 1, out
+    tiles = 2 if overlap else 1
+    assert int(hgmma.group(1)) == tiles * (bk // 16) * (bn // (16 * warps)), out
+    assert int(hgmma.group(2)) == (3 if overlap else 1), out
+    assert int(hgmma.group(3)) == (2 if overlap else 0), out
 
 
 def test_tile_table_and_bad_configs() -> None:
@@ -45,6 +51,7 @@ def test_tile_table_and_bad_configs() -> None:
         (W.WgmmaConfig(96, 128, 8), "block_n 96 is not a multiple of 16 \\* warps \\(8\\)"),
         (W.WgmmaConfig(128, 192, 4), "block_k 192 is not a multiple of 128"),
         (W.WgmmaConfig(128, 128, 4, 1), "stages must be >= 2"),
+        (W.WgmmaConfig(128, 128, 4, 2, overlap=True), "stages must be >= 3 .*async wgmma"),
     ]:
         with pytest.raises(ValueError, match=match):
             W.check_config(cfg)
@@ -60,7 +67,8 @@ def _hopper() -> bool:
 @pytest.mark.parametrize(("n", "k", "group"), [(64, 256, 128), (48, 384, 0), (272, 1024, 256)])
 def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
     """N not a multiple of the tile (48, 272), tokens not a multiple of the token tile, two
-    token tiles and more, split K, bias, both weight paths."""
+    token tiles and more, split K, an odd number of K tiles (384), bias, both weight paths,
+    both K loops."""
     if not _hopper():
         pytest.skip("wgmma needs a Hopper GPU")
     from specquant.kernels.triton_ops import w4_fragment as F
@@ -78,7 +86,9 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
         want = x.float() @ w.T + (0 if bias is None else bias.float())
-        for cfg in (W.WgmmaConfig(64, 128, 4, 2), W.WgmmaConfig(128, 256, 8, 4, 1, True)):
+        for cfg in (W.WgmmaConfig(64, 128, 4, 2), W.WgmmaConfig(128, 256, 8, 4, 1, True),
+                    W.WgmmaConfig(64, 128, 4, 3, overlap=True),
+                    W.WgmmaConfig(128, 128, 8, 4, 1, True, overlap=True)):  # fmt: skip
             for split in (None, 2):
                 got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
                 err = float((got - want).norm() / want.norm())

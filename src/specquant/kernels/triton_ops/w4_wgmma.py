@@ -13,15 +13,16 @@ x's columns inside each 128 block are stored in mma K order (the fragment packin
 K, see `w4_fragment.pi`): column pi(k) goes to position k. pi keeps k and k + 1 next to each
 other, so x is copied as 4-byte pairs.
 
-Per K tile: wait for this thread's copies, fence them to the async proxy, one CTA barrier
-(every copy landed, and every warp is done with the slot the next copy overwrites), the copy
-STAGES - 1 tiles ahead, the weights one tile ahead into registers (or through the ring with
-`w_ring`), unpack, wgmma. The wgmma is synchronous: an asynchronous chain would need two sets
-of A registers, as the next tile's unpacking overwrites them (tried with one set: wrong
-results, bench/results/wgmma_probe_async_4311014.md). With group scales each group's
-product is taken separately and added scaled in fp32, as in the other W4A16 kernels;
-folding the scales into A (one bf16x2 multiply per two weights) made ptxas serialize the
-wgmmas.
+Two K loops. `_loop_sync` (per tile: wait for this thread's copies, fence them to the async
+proxy, one CTA barrier, the copy STAGES - 1 tiles ahead, the weights one tile ahead into
+registers or through the ring with `w_ring`, unpack, synchronous wgmma) leaves the tensor
+cores idle while a tile unpacks; with group scales each tile's product is scaled in fp32.
+`_loop_overlap` (config `overlap`) issues each tile's wgmma asynchronously and unpacks the
+next tile meanwhile into a second set of A registers; group scales then multiply A. An
+earlier asynchronous chain (commit 4311014) gave wrong results
+(bench/results/wgmma_probe_async_4311014.md); `_loop_overlap` differs in keeping A among
+the wait's dependencies, fencing on the copying side, and its copy lead, and is checked
+against the reference on the GPU like the synchronous loop.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
+    warpgroup_mma_wait,
 )
 
 from specquant.kernels.triton_ops.w4_fragment import (
@@ -63,6 +65,145 @@ def _x_columns(BK: gl.constexpr, LAYOUT: gl.constexpr):
     return gl.max_contiguous(gl.multiple_of(c, 2), 2)  # k, k + 1 are adjacent columns
 
 
+@gluon.jit
+def _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK: gl.constexpr,
+          STAGES: gl.constexpr, W_RING: gl.constexpr):  # fmt: skip
+    """cp.async of the K tile at k_lo + kb into its ring slot, as one commit group; past
+    K_SPLIT nothing is read and the slot is zero-filled."""
+    slot = (kb // BK) % STAGES
+    live = kb < K_SPLIT
+    if W_RING:
+        _async_load(w_ring.index(slot), w_ptrs + ((k_lo + kb) // 128) * 512, mask=w_mask & live)
+    _async_load(x_ring.index(slot), x_ptrs + k_lo + kb, mask=x_mask & live)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask, k_lo,
+               K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+               STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
+               WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+    """The K loop with a synchronous wgmma per tile: one set of A registers."""
+    DTYPE: gl.constexpr = x_ring.dtype
+    if not W_RING:  # weights go to registers one tile ahead
+        words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
+    for kb in range(0, K_SPLIT, BK):
+        k0 = k_lo + kb
+        slot = (kb // BK) % STAGES
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
+        fence_async_shared()  # and are visible to wgmma (the async proxy)
+        # everyone's are, and every warp is done with the tile before (its slot is next)
+        _cta_barrier()
+        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 1) * BK,
+              K_SPLIT, BK, STAGES, W_RING)  # fmt: skip
+        if W_RING:
+            words = w_ring.index(slot).load(WORDS)
+        else:
+            following = gl.load(w_ptrs + ((k0 + BK) // 128) * 512,
+                                mask=w_mask & (kb + BK < K_SPLIT), other=0)  # fmt: skip
+        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
+        if GROUP == 0:
+            acc = warpgroup_mma(a, b, acc)
+        else:
+            part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
+            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += part * gs[:, None]
+        if not W_RING:
+            words = following
+    return acc
+
+
+@gluon.jit
+def _operand(words, s_ptr, n0, N, G, k0, live, GROUP: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr,
+             DTYPE: gl.constexpr):  # fmt: skip
+    """The A operand of the K tile at k0: codes unpacked to q, times the tile's group scales
+    (rounded to DTYPE, as Marlin does) when GROUP > 0; no scales are read unless `live`."""
+    a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+    if GROUP > 0:
+        rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, AL))
+        gs = gl.load(s_ptr + rows * G + k0 // GROUP, mask=(rows < N) & live,
+                     other=0.0).to(DTYPE)  # fmt: skip
+        gs = gl.broadcast(gs[:, None], a)[0]
+        if gl.bfloat16 == DTYPE:
+            a = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, gs],
+                                          gl.bfloat16, True, 2)  # fmt: skip
+        else:
+            a = gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, gs],
+                                          gl.float16, True, 2)  # fmt: skip
+    return a
+
+
+@gluon.jit
+def _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N, k_lo, kb,
+          K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+          STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
+          WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+    """One K tile of `_loop_overlap`: issue its wgmma on `a`, wait for the tile before's,
+    unpack the next tile. Returns (acc, the next tile's A, the weight words after it)."""
+    DTYPE: gl.constexpr = x_ring.dtype
+    k0 = k_lo + kb
+    slot = (kb // BK) % STAGES
+    fence_async_shared()  # this thread's landed copies of this tile, to the async proxy
+    # everyone's are visible, and the wgmma two tiles back is done (its slot is next)
+    _cta_barrier()
+    _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 2) * BK,
+          K_SPLIT, BK, STAGES, W_RING)  # fmt: skip
+    acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+    acc, a = warpgroup_mma_wait(1, deps=[acc, a])  # the tile before's wgmma is done
+    async_copy.wait_group(STAGES - 3)  # this thread's copies of the next tile
+    if W_RING:  # past the last tile this reads a stale slot, unpacked and never used
+        words = w_ring.index((slot + 1) % STAGES).load(WORDS)
+    a_next = _operand(words, s_ptr, n0, N, G, k0 + BK, kb + BK < K_SPLIT, GROUP, BN, BK,
+                      WORDS_MMA, AL, DTYPE)  # fmt: skip
+    if not W_RING:
+        words = gl.load(w_ptrs + ((k0 + 2 * BK) // 128) * 512,
+                        mask=w_mask & (kb + 2 * BK < K_SPLIT), other=0)  # fmt: skip
+    return acc, a_next, words
+
+
+@gluon.jit
+def _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N, k_lo,
+                  K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                  STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
+                  WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+    """The K loop with asynchronous wgmmas: tile t's wgmma runs while tile t + 1's weights
+    are unpacked, and is waited for after tile t + 1's wgmma is issued.
+
+    Tile t's A registers stay in use until that wait, so the next tile unpacks into a
+    second set. The loop is unrolled by two so that the two sets alternate in place (one
+    loop-carried set cost a copy of it per tile); an odd tile count runs one tile past
+    K_SPLIT, whose x tile the masked copy zero-fills, so it adds nothing. A wgmma reads its
+    x slot until the same wait, so the copies run STAGES - 2 tiles ahead: a slot is refilled
+    two tiles after its wgmma. Group scales multiply the A operand (each tile lies in one
+    group), so that all tiles chain into one accumulator: scaling a separate product per
+    tile in fp32 reads an accumulator inside the wgmma pipeline, and ptxas then serializes
+    every wgmma."""
+    DTYPE: gl.constexpr = x_ring.dtype
+    async_copy.wait_group(STAGES - 3)  # this thread's copies of tile 0
+    if W_RING:
+        words = w_ring.index(0).load(WORDS)
+    else:
+        words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
+    a = _operand(words, s_ptr, n0, N, G, k_lo, True, GROUP, BN, BK, WORDS_MMA, AL, DTYPE)
+    if not W_RING:
+        words = gl.load(w_ptrs + ((k_lo + BK) // 128) * 512, mask=w_mask & (BK < K_SPLIT),
+                        other=0)  # fmt: skip
+    for kb in range(0, K_SPLIT, 2 * BK):
+        acc, b, words = _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask,
+                              s_ptr, n0, N, k_lo, kb, K_SPLIT, G, GROUP, BN, BK, STAGES,
+                              W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
+        acc, a, words = _tile(acc, b, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask,
+                              s_ptr, n0, N, k_lo, kb + BK, K_SPLIT, G, GROUP, BN, BK, STAGES,
+                              W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    # An fp32 operation on acc before the epilogue: when the first reader of the accumulator
+    # is the conversion to bf16 (group scales, no bias), ptxas serializes every wgmma of the
+    # loop (its C7514 "non wgmma instructions reading accumulator registers").
+    return acc + 0.0
+
+
 @gluon.jit(do_not_specialize=["M"])
 def _w4_wgmma_kernel(
     x_ptr,  # [M, K] bf16 / fp16
@@ -75,7 +216,8 @@ def _w4_wgmma_kernel(
     M, N, K, G, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+    STAGES: gl.constexpr, W_RING: gl.constexpr, OVERLAP: gl.constexpr, WORDS: gl.constexpr,
+    WORDS_MMA: gl.constexpr,
 ):  # fmt: skip
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
@@ -109,45 +251,21 @@ def _w4_wgmma_kernel(
     if W_RING:  # weights stream through the ring too
         w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512],
                                            W_SMEM)  # fmt: skip
-    for s in gl.static_range(STAGES - 1):
-        live = s * BK < K_SPLIT
-        if W_RING:
-            _async_load(w_ring.index(s), w_ptrs + ((k_lo + s * BK) // 128) * 512,
-                        mask=w_mask & live)  # fmt: skip
-        _async_load(x_ring.index(s), x_ptrs + k_lo + s * BK, mask=x_mask & live)
-        async_copy.commit_group()
-    if not W_RING:  # weights go to registers one tile ahead
-        words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
-    for kb in range(0, K_SPLIT, BK):
-        k0 = k_lo + kb
-        slot = (kb // BK) % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
-        fence_async_shared()  # and are visible to wgmma (the async proxy)
-        # everyone's are, and every warp is done with the tile before (its slot is next)
-        _cta_barrier()
-        ahead = kb + (STAGES - 1) * BK
-        nxt = (slot + STAGES - 1) % STAGES
-        if W_RING:
-            _async_load(w_ring.index(nxt), w_ptrs + ((k_lo + ahead) // 128) * 512,
-                        mask=w_mask & (ahead < K_SPLIT))  # fmt: skip
-            words = w_ring.index(slot).load(WORDS)
-        else:
-            following = gl.load(w_ptrs + ((k0 + BK) // 128) * 512,
-                                mask=w_mask & (kb + BK < K_SPLIT), other=0)  # fmt: skip
-        _async_load(x_ring.index(nxt), x_ptrs + k_lo + ahead, mask=x_mask & (ahead < K_SPLIT))
-        async_copy.commit_group()
-        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
-        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
-        # Synchronous: wgmma reads its A operand from registers, which the next tile's
-        # unpacking overwrites (an asynchronous chain needs two register sets; not done).
-        if GROUP == 0:
-            acc = warpgroup_mma(a, b, acc)
-        else:
-            part = warpgroup_mma(a, b, gl.zeros([BN, BM], gl.float32, acc_l), use_acc=False)
-            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
-            acc += part * gs[:, None]
-        if not W_RING:
-            words = following
+    else:  # they load to registers a tile ahead; the loops never touch w_ring
+        w_ring = x_ring
+    # copies run STAGES - 1 tiles ahead of a synchronous wgmma, STAGES - 2 of an async one
+    LEAD: gl.constexpr = STAGES - 2 if OVERLAP else STAGES - 1
+    for s in gl.static_range(LEAD):
+        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, s * BK, K_SPLIT, BK, STAGES,
+              W_RING)  # fmt: skip
+    if OVERLAP:
+        acc = _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N,
+                            k_lo, K_SPLIT, G, GROUP, BN, BK, STAGES, W_RING, WORDS,
+                            WORDS_MMA, AL)  # fmt: skip
+    else:
+        acc = _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask,
+                         k_lo, K_SPLIT, G, GROUP, BN, BK, STAGES, W_RING, WORDS, WORDS_MMA,
+                         AL)  # fmt: skip
     async_copy.wait_group(0)  # no copy may land in shared memory after the program ends
     _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
@@ -159,9 +277,12 @@ class WgmmaConfig:
     block_n: int  # output features per program: 64 per warpgroup, or a multiple
     block_k: int  # multiple of 128
     warps: int  # 4 (one warpgroup) or 8
-    stages: int = 3  # slots of the cp.async ring of x tiles (>= 2)
+    stages: int = 3  # slots of the cp.async ring of x tiles (>= 2, >= 3 with overlap)
     split_waves: int = 1  # split K until the grid has this many programs per SM
     w_ring: bool = False  # weights through the ring too (else loaded one tile ahead)
+    # asynchronous wgmma, the next tile unpacked meanwhile into a second set of A registers;
+    # group scales then multiply A in bf16/fp16 instead of each tile's product in fp32
+    overlap: bool = False
 
 
 DEFAULT_WGMMA = WgmmaConfig(128, 128, 4, 3, 1, True)
@@ -203,8 +324,10 @@ def check_config(cfg: WgmmaConfig) -> None:
         raise ValueError(f"block_n {cfg.block_n} is not a multiple of 16 * warps ({cfg.warps})")
     if cfg.block_k % ATOM_K:
         raise ValueError(f"block_k {cfg.block_k} is not a multiple of {ATOM_K}")
-    if cfg.stages < 2:
-        raise ValueError(f"stages must be >= 2 (the copy ring), not {cfg.stages}")
+    least = 3 if cfg.overlap else 2
+    if cfg.stages < least:
+        why = "the copy ring" + (", two tiles of it under the async wgmma" if cfg.overlap else "")
+        raise ValueError(f"stages must be >= {least} ({why}), not {cfg.stages}")
 
 
 def wgmma_linear(
@@ -233,6 +356,7 @@ def wgmma_linear(
         m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
-        W_RING=cfg.w_ring, WORDS=lay.words, WORDS_MMA=lay.words_mma, num_warps=cfg.warps,
+        W_RING=cfg.w_ring, OVERLAP=cfg.overlap, WORDS=lay.words, WORDS_MMA=lay.words_mma,
+        num_warps=cfg.warps,
     )  # fmt: skip
     return out.view(*lead, n)
