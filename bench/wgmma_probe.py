@@ -34,13 +34,13 @@ _C = W.WgmmaConfig
 CANDIDATES = [
     _C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
     _C(128, 128, 8, 3, 1, True), _C(128, 128, 4, 3, 1, True),
-    _C(64, 128, 4, 4, 1, False, True), _C(128, 128, 8, 4, 1, False, True),
-    _C(128, 128, 8, 4, 1, True, True), _C(128, 128, 4, 4, 1, True, True),
-    _C(128, 128, 8, 4, 2, True, True), _C(128, 128, 4, 3, 1, True, True),
+    _C(256, 128, 16, 3), _C(256, 128, 16, 3, 1, True), _C(256, 128, 16, 4, 1, True),
+    _C(256, 128, 16, 3, 2, True), _C(256, 128, 16, 4, 1, True, True), _C(512, 128, 16, 3),
 ]  # fmt: skip
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
            _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
-           _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True)]  # fmt: skip
+           _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
+           _C(256, 128, 16, 3, 1, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 

@@ -17,7 +17,8 @@ pytest.importorskip("triton.experimental.gluon")
 @pytest.mark.parametrize(
     ("tile", "group", "most"),
     [("128,128,64,4,3,1", 128, 4.0), ("256,128,64,8,3,0", 128, 3.7), ("64,128,16,4,3,0", 0, 4.0),
-     ("128,128,64,8,4,1,1", 128, 4.7), ("128,128,64,4,4,1,1", 0, 3.3)],
+     ("128,128,64,8,4,1,1", 128, 4.7), ("128,128,64,4,4,1,1", 0, 3.3),
+     ("256,128,64,16,3,1", 128, 4.0)],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group, most) -> None:
     """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows.
@@ -47,7 +48,7 @@ def test_tile_table_and_bad_configs() -> None:
     assert [W.token_tile(m) for m in (1, 8, 9, 16, 33, 64, 65, 500)] == [8, 8, 16, 16, 64, 64,
                                                                         64, 64]  # fmt: skip
     for cfg, match in [
-        (W.WgmmaConfig(128, 128, 2), "warps must be 4 or 8"),
+        (W.WgmmaConfig(128, 128, 2), "warps must be 4, 8 or 16"),
         (W.WgmmaConfig(96, 128, 8), "block_n 96 is not a multiple of 16 \\* warps \\(8\\)"),
         (W.WgmmaConfig(128, 192, 4), "block_k 192 is not a multiple of 128"),
         (W.WgmmaConfig(128, 128, 4, 1), "stages must be >= 2"),
@@ -88,7 +89,8 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
         want = x.float() @ w.T + (0 if bias is None else bias.float())
         for cfg in (W.WgmmaConfig(64, 128, 4, 2), W.WgmmaConfig(128, 256, 8, 4, 1, True),
                     W.WgmmaConfig(64, 128, 4, 3, overlap=True),
-                    W.WgmmaConfig(128, 128, 8, 4, 1, True, overlap=True)):  # fmt: skip
+                    W.WgmmaConfig(128, 128, 8, 4, 1, True, overlap=True),
+                    W.WgmmaConfig(256, 128, 16, 3, 1, True)):  # fmt: skip
             for split in (None, 2):
                 got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
                 err = float((got - want).norm() / want.norm())

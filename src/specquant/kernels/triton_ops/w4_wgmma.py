@@ -276,7 +276,7 @@ def _w4_wgmma_kernel(
 class WgmmaConfig:
     block_n: int  # output features per program: 64 per warpgroup, or a multiple
     block_k: int  # multiple of 128
-    warps: int  # 4 (one warpgroup) or 8
+    warps: int  # 4, 8 or 16: one, two or four warpgroups of 64 output rows each
     stages: int = 3  # slots of the cp.async ring of x tiles (>= 2, >= 3 with overlap)
     split_waves: int = 1  # split K until the grid has this many programs per SM
     w_ring: bool = False  # weights through the ring too (else loaded one tile ahead)
@@ -318,8 +318,8 @@ def token_tile(m: int) -> int:
 
 
 def check_config(cfg: WgmmaConfig) -> None:
-    if cfg.warps not in (4, 8):
-        raise ValueError(f"warps must be 4 or 8 (one or two warpgroups), not {cfg.warps}")
+    if cfg.warps not in (4, 8, 16):
+        raise ValueError(f"warps must be 4, 8 or 16 (1, 2 or 4 warpgroups), not {cfg.warps}")
     if cfg.block_n % (16 * cfg.warps):
         raise ValueError(f"block_n {cfg.block_n} is not a multiple of 16 * warps ({cfg.warps})")
     if cfg.block_k % ATOM_K:
