@@ -55,17 +55,19 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
     return rows
 
 
-def timings(deadline: float) -> list[dict[str, Any]]:
+def timings(
+    deadline: float, formats: list[str], models: list[str], ms: list[int]
+) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
-    for fmt in FORMATS:
+    for fmt in formats:
         spec = get_format(fmt)
         group = 0 if spec.group_size == -1 else spec.group_size
-        for model, layers in SHAPES.items():
+        for model, layers in ((m, SHAPES[m]) for m in models):
             for layer, (k, n) in layers.items():
                 ws, size = weights(fmt, n, k, gen)
                 frags = [F.prepare_fragments(w["qweight"]) for w in ws]
-                for m in MS:
+                for m in ms:
                     if time.time() > deadline:
                         return rows
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -145,6 +147,11 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
         f"{result['torch']}. Reproduce: `STAGE=wgmma bench/gpu_kernels.sh`.",
         "",
+        *(
+            [f"Joined with the timings of {result['joined']} that this run did not repeat.", ""]
+            if result.get("joined")
+            else []
+        ),
         f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
         f"{max((r['rel_err'] for r in checks), default=float('nan')):.1e}.",
         "",
@@ -171,6 +178,12 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
+    ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
+    ap.add_argument("--with", dest="prior", type=Path, default=None, help="an earlier run's "
+                    "wgmma_probe.json (same card): its timings join this run's in the sums "
+                    "and the table, e.g. to finish what its time budget left out")  # fmt: skip
     args = ap.parse_args()
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -178,10 +191,19 @@ def main() -> None:
     if checks:
         worst = max(checks, key=lambda r: r["rel_err"])
         print(f"checks: {len(checks)}, worst {json.dumps(worst)}", flush=True)
-    rows = timings(start + args.budget_s)
+    rows = timings(start + args.budget_s, args.formats.split(","), args.models.split(","),
+                   [int(m) for m in args.ms.split(",")])  # fmt: skip
+    if args.prior:
+        prior = json.loads(args.prior.read_text())
+        if prior["card"] != torch.cuda.get_device_name():
+            raise SystemExit(f"--with {args.prior} ran on {prior['card']}, not this card")
+        done = {(r["fmt"], r["model"], r["layer"], r["m"]) for r in rows}
+        rows = [r for r in prior["timings"]
+                if (r["fmt"], r["model"], r["layer"], r["m"]) not in done] + rows  # fmt: skip
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                  checks=checks, timings=rows, sums=sums(rows), table=table(rows))  # fmt: skip
+                  checks=checks, timings=rows, sums=sums(rows), table=table(rows),
+                  joined=str(args.prior) if args.prior else None)  # fmt: skip
     for line in markdown(result)[8:]:
         print(line, flush=True)
     write_report(args.out / "wgmma_probe.json", result, markdown(result))
