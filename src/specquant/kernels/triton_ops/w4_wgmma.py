@@ -291,16 +291,16 @@ _W = WgmmaConfig
 # Per M bucket (its largest M, timed there), one config per weight-size class
 # (w4_fragment.SIZE_CLASSES); None: the canonical kernel is faster. Picked on an H200 over
 # the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
-# total time per class; bench/results/wgmma_probe.json). Up to 8 tokens the fragment kernel
-# runs (FRAG_CONFIGS), past the last bucket the canonical kernel.
+# total time per class; bench/results/wgmma_probe_e973a0e.json, 12 configs with the 16-warp
+# ones; the overlapping loop lost everywhere, wgmma_probe_overlap_8476c43.json). Up to 8
+# tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical kernel.
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
     16: _table(None, _W(128, 128, 4, 3, 1, True), _W(128, 128, 8, 3, 1, True),
-               _W(128, 128, 4, 3, 1, True)),
-    32: _table(_W(128, 128, 8, 3, 1, True), _W(128, 128, 4, 3, 1, True),
-               _W(128, 128, 4, 3, 1, True), _W(128, 128, 4, 3, 1, True)),
-    64: _table(_W(64, 128, 4, 3), _W(128, 128, 4, 3, 1, True), _W(128, 128, 4, 3, 1, True),
-               _W(256, 128, 8, 3)),
-    128: _table(_W(128, 128, 8, 3), _W(128, 128, 4, 3, 1, True), _W(128, 128, 8, 3),
+               _W(128, 128, 8, 3, 1, True)),
+    32: _table(_W(128, 128, 8, 3, 1, True), _W(128, 128, 8, 3, 1, True),
+               _W(128, 128, 8, 3, 1, True), _W(128, 128, 8, 3, 1, True)),
+    64: _table(_W(64, 128, 4, 3), _W(128, 128, 8, 3), _W(256, 128, 16, 3), _W(256, 128, 16, 3)),
+    128: _table(_W(128, 128, 8, 3), _W(128, 128, 8, 3), _W(256, 128, 16, 3),
                 _W(128, 128, 8, 3, 2)),
 }  # fmt: skip
 
