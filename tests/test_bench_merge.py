@@ -50,3 +50,18 @@ def test_merge_refuses_runs_of_different_commits(tmp_path) -> None:
     second = _run(tmp_path / "b" / "kernel_perf.json", "70b", 20.0, commit="def")
     with pytest.raises(SystemExit, match="one commit on one card"):
         KP.merge([first, second], tmp_path / "out")
+
+
+def test_chain_goals_compare_w4a8_with_w4a16_from_32_tokens_as_the_model_runs_them() -> None:
+    def row(impl: str, m: int, us: float) -> dict[str, object]:
+        return dict(model="8b", impl=impl, m=m, us=us)
+
+    faster = [row("w4a8", m, 10.0) for m in (16, 32, 64)] + [
+        row("w4a16", m, 20.0 if m >= 32 else 5.0) for m in (16, 32, 64)
+    ]
+    assert KP.chain_goals(faster) == [
+        "8b W4A8 layer linears as run in the model faster than W4A16 (both per channel) at "
+        "M >= 32: yes"
+    ]  # slower at 16 tokens does not count
+    slower = [*faster, row("w4a8", 128, 30.0), row("w4a16", 128, 25.0)]
+    assert KP.chain_goals(slower)[0].endswith("no, not at M=[128]")

@@ -1,4 +1,4 @@
-"""W4A16 GEMM for 8-64 tokens on Hopper: fragment-order weights as wgmma's register operand.
+"""W4A16 GEMM for 9-128 tokens on Hopper: fragment-order weights as wgmma's register operand.
 
 The fragment kernel (w4_fragment.py) feeds mma.sync, whose token operand lives in registers:
 every warp holds its share of x for each K step and the unpacking repeats per token-warp,
@@ -22,7 +22,11 @@ next tile meanwhile into a second set of A registers; group scales then multiply
 earlier asynchronous chain (commit 4311014) gave wrong results
 (bench/results/wgmma_probe_async_4311014.md); `_loop_overlap` differs in keeping A among
 the wait's dependencies, fencing on the copying side, and its copy lead, and is checked
-against the reference on the GPU like the synchronous loop.
+against the reference on the GPU like the synchronous loop. Measured on an H200 it loses
+to the synchronous loop wherever two programs share an SM (they already overlap each
+other's wgmma and unpacking), and beats its synchronous twin only with one 16-warp program
+per SM (bench/results/wgmma_probe_overlap_8476c43.md, wgmma_probe_e973a0e.md); the tile
+table does not pick it.
 """
 
 from __future__ import annotations
