@@ -6,13 +6,15 @@
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH)
+#   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
+#                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
@@ -33,6 +35,20 @@ wgmma)
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \
     ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}"
+  ;;
+profile)
+  # --clock-control none: leave the clocks as they are (the device notes ask for it)
+  IFS=';' read -ra cases <<< "${PROFILE_CASES:---kernel wgmma --layer down --m 64;--kernel wgmma --layer gate_up --m 64;--kernel canonical --layer down --m 64;--kernel frag --layer down --m 1}"
+  i=0
+  for c in "${cases[@]}"; do
+    i=$((i + 1))
+    echo "== profile $i: $c" | tee "$OUT/profile_$i.txt"
+    # shellcheck disable=SC2086  # $c holds several arguments
+    ncu --clock-control none --kernel-name 'regex:_w4_|_qlinear_kernel' --launch-skip 2 --launch-count 1 \
+      --section LaunchStats --section Occupancy --section SpeedOfLight --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
+      python bench/kernel_profile.py $c >> "$OUT/profile_$i.txt" 2>&1 || echo "ncu failed ($?)" >> "$OUT/profile_$i.txt"
+  done
   ;;
 *)
   echo "unknown STAGE=$STAGE" >&2

@@ -1,8 +1,10 @@
-"""bench/kernel_perf.py --merge: one report from runs that each finished part of the models."""
+"""bench/kernel_perf.py --merge (one report from runs that each finished part of the models),
+its goal lines, and kernel_profile.py's argument checks."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,3 +67,14 @@ def test_chain_goals_compare_w4a8_with_w4a16_from_32_tokens_as_the_model_runs_th
     ]  # slower at 16 tokens does not count
     slower = [*faster, row("w4a8", 128, 30.0), row("w4a16", 128, 25.0)]
     assert KP.chain_goals(slower)[0].endswith("no, not at M=[128]")
+
+
+def test_kernel_profile_rejects_an_unknown_layer_before_touching_the_gpu() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "kernel_profile.py"), "--layer", "mlp"],
+        capture_output=True, text=True, cwd=root / "bench",
+        env={"PYTHONPATH": f"{root / 'src'}:{root / 'bench'}", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--layer must be one of ['down', 'gate_up', 'o', 'qkv'], not mlp" in out.stderr
