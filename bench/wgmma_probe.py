@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,21 @@ from specquant.kernels.triton_ops.qlinear import qlinear
 from specquant.quant.spec import get_format
 
 # WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, weights through the ring,
-# overlap: asynchronous wgmma with the next tile unpacked meanwhile)
+# overlap: asynchronous wgmma with the next tile unpacked meanwhile, x_perm: x gathered into
+# mma K order by the launcher and copied in 16-byte pieces)
 _C = W.WgmmaConfig
+_SYNC = [_C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(128, 128, 8, 3, 2), _C(128, 128, 8, 3, 1, True),
+         _C(128, 128, 4, 3, 1, True), _C(256, 128, 16, 3)]  # fmt: skip
 CANDIDATES = [
-    _C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(256, 128, 8, 3), _C(128, 128, 8, 3, 2),
-    _C(128, 128, 8, 3, 1, True), _C(128, 128, 4, 3, 1, True),
-    _C(256, 128, 16, 3), _C(256, 128, 16, 3, 1, True), _C(256, 128, 16, 4, 1, True),
-    _C(256, 128, 16, 3, 2, True), _C(256, 128, 16, 4, 1, True, True), _C(512, 128, 16, 3),
+    *_SYNC,
+    *(replace(c, x_perm=True) for c in _SYNC),
     _C(256, 128, 16, 4, 1, False, True),
-]  # fmt: skip
+    _C(256, 128, 16, 4, 1, False, True, True),
+]
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
            _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
-           _C(256, 128, 16, 3, 1, True)]  # fmt: skip
+           _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
@@ -158,7 +160,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         "Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
         "replays, weights rotated through HBM). wgmma configs: [BLOCK_N, BLOCK_K, warps, "
-        "stages, split waves, weights through the ring, overlapping K loop].",
+        "stages, split waves, weights through the ring, overlapping K loop, x gathered "
+        "into mma order].",
         "",
     ]
     for key, cell in result["sums"].items():

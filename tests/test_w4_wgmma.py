@@ -18,23 +18,28 @@ pytest.importorskip("triton.experimental.gluon")
     ("tile", "group", "most"),
     [("128,128,64,4,3,1", 128, 4.0), ("256,128,64,8,3,0", 128, 3.7), ("64,128,16,4,3,0", 0, 4.0),
      ("128,128,64,8,4,1,1", 128, 4.7), ("128,128,64,4,4,1,1", 0, 3.3),
-     ("256,128,64,16,3,1", 128, 4.0)],
+     ("256,128,64,16,3,1", 128, 4.0), ("128,128,64,4,3,1,0,1", 128, 3.4),
+     ("256,128,64,16,3,0,0,1", 0, 3.3)],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group, most) -> None:
     """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows.
     Synchronous loop: one wait for them per K tile. ptxas serializes wgmmas (a wait after
     each) when it cannot prove their register operands safe, which would show as one wait
     per wgmma. Overlapping loop (unrolled by two tiles): per tile one wait that leaves that
-    tile's wgmmas running, and one wait after the loop."""
+    tile's wgmmas running, and one wait after the loop. With x gathered into mma order, x
+    is copied in 16-byte pieces."""
     out = compiled_loop(["--wgmma", tile, "--group", str(group)], most)
-    bn, bk, _, warps = (int(v) for v in tile.split(",")[:4])
-    overlap = tile.endswith(",1,1")
+    fields = [int(v) for v in tile.split(",")] + [3, 0, 0, 0][len(tile.split(",")) - 4 :]
+    bn, bk, bm, warps, _, w_ring, overlap, x_perm = fields
     hgmma = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+) in all, (\d+) leaving one", out)
     assert hgmma, out
     tiles = 2 if overlap else 1
     assert int(hgmma.group(1)) == tiles * (bk // 16) * (bn // (16 * warps)), out
     assert int(hgmma.group(2)) == (3 if overlap else 1), out
     assert int(hgmma.group(3)) == (2 if overlap else 0), out
+    if x_perm:  # every copy 16 bytes: x's [BM, BK] tile, and the ring's weights
+        copies = (bm * bk * 2 + (bn * bk // 2 if w_ring else 0)) // 16 // (32 * warps)
+        assert re.search(rf"\bLDGSTS {copies}\b", out), out
 
 
 def test_tile_table_and_bad_configs() -> None:
@@ -69,7 +74,7 @@ def _hopper() -> bool:
 def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
     """N not a multiple of the tile (48, 272), tokens not a multiple of the token tile, two
     token tiles and more, split K, an odd number of K tiles (384), bias, both weight paths,
-    both K loops."""
+    both K loops, x gathered into mma order."""
     if not _hopper():
         pytest.skip("wgmma needs a Hopper GPU")
     from specquant.kernels.triton_ops import w4_fragment as F
@@ -90,7 +95,8 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
         for cfg in (W.WgmmaConfig(64, 128, 4, 2), W.WgmmaConfig(128, 256, 8, 4, 1, True),
                     W.WgmmaConfig(64, 128, 4, 3, overlap=True),
                     W.WgmmaConfig(128, 128, 8, 4, 1, True, overlap=True),
-                    W.WgmmaConfig(256, 128, 16, 3, 1, True)):  # fmt: skip
+                    W.WgmmaConfig(256, 128, 16, 3, 1, True),
+                    W.WgmmaConfig(128, 256, 8, 3, 1, True, x_perm=True)):  # fmt: skip
             for split in (None, 2):
                 got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
                 err = float((got - want).norm() / want.norm())

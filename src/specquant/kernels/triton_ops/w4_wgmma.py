@@ -11,7 +11,9 @@ warps read.
 
 x's columns inside each 128 block are stored in mma K order (the fragment packing permutes
 K, see `w4_fragment.pi`): column pi(k) goes to position k. pi keeps k and k + 1 next to each
-other, so x is copied as 4-byte pairs.
+other, so x is copied as 4-byte pairs; with the config's `x_perm` the launcher gathers x into
+that order first (one small kernel per call) and the programs copy 16-byte pieces, a quarter
+of the copy instructions.
 
 Two K loops. `_loop_sync` (per tile: wait for this thread's copies, fence them to the async
 proxy, one CTA barrier, the copy STAGES - 1 tiles ahead, the weights one tile ahead into
@@ -32,6 +34,7 @@ table does not pick it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from triton.experimental import gluon
@@ -47,6 +50,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
     _async_load,
+    _column_order,
     _cta_barrier,
     _finish,
     _table,
@@ -210,7 +214,7 @@ def _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0
 
 @gluon.jit(do_not_specialize=["M"])
 def _w4_wgmma_kernel(
-    x_ptr,  # [M, K] bf16 / fp16
+    x_ptr,  # [M, K] bf16 / fp16; with X_PERM each 128 block in mma K order (pi)
     w_ptr,  # int16 [N/16, K/128, 512] fragment atoms
     s_ptr,  # fp32 [N, G] scales
     b_ptr,  # [N] bias (HAS_BIAS)
@@ -220,14 +224,17 @@ def _w4_wgmma_kernel(
     M, N, K, G, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, W_RING: gl.constexpr, OVERLAP: gl.constexpr, WORDS: gl.constexpr,
-    WORDS_MMA: gl.constexpr,
+    STAGES: gl.constexpr, W_RING: gl.constexpr, OVERLAP: gl.constexpr, X_PERM: gl.constexpr,
+    WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
 ):  # fmt: skip
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    XC: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # copies of x
+    if X_PERM:  # x arrives in mma K order: 16-byte copies
+        XC: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
+    else:  # 4-byte copies, each a pair of columns k, k + 1 of pi
+        XC: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     X_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # each thread reads back the weights it copied: no swizzle
@@ -241,7 +248,10 @@ def _w4_wgmma_kernel(
     w_ptrs = w_ptr + row_off + cols[None, :]  # [BN/16, BK/128 * 512]
     w_mask = (n0 // 16 + rows < N // 16)[:, None]
     rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
-    xc = _x_columns(BK, gl.SliceLayout(0, XC))
+    if X_PERM:
+        xc = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, XC)), 8), 8)
+    else:
+        xc = _x_columns(BK, gl.SliceLayout(0, XC))
     x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK], mma order
     x_mask = (rmx < M)[:, None]
 
@@ -287,6 +297,9 @@ class WgmmaConfig:
     # asynchronous wgmma, the next tile unpacked meanwhile into a second set of A registers;
     # group scales then multiply A in bf16/fp16 instead of each tile's product in fp32
     overlap: bool = False
+    # the launcher gathers x into mma K order first (one small kernel), so that the program
+    # copies it in 16-byte pieces instead of 4-byte column pairs
+    x_perm: bool = False
 
 
 DEFAULT_WGMMA = WgmmaConfig(128, 128, 4, 3, 1, True)
@@ -334,6 +347,11 @@ def check_config(cfg: WgmmaConfig) -> None:
         raise ValueError(f"stages must be >= {least} ({why}), not {cfg.stages}")
 
 
+@cache
+def _mma_order(device: torch.device) -> torch.Tensor:
+    return _column_order(device)
+
+
 def wgmma_linear(
     x: torch.Tensor,  # [..., K] bf16 / fp16
     frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
@@ -352,6 +370,8 @@ def wgmma_linear(
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out.view(*lead, n)
+    if cfg.x_perm:  # each 128-column block in mma K order, as the weights are packed
+        a = a.view(m, k // ATOM_K, ATOM_K).index_select(2, _mma_order(a.device)).view(m, k)
     bm = token_tile(m)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
     lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps)
@@ -360,7 +380,8 @@ def wgmma_linear(
         m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
-        W_RING=cfg.w_ring, OVERLAP=cfg.overlap, WORDS=lay.words, WORDS_MMA=lay.words_mma,
+        W_RING=cfg.w_ring, OVERLAP=cfg.overlap, X_PERM=cfg.x_perm, WORDS=lay.words,
+        WORDS_MMA=lay.words_mma,
         num_warps=cfg.warps,
     )  # fmt: skip
     return out.view(*lead, n)
