@@ -27,7 +27,7 @@ the wait's dependencies, fencing on the copying side, and its copy lead, and is 
 against the reference on the GPU like the synchronous loop. Measured on an H200 it loses
 to the synchronous loop wherever two programs share an SM (they already overlap each
 other's wgmma and unpacking), and beats its synchronous twin only with one 16-warp program
-per SM (bench/results/wgmma_probe_overlap_8476c43.md, wgmma_probe_e973a0e.md); the tile
+per SM (bench/results/wgmma_probe_overlap_8476c43.md, wgmma_probe_2149e61.md); the tile
 table does not pick it.
 """
 
@@ -308,7 +308,7 @@ _W = WgmmaConfig
 # Per M bucket (its largest M, timed there), one config per weight-size class
 # (w4_fragment.SIZE_CLASSES); None: the canonical kernel is faster. Picked on an H200 over
 # the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
-# total time per class; bench/results/wgmma_probe_e973a0e.json, 12 configs with the 16-warp
+# total time per class; bench/results/wgmma_probe_2149e61.json, 12 configs with the 16-warp
 # ones; the overlapping loop lost everywhere, wgmma_probe_overlap_8476c43.json). Up to 8
 # tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical kernel.
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
