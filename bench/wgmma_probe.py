@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,14 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
 
 
 def timings(
-    deadline: float, formats: list[str], models: list[str], ms: list[int]
+    deadline: float,
+    formats: list[str],
+    models: list[str],
+    ms: list[int],
+    layer_done: Callable[[list[dict[str, Any]]], None],
 ) -> list[dict[str, Any]]:
+    """Every candidate and the canonical kernel on each layer; `layer_done` gets the rows
+    so far after each layer (the caller writes them, so a run cut short keeps them)."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for fmt in formats:
@@ -92,6 +99,7 @@ def timings(
                             row["error"] = repr(e)[:300]
                         rows.append(row)
                 print(f"timed {fmt} {model} {layer} at {time.time():.0f}", flush=True)
+                layer_done(rows)
                 del ws, frags
                 torch.cuda.empty_cache()
     return rows
@@ -155,6 +163,11 @@ def markdown(result: dict[str, Any]) -> list[str]:
             if result.get("joined")
             else []
         ),
+        *(
+            ["**Partial**: written after a layer; the run had not finished.", ""]
+            if result.get("finished") is False
+            else []
+        ),
         f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
         f"{max((r['rel_err'] for r in checks), default=float('nan')):.1e}.",
         "",
@@ -189,28 +202,36 @@ def main() -> None:
                     "wgmma_probe.json (same card): its timings join this run's in the sums "
                     "and the table, e.g. to finish what its time budget left out")  # fmt: skip
     args = ap.parse_args()
+    prior = json.loads(args.prior.read_text()) if args.prior else None
+    if prior and prior["card"] != torch.cuda.get_device_name():
+        raise SystemExit(f"--with {args.prior} ran on {prior['card']}, not this card")
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     checks = [] if args.skip_check else check(gen)
     if checks:
         worst = max(checks, key=lambda r: r["rel_err"])
         print(f"checks: {len(checks)}, worst {json.dumps(worst)}", flush=True)
+
+    def report(rows: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
+        """Write the report of `rows` (joined with --with's) and return it."""
+        if prior:
+            done = {(r["fmt"], r["model"], r["layer"], r["m"]) for r in rows}
+            rows = [r for r in prior["timings"]
+                    if (r["fmt"], r["model"], r["layer"], r["m"]) not in done] + rows  # fmt: skip
+        result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                      date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
+                      checks=checks, timings=rows, sums=sums(rows), table=table(rows),
+                      joined=str(args.prior) if args.prior else None,
+                      finished=finished)  # fmt: skip
+        write_report(args.out / "wgmma_probe.json", result, markdown(result))
+        return result
+
+    report([], finished=False)  # the checks, should the run be cut short
     rows = timings(start + args.budget_s, args.formats.split(","), args.models.split(","),
-                   [int(m) for m in args.ms.split(",")])  # fmt: skip
-    if args.prior:
-        prior = json.loads(args.prior.read_text())
-        if prior["card"] != torch.cuda.get_device_name():
-            raise SystemExit(f"--with {args.prior} ran on {prior['card']}, not this card")
-        done = {(r["fmt"], r["model"], r["layer"], r["m"]) for r in rows}
-        rows = [r for r in prior["timings"]
-                if (r["fmt"], r["model"], r["layer"], r["m"]) not in done] + rows  # fmt: skip
-    result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                  checks=checks, timings=rows, sums=sums(rows), table=table(rows),
-                  joined=str(args.prior) if args.prior else None)  # fmt: skip
-    for line in markdown(result)[8:]:
+                   [int(m) for m in args.ms.split(",")],
+                   lambda rows: report(rows, finished=False))  # fmt: skip
+    for line in markdown(report(rows, finished=True))[8:]:
         print(line, flush=True)
-    write_report(args.out / "wgmma_probe.json", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bench/kernel_perf.py --merge (one report from runs that each finished part of the models),
-its goal lines, and kernel_profile.py's argument checks."""
+its goal lines, kernel_profile.py's argument checks, and wgmma_probe's table and report."""
 
 from __future__ import annotations
 
@@ -78,3 +78,23 @@ def test_kernel_profile_rejects_an_unknown_layer_before_touching_the_gpu() -> No
     )  # fmt: skip
     assert out.returncode != 0
     assert "--layer must be one of ['down', 'gate_up', 'o', 'qkv'], not mlp" in out.stderr
+
+
+def test_wgmma_probe_table_picks_a_config_only_where_it_beats_the_canonical_kernel() -> None:
+    import wgmma_probe as P
+
+    def row(layer: str, m: int, us: float, config: list | None = None) -> dict[str, object]:
+        k, n = KP.SHAPES["8b"][layer]
+        kernel = "canonical" if config is None else "wgmma"
+        return dict(fmt="w4a16", model="8b", layer=layer, n=n, k=k, bytes=1, m=m,
+                    kernel=kernel, us=us, **({"config": config} if config else {}))  # fmt: skip
+
+    fast, slow = [128, 128, 8, 3, 1, True, False, False], [64, 128, 4, 3, 1, False, False, True]
+    rows = [row("qkv", 16, 10.0), row("qkv", 16, 8.0, fast), row("qkv", 16, 9.0, slow),
+            row("qkv", 64, 10.0), row("qkv", 64, 12.0, fast)]  # fmt: skip
+    table = P.table(rows)
+    assert table["16"][0] == fast  # qkv is in the smallest size class
+    assert table["64"][0] is None  # the canonical kernel was faster
+    result = dict(card="H200", torch="t", date="d", commit="c", checks=[], timings=rows,
+                  sums=P.sums(rows), table=table, joined=None, finished=False)  # fmt: skip
+    assert "**Partial**" in "\n".join(P.markdown(result))
