@@ -37,6 +37,24 @@ def cpu_run_text(meta: dict[str, Any]) -> str:
     return f"CPU {meta['cpu']}, torch {meta['torch']}, {meta['date']}, commit {meta['commit']}."
 
 
+def gpu_run_meta(commit: str | None = None) -> dict[str, str]:
+    """Where and when a GPU benchmark ran: card, torch, date, commit (given, or git HEAD)."""
+    import time
+
+    return {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit or git_commit(),
+    }
+
+
+def gpu_run_text(meta: dict[str, Any], stage: str) -> str:
+    """The report's first words for a `bench/gpu_kernels.sh` stage (gpu_run_meta's keys)."""
+    return (f"Card: {meta['card']}; date {meta['date']}; commit {meta['commit']}; torch "
+            f"{meta['torch']}. Reproduce: `STAGE={stage} bench/gpu_kernels.sh`.")  # fmt: skip
+
+
 def write_report(out: Path, report: dict[str, Any], md: list[str]) -> None:
     """The JSON report at `out` and its markdown next to it (same name, .md); the markdown is
     also printed."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common import git_commit, write_report
+from common import gpu_run_meta, gpu_run_text, write_report
 from kernel_perf import SHAPES, _clone, copies_for, nbytes, random_tensors, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops.qlinear import qlinear
@@ -251,8 +251,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     md = [
         "# Fragment-order W4A16 kernel: checks, tile configs, fragment vs canonical",
         "",
-        f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
-        f"{result['torch']}. Reproduce: `STAGE=frag bench/gpu_kernels.sh`.",
+        gpu_run_text(result, "frag"),
         "",
         f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
         f"{max(r['rel_err'] for r in checks):.1e}; packing round-trips: "
@@ -327,9 +326,7 @@ def main() -> None:
         print(f"{r['fmt']:>11} {r['model']:>3} {r['layer']:>7} M={r['m']:>3}: frag "
               f"{r['frag_us']:6.1f} us ({r['bytes'] / r['frag_us'] / 1e3:5.0f} GB/s), canonical "
               f"{r['canonical_us']:6.1f} us")  # fmt: skip
-    result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                  checks=checks, tune=tuned, best=best, compare=comp,
+    result = dict(gpu_run_meta(args.commit), checks=checks, tune=tuned, best=best, compare=comp,
                   table=table(comp, best))  # fmt: skip
     print("table:", json.dumps(result["table"]), flush=True)
     write_report(args.out / "frag_probe.json", result, markdown(result))

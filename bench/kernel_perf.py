@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common import copy_bandwidth_gbs, git_commit
+from common import copy_bandwidth_gbs, gpu_run_meta
 from specquant.quant.spec import FORMATS, QuantSpec
 
 SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
@@ -799,10 +799,7 @@ def main() -> None:
     summary = summarize(rows, bw)
     chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s)
     meta = dict(
-        card=torch.cuda.get_device_name(),
-        date=time.strftime("%Y-%m-%d"),
-        commit=args.commit or git_commit(),
-        torch=torch.__version__,
+        gpu_run_meta(args.commit),
         triton=triton.__version__,
         copy_bw_gbs=bw,
         seconds=time.time() - start,

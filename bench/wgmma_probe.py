@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common import git_commit, write_report
+from common import gpu_run_meta, gpu_run_text, write_report
 from frag_probe import check_cases, rel_err, size_class, weights
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.triton_ops import w4_fragment as F
@@ -155,8 +155,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     md = [
         "# wgmma W4A16 kernel: checks, and timings against the canonical kernel",
         "",
-        f"Card: {result['card']}; date {result['date']}; commit {result['commit']}; torch "
-        f"{result['torch']}. Reproduce: `STAGE=wgmma bench/gpu_kernels.sh`.",
+        gpu_run_text(result, "wgmma"),
         "",
         *(
             [f"Joined with the timings of {result['joined']} that this run did not repeat.", ""]
@@ -218,10 +217,8 @@ def main() -> None:
             done = {(r["fmt"], r["model"], r["layer"], r["m"]) for r in rows}
             rows = [r for r in prior["timings"]
                     if (r["fmt"], r["model"], r["layer"], r["m"]) not in done] + rows  # fmt: skip
-        result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
-                      date=time.strftime("%Y-%m-%d"), commit=args.commit or git_commit(),
-                      checks=checks, timings=rows, sums=sums(rows), table=table(rows),
-                      joined=str(args.prior) if args.prior else None,
+        result = dict(gpu_run_meta(args.commit), checks=checks, timings=rows, sums=sums(rows),
+                      table=table(rows), joined=str(args.prior) if args.prior else None,
                       finished=finished)  # fmt: skip
         write_report(args.out / "wgmma_probe.json", result, markdown(result))
         return result

@@ -207,6 +207,25 @@ def _x_operand(x, BK: gl.constexpr, BM: gl.constexpr, BL: gl.constexpr):
 
 
 @gluon.jit
+def _weight_ptrs(w_ptr, n0, N, K, BN: gl.constexpr, BK: gl.constexpr, WORDS: gl.constexpr):
+    """Pointers [BN/16, BK/128 * 512] to the fragment atoms of output rows n0.. in the first
+    K tile (add (k // 128) * 512 for the tile at k), and the mask of atom rows inside N."""
+    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
+    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
+    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
+    return w_ptr + row_off + cols[None, :], (n0 // 16 + rows < N // 16)[:, None]
+
+
+@gluon.jit
+def _out_index(n0, m0, N, M, BN: gl.constexpr, BM: gl.constexpr, LAYOUT: gl.constexpr):
+    """The output rows rn [BN] and tokens rm [BM] of a program's y^T tile in the
+    accumulator's layout, with their masks."""
+    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LAYOUT))
+    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, LAYOUT))
+    return rn, rm, rn < N, rm < M
+
+
+@gluon.jit
 def _copy_tile(w_dst, x_dst, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT):
     """cp.async of the K tile at k_lo + kb (nothing past K_SPLIT) into one ring slot."""
     live = kb < K_SPLIT
@@ -289,20 +308,13 @@ def _w4_fragment_kernel(
     n0 = pid_n * BN
     m0 = pid_m * BM
 
-    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
-    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
-    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
-    w_ptrs = w_ptr + row_off + cols[None, :]  # [BN/16, BK/128 * 512]
-    w_mask = (n0 // 16 + rows < N // 16)[:, None]
+    w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, WORDS)
     rc = gl.arange(0, BK, layout=gl.SliceLayout(1, XL))
     rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, XL))
     x_ptrs = x_ptr + rmx.to(gl.int64)[None, :] * stride_xm + rc[:, None]  # x^T [BK, BM]
     x_mask = (rmx < M)[None, :]
 
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-    n_mask = rn < N
-    m_mask = rm < M
+    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, mma)
     acc = gl.zeros([BN, BM], gl.float32, mma)
     k_lo = pid_k * K_SPLIT
     if STAGES > 1:  # rings of weight and x tiles in shared memory, STAGES - 1 tiles ahead

@@ -51,10 +51,13 @@ from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_N,
     _async_load,
     _column_order,
+    _copy_tile,
     _cta_barrier,
     _finish,
+    _out_index,
     _table,
     _unpack,
+    _weight_ptrs,
     _words,
     as_rows,
     layouts,
@@ -79,11 +82,12 @@ def _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK:
     """cp.async of the K tile at k_lo + kb into its ring slot, as one commit group; past
     K_SPLIT nothing is read and the slot is zero-filled."""
     slot = (kb // BK) % STAGES
-    live = kb < K_SPLIT
     if W_RING:
-        _async_load(w_ring.index(slot), w_ptrs + ((k_lo + kb) // 128) * 512, mask=w_mask & live)
-    _async_load(x_ring.index(slot), x_ptrs + k_lo + kb, mask=x_mask & live)
-    async_copy.commit_group()
+        _copy_tile(w_ring.index(slot), x_ring.index(slot), w_ptrs, w_mask, x_ptrs, x_mask,
+                   k_lo, kb, K_SPLIT)  # fmt: skip
+    else:
+        _async_load(x_ring.index(slot), x_ptrs + k_lo + kb, mask=x_mask & (kb < K_SPLIT))
+        async_copy.commit_group()
 
 
 @gluon.jit
@@ -242,11 +246,7 @@ def _w4_wgmma_kernel(
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
 
-    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
-    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
-    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
-    w_ptrs = w_ptr + row_off + cols[None, :]  # [BN/16, BK/128 * 512]
-    w_mask = (n0 // 16 + rows < N // 16)[:, None]
+    w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, WORDS)
     rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
     if X_PERM:
         xc = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, XC)), 8), 8)
@@ -255,10 +255,7 @@ def _w4_wgmma_kernel(
     x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK], mma order
     x_mask = (rmx < M)[:, None]
 
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
-    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_l))
-    n_mask = rn < N
-    m_mask = rm < M
+    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
     acc = gl.zeros([BN, BM], gl.float32, acc_l)
     k_lo = gl.program_id(2) * K_SPLIT
     x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BM, BK], X_SMEM)
