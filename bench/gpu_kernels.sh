@@ -37,17 +37,26 @@ measure)
     ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}"
   ;;
 profile)
-  # --clock-control none: leave the clocks as they are (the device notes ask for it)
+  # --clock-control none: leave the clocks as they are (the device notes ask for it).
+  # Per case: the sections and stall reasons as text, and the SASS with its sampled stalls
+  # as CSV (bench/kernel_profile.py --stalls summarizes that CSV anywhere, no GPU needed)
   IFS=';' read -ra cases <<< "${PROFILE_CASES:---kernel wgmma --layer down --m 64;--kernel wgmma --layer gate_up --m 64;--kernel canonical --layer down --m 64;--kernel frag --layer down --m 1}"
   i=0
   for c in "${cases[@]}"; do
     i=$((i + 1))
     echo "== profile $i: $c" | tee "$OUT/profile_$i.txt"
+    rep="${TMPDIR:-/tmp}/profile_$i"
     # shellcheck disable=SC2086  # $c holds several arguments
-    ncu --clock-control none --kernel-name 'regex:_w4_|_qlinear_kernel' --launch-skip 2 --launch-count 1 \
+    if ncu --clock-control none --kernel-name 'regex:_w4_|_qlinear_kernel' --launch-skip 2 --launch-count 1 \
       --section LaunchStats --section Occupancy --section SpeedOfLight --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
-      python bench/kernel_profile.py $c >> "$OUT/profile_$i.txt" 2>&1 || echo "ncu failed ($?)" >> "$OUT/profile_$i.txt"
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -f -o "$rep" \
+      python bench/kernel_profile.py $c >> "$OUT/profile_$i.txt" 2>&1; then
+      ncu -i "$rep.ncu-rep" --print-details all >> "$OUT/profile_$i.txt" 2>&1
+      ncu -i "$rep.ncu-rep" --page source --print-source sass --csv > "$OUT/profile_${i}_sass.csv" 2>&1 || true
+    else
+      echo "ncu failed ($?)" >> "$OUT/profile_$i.txt"
+    fi
   done
   ;;
 *)

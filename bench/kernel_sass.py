@@ -78,7 +78,7 @@ def compile_fragment_sass(
 
 def compile_wgmma_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 3,
-    w_ring: bool = False, overlap: bool = False, x_perm: bool = False,
+    w_ring: bool = False, overlap: bool = False, x_perm: bool = False, maxnreg: int = 0,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py)."""
     from specquant.kernels.triton_ops import w4_fragment as F
@@ -88,10 +88,12 @@ def compile_wgmma_sass(
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
                   STAGES=stages, W_RING=w_ring, OVERLAP=overlap, X_PERM=x_perm, WORDS=lay.words,
                   WORDS_MMA=lay.words_mma)  # fmt: skip
-    return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch)
+    return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch, maxnreg)
 
 
-def _compile_w4_gluon(fn: Any, consts: dict[str, Any], warps: int, arch: int) -> tuple[str, str]:
+def _compile_w4_gluon(
+    fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0
+) -> tuple[str, str]:
     """(SASS, resource usage) of a fragment-order W4A16 Gluon kernel (both share their
     arguments), bf16 activations, pointers and K-side sizes 16-aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -104,7 +106,8 @@ def _compile_w4_gluon(fn: Any, consts: dict[str, Any], warps: int, arch: int) ->
                                                         "stride_om"]  # fmt: skip
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
 
 
@@ -172,16 +175,18 @@ def main() -> None:
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
                     "[,stages]]: count the fragment-order W4A16 kernel instead")  # fmt: skip
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
-                    "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1]]]]: count the wgmma W4A16 kernel "
-                    "instead")  # fmt: skip
+                    "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
+                    "kernel instead")  # fmt: skip
     ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
                     "channel")  # fmt: skip
     args = ap.parse_args()
     if args.wgmma:
         given = [int(v) for v in args.wgmma.split(",")]
-        bn, bk, bm, warps, stages, ring, overlap, x_perm = given + [3, 0, 0, 0][len(given) - 4 :]
+        fields = given + [3, 0, 0, 0, 0][len(given) - 4 :]
+        bn, bk, bm, warps, stages, ring, overlap, x_perm, maxnreg = fields
         sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
-                                       bool(ring), bool(overlap), bool(x_perm))  # fmt: skip
+                                       bool(ring), bool(overlap), bool(x_perm),
+                                       maxnreg)  # fmt: skip
         tiles = 2 if overlap else 1  # the overlapping loop is unrolled by two K tiles
         _print_w4(sass, res, f"wgmma W4A16 group {args.group}, tile {args.wgmma}",
                   bn * bk * tiles, 32 * warps, args.arch)  # fmt: skip

@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import astuple, replace
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,26 @@ from specquant.quant.spec import get_format
 
 # WgmmaConfig(BLOCK_N, BLOCK_K, warps, stages, split waves, weights through the ring,
 # overlap: asynchronous wgmma with the next tile unpacked meanwhile, x_perm: x gathered into
-# mma K order by the launcher and copied in 16-byte pieces)
+# mma K order by the launcher and copied in 16-byte pieces, maxnreg: registers per thread)
 _C = W.WgmmaConfig
-_SYNC = [_C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(128, 128, 8, 3, 2), _C(128, 128, 8, 3, 1, True),
+_SYNC = [_C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(128, 128, 8, 3, 1, True),
          _C(128, 128, 4, 3, 1, True), _C(256, 128, 16, 3)]  # fmt: skip
+# held to 128 registers: two 8-warp programs per SM (Nsight Compute showed one, register-
+# and shared-memory-bound, its warps waiting on the weights' loads and on barriers)
+_TWO = [_C(128, 128, 8, 3, maxnreg=128), _C(128, 128, 8, 3, 2, maxnreg=128),
+        _C(128, 128, 8, 3, 1, True, maxnreg=128), _C(128, 128, 8, 4, 1, True, maxnreg=128),
+        _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
 CANDIDATES = [
     *_SYNC,
-    *(replace(c, x_perm=True) for c in _SYNC),
-    _C(256, 128, 16, 4, 1, False, True),
-    _C(256, 128, 16, 4, 1, False, True, True),
+    *_TWO,
+    _C(128, 128, 8, 3, x_perm=True),
+    _C(128, 128, 8, 4, 1, True, x_perm=True, maxnreg=128),
 ]
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
            _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
-           _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True)]  # fmt: skip
+           _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True),
+           _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
@@ -173,7 +179,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
         "replays, weights rotated through HBM). wgmma configs: [BLOCK_N, BLOCK_K, warps, "
         "stages, split waves, weights through the ring, overlapping K loop, x gathered "
-        "into mma order].",
+        "into mma order, registers per thread (0: ptxas decides)].",
         "",
     ]
     for key, cell in result["sums"].items():

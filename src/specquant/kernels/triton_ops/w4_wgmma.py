@@ -297,6 +297,9 @@ class WgmmaConfig:
     # the launcher gathers x into mma K order first (one small kernel), so that the program
     # copies it in 16-byte pieces instead of 4-byte column pairs
     x_perm: bool = False
+    # registers per thread (0: ptxas decides). 128 at 8 warps fits two programs on an SM,
+    # so one program's copies, unpacking and wgmma hide another's waits
+    maxnreg: int = 0
 
 
 DEFAULT_WGMMA = WgmmaConfig(128, 128, 4, 3, 1, True)
@@ -324,6 +327,7 @@ def wgmma_config(m: int, weights: int) -> WgmmaConfig | None:
     return lookup(WGMMA_CONFIGS, m, weights)
 
 
+MIN_REGS = 64
 TOKEN_TILES = (8, 16, 32, 64)  # wgmma's N; more tokens run as several tiles of 64
 
 
@@ -342,6 +346,10 @@ def check_config(cfg: WgmmaConfig) -> None:
     if cfg.stages < least:
         why = "the copy ring" + (", two tiles of it under the async wgmma" if cfg.overlap else "")
         raise ValueError(f"stages must be >= {least} ({why}), not {cfg.stages}")
+    if cfg.maxnreg and not (MIN_REGS <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0):
+        raise ValueError(f"maxnreg must be 0 (ptxas decides) or a multiple of 8 in "
+                         f"[{MIN_REGS}, 255] (wgmma's accumulator lives in registers), "
+                         f"not {cfg.maxnreg}")  # fmt: skip
 
 
 @cache
@@ -379,6 +387,6 @@ def wgmma_linear(
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
         W_RING=cfg.w_ring, OVERLAP=cfg.overlap, X_PERM=cfg.x_perm, WORDS=lay.words,
         WORDS_MMA=lay.words_mma,
-        num_warps=cfg.warps,
+        num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
     return out.view(*lead, n)
