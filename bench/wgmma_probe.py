@@ -33,25 +33,29 @@ from specquant.quant.spec import get_format
 # overlap: asynchronous wgmma with the next tile unpacked meanwhile, x_perm: x gathered into
 # mma K order by the launcher and copied in 16-byte pieces, maxnreg: registers per thread)
 _C = W.WgmmaConfig
-_SYNC = [_C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(128, 128, 8, 3, 1, True),
-         _C(128, 128, 4, 3, 1, True), _C(256, 128, 16, 3)]  # fmt: skip
-# held to 128 registers: two 8-warp programs per SM (Nsight Compute showed one, register-
-# and shared-memory-bound, its warps waiting on the weights' loads and on barriers)
-_TWO = [_C(128, 128, 8, 3, maxnreg=128), _C(128, 128, 8, 3, 2, maxnreg=128),
-        _C(128, 128, 8, 3, 1, True, maxnreg=128), _C(128, 128, 8, 4, 1, True, maxnreg=128),
-        _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
-CANDIDATES = [
-    *_SYNC,
-    *_TWO,
-    _C(128, 128, 8, 3, x_perm=True),
-    _C(128, 128, 8, 4, 1, True, x_perm=True, maxnreg=128),
-]
+# the best of each earlier probe, and the canonical-x twins of the x_perm ones
+_PRIOR = [_C(64, 128, 4, 3), _C(128, 128, 8, 3), _C(128, 128, 8, 3, 1, True),
+          _C(128, 128, 4, 3, 1, True)]  # fmt: skip
+# x gathered into mma order (16-byte copies) and held to 128 registers, so that two 8-warp
+# programs share an SM (f62f021's probe: 70B g128 at 64 tokens 343.3 against 386.7 us)
+_PERM = [_C(128, 128, 8, 4, 1, True, x_perm=True, maxnreg=128),
+         _C(128, 128, 8, 3, 1, True, x_perm=True, maxnreg=128),
+         _C(128, 128, 8, 3, x_perm=True, maxnreg=128),
+         _C(128, 128, 8, 4, 2, True, x_perm=True, maxnreg=128),
+         _C(128, 128, 8, 3, 2, x_perm=True, maxnreg=128),
+         _C(64, 128, 4, 3, x_perm=True, maxnreg=128),
+         _C(64, 128, 4, 4, 1, True, x_perm=True, maxnreg=128),
+         _C(128, 128, 4, 3, 1, True, x_perm=True),
+         _C(256, 128, 16, 4, 1, True, x_perm=True),
+         _C(256, 128, 16, 3, x_perm=True)]  # fmt: skip
+CANDIDATES = [*_PRIOR, *_PERM]
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
            _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
            _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True),
            _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
+GATHER = "x_perm gather"  # the launcher's gather of x into mma order, timed on its own
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
 
@@ -93,6 +97,13 @@ def timings(
                         return qlinear(x, ws[i], None, spec)
 
                     rows.append(dict(base, kernel="canonical", us=time_graph(canon, len(ws))))
+                    order = W._mma_order(x.device)
+
+                    def gather(i: int, x=x, m=m, k=k, order=order) -> torch.Tensor:
+                        return x.view(m, k // F.ATOM_K, F.ATOM_K).index_select(2, order)
+
+                    # what x_perm configs spend before their kernel (timed inside theirs too)
+                    rows.append(dict(base, kernel=GATHER, us=time_graph(gather, 1)))
                     for cfg in CANDIDATES:
 
                         def run(i: int, x=x, cfg=cfg, fr=frags, ws=ws, g=group) -> torch.Tensor:
@@ -145,7 +156,7 @@ def table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
             sel = [r for r in rows if r["m"] == m and size_class(r["n"], r["k"]) == cls]
             totals: dict[tuple[Any, ...], list[float]] = {}
             for r in sel:
-                if "us" in r:
+                if "us" in r and r["kernel"] in ("wgmma", "canonical"):
                     key = tuple(r.get("config") or ["canonical"])
                     totals.setdefault(key, []).append(r["us"])
             full = max((len(v) for v in totals.values()), default=0)
@@ -183,8 +194,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
     ]
     for key, cell in result["sums"].items():
-        ranked = sorted(cell.items(), key=lambda kv: kv[1])
-        md.append(f"- {key}: " + ", ".join(f"{name} {us}" for name, us in ranked[:6]))
+        ranked = sorted((kv for kv in cell.items() if kv[0] != GATHER), key=lambda kv: kv[1])
+        gather = f" ({GATHER} {cell[GATHER]}, inside the x_perm times)" if GATHER in cell else ""
+        md.append(f"- {key}: " + ", ".join(f"{n} {us}" for n, us in ranked[:6]) + gather)
     md += ["", "Config per M bucket and weight-size class where the wgmma kernel beat the "
            "canonical one (`WGMMA_CONFIGS`; null: canonical):", "",
            "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",

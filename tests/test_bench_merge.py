@@ -92,9 +92,13 @@ def test_wgmma_probe_table_picks_a_config_only_where_it_beats_the_canonical_kern
     fast, slow = [128, 128, 8, 3, 1, True, False, False], [64, 128, 4, 3, 1, False, False, True]
     rows = [row("qkv", 16, 10.0), row("qkv", 16, 8.0, fast), row("qkv", 16, 9.0, slow),
             row("qkv", 64, 10.0), row("qkv", 64, 12.0, fast)]  # fmt: skip
+    rows.append(dict(row("qkv", 64, 1.5), kernel=P.GATHER))  # not a kernel the table picks
     table = P.table(rows)
     assert table["16"][0] == fast  # qkv is in the smallest size class
     assert table["64"][0] is None  # the canonical kernel was faster
     result = dict(card="H200", torch="t", date="d", commit="c", checks=[], timings=rows,
                   sums=P.sums(rows), table=table, joined=None, finished=False)  # fmt: skip
-    assert "**Partial**" in "\n".join(P.markdown(result))
+    md = "\n".join(P.markdown(result))
+    assert "**Partial**" in md
+    assert "- w4a16 8b M=64: canonical 10.0, " in md  # the gather is no ranked kernel
+    assert f"12.0 ({P.GATHER} 1.5, inside the x_perm times)" in md
