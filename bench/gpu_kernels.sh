@@ -5,7 +5,9 @@
 #   STAGE=wgmma    bench/wgmma_probe.py: the wgmma W4A16 kernel checked and timed against the others
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
-#                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH)
+#                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH);
+#                  KP_ARGS: more kernel_perf.py arguments, e.g. "--formats w4a16-g128,w4a16"
+#   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|profile}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
@@ -34,7 +36,11 @@ wgmma)
   ;;
 measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \
-    ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}"
+    ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}" \
+    ${KP_ARGS:-}
+  ;;
+gather)
+  python bench/gather_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"}
   ;;
 profile)
   # --clock-control none: leave the clocks as they are (the device notes ask for it).

@@ -314,11 +314,13 @@ def _clone(t: Any) -> Any:
     return t.clone() if isinstance(t, torch.Tensor) else {k: v.clone() for k, v in t.items()}
 
 
-def measure_chains(models: list[str], ms: list[int], deadline: float) -> list[dict[str, Any]]:
+def measure_chains(
+    models: list[str], ms: list[int], deadline: float, names: list[str] = CHAIN
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
-        for name in CHAIN:
+        for name in names:
             if time.time() > deadline:
                 print(f"deadline reached before the {model} {name} chain", flush=True)
                 return rows
@@ -412,15 +414,24 @@ def time_each_m(
 
 
 def measure(
-    models: list[str], ms: list[int], deadline: float, partial: Path, baselines: list[str]
+    models: list[str],
+    ms: list[int],
+    deadline: float,
+    partial: Path,
+    baselines: list[str],
+    formats: list[str] = OURS,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
         for layer, (k, n) in SHAPES[model].items():
             impls: list[tuple[str, Callable[[], Any]]] = [
-                *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in OURS + CANONICAL],
-                *[(f + ":gemm", lambda f=f, n=n, k=k: ours(f, n, k, gen, True)) for f in GEMM_ONLY],
+                *[(f, lambda f=f, n=n, k=k: ours(f, n, k, gen)) for f in formats],
+                *[
+                    (f + ":gemm", lambda f=f, n=n, k=k: ours(f, n, k, gen, True))
+                    for f in formats
+                    if f in GEMM_ONLY
+                ],
                 *[(b, lambda b=b, n=n, k=k: baseline(b, n, k, gen)) for b in baselines],
             ]
             for impl, build in impls:
@@ -750,6 +761,10 @@ def main() -> None:
         action="store_true",
         help="also time humming-kernels' W4A16 (JIT-compiled with nvcc/NVRTC on first use)",
     )
+    ap.add_argument("--formats", default=",".join(OURS + CANONICAL),
+                    help="our formats to time, comma-separated (the layer chains take those "
+                         "of them that are chains, and bf16)")  # fmt: skip
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--commit", default=None, help="git commit (default: this checkout's)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -760,6 +775,12 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in OURS + CANONICAL]
+    unknown += [b for b in args.baselines.split(",") if b and b not in BASELINES + HUMMING]
+    if unknown:
+        raise SystemExit(f"unknown formats or baselines {unknown}; known: "
+                         f"{', '.join(OURS + CANONICAL + BASELINES + HUMMING)}")  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("kernel_perf needs a CUDA GPU")
     start = time.time()
@@ -785,6 +806,7 @@ def main() -> None:
     jobs = [
         (f, n, k, m, table, gemm)
         for f in OURS
+        if f in formats
         for mo in models
         for (k, n) in SHAPES[mo].values()
         for m in (1, 32, 64, 128)
@@ -793,17 +815,20 @@ def main() -> None:
     errors = precompile(jobs, args.workers)
     print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
     bw = copy_bandwidth_gbs()
-    baselines = BASELINES + (HUMMING if args.humming else [])
+    baselines = [b for b in args.baselines.split(",") if b] + (HUMMING if args.humming else [])
     partial = args.out / "kernel_perf_rows.json"
-    rows = measure(models, ms, start + args.budget_s, partial, baselines)
+    rows = measure(models, ms, start + args.budget_s, partial, baselines, formats)
     summary = summarize(rows, bw)
-    chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s)
+    chain_names = [c for c in CHAIN if c == "bf16" or c in formats]
+    chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s, chain_names)
     meta = dict(
         gpu_run_meta(args.commit),
         triton=triton.__version__,
         copy_bw_gbs=bw,
         seconds=time.time() - start,
         tile_configs=table or "built-in",
+        formats=formats,
+        baselines=baselines,
     )
     lines = goals(summary) + chain_goals(chains)
     report = dict(meta=meta, goals=lines, summary=summary, rows=rows, chains=chains)

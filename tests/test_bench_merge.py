@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import kernel_perf as KP
@@ -102,3 +103,23 @@ def test_wgmma_probe_table_picks_a_config_only_where_it_beats_the_canonical_kern
     assert "**Partial**" in md
     assert "- w4a16 8b M=64: canonical 10.0, " in md  # the gather is no ranked kernel
     assert f"12.0 ({P.GATHER} 1.5, inside the x_perm times)" in md
+
+
+def test_gather_probe_ways_agree_with_the_launchers_gather() -> None:
+    """The view/permute form of the mma-order gather equals the index_select the wgmma
+    launcher uses (on the CPU; the GPU run checks it again before timing)."""
+    import gather_probe as G
+
+    x = torch.randn(3, 512)
+    assert torch.equal(G.by_permute(x), G.by_index(x))
+    assert not torch.equal(G.by_index(x), x)  # a real permutation
+
+
+def test_kernel_perf_rejects_unknown_formats() -> None:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "kernel_perf.py"), "--formats", "w4a16,w3"],
+        capture_output=True, text=True, cwd=root / "bench",
+        env={"PYTHONPATH": f"{root / 'src'}:{root / 'bench'}", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.returncode and "unknown formats or baselines ['w3']" in out.stderr

@@ -308,17 +308,21 @@ _W = WgmmaConfig
 # Per M bucket (its largest M, timed there), one config per weight-size class
 # (w4_fragment.SIZE_CLASSES); None: the canonical kernel is faster. Picked on an H200 over
 # the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
-# total time per class; bench/results/wgmma_probe_2149e61.json, 12 configs with the 16-warp
-# ones; the overlapping loop lost everywhere, wgmma_probe_overlap_8476c43.json). Up to 8
-# tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical kernel.
+# total time per class; bench/results/wgmma_probe_acdc019.json: 14 configs, the best of the
+# earlier probes among them). From 32 tokens on the large layers want x in mma order and two
+# programs per SM (128 registers); the 16-warp configs and the overlapping loop lost. Up to
+# 8 tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical one.
+_R = dict(w_ring=True)
+_P = dict(w_ring=True, x_perm=True)
+_TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
-    16: _table(None, _W(128, 128, 4, 3, 1, True), _W(128, 128, 8, 3, 1, True),
-               _W(128, 128, 8, 3, 1, True)),
-    32: _table(_W(128, 128, 8, 3, 1, True), _W(128, 128, 8, 3, 1, True),
-               _W(128, 128, 8, 3, 1, True), _W(128, 128, 8, 3, 1, True)),
-    64: _table(_W(64, 128, 4, 3), _W(128, 128, 8, 3), _W(256, 128, 16, 3), _W(256, 128, 16, 3)),
-    128: _table(_W(128, 128, 8, 3), _W(128, 128, 8, 3), _W(256, 128, 16, 3),
-                _W(128, 128, 8, 3, 2)),
+    16: _table(None, _W(128, 128, 4, 3, **_R), _W(128, 128, 8, 3, **_R), _W(128, 128, 4, 3, **_P)),
+    32: _table(_W(128, 128, 8, 3, **_R), _W(128, 128, 8, 3, **_R), _W(128, 128, 4, 3, **_P),
+               _W(64, 128, 4, 4, **_TWO)),
+    64: _table(_W(64, 128, 4, 3), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
+               _W(128, 128, 8, 4, **_TWO)),
+    128: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
+                _W(128, 128, 8, 4, **_TWO)),
 }  # fmt: skip
 
 
