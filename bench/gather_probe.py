@@ -3,9 +3,10 @@ of doing it, on the Llama-3 8B/70B linears' K at 16/64/128 tokens.
 
     python bench/gather_probe.py --out bench/results
 
-The launcher gathers with `index_select` over each 128-column block. The order is a bit
-permutation of the column index (w4_fragment.pi), so a view and a permute express the same
-gather as one strided copy; both are checked equal here before they are timed. Writes
+The order is a bit permutation of the column index (w4_fragment.pi), so besides
+`index_select` over each 128-column block, a view and a permute express the same gather as
+one strided copy (w4_wgmma.to_mma_order, the launcher's); both are checked equal here before
+they are timed. Writes
 gather_probe.json / .md (microseconds per call, median of CUDA-graph replays). Run by
 `STAGE=gather bench/gpu_kernels.sh`.
 """
@@ -25,15 +26,13 @@ from specquant.kernels.triton_ops import w4_wgmma as W
 
 
 def by_index(x: torch.Tensor) -> torch.Tensor:
+    """index_select with pi's table (what the launcher did up to d85fc05)."""
     m, k = x.shape
-    return x.view(m, k // F.ATOM_K, F.ATOM_K).index_select(2, W._mma_order(x.device)).view(m, k)
+    order = F._column_order(x.device)
+    return x.view(m, k // F.ATOM_K, F.ATOM_K).index_select(2, order).view(m, k)
 
 
-def by_permute(x: torch.Tensor) -> torch.Tensor:
-    """pi keeps bit 0, sends bits 3-6 of the mma position to bits 1-4 of the column and bits
-    1, 2 to bits 5, 6: the column block as [c6, c5, c4..c1, c0] read as [c4..c1, c6, c5, c0]."""
-    m, k = x.shape
-    return x.view(m, k // F.ATOM_K, 2, 2, 16, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
+by_permute = W.to_mma_order  # a view and a permute: one strided copy (the launcher's since)
 
 
 WAYS = {"index_select": by_index, "permute": by_permute}

@@ -656,6 +656,11 @@ def write_markdown(
         "Reproduce: `STAGE=measure HUMMING=1 bench/gpu_kernels.sh` (humming rows need "
         "`pip install humming-kernels`).",
         *[f"Merged: {m}." for m in meta.get("merged", [])],
+        *(
+            [f"Timed here: {', '.join(meta['formats'] + meta['baselines'])} (a subset)."]
+            if set(meta.get("formats", OURS + CANONICAL)) != set(OURS + CANONICAL)
+            else []
+        ),
         "",
         "## Goals",
         "",
@@ -697,7 +702,7 @@ def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
         md += ["", f"### Llama-3-{model.upper()}", ""]
         md.append("| format | " + " | ".join(f"M={m}" for m in MS) + " | vs bf16 at M=1 / 128 |")
         md.append("|---" * (len(MS) + 2) + "|")
-        for name in CHAIN:
+        for name in (c for c in CHAIN if any(impl == c for impl, _ in t)):  # those timed
             cells = [f"{t[(name, m)]:.1f}" if (name, m) in t else "-" for m in MS]
             ratio = "-"
             if all((k, m) in t for k in (name, "bf16") for m in (1, 128)):

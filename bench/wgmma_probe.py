@@ -97,10 +97,9 @@ def timings(
                         return qlinear(x, ws[i], None, spec)
 
                     rows.append(dict(base, kernel="canonical", us=time_graph(canon, len(ws))))
-                    order = W._mma_order(x.device)
 
-                    def gather(i: int, x=x, m=m, k=k, order=order) -> torch.Tensor:
-                        return x.view(m, k // F.ATOM_K, F.ATOM_K).index_select(2, order)
+                    def gather(i: int, x=x) -> torch.Tensor:
+                        return W.to_mma_order(x)
 
                     # what x_perm configs spend before their kernel (timed inside theirs too)
                     rows.append(dict(base, kernel=GATHER, us=time_graph(gather, 1)))

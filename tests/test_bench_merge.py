@@ -70,13 +70,18 @@ def test_chain_goals_compare_w4a8_with_w4a16_from_32_tokens_as_the_model_runs_th
     assert KP.chain_goals(slower)[0].endswith("no, not at M=[128]")
 
 
-def test_kernel_profile_rejects_an_unknown_layer_before_touching_the_gpu() -> None:
+def _bench_cli(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A bench/ script run as the GPU session runs it (no GPU here)."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, str(root / "bench" / "kernel_profile.py"), "--layer", "mlp"],
+    return subprocess.run(
+        [sys.executable, str(root / "bench" / script), *args],
         capture_output=True, text=True, cwd=root / "bench",
         env={"PYTHONPATH": f"{root / 'src'}:{root / 'bench'}", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
+
+
+def test_kernel_profile_rejects_an_unknown_layer_before_touching_the_gpu() -> None:
+    out = _bench_cli("kernel_profile.py", "--layer", "mlp")
     assert out.returncode != 0
     assert "--layer must be one of ['down', 'gate_up', 'o', 'qkv'], not mlp" in out.stderr
 
@@ -116,10 +121,5 @@ def test_gather_probe_ways_agree_with_the_launchers_gather() -> None:
 
 
 def test_kernel_perf_rejects_unknown_formats() -> None:
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, str(root / "bench" / "kernel_perf.py"), "--formats", "w4a16,w3"],
-        capture_output=True, text=True, cwd=root / "bench",
-        env={"PYTHONPATH": f"{root / 'src'}:{root / 'bench'}", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    out = _bench_cli("kernel_perf.py", "--formats", "w4a16,w3")
     assert out.returncode and "unknown formats or baselines ['w3']" in out.stderr

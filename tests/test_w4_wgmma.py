@@ -71,6 +71,17 @@ def test_tile_table_and_bad_configs() -> None:
             W.check_config(cfg)
 
 
+def test_x_in_mma_order_is_pi_applied_per_128_column_block() -> None:
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+
+    x = torch.arange(3 * 384, dtype=torch.float32).view(3, 384)
+    got = W.to_mma_order(x)
+    for j in (0, 1, 2, 7, 8, 100, 127, 128, 200, 383):
+        block, pos = divmod(j, F.ATOM_K)
+        assert torch.equal(got[:, j], x[:, block * F.ATOM_K + F.pi(pos)]), j
+
+
 # ------------------------------------------------------------------------------------ GPU
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9

@@ -34,7 +34,6 @@ table does not pick it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from triton.experimental import gluon
@@ -50,7 +49,6 @@ from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
     _async_load,
-    _column_order,
     _copy_tile,
     _cta_barrier,
     _finish,
@@ -356,9 +354,14 @@ def check_config(cfg: WgmmaConfig) -> None:
                          f"not {cfg.maxnreg}")  # fmt: skip
 
 
-@cache
-def _mma_order(device: torch.device) -> torch.Tensor:
-    return _column_order(device)
+def to_mma_order(a: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, K]
+    """x with each 128-column block in the weights' mma K order (w4_fragment.pi), as one
+    strided copy: pi keeps bit 0 of the position, sends bits 3-6 to bits 1-4 of the column
+    and bits 1, 2 to bits 5, 6, so the block viewed as [c6, c5, c4..c1, c0] is read as
+    [c4..c1, c6, c5, c0]. (index_select with pi's table took 1-1.5 us more per call on an
+    H200: bench/results/gather_probe_d85fc05.md.)"""
+    m, k = a.shape
+    return a.view(m, k // ATOM_K, 2, 2, 16, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
 
 
 def wgmma_linear(
@@ -380,7 +383,7 @@ def wgmma_linear(
     if m == 0:
         return out.view(*lead, n)
     if cfg.x_perm:  # each 128-column block in mma K order, as the weights are packed
-        a = a.view(m, k // ATOM_K, ATOM_K).index_select(2, _mma_order(a.device)).view(m, k)
+        a = to_mma_order(a)
     bm = token_tile(m)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
     lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps)
