@@ -3,6 +3,7 @@ its goal lines, kernel_profile.py's argument checks, and wgmma_probe's table and
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -123,3 +124,24 @@ def test_gather_probe_ways_agree_with_the_launchers_gather() -> None:
 def test_kernel_perf_rejects_unknown_formats() -> None:
     out = _bench_cli("kernel_perf.py", "--formats", "w4a16,w3")
     assert out.returncode and "unknown formats or baselines ['w3']" in out.stderr
+
+
+def test_kernel_profile_summarizes_an_ncu_sass_stall_csv(tmp_path: Path) -> None:
+    import kernel_profile as KPR
+
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_barrier",
+            "stall_long_sb", "stall_long_sb (Not Issued)"]  # fmt: skip
+    lines = [["Kernel Name", "_w4_wgmma_kernel"], head,
+             ["0x10", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "30", "30", "0", "0"],
+             ["0x20", "@!P5 LDG.E R1, desc[UR10][R2.64]", "10", "0", "10", "10"]]  # fmt: skip
+    path = tmp_path / "p_sass.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(lines)
+    out = KPR.stall_summary(path)
+    assert out[1] == "reasons: barrier 75%, long_sb 25%"
+    assert out[2] == "opcodes: WARPGROUP 75%, LDG 25%"
+    assert out[3].split() == ["75.0%", "WARPGROUP.DEPBAR.LE", "gsb0,", "0x0", "{'barrier':", "30}"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n")
+    with pytest.raises(SystemExit, match="no 'Warp Stall Sampling"):
+        KPR.stall_summary(bad)
