@@ -26,6 +26,7 @@ from specquant.kernels.reference import (
     qlinear_reference,
     quantize_per_token,
     rmsnorm_quant_reference,
+    rmsnorm_reference,
     silu_mul_quant_reference,
     silu_mul_reference,
 )
@@ -147,12 +148,15 @@ def run_quant_case(
     weight = (torch.rand(k, generator=gen) + 0.5).to(dtype)
     dev = torch.device(device)
     what = f"{pre}+{kind} M={m} K={k} {dtype}"
-    if pre == "silu" and kind is None:
-        got_values = act_quant.silu_mul(x.to(dev))
-        want_values = silu_mul_reference(x)
+    if kind is None:  # the op alone, its output in the activation dtype
+        if pre == "silu":
+            got_values, want_values = act_quant.silu_mul(x.to(dev)), silu_mul_reference(x)
+        else:
+            got_values = act_quant.rmsnorm(x.to(dev), weight.to(dev), 1e-5)
+            want_values = rmsnorm_reference(x, weight, 1e-5)
         assert got_values.dtype == want_values.dtype, what
-        # exp differs from torch's in the last fp32 bits: silu and the product may each round
-        # one step apart
+        # exp and the norm's sum differ from torch's in the last fp32 bits: the op and the
+        # product may each round one step apart
         torch.testing.assert_close(
             got_values.cpu().float(), want_values.float(), rtol=2 * ULP[dtype], atol=1e-6, msg=what
         )
@@ -196,7 +200,7 @@ INTERPRET_QUANT = [
     for kind in ("int8", "fp8", None)
     for pre in ("none", "norm", "silu")
     for (m, k, dtype) in [(3, 300, torch.bfloat16), (2, 256, torch.float16)]
-    if kind is not None or pre == "silu"
+    if kind is not None or pre != "none"
 ]
 
 
@@ -413,6 +417,37 @@ def test_silu_mul_module_keeps_autograd_and_picks_per_kind() -> None:
     assert len(act._kernels) == 2  # one choice per (device, dtype, kind)
 
 
+def test_rmsnorm_module_keeps_autograd_and_picks_one_kernel_per_dtype() -> None:
+    """RMSNorm: the reference under autograd (the fused kernel has no backward), otherwise
+    the "rmsnorm" kernel the registry picks, once per (device, dtype)."""
+    from specquant.layers.norm import RMSNorm
+
+    def no_backward(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        calls.append(x.dtype)
+        return rmsnorm_reference(x, w, eps).detach()
+
+    calls: list[torch.dtype] = []
+    fake = KernelImpl("fake", 10**6, no_backward, lambda ctx: (True, "test"))
+    norm = RMSNorm(16, 1e-6)
+    x = torch.randn(3, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, "rmsnorm", [fake, *registry.implementations("rmsnorm")])
+        out = norm(x)  # the weight is a trainable parameter: autograd, the reference
+        assert out.requires_grad and not calls
+        out.sum().backward()
+        assert norm.weight.grad is not None
+        with torch.no_grad():
+            norm(x)
+            norm(x.double())
+            norm(x)
+        assert calls == [torch.float32, torch.float64, torch.float32]
+        assert len(norm._kernels) == 2
+    with torch.no_grad():  # on the CPU the registry's pick is the reference itself
+        got = RMSNorm(16, 1e-6)(x)
+    assert select("rmsnorm", KernelContext(x.device, x.dtype)).name == "reference"
+    torch.testing.assert_close(got, rmsnorm_reference(x, torch.ones(16), 1e-6), rtol=0, atol=0)
+
+
 # ------------------------------------------------- CPU: fused norm + quantization in the model
 @pytest.mark.parametrize("name", ["w8a8", "w4a8-g128", "fp8", "w4a16-g128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -480,7 +515,7 @@ QUANT_CASES = [
     for pre in ("none", "norm", "silu")
     for dtype in (torch.bfloat16, torch.float16)
     for m, k in [(1, 4096), (7, 14336), (128, 1000)]
-    if kind is not None or pre == "silu"
+    if kind is not None or pre != "none"
 ]
 
 

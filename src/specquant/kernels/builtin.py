@@ -10,6 +10,7 @@ from specquant.kernels.reference import (
     qlinear_reference,
     quantize_per_token,
     rmsnorm_quant_reference,
+    rmsnorm_reference,
     silu_mul_quant_reference,
     silu_mul_reference,
 )
@@ -124,6 +125,7 @@ register(
     KernelImpl("reference", 0, rmsnorm_quant_reference, _always, is_reference=True),
 )
 register("silu_mul", KernelImpl("reference", 0, silu_mul_reference, _always, is_reference=True))
+register("rmsnorm", KernelImpl("reference", 0, rmsnorm_reference, _always, is_reference=True))
 register(
     "silu_mul_quant",
     KernelImpl("reference", 0, silu_mul_quant_reference, _always, is_reference=True),

@@ -14,11 +14,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # (device, dtype, kind) -> the chosen "rmsnorm_quant" kernel
+        # (device, dtype) -> the chosen "rmsnorm" kernel; (device, dtype, kind) -> the chosen
+        # "rmsnorm_quant" kernel
+        self._kernels: dict[tuple[torch.device, torch.dtype], object] = {}
         self._quant_kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rmsnorm_reference(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return rmsnorm_reference(x, self.weight, self.eps)  # fused kernels: no backward
+        key = (x.device, x.dtype)
+        fn = self._kernels.get(key)
+        if fn is None:
+            fn = self._kernels[key] = select("rmsnorm", KernelContext(x.device, x.dtype)).fn
+        return fn(x, self.weight, self.eps)  # type: ignore[operator]
 
     def quantized(self, x: torch.Tensor, kind: str) -> QuantizedActivations:
         """rmsnorm(x) quantized per token to `kind` ("int8" or "fp8") in one kernel; equals

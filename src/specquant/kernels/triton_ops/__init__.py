@@ -14,6 +14,7 @@ use.
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
+| triton          | rmsnorm       | RMSNorm (x * rstd, times the weight) in one kernel         |
 | triton          | rmsnorm_quant | RMSNorm + per-token quantization in one kernel             |
 | triton          | silu_mul      | silu(gate) * up of the gated MLP in one kernel             |
 | triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
@@ -198,6 +199,20 @@ def _silu_check(ctx: KernelContext) -> tuple[bool, str]:
     return (False, why) if why is not None else (True, "Triton fused silu(gate) * up")
 
 
+def _norm_check(ctx: KernelContext) -> tuple[bool, str]:
+    why = _common_reason(ctx)
+    return (False, why) if why is not None else (True, "Triton RMSNorm in one kernel")
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from specquant.kernels.reference import rmsnorm_reference
+    from specquant.kernels.triton_ops.act_quant import MAX_ROW, rmsnorm
+
+    if x.shape[-1] > MAX_ROW or weight.dtype != x.dtype:  # torch's ops handle these
+        return rmsnorm_reference(x, weight, eps)
+    return rmsnorm(x, weight, eps)
+
+
 def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
     from specquant.kernels.reference import silu_mul_reference
     from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul
@@ -217,4 +232,5 @@ def silu_mul_quant_triton(h: torch.Tensor, kind: str) -> Any:
 
 
 register("silu_mul", KernelImpl("triton", PRIORITY, silu_mul_triton, _silu_check))
+register("rmsnorm", KernelImpl("triton", PRIORITY, rmsnorm_triton, _norm_check))
 register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))

@@ -1,5 +1,5 @@
 """Per-token activation quantization on the GPU, alone or fused with the op before it: the
-RMSNorm before qkv/gate_up, or the MLP's silu(gate) * up before down_proj (which also runs
+RMSNorm before qkv/gate_up, or the MLP's silu(gate) * up before down_proj (both also run
 unquantized, for weight-only and dense models).
 
 One program per token row holds the whole row in registers: the pre-op (optional), absmax,
@@ -137,6 +137,14 @@ def rmsnorm_quant(
     """quantize_per_token(rmsnorm(x) * weight) in one pass over x."""
     out = _launch(x, weight, eps, kind, NORM)
     assert isinstance(out, QuantizedActivations)
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight in one pass (the reference's rounding steps), for the layers that
+    take plain activations: one launch instead of torch's cast, norm, cast and product."""
+    out = _launch(x, weight, eps, None, NORM)
+    assert isinstance(out, torch.Tensor)
     return out
 
 
