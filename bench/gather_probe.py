@@ -5,7 +5,7 @@ of doing it, on the Llama-3 8B/70B linears' K at 16/64/128 tokens.
 
 The order is a bit permutation of the column index (w4_fragment.pi), so besides
 `index_select` over each 128-column block, a view and a permute express the same gather as
-one strided copy (w4_wgmma.to_mma_order, the launcher's); both are checked equal here before
+one strided copy (reference.to_mma_order, the launcher's); both are checked equal here before
 they are timed. Writes
 gather_probe.json / .md (microseconds per call, median of CUDA-graph replays). Run by
 `STAGE=gather bench/gpu_kernels.sh`.
@@ -21,8 +21,8 @@ import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
 from kernel_perf import SHAPES, time_graph
+from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
-from specquant.kernels.triton_ops import w4_wgmma as W
 
 
 def by_index(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def by_index(x: torch.Tensor) -> torch.Tensor:
     return x.view(m, k // F.ATOM_K, F.ATOM_K).index_select(2, order).view(m, k)
 
 
-by_permute = W.to_mma_order  # a view and a permute: one strided copy (the launcher's since)
+by_permute = to_mma_order  # a view and a permute: one strided copy (the launcher's since)
 
 
 WAYS = {"index_select": by_index, "permute": by_permute}

@@ -140,8 +140,22 @@ def model_linear(spec: QuantSpec, t: dict[str, Any], canonical: bool = False) ->
     impl = select("qlinear", KernelContext(torch.device("cuda"), torch.bfloat16, extra))
     if canonical or impl.prepare is None:
         return lambda x: qlinear(x, t, None, spec)
-    fn = impl.prepare(t, spec, torch.bfloat16)
-    return lambda x: fn(x, t, None, spec)
+    return Prepared(impl.prepare(t, spec, torch.bfloat16), t, spec)
+
+
+class Prepared:
+    """A prepared layer kernel with its tensors bound: x -> y, and whether it reads x in mma
+    K order at a token count (as QLinear.takes_mma_order)."""
+
+    def __init__(self, fn: Callable, t: dict[str, Any], spec: QuantSpec):
+        self.fn, self.t, self.spec = fn, t, spec
+
+    def __call__(self, x: Any) -> torch.Tensor:
+        return self.fn(x, self.t, None, self.spec)
+
+    def takes_mma_order(self, tokens: int) -> bool:
+        takes = getattr(self.fn, "takes_mma_order", None)
+        return bool(takes is not None and takes(tokens))
 
 
 def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
@@ -262,7 +276,8 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     gate_up, silu(gate) * up -> down. A8 formats run the fused RMSNorm + quantization and
     silu * up + quantization kernels; bf16 and W4A16 the one-kernel RMSNorm (the model's on
     CUDA from 2026-11-28 on; before, torch's cast, norm, cast and product) and the fused
-    silu * up."""
+    silu * up, both written in mma K order where the W4A16 layer after them reads x so."""
+    from specquant.kernels.reference import MmaOrderActivations
     from specquant.kernels.triton_ops.act_quant import (
         rmsnorm,
         rmsnorm_quant,
@@ -292,19 +307,32 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     def linear(x: Any, w: Any) -> torch.Tensor:
         return F.linear(x, w) if spec is None else w(x)
 
-    def norm(x: torch.Tensor) -> Any:
-        return rmsnorm(x, norm_w, 1e-5) if act is None else rmsnorm_quant(x, norm_w, 1e-5, act)
+    def mma(w: Any, tokens: int) -> bool:  # the W4A16 layer reads x in mma K order
+        return bool(getattr(w, "takes_mma_order", None) and w.takes_mma_order(tokens))
+
+    def norm(x: torch.Tensor, w: Any) -> Any:
+        if act is not None:
+            return rmsnorm_quant(x, norm_w, 1e-5, act)
+        if mma(w, x.shape[0]):
+            return MmaOrderActivations(rmsnorm(x, norm_w, 1e-5, mma_order=True))
+        return rmsnorm(x, norm_w, 1e-5)
+
+    def gate(up: torch.Tensor, w: Any) -> Any:
+        if act is not None:
+            return silu_mul_quant(up, act)
+        if mma(w, up.shape[0]):
+            return MmaOrderActivations(silu_mul(up, mma_order=True))
+        return silu_mul(up)
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         attn_out = torch.randn(x.shape[0], shapes["o"][0], device="cuda", dtype=x.dtype)
 
         def run(i: int) -> torch.Tensor:
             w = weights[i]
-            linear(norm(x), w["qkv"])
+            linear(norm(x, w["qkv"]), w["qkv"])
             h = x + linear(attn_out, w["o"])
-            up = linear(norm(h), w["gate_up"])
-            a = silu_mul(up) if act is None else silu_mul_quant(up, act)
-            return h + linear(a, w["down"])
+            up = linear(norm(h, w["gate_up"]), w["gate_up"])
+            return h + linear(gate(up, w["down"]), w["down"])
 
         return run
 
@@ -695,7 +723,9 @@ def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
         "norm -> qkv, o, norm -> gate_up, silu(gate) * up -> down (attention excluded), "
         "microseconds. A8 formats: RMSNorm + quantization and silu * up + quantization in one "
         "kernel each, o_proj quantizes its input; bf16 / W4A16: the RMSNorm kernel and the "
-        "fused silu * up (runs before the one-kernel RMSNorm timed torch's ops for the norm).",
+        "fused silu * up, in mma K order where a W4A16 wgmma config reads x so (runs before "
+        "2026-11-28's one-kernel RMSNorm timed torch's ops for the norm, and W4A16 gathered "
+        "x into mma order in the launcher).",
     ]
     for model in SHAPES:
         t = {(r["impl"], r["m"]): r["us"] for r in chains if r["model"] == model and "us" in r}

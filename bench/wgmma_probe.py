@@ -24,6 +24,7 @@ import torch
 from common import gpu_run_meta, gpu_run_text, write_report
 from frag_probe import check_cases, rel_err, size_class, weights
 from kernel_perf import SHAPES, time_graph
+from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
 from specquant.kernels.triton_ops.qlinear import qlinear
@@ -99,7 +100,7 @@ def timings(
                     rows.append(dict(base, kernel="canonical", us=time_graph(canon, len(ws))))
 
                     def gather(i: int, x=x) -> torch.Tensor:
-                        return W.to_mma_order(x)
+                        return to_mma_order(x)
 
                     # what x_perm configs spend before their kernel (timed inside theirs too)
                     rows.append(dict(base, kernel=GATHER, us=time_graph(gather, 1)))

@@ -29,6 +29,7 @@ from specquant.kernels.reference import (
     rmsnorm_reference,
     silu_mul_quant_reference,
     silu_mul_reference,
+    to_mma_order,
 )
 from specquant.kernels.registry import (
     KernelContext,
@@ -148,12 +149,16 @@ def run_quant_case(
     weight = (torch.rand(k, generator=gen) + 0.5).to(dtype)
     dev = torch.device(device)
     what = f"{pre}+{kind} M={m} K={k} {dtype}"
-    if kind is None:  # the op alone, its output in the activation dtype
+    if kind in (None, "mma"):  # the op alone, its output in the activation dtype
+        mma = kind == "mma"  # written in the W4A16 wgmma kernel's K order
         if pre == "silu":
-            got_values, want_values = act_quant.silu_mul(x.to(dev)), silu_mul_reference(x)
+            got_values = act_quant.silu_mul(x.to(dev), mma_order=mma)
+            want_values = silu_mul_reference(x)
         else:
-            got_values = act_quant.rmsnorm(x.to(dev), weight.to(dev), 1e-5)
+            got_values = act_quant.rmsnorm(x.to(dev), weight.to(dev), 1e-5, mma_order=mma)
             want_values = rmsnorm_reference(x, weight, 1e-5)
+        if mma:
+            want_values = to_mma_order(want_values)
         assert got_values.dtype == want_values.dtype, what
         # exp and the norm's sum differ from torch's in the last fp32 bits: the op and the
         # product may each round one step apart
@@ -195,12 +200,13 @@ INTERPRET_TILED = [
     (name, 40, 70, 512, torch.bfloat16, True, 2, True, (32, 16, 64, 4, 2))
     for name in ("w4a16-g128", "w8a8", "w4a8-g128", "w4a16-asym")
 ]
+# kind None: the op's output unquantized; "mma": that output in the W4A16 mma K order
 INTERPRET_QUANT = [
     (kind, pre, m, k, dtype)
-    for kind in ("int8", "fp8", None)
+    for kind in ("int8", "fp8", None, "mma")
     for pre in ("none", "norm", "silu")
     for (m, k, dtype) in [(3, 300, torch.bfloat16), (2, 256, torch.float16)]
-    if kind is not None or pre != "none"
+    if (kind not in (None, "mma") or pre != "none") and (kind != "mma" or k % 128 == 0)
 ]
 
 
@@ -481,6 +487,58 @@ def test_fused_norm_quant_equals_unfused_model(
     assert torch.equal(fused, unfused)
 
 
+def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
+    """A W4A16 layer whose kernel reads x in mma K order at some token counts (on a GPU the
+    wgmma configs with x_perm) gets MmaOrderActivations from the norms and from silu(gate) *
+    up at exactly those counts; o_proj (its input comes from attention) and other counts
+    get plain tensors, and the logits equal the plain model's bit for bit."""
+    from conftest import make_hf_model, run_logits
+    from specquant.io.loader import load_checkpoint
+    from specquant.kernels.reference import MmaOrderActivations
+    from specquant.layers.linear import QLinear
+    from specquant.quant.model import quantize_model
+
+    class ReadsMmaOrder:  # stands in for triton_ops/w4_fragment.py's FragForward
+        def __init__(self, inner: Any, name: str):
+            self.inner, self.name = inner, name
+
+        def takes_mma_order(self, tokens: int) -> bool:
+            return tokens >= 4
+
+        def __call__(self, x: Any, t: Any, bias: Any, spec: Any) -> torch.Tensor:
+            ordered = isinstance(x, MmaOrderActivations)
+            seen.append((self.name, ordered))
+            return self.inner(x.natural() if ordered else x, t, bias, spec)
+
+    make_hf_model("llama", seed=6, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path, torch.device("cpu"), torch.bfloat16,
+                            with_tokenizer=False).model  # fmt: skip
+    quantize_model(model, get_format("w4a16-g128"))
+    tokens = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
+    with torch.no_grad():
+        plain = [run_logits(model, tokens), run_logits(model, tokens[:2])]
+        seen: list[tuple[str, bool]] = []
+        for name, sub in model.named_modules():
+            if isinstance(sub, QLinear) and sub.spec is not None:
+                sub.qkernel = ReadsMmaOrder(sub.qkernel, name.rsplit(".", 1)[-1])
+                sub._mma_kernel = True
+        assert torch.equal(run_logits(model, tokens), plain[0])
+        layers = len(model.layers)
+        assert sorted(set(seen)) == [("down_proj", True), ("gate_up_proj", True),
+                                     ("o_proj", False), ("qkv_proj", True)]  # fmt: skip
+        assert len(seen) == 4 * layers
+        seen.clear()
+        assert torch.equal(run_logits(model, tokens[:2]), plain[1])  # 2 tokens: not asked
+        assert {ordered for _, ordered in seen} == {False}
+        seen.clear()
+        model.layers[0].mlp.down_proj._mma_kernel = False  # a kernel that cannot take it
+        assert torch.equal(run_logits(model, tokens), plain[0])
+        assert ("down_proj", False) in seen
+        dense = QLinear(128, 64)  # handed mma order unasked: it restores feature order
+        x = torch.randn(3, 128)
+        assert torch.equal(dense(MmaOrderActivations(to_mma_order(x))), dense(x))
+
+
 # ------------------------------------------------------------------------------------- GPU
 GPU_MS = [1, 3, 16, 17, 33, 64, 100, 128]
 
@@ -511,11 +569,11 @@ TILED_CASES = [  # a prefill-sized M over several M tiles with split-K
 ]
 QUANT_CASES = [
     (kind, pre, m, k, dtype, "cuda")
-    for kind in ("int8", "fp8", None)
+    for kind in ("int8", "fp8", None, "mma")
     for pre in ("none", "norm", "silu")
     for dtype in (torch.bfloat16, torch.float16)
     for m, k in [(1, 4096), (7, 14336), (128, 1000)]
-    if kind is not None or pre != "none"
+    if (kind not in (None, "mma") or pre != "none") and (kind != "mma" or k % 128 == 0)
 ]
 
 

@@ -37,6 +37,24 @@ def test_column_order_is_a_permutation_that_makes_each_thread_contiguous() -> No
         assert cols == list(range(32 * t, 32 * t + 32))
 
 
+def test_mma_order_reference_is_pi_per_128_column_block_and_inverts() -> None:
+    """reference.to_mma_order (what the wgmma launcher and the fused norm / silu produce)
+    puts x's column block * 128 + pi(j) at position block * 128 + j."""
+    from specquant.kernels.reference import MmaOrderActivations, from_mma_order, to_mma_order
+    from specquant.kernels.triton_ops.w4_fragment import ATOM_K, pi
+
+    x = torch.arange(2 * 3 * 384, dtype=torch.float32).view(2, 3, 384)
+    got = to_mma_order(x)
+    for j in range(384):
+        block, pos = divmod(j, ATOM_K)
+        assert torch.equal(got[..., j], x[..., block * ATOM_K + pi(pos)]), j
+    assert torch.equal(from_mma_order(got), x)
+    held = MmaOrderActivations(got)
+    assert held.shape == x.shape and held.dtype == x.dtype and torch.equal(held.natural(), x)
+    with pytest.raises(ValueError, match="K a multiple of 128, not 200"):
+        to_mma_order(torch.zeros(2, 200))
+
+
 def test_atoms_hold_each_code_where_the_docstring_says() -> None:
     """Independent of prepare_fragments' reshapes: the documented address of code (n, k)."""
     from specquant.kernels.triton_ops.w4_fragment import pi, prepare_fragments

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import compiled_loop
+from specquant.kernels.reference import to_mma_order
 
 pytest.importorskip("triton.experimental.gluon")
 
@@ -71,17 +72,6 @@ def test_tile_table_and_bad_configs() -> None:
             W.check_config(cfg)
 
 
-def test_x_in_mma_order_is_pi_applied_per_128_column_block() -> None:
-    from specquant.kernels.triton_ops import w4_fragment as F
-    from specquant.kernels.triton_ops import w4_wgmma as W
-
-    x = torch.arange(3 * 384, dtype=torch.float32).view(3, 384)
-    got = W.to_mma_order(x)
-    for j in (0, 1, 2, 7, 8, 100, 127, 128, 200, 383):
-        block, pos = divmod(j, F.ATOM_K)
-        assert torch.equal(got[:, j], x[:, block * F.ATOM_K + F.pi(pos)]), j
-
-
 # ------------------------------------------------------------------------------------ GPU
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -121,3 +111,40 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
                 got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
                 err = float((got - want).norm() / want.norm())
                 assert err < 8e-3, (m, cfg, split, err)
+            if cfg.x_perm:  # x written in mma order by its producer: the same result
+                given = to_mma_order(x)
+                again = W.wgmma_linear(given, frag, scales, bias, group, cfg, x_in_mma_order=True)
+                assert torch.equal(again, W.wgmma_linear(x, frag, scales, bias, group, cfg))
+    with pytest.raises(ValueError, match="mma K order, but the config reads it in feature"):
+        W.wgmma_linear(x, frag, scales, None, group, W.WgmmaConfig(64, 128, 4, 2),
+                       x_in_mma_order=True)  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
+    """FragForward (the W4A16 layer kernel on Hopper) asks for mma order exactly where its
+    wgmma config has x_perm, and gives the same output for mma-ordered and plain input at
+    every token count (where it did not ask, it restores feature order itself)."""
+    if not _hopper():
+        pytest.skip("wgmma needs a Hopper GPU")
+    from specquant.kernels.reference import MmaOrderActivations
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.quant.spec import get_format
+
+    n, k = 4096, 8320  # 34M weights: past the smallest size class, so x_perm configs apply
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // 128, device="cuda", generator=gen) * 0.02 + 1e-3
+    layer = F.prepare_forward({"qweight": qweight}, get_format("w4a16-g128"), wgmma=True)
+    live = {"qweight": qweight, "scales": scales}
+    asked = []
+    for m in (1, 9, 33, 64, 100):
+        cfg = W.wgmma_config(m, n * k) if F.frag_config(m, n * k) is None else None
+        assert layer.takes_mma_order(m) == bool(cfg and cfg.x_perm), m
+        asked.append(layer.takes_mma_order(m))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        want = layer(x, live, None, None)
+        got = layer(MmaOrderActivations(to_mma_order(x)), live, None, None)
+        assert torch.equal(got, want), m
+    assert any(asked) and not all(asked)

@@ -9,8 +9,10 @@ from specquant.kernels.reference import (
     attention_reference,
     qlinear_reference,
     quantize_per_token,
+    rmsnorm_mma_reference,
     rmsnorm_quant_reference,
     rmsnorm_reference,
+    silu_mul_mma_reference,
     silu_mul_quant_reference,
     silu_mul_reference,
 )
@@ -126,6 +128,12 @@ register(
 )
 register("silu_mul", KernelImpl("reference", 0, silu_mul_reference, _always, is_reference=True))
 register("rmsnorm", KernelImpl("reference", 0, rmsnorm_reference, _always, is_reference=True))
+register(
+    "rmsnorm_mma", KernelImpl("reference", 0, rmsnorm_mma_reference, _always, is_reference=True)
+)
+register(
+    "silu_mul_mma", KernelImpl("reference", 0, silu_mul_mma_reference, _always, is_reference=True)
+)
 register(
     "silu_mul_quant",
     KernelImpl("reference", 0, silu_mul_quant_reference, _always, is_reference=True),

@@ -44,6 +44,56 @@ def kv_compact_reference(
     cache[:, :, :, start : start + keep.numel()] = rows
 
 
+# ------------------------------------------------------------- W4A16 fragment (mma) K order
+MMA_BLOCK = 128  # the permutation acts inside each block of 128 input features
+
+
+def _mma_rows(x: torch.Tensor) -> tuple[torch.Size, int]:
+    k = x.shape[-1]
+    if k % MMA_BLOCK:
+        raise ValueError(f"mma K order needs K a multiple of {MMA_BLOCK}, not {k}")
+    return x.shape[:-1], k
+
+
+def to_mma_order(x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., K]
+    """x with each block of 128 columns in the mma K order of the repacked W4A16 weights
+    (triton_ops/w4_fragment.py `pi`). pi keeps bit 0 of the position, sends bits 3-6 to bits
+    1-4 of the column and bits 1, 2 to bits 5, 6: the block viewed as [c6, c5, c4..c1, c0] is
+    read as [c4..c1, c6, c5, c0] (one strided copy)."""
+    lead, k = _mma_rows(x)
+    t = x.reshape(-1, k // MMA_BLOCK, 2, 2, 16, 2).permute(0, 1, 4, 2, 3, 5)
+    return t.reshape(*lead, k)
+
+
+def from_mma_order(x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., K]
+    """The inverse of `to_mma_order`."""
+    lead, k = _mma_rows(x)
+    t = x.reshape(-1, k // MMA_BLOCK, 16, 2, 2, 2).permute(0, 1, 3, 4, 2, 5)
+    return t.reshape(*lead, k)
+
+
+@dataclass(frozen=True)
+class MmaOrderActivations:
+    """Activations whose blocks of 128 features are already in the mma K order of the W4A16
+    fragment kernels (`to_mma_order`), handed from a norm or silu(gate) * up to a linear
+    that asked for them (`QLinear.takes_mma_order`): its wgmma kernel then copies x in
+    16-byte pieces without gathering it first."""
+
+    values: torch.Tensor  # [..., K]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def natural(self) -> torch.Tensor:
+        """The activations in feature order (for a kernel that did not ask for mma order)."""
+        return from_mma_order(self.values)
+
+
 # ------------------------------------------------------------------------ quantized linear
 @dataclass(frozen=True)
 class QuantizedActivations:
@@ -121,6 +171,11 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return weight * normed.to(x.dtype)
 
 
+def rmsnorm_mma_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm_reference in mma K order (`to_mma_order`), for a W4A16 wgmma layer."""
+    return to_mma_order(rmsnorm_reference(x, weight, eps))
+
+
 def rmsnorm_quant_reference(
     x: torch.Tensor,  # [..., K]
     weight: torch.Tensor,  # [K]
@@ -136,6 +191,11 @@ def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] -> [..., I
     (each op rounded to h's dtype, as torch's eager ops do)."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def silu_mul_mma_reference(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] -> [..., I]
+    """silu_mul_reference in mma K order (`to_mma_order`), for a W4A16 wgmma down_proj."""
+    return to_mma_order(silu_mul_reference(h))
 
 
 def silu_mul_quant_reference(h: torch.Tensor, kind: str) -> QuantizedActivations:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.kernels.reference import QuantizedActivations
+from specquant.kernels.reference import MmaOrderActivations, QuantizedActivations
 from specquant.kernels.registry import KernelContext, select
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -44,7 +44,9 @@ class QLinear(nn.Module):
         impl = select("linear", KernelContext(self.weight.device, self.weight.dtype), override)
         self.kernel, self.kernel_name = impl.fn, impl.name
 
-    def forward(self, x: torch.Tensor | QuantizedActivations) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivations | MmaOrderActivations) -> torch.Tensor:
+        if isinstance(x, MmaOrderActivations) and not getattr(self, "_mma_kernel", False):
+            x = x.natural()  # the producer guessed wrong: still correct, one copy more
         if self.spec is not None:
             t = self.qtensors()
             if "perm" in t:  # act-order imports: groups are contiguous in permuted K order
@@ -114,6 +116,16 @@ class QLinear(nn.Module):
         self.qkernel, self.kernel_name = fn, f"{impl.name}:{self.spec.name}"
         acts = self.spec.activations
         self.act_quant = None if acts == "none" else acts
+        # a kernel that reads x in its weights' mma K order says at which token counts
+        # (triton_ops/w4_fragment.py); act-order imports permute x first, so they never do
+        takes = getattr(fn, "takes_mma_order", None)
+        self._mma_kernel = takes is not None and "perm" not in self.qnames
+
+    def takes_mma_order(self, tokens: int) -> bool:
+        """Whether this layer's kernel reads `tokens` rows of x in the mma K order of its
+        repacked W4A16 weights (reference.to_mma_order): the norm or silu(gate) * up before
+        it then writes that order (`MmaOrderActivations`) and the kernel skips its gather."""
+        return bool(getattr(self, "_mma_kernel", False) and self.qkernel.takes_mma_order(tokens))
 
     def qtensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.qnames}

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specquant.kernels.reference import QuantizedActivations, rmsnorm_reference
+from specquant.kernels.reference import (
+    MmaOrderActivations,
+    QuantizedActivations,
+    rmsnorm_reference,
+)
 from specquant.kernels.registry import KernelContext, select
 
 
@@ -14,18 +18,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # (device, dtype) -> the chosen "rmsnorm" kernel; (device, dtype, kind) -> the chosen
-        # "rmsnorm_quant" kernel
-        self._kernels: dict[tuple[torch.device, torch.dtype], object] = {}
+        # (device, dtype, op) -> the chosen "rmsnorm" / "rmsnorm_mma" kernel;
+        # (device, dtype, kind) -> the chosen "rmsnorm_quant" kernel
+        self._kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
         self._quant_kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return rmsnorm_reference(x, self.weight, self.eps)  # fused kernels: no backward
-        key = (x.device, x.dtype)
+        return self._run("rmsnorm", x)
+
+    def mma_ordered(self, x: torch.Tensor) -> MmaOrderActivations:
+        """rmsnorm(x) written in the W4A16 wgmma kernel's K order (reference.to_mma_order),
+        for a linear that asked for it (`QLinear.takes_mma_order`)."""
+        return MmaOrderActivations(self._run("rmsnorm_mma", x))
+
+    def _run(self, op: str, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype, op)
         fn = self._kernels.get(key)
         if fn is None:
-            fn = self._kernels[key] = select("rmsnorm", KernelContext(x.device, x.dtype)).fn
+            fn = self._kernels[key] = select(op, KernelContext(x.device, x.dtype)).fn
         return fn(x, self.weight, self.eps)  # type: ignore[operator]
 
     def quantized(self, x: torch.Tensor, kind: str) -> QuantizedActivations:
@@ -41,11 +53,18 @@ class RMSNorm(nn.Module):
 
 def norm_for(
     norm: nn.Module, x: torch.Tensor, linear: nn.Module
-) -> torch.Tensor | QuantizedActivations:
+) -> torch.Tensor | QuantizedActivations | MmaOrderActivations:
     """`norm(x)` as `linear` wants it: quantized in the norm's kernel when `linear` takes
-    int8/fp8 activations (its `act_quant`), plain otherwise (dense, weight-only, or a norm
-    that is not an RMSNorm, such as EAGLE's skipped first norm)."""
-    kind = getattr(linear, "act_quant", None)
-    if kind is None or not isinstance(norm, RMSNorm):
+    int8/fp8 activations (its `act_quant`), in mma K order when its W4A16 kernel asks for
+    that at this many tokens, plain otherwise (dense, or a norm that is not an RMSNorm, such
+    as EAGLE's skipped first norm)."""
+    if not isinstance(norm, RMSNorm):
         return norm(x)
-    return norm.quantized(x, kind)
+    kind = getattr(linear, "act_quant", None)
+    if kind is not None:
+        return norm.quantized(x, kind)
+    takes = getattr(linear, "takes_mma_order", None)
+    # the mma-order kernels have no backward
+    if takes is not None and not torch.is_grad_enabled() and takes(x.numel() // x.shape[-1]):
+        return norm.mma_ordered(x)
+    return norm(x)

@@ -17,7 +17,7 @@ from torch import nn
 
 from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
-from specquant.kernels.reference import QuantizedActivations
+from specquant.kernels.reference import MmaOrderActivations, QuantizedActivations
 from specquant.layers.activation import SiluMul
 from specquant.layers.attention import AttnMetadata
 from specquant.layers.linear import QLinear, prepare_linears
@@ -52,7 +52,10 @@ class Attention(nn.Module):
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
     def forward(
-        self, x: torch.Tensor | QuantizedActivations, cache: KVCache, meta: AttnMetadata
+        self,
+        x: torch.Tensor | QuantizedActivations | MmaOrderActivations,
+        cache: KVCache,
+        meta: AttnMetadata,
     ) -> torch.Tensor:  # x [B, T, H] -> [B, T, H]
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -74,10 +77,12 @@ class MLP(nn.Module):
         self.down_proj = QLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = SiluMul()
 
-    def forward(self, x: torch.Tensor | QuantizedActivations) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivations | MmaOrderActivations) -> torch.Tensor:
         # one kernel for silu(gate) * up, which also quantizes down_proj's input when that
-        # layer takes int8/fp8 activations
-        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.act_quant))
+        # layer takes int8/fp8 activations, or writes it in the K order its W4A16 kernel reads
+        h = self.gate_up_proj(x)
+        mma = self.down_proj.takes_mma_order(h.numel() // h.shape[-1])
+        return self.down_proj(self.act(h, self.down_proj.act_quant, mma_order=mma))
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,8 @@ use.
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
 | triton          | rmsnorm       | RMSNorm (x * rstd, times the weight) in one kernel         |
+| triton          | rmsnorm_mma   | the same, written in the W4A16 wgmma kernel's K order      |
+| triton          | silu_mul_mma  | silu(gate) * up, written in that order                     |
 | triton          | rmsnorm_quant | RMSNorm + per-token quantization in one kernel             |
 | triton          | silu_mul      | silu(gate) * up of the gated MLP in one kernel             |
 | triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
@@ -233,4 +235,26 @@ def silu_mul_quant_triton(h: torch.Tensor, kind: str) -> Any:
 
 register("silu_mul", KernelImpl("triton", PRIORITY, silu_mul_triton, _silu_check))
 register("rmsnorm", KernelImpl("triton", PRIORITY, rmsnorm_triton, _norm_check))
+
+
+def rmsnorm_mma_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from specquant.kernels.reference import rmsnorm_mma_reference
+    from specquant.kernels.triton_ops.act_quant import MAX_ROW, rmsnorm
+
+    if x.shape[-1] > MAX_ROW or weight.dtype != x.dtype:
+        return rmsnorm_mma_reference(x, weight, eps)
+    return rmsnorm(x, weight, eps, mma_order=True)
+
+
+def silu_mul_mma_triton(h: torch.Tensor) -> torch.Tensor:
+    from specquant.kernels.reference import silu_mul_mma_reference
+    from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul
+
+    if h.shape[-1] // 2 > MAX_ROW:
+        return silu_mul_mma_reference(h)
+    return silu_mul(h, mma_order=True)
+
+
+register("rmsnorm_mma", KernelImpl("triton", PRIORITY, rmsnorm_mma_triton, _norm_check))
+register("silu_mul_mma", KernelImpl("triton", PRIORITY, silu_mul_mma_triton, _silu_check))
 register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specquant.kernels.reference import ACTIVATION_KINDS, QuantizedActivations
+from specquant.kernels.reference import ACTIVATION_KINDS, MMA_BLOCK, QuantizedActivations
 
 MAX_ROW = 65536  # one row of K values lives in registers
 
@@ -47,6 +47,7 @@ def _row_kernel(
     PRE: tl.constexpr,
     QUANT: tl.constexpr,
     FP8: tl.constexpr,
+    MMA_ORDER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -76,12 +77,20 @@ def _row_kernel(
             codes = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
         tl.store(codes_ptr + row * stride_cm + rk, codes, mask=mask)
         tl.store(scales_ptr + row, s)
+    elif MMA_ORDER:  # column c goes to the position of the W4A16 mma K order that reads it
+        pos = (rk & ~127) | (rk & 1) | (((rk >> 1) & 15) << 3) | (((rk >> 5) & 3) << 1)
+        tl.store(codes_ptr + row * stride_cm + pos, y.to(x.dtype), mask=mask)
     else:
         tl.store(codes_ptr + row * stride_cm + rk, y.to(x.dtype), mask=mask)
 
 
 def _launch(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, kind: str | None, pre: int
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    kind: str | None,
+    pre: int,
+    mma_order: bool = False,
 ) -> QuantizedActivations | torch.Tensor:
     if kind is not None and kind not in ACTIVATION_KINDS:
         raise ValueError(f"unknown activation quantization {kind!r}; supported: int8, fp8")
@@ -93,6 +102,9 @@ def _launch(
         raise ValueError(f"rows of K={k} values exceed the kernel's limit of {MAX_ROW}")
     if weight is not None and weight.dtype != x.dtype:
         raise ValueError(f"norm weight is {weight.dtype} but activations are {x.dtype}")
+    if mma_order and (kind is not None or k % MMA_BLOCK):
+        raise ValueError(f"mma K order is for unquantized rows of a multiple of {MMA_BLOCK} "
+                         f"values, not {kind or 'plain'} rows of {k}")  # fmt: skip
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -114,6 +126,7 @@ def _launch(
             PRE=pre,
             QUANT=kind is not None,
             FP8=kind == "fp8",
+            MMA_ORDER=mma_order,
             BLOCK=block,
             # NOTE: at M = 1 one program does all the work; more warps shorten its chain
             num_warps=16 if block >= 2048 else 4,
@@ -140,17 +153,21 @@ def rmsnorm_quant(
     return out
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, mma_order: bool = False
+) -> torch.Tensor:
     """rmsnorm(x) * weight in one pass (the reference's rounding steps), for the layers that
-    take plain activations: one launch instead of torch's cast, norm, cast and product."""
-    out = _launch(x, weight, eps, None, NORM)
+    take plain activations: one launch instead of torch's cast, norm, cast and product.
+    `mma_order`: written in reference.to_mma_order's order (for a W4A16 wgmma layer)."""
+    out = _launch(x, weight, eps, None, NORM, mma_order)
     assert isinstance(out, torch.Tensor)
     return out
 
 
-def silu_mul(h: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] = [gate; up] -> silu(gate) * up [..., I] in one pass."""
-    out = _launch(h, None, 0.0, None, SILU_MUL)
+def silu_mul(h: torch.Tensor, mma_order: bool = False) -> torch.Tensor:
+    """[..., 2I] = [gate; up] -> silu(gate) * up [..., I] in one pass (`mma_order`: as
+    `rmsnorm`'s)."""
+    out = _launch(h, None, 0.0, None, SILU_MUL, mma_order)
     assert isinstance(out, torch.Tensor)
     return out
 

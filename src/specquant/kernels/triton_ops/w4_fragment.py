@@ -36,7 +36,6 @@ Split-K uses the fixed-order fix-up of qlinear.py (results do not depend on timi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -47,6 +46,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from specquant.kernels.reference import MmaOrderActivations
 from specquant.kernels.triton_ops.qlinear import _locks, _num_sms, choose_split_k, unpack_ptx
 from specquant.quant.pack import pack_int4, unpack_int4
 
@@ -491,34 +491,57 @@ def fragment_linear(
     return out.view(*lead, n)
 
 
-def prepare_forward(
-    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False
-) -> Callable[..., torch.Tensor]:
-    """One layer's forward: its codes repacked once; token counts with a tuned fragment config
+def prepare_forward(t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False) -> FragForward:
+    """One layer's forward: its codes repacked once (see FragForward)."""
+    return FragForward(prepare_fragments(t["qweight"]), spec, wgmma)
+
+
+class FragForward:
+    """A W4A16 layer on fragment-order weights: token counts with a tuned fragment config
     (FRAG_CONFIGS) run the fragment kernel, then with `wgmma` (Hopper) those with a tuned
     w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on the same fragments, others the
-    canonical-layout kernel on the layer's own tensors."""
-    from specquant.kernels.reference import qlinear_reference
-    from specquant.kernels.triton_ops.qlinear import qlinear
-    from specquant.kernels.triton_ops.w4_wgmma import wgmma_config, wgmma_linear
+    canonical-layout kernel on the layer's own tensors. It takes activations in mma K order
+    (MmaOrderActivations) where its wgmma config reads them so (`takes_mma_order`)."""
 
-    frag = prepare_fragments(t["qweight"])
-    group = 0 if spec.group_size == -1 else spec.group_size
-    device = frag.device
-    weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
+    def __init__(self, frag: torch.Tensor, spec: Any, wgmma: bool):
+        self.frag, self.spec, self.wgmma = frag, spec, wgmma
+        self.group = 0 if spec.group_size == -1 else spec.group_size
+        self.weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
 
-    def forward(
-        x: torch.Tensor, live: dict[str, torch.Tensor], bias: torch.Tensor | None, _spec: Any
-    ) -> torch.Tensor:  # [..., K] -> [..., N]
-        if x.device != device:  # moved without QLinear.prepare: the reference
-            return qlinear_reference(x, live, bias, spec)
-        m = x.numel() // x.shape[-1]
-        cfg = frag_config(m, weights)
+    def _wgmma_config(self, m: int) -> Any:
+        from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
+
+        if not self.wgmma or frag_config(m, self.weights) is not None:
+            return None
+        return wgmma_config(m, self.weights)
+
+    def takes_mma_order(self, m: int) -> bool:
+        cfg = self._wgmma_config(m)
+        return cfg is not None and cfg.x_perm
+
+    def __call__(
+        self,
+        x: torch.Tensor | MmaOrderActivations,  # [..., K]
+        live: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+        _spec: Any,
+    ) -> torch.Tensor:  # [..., N]
+        from specquant.kernels.reference import qlinear_reference
+        from specquant.kernels.triton_ops.qlinear import qlinear
+        from specquant.kernels.triton_ops.w4_wgmma import wgmma_linear
+
+        ordered = isinstance(x, MmaOrderActivations)
+        plain = x.natural() if isinstance(x, MmaOrderActivations) else x
+        if plain.device != self.frag.device:  # moved without QLinear.prepare: the reference
+            return qlinear_reference(plain, live, bias, self.spec)
+        m = plain.numel() // plain.shape[-1]
+        cfg = frag_config(m, self.weights)
         if cfg is not None:
-            return fragment_linear(x, frag, live["scales"], bias, group, config=cfg)
-        wcfg = wgmma_config(m, weights) if wgmma else None
+            return fragment_linear(plain, self.frag, live["scales"], bias, self.group, config=cfg)
+        wcfg = self._wgmma_config(m)
         if wcfg is not None:
-            return wgmma_linear(x, frag, live["scales"], bias, group, config=wcfg)
-        return qlinear(x, live, bias, spec)
-
-    return forward
+            given = ordered and wcfg.x_perm  # the producer wrote x in mma order: no gather
+            a = x.values if given and isinstance(x, MmaOrderActivations) else plain
+            return wgmma_linear(a, self.frag, live["scales"], bias, self.group, config=wcfg,
+                                x_in_mma_order=given)  # fmt: skip
+        return qlinear(plain, live, bias, self.spec)

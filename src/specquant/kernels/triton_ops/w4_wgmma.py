@@ -45,6 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
@@ -354,16 +355,6 @@ def check_config(cfg: WgmmaConfig) -> None:
                          f"not {cfg.maxnreg}")  # fmt: skip
 
 
-def to_mma_order(a: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, K]
-    """x with each 128-column block in the weights' mma K order (w4_fragment.pi), as one
-    strided copy: pi keeps bit 0 of the position, sends bits 3-6 to bits 1-4 of the column
-    and bits 1, 2 to bits 5, 6, so the block viewed as [c6, c5, c4..c1, c0] is read as
-    [c4..c1, c6, c5, c0]. (index_select with pi's table took 1-1.5 us more per call on an
-    H200: bench/results/gather_probe_d85fc05.md.)"""
-    m, k = a.shape
-    return a.view(m, k // ATOM_K, 2, 2, 16, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
-
-
 def wgmma_linear(
     x: torch.Tensor,  # [..., K] bf16 / fp16
     frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
@@ -372,9 +363,13 @@ def wgmma_linear(
     group: int,  # 0: per channel
     config: WgmmaConfig | None = None,
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
+    x_in_mma_order: bool = False,  # x already in to_mma_order's order (needs cfg.x_perm)
 ) -> torch.Tensor:  # [..., N]
     cfg = config or DEFAULT_WGMMA
     check_config(cfg)
+    if x_in_mma_order and not cfg.x_perm:
+        raise ValueError("x comes in mma K order, but the config reads it in feature order "
+                         "(x_perm=False)")  # fmt: skip
     n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
     lead = x.shape[:-1]
     a = as_rows(x, k)
@@ -382,8 +377,8 @@ def wgmma_linear(
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out.view(*lead, n)
-    if cfg.x_perm:  # each 128-column block in mma K order, as the weights are packed
-        a = to_mma_order(a)
+    if cfg.x_perm and not x_in_mma_order:  # each 128-column block in mma K order, as the
+        a = to_mma_order(a)  # weights are packed (one strided copy)
     bm = token_tile(m)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
     lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps)
