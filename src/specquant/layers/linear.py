@@ -33,6 +33,9 @@ class QLinear(nn.Module):
         # "int8"/"fp8" when the format quantizes activations per token: the norm before
         # this layer may then hand over `QuantizedActivations` (layers/norm.py `norm_for`)
         self.act_quant: str | None = None
+        # whether the kernel reads x in its weights' mma K order at some token counts (set
+        # when a quantized kernel is prepared; see takes_mma_order)
+        self._mma_kernel = False
 
     def prepare(self, override: str | None = None, qlinear_override: str | None = None) -> None:
         """Pick the matmul kernel for the weights' device and dtype (after loading or `.to()`):
@@ -45,7 +48,7 @@ class QLinear(nn.Module):
         self.kernel, self.kernel_name = impl.fn, impl.name
 
     def forward(self, x: torch.Tensor | QuantizedActivations | MmaOrderActivations) -> torch.Tensor:
-        if isinstance(x, MmaOrderActivations) and not getattr(self, "_mma_kernel", False):
+        if isinstance(x, MmaOrderActivations) and not self._mma_kernel:
             x = x.natural()  # the producer guessed wrong: still correct, one copy more
         if self.spec is not None:
             t = self.qtensors()
@@ -125,7 +128,7 @@ class QLinear(nn.Module):
         """Whether this layer's kernel reads `tokens` rows of x in the mma K order of its
         repacked W4A16 weights (reference.to_mma_order): the norm or silu(gate) * up before
         it then writes that order (`MmaOrderActivations`) and the kernel skips its gather."""
-        return bool(getattr(self, "_mma_kernel", False) and self.qkernel.takes_mma_order(tokens))
+        return self._mma_kernel and bool(self.qkernel.takes_mma_order(tokens))
 
     def qtensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.qnames}
