@@ -277,7 +277,7 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     silu * up + quantization kernels; bf16 and W4A16 the one-kernel RMSNorm (the model's on
     CUDA from 2026-11-28 on; before, torch's cast, norm, cast and product) and the fused
     silu * up, both written in mma K order where the W4A16 layer after them reads x so."""
-    from specquant.kernels.reference import MmaOrderActivations
+    from specquant.kernels.reference import MmaOrderActivations, to_mma_order
     from specquant.kernels.triton_ops.act_quant import (
         rmsnorm,
         rmsnorm_quant,
@@ -326,11 +326,14 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         attn_out = torch.randn(x.shape[0], shapes["o"][0], device="cuda", dtype=x.dtype)
+        # the model merges the heads with one copy either way (in mma order for heads of
+        # 128 features when o_proj reads that order): not timed here
+        attn_mma = MmaOrderActivations(to_mma_order(attn_out))
 
         def run(i: int) -> torch.Tensor:
             w = weights[i]
             linear(norm(x, w["qkv"]), w["qkv"])
-            h = x + linear(attn_out, w["o"])
+            h = x + linear(attn_mma if mma(w["o"], x.shape[0]) else attn_out, w["o"])
             up = linear(norm(h, w["gate_up"]), w["gate_up"])
             return h + linear(gate(up, w["down"]), w["down"])
 

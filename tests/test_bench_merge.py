@@ -108,7 +108,7 @@ def test_wgmma_probe_table_picks_a_config_only_where_it_beats_the_canonical_kern
     md = "\n".join(P.markdown(result))
     assert "**Partial**" in md
     assert "- w4a16 8b M=64: canonical 10.0, " in md  # the gather is no ranked kernel
-    assert f"12.0 ({P.GATHER} 1.5, inside the x_perm times)" in md
+    assert f"12.0 ({P.GATHER} 1.5, not in the x_perm times)" in md
 
 
 def test_gather_probe_ways_agree_with_the_launchers_gather() -> None:

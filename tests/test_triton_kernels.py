@@ -489,12 +489,13 @@ def test_fused_norm_quant_equals_unfused_model(
 
 def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
     """A W4A16 layer whose kernel reads x in mma K order at some token counts (on a GPU the
-    wgmma configs with x_perm) gets MmaOrderActivations from the norms and from silu(gate) *
-    up at exactly those counts; o_proj (its input comes from attention) and other counts
-    get plain tensors, and the logits equal the plain model's bit for bit."""
+    wgmma configs with x_perm) gets MmaOrderActivations from the norms, from attention's
+    head merge (heads of 128 features) and from silu(gate) * up at exactly those counts;
+    other counts get plain tensors, and the logits equal the plain model's bit for bit."""
     from conftest import make_hf_model, run_logits
     from specquant.io.loader import load_checkpoint
     from specquant.kernels.reference import MmaOrderActivations
+    from specquant.layers.attention import merge_heads_for
     from specquant.layers.linear import QLinear
     from specquant.quant.model import quantize_model
 
@@ -510,7 +511,8 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
             seen.append((self.name, ordered))
             return self.inner(x.natural() if ordered else x, t, bias, spec)
 
-    make_hf_model("llama", seed=6, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+    make_hf_model("llama", seed=6, hidden_size=256, intermediate_size=256, num_attention_heads=2,
+                  num_key_value_heads=1).save_pretrained(tmp_path)  # fmt: skip
     model = load_checkpoint(tmp_path, torch.device("cpu"), torch.bfloat16,
                             with_tokenizer=False).model  # fmt: skip
     quantize_model(model, get_format("w4a16-g128"))
@@ -525,7 +527,7 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
         assert torch.equal(run_logits(model, tokens), plain[0])
         layers = len(model.layers)
         assert sorted(set(seen)) == [("down_proj", True), ("gate_up_proj", True),
-                                     ("o_proj", False), ("qkv_proj", True)]  # fmt: skip
+                                     ("o_proj", True), ("qkv_proj", True)]  # fmt: skip
         assert len(seen) == 4 * layers
         seen.clear()
         assert torch.equal(run_logits(model, tokens[:2]), plain[1])  # 2 tokens: not asked
@@ -537,6 +539,13 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
         dense = QLinear(128, 64)  # handed mma order unasked: it restores feature order
         x = torch.randn(3, 128)
         assert torch.equal(dense(MmaOrderActivations(to_mma_order(x))), dense(x))
+    o = torch.randn(2, 4, 3, 64)  # heads of 64 features: not whole blocks, merged plainly
+    asks = ReadsMmaOrder(None, "o_proj")
+    assert torch.equal(merge_heads_for(o, asks), o.transpose(1, 2).reshape(2, 3, 256))
+    o = torch.randn(2, 2, 3, 128)
+    merged = merge_heads_for(o, asks)
+    assert isinstance(merged, MmaOrderActivations)
+    assert torch.equal(merged.natural(), o.transpose(1, 2).reshape(2, 3, 256))
 
 
 # ------------------------------------------------------------------------------------- GPU

@@ -59,17 +59,20 @@ def to_mma_order(x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., K]
     """x with each block of 128 columns in the mma K order of the repacked W4A16 weights
     (triton_ops/w4_fragment.py `pi`). pi keeps bit 0 of the position, sends bits 3-6 to bits
     1-4 of the column and bits 1, 2 to bits 5, 6: the block viewed as [c6, c5, c4..c1, c0] is
-    read as [c4..c1, c6, c5, c0] (one strided copy)."""
+    read as [c4..c1, c6, c5, c0]. Only the last dim is split, so x may be strided in the
+    others (attention's heads, transposed): one copy either way."""
     lead, k = _mma_rows(x)
-    t = x.reshape(-1, k // MMA_BLOCK, 2, 2, 16, 2).permute(0, 1, 4, 2, 3, 5)
-    return t.reshape(*lead, k)
+    t = x.reshape(*lead, k // MMA_BLOCK, 2, 2, 16, 2)  # splits the last dim only: a view
+    n = t.dim()
+    return t.permute(*range(n - 4), n - 2, n - 4, n - 3, n - 1).reshape(*lead, k)
 
 
 def from_mma_order(x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., K]
     """The inverse of `to_mma_order`."""
     lead, k = _mma_rows(x)
-    t = x.reshape(-1, k // MMA_BLOCK, 16, 2, 2, 2).permute(0, 1, 3, 4, 2, 5)
-    return t.reshape(*lead, k)
+    t = x.reshape(*lead, k // MMA_BLOCK, 16, 2, 2, 2)
+    n = t.dim()
+    return t.permute(*range(n - 4), n - 3, n - 2, n - 4, n - 1).reshape(*lead, k)
 
 
 @dataclass(frozen=True)

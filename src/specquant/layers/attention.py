@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specquant.kernels.reference import MMA_BLOCK, MmaOrderActivations, to_mma_order
 from specquant.kernels.registry import KernelContext, select
 from specquant.layers.rope import RopeTable
 
@@ -89,3 +90,18 @@ def select_attention(
     device: torch.device, dtype: torch.dtype, override: str | None = None
 ) -> AttentionFn:
     return select("attention", KernelContext(device, dtype), override).fn
+
+
+def merge_heads_for(
+    o: torch.Tensor, linear: torch.nn.Module
+) -> torch.Tensor | MmaOrderActivations:  # [B, H, T, D] -> [B, T, H * D]
+    """Attention's heads side by side as `linear` (o_proj) wants them: in the mma K order
+    of its W4A16 kernel when it asks for that at this many tokens and each head is whole
+    128-feature blocks (Llama-3's D = 128), so the copy that merges the heads also orders
+    them; plain otherwise."""
+    b, _, t, d = o.shape
+    heads = o.transpose(1, 2)  # [B, T, H, D], strided
+    takes = getattr(linear, "takes_mma_order", None)
+    if d % MMA_BLOCK == 0 and takes is not None and takes(b * t):
+        return MmaOrderActivations(to_mma_order(heads).view(b, t, -1))
+    return heads.reshape(b, t, -1)

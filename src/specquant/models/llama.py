@@ -19,7 +19,7 @@ from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.kernels.reference import MmaOrderActivations, QuantizedActivations
 from specquant.layers.activation import SiluMul
-from specquant.layers.attention import AttnMetadata
+from specquant.layers.attention import AttnMetadata, merge_heads_for
 from specquant.layers.linear import QLinear, prepare_linears
 from specquant.layers.norm import RMSNorm, norm_for
 from specquant.layers.rope import apply_rope
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         cache.write(self.layer, meta.cache_len, k, v)
         keys, values = cache.view(self.layer, meta.cache_len + t)
         o = meta.attn_fn(q, keys, values, meta.mask)  # [B, Hq, T, D]
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(merge_heads_for(o, self.o_proj))
 
 
 class MLP(nn.Module):
