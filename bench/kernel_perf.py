@@ -159,6 +159,7 @@ class Prepared:
 
 
 def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
+    from specquant.kernels.reference import MmaOrderActivations, to_mma_order
     from specquant.kernels.triton_ops.act_quant import quantize_per_token
 
     canonical = name.endswith(":canonical")
@@ -171,6 +172,10 @@ def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = Fals
         if gemm_only:
             qa = quantize_per_token(x, spec.activations)
             return lambda i: fns[i](qa)
+        takes = getattr(fns[0], "takes_mma_order", None)
+        if takes is not None and takes(x.shape[0]):  # W4A16 wgmma with x_perm: the model's
+            xo = MmaOrderActivations(to_mma_order(x))  # norm / silu / head merge write this
+            return lambda i: fns[i](xo)
         return lambda i: fns[i](x)
 
     return make, len(weights), nbytes(one)
@@ -686,6 +691,9 @@ def write_markdown(
         "(qkv, o, gate_up, down), microseconds, median of CUDA-graph replays with the weights "
         "rotated through HBM. A8 rows include per-token activation quantization; `:gemm` rows "
         "take pre-quantized activations (what qkv/gate_up get from the fused RMSNorm). "
+        "W4A16 rows hand x in the weights' mma K order where the layer's wgmma config reads "
+        "it so, as the model's norm, silu(gate) * up and head merge write it (reports before "
+        "2026-11-28's fused hand-over included a gather there). "
         "Reproduce: `STAGE=measure HUMMING=1 bench/gpu_kernels.sh` (humming rows need "
         "`pip install humming-kernels`).",
         *[f"Merged: {m}." for m in meta.get("merged", [])],
