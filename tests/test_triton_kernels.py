@@ -500,8 +500,8 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
     from specquant.quant.model import quantize_model
 
     class ReadsMmaOrder:  # stands in for triton_ops/w4_fragment.py's FragForward
-        def __init__(self, inner: Any, name: str):
-            self.inner, self.name = inner, name
+        def __init__(self, inner: Any, name: str, owner: Any = None):
+            self.inner, self.name, self.owner = inner, name, owner
 
         def takes_mma_order(self, tokens: int) -> bool:
             return tokens >= 4
@@ -509,7 +509,18 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
         def __call__(self, x: Any, t: Any, bias: Any, spec: Any) -> torch.Tensor:
             ordered = isinstance(x, MmaOrderActivations)
             seen.append((self.name, ordered))
+            if self.owner is not None:  # ordered exactly when its layer says so for its rows
+                assert ordered == self.owner.takes_mma_order(x.shape.numel() // x.shape[-1])
             return self.inner(x.natural() if ordered else x, t, bias, spec)
+
+    def batch_logits(tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, V]
+        from specquant.layers.attention import AttnMetadata
+        from specquant.layers.rope import RopeTable
+
+        b, t = tokens.shape
+        rope = RopeTable(model.config, t + 8, tokens.device, torch.bfloat16)
+        meta = AttnMetadata.plan(rope, 0, t, sliding_window=model.config.sliding_window)
+        return model(tokens, model.new_cache(t + 8, batch=b), meta).logits
 
     make_hf_model("llama", seed=6, hidden_size=256, intermediate_size=256, num_attention_heads=2,
                   num_key_value_heads=1).save_pretrained(tmp_path)  # fmt: skip
@@ -519,10 +530,12 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
     tokens = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
     with torch.no_grad():
         plain = [run_logits(model, tokens), run_logits(model, tokens[:2])]
+        pair = tokens[:4].view(2, 2)
+        pair_plain = batch_logits(pair)
         seen: list[tuple[str, bool]] = []
         for name, sub in model.named_modules():
             if isinstance(sub, QLinear) and sub.spec is not None:
-                sub.qkernel = ReadsMmaOrder(sub.qkernel, name.rsplit(".", 1)[-1])
+                sub.qkernel = ReadsMmaOrder(sub.qkernel, name.rsplit(".", 1)[-1], sub)
                 sub._mma_kernel = True
         assert torch.equal(run_logits(model, tokens), plain[0])
         layers = len(model.layers)
@@ -532,11 +545,15 @@ def test_mma_order_handover_equals_plain_model(tmp_path: Path) -> None:
         seen.clear()
         assert torch.equal(run_logits(model, tokens[:2]), plain[1])  # 2 tokens: not asked
         assert {ordered for _, ordered in seen} == {False}
+        seen.clear()  # two sequences of 2: 4 rows, asked (tokens counted over the batch)
+        assert torch.equal(batch_logits(pair), pair_plain)
+        assert {ordered for _, ordered in seen} == {True}
         seen.clear()
         model.layers[0].mlp.down_proj._mma_kernel = False  # a kernel that cannot take it
         assert torch.equal(run_logits(model, tokens), plain[0])
         assert ("down_proj", False) in seen
         dense = QLinear(128, 64)  # handed mma order unasked: it restores feature order
+        torch.nn.init.normal_(dense.weight)
         x = torch.randn(3, 128)
         assert torch.equal(dense(MmaOrderActivations(to_mma_order(x))), dense(x))
     o = torch.randn(2, 4, 3, 64)  # heads of 64 features: not whole blocks, merged plainly

@@ -184,3 +184,45 @@ def test_tile_table_picks_by_token_bucket_and_weight_size(monkeypatch) -> None:
     assert [F.block_m(m) for m in (1, 8, 9, 17, 64, 300)] == [8, 8, 16, 32, 64, 64]
     with pytest.raises(ValueError, match="BLOCK_M 16 gives fewer than 8 tokens"):
         F.layouts(64, 128, 16, 2, 4)
+
+
+def test_layer_hands_mma_ordered_x_to_wgmma_without_a_copy(monkeypatch) -> None:
+    """FragForward's dispatch (kernels stubbed, so it runs on the CPU): x that arrives in mma
+    order goes to a wgmma config with x_perm as it is (no copy back to feature order); every
+    other path gets feature order, restored once."""
+    from specquant.kernels import reference as R
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.quant.spec import get_format
+
+    n, k = 4096, 8320  # past the smallest size class: the x_perm configs apply
+    qweight = torch.zeros(n, k // 2, dtype=torch.uint8)
+    layer = F.FragForward(F.prepare_fragments(qweight), get_format("w4a16-g128"), wgmma=True)
+    calls: list[tuple[str, bool]] = []
+    restored = []
+
+    def wgmma_stub(x, frag, scales, bias, group, config, x_in_mma_order=False):
+        calls.append(("wgmma", x_in_mma_order))
+        return torch.zeros(x.shape[0], n)
+
+    def frag_stub(x, frag, scales, bias, group, config):
+        calls.append(("fragment", False))
+        return torch.zeros(x.shape[0], n)
+
+    def counted(x):
+        restored.append(x.shape)
+        return from_mma(x)
+
+    from_mma = R.from_mma_order
+    monkeypatch.setattr(W, "wgmma_linear", wgmma_stub)
+    monkeypatch.setattr(F, "fragment_linear", frag_stub)
+    monkeypatch.setattr(R, "from_mma_order", counted)
+    live = {"scales": torch.ones(n, k // 128)}
+    cases = [(64, True, ("wgmma", True), 0), (64, False, ("wgmma", False), 0),
+             (9, True, ("wgmma", False), 1), (1, True, ("fragment", False), 1)]  # fmt: skip
+    for m, ordered, want, copies in cases:
+        assert layer.takes_mma_order(m) == (m == 64)
+        x = torch.randn(m, k)
+        layer(R.MmaOrderActivations(R.to_mma_order(x)) if ordered else x, live, None, None)
+        assert calls.pop() == want and len(restored) == copies, (m, ordered)
+        restored.clear()

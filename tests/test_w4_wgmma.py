@@ -21,7 +21,7 @@ pytest.importorskip("triton.experimental.gluon")
      ("128,128,64,8,4,1,1", 128, 4.7), ("128,128,64,4,4,1,1", 0, 3.3),
      ("256,128,64,16,3,1", 128, 4.0), ("128,128,64,4,3,1,0,1", 128, 3.4),
      ("256,128,64,16,3,0,0,1", 0, 3.3), ("128,128,64,8,4,1,0,0,128", 128, 4.7),
-     ("128,128,64,8,3,0,0,0,128", 0, 3.7)],
+     ("128,128,64,8,3,0,0,0,128", 0, 3.7), ("64,128,64,4,4,1,0,1,128", 128, 4.2)],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group, most) -> None:
     """Triton's compiler and ptxas, no GPU. One wgmma per 16 k of each warpgroup's 64 rows.

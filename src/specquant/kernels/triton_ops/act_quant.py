@@ -156,8 +156,10 @@ def rmsnorm_quant(
 def rmsnorm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, mma_order: bool = False
 ) -> torch.Tensor:
-    """rmsnorm(x) * weight in one pass (the reference's rounding steps), for the layers that
-    take plain activations: one launch instead of torch's cast, norm, cast and product.
+    """rmsnorm(x) * weight in one pass, for the layers that take plain activations: one
+    launch instead of torch's cast, norm, cast and product. It rounds where the reference
+    does, but sums in another order and takes a correctly rounded 1 / sqrt where torch uses
+    rsqrt, so an output can differ from the reference's by one step of the activation dtype.
     `mma_order`: written in reference.to_mma_order's order (for a W4A16 wgmma layer)."""
     out = _launch(x, weight, eps, None, NORM, mma_order)
     assert isinstance(out, torch.Tensor)

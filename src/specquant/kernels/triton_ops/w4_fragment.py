@@ -531,17 +531,21 @@ class FragForward:
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_linear
 
         ordered = isinstance(x, MmaOrderActivations)
+        values = x.values if isinstance(x, MmaOrderActivations) else x
+        m = values.numel() // values.shape[-1]
+        wcfg = None
+        if values.device == self.frag.device and frag_config(m, self.weights) is None:
+            wcfg = self._wgmma_config(m)
+        if ordered and wcfg is not None and wcfg.x_perm:  # as the producer wrote it: no copy
+            return wgmma_linear(values, self.frag, live["scales"], bias, self.group,
+                                config=wcfg, x_in_mma_order=True)  # fmt: skip
+        # every other path reads x in feature order
         plain = x.natural() if isinstance(x, MmaOrderActivations) else x
         if plain.device != self.frag.device:  # moved without QLinear.prepare: the reference
             return qlinear_reference(plain, live, bias, self.spec)
-        m = plain.numel() // plain.shape[-1]
         cfg = frag_config(m, self.weights)
         if cfg is not None:
             return fragment_linear(plain, self.frag, live["scales"], bias, self.group, config=cfg)
-        wcfg = self._wgmma_config(m)
         if wcfg is not None:
-            given = ordered and wcfg.x_perm  # the producer wrote x in mma order: no gather
-            a = x.values if given and isinstance(x, MmaOrderActivations) else plain
-            return wgmma_linear(a, self.frag, live["scales"], bias, self.group, config=wcfg,
-                                x_in_mma_order=given)  # fmt: skip
+            return wgmma_linear(plain, self.frag, live["scales"], bias, self.group, config=wcfg)
         return qlinear(plain, live, bias, self.spec)
