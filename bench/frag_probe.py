@@ -245,6 +245,18 @@ def table(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, list[An
     return out
 
 
+def config_table_md(table: dict[str, list[Any]]) -> list[str]:
+    """A tile table (per M bucket, one config or None per weight-size class) as markdown."""
+    return [
+        "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",
+        "|---" * (1 + len(F.SIZE_CLASSES)) + "|",
+        *(
+            f"| {m} | " + " | ".join(json.dumps(c) for c in cfgs) + " |"
+            for m, cfgs in table.items()
+        ),
+    ]
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     """The report: where it ran, the checks, and fragment vs canonical per layer and M."""
     checks = result["checks"]
@@ -261,11 +273,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "split waves, warps along M, stages), tuned at the bucket's M (bucket 8 at M = 1); "
         "null where the canonical kernel was faster (the table `FRAG_CONFIGS` takes):",
         "",
-        "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",
-        "|---" * (1 + len(F.SIZE_CLASSES)) + "|",
+        *config_table_md(result.get("table", {})),
     ]
-    for bucket, cfgs in result.get("table", {}).items():
-        md.append(f"| {bucket} | " + " | ".join(json.dumps(c) for c in cfgs) + " |")
     md += [
         "",
         "Microseconds per linear, median of CUDA-graph replays (weights rotated through HBM).",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
-from frag_probe import check_cases, rel_err, size_class, weights
+from frag_probe import check_cases, config_table_md, rel_err, size_class, weights
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
@@ -208,10 +208,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
         md.append(f"- {key}: " + ", ".join(f"{n} {us}" for n, us in ranked[:6]) + gather)
     md += ["", "Config per M bucket and weight-size class where the wgmma kernel beat the "
            "canonical one (`WGMMA_CONFIGS`; null: canonical):", "",
-           "| M bucket | " + " | ".join(name for name, _ in F.SIZE_CLASSES) + " |",
-           "|---" * (1 + len(F.SIZE_CLASSES)) + "|"]  # fmt: skip
-    for m, cfgs in result["table"].items():
-        md.append(f"| {m} | " + " | ".join(json.dumps(c) for c in cfgs) + " |")
+           *config_table_md(result["table"])]  # fmt: skip
     return md
 
 

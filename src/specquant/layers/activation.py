@@ -25,9 +25,11 @@ class SiluMul(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # (device, dtype, kind or "mma") -> the chosen "silu_mul" / "silu_mul_quant" /
-        # "silu_mul_mma" kernel
-        self._kernels: dict[tuple[torch.device, torch.dtype, str | None], Callable[..., Any]] = {}
+        # (device, dtype, op, kind) -> the kernel the registry chose for op ("silu_mul",
+        # "silu_mul_mma" or "silu_mul_quant", the last bound to its kind)
+        self._kernels: dict[
+            tuple[torch.device, torch.dtype, str, str | None], Callable[..., Any]
+        ] = {}
 
     def forward(
         self, h: torch.Tensor, kind: str | None = None, mma_order: bool = False
@@ -36,20 +38,12 @@ class SiluMul(nn.Module):
         the W4A16 wgmma kernel's K order, for a down_proj that asked for it."""
         if h.requires_grad and torch.is_grad_enabled():  # training: fused kernels have no backward
             return silu_mul_reference(h) if kind is None else silu_mul_quant_reference(h, kind)
-        if mma_order and kind is None:
-            key = (h.device, h.dtype, "mma")
-            fn = self._kernels.get(key)
-            if fn is None:
-                ctx = KernelContext(h.device, h.dtype)
-                fn = self._kernels[key] = select("silu_mul_mma", ctx).fn
-            return MmaOrderActivations(fn(h))
-        key = (h.device, h.dtype, kind)
+        op = "silu_mul_quant" if kind is not None else "silu_mul_mma" if mma_order else "silu_mul"
+        key = (h.device, h.dtype, op, kind)
         fn = self._kernels.get(key)
         if fn is None:
-            if kind is None:
-                fn = select("silu_mul", KernelContext(h.device, h.dtype)).fn
-            else:
-                ctx = KernelContext(h.device, h.dtype, extra=(("kind", kind),))
-                fn = partial(select("silu_mul_quant", ctx).fn, kind=kind)
-            self._kernels[key] = fn
-        return fn(h)
+            extra = (("kind", kind),) if kind is not None else ()
+            fn = select(op, KernelContext(h.device, h.dtype, extra=extra)).fn
+            fn = self._kernels[key] = partial(fn, kind=kind) if kind is not None else fn
+        out = fn(h)
+        return MmaOrderActivations(out) if op == "silu_mul_mma" else out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,37 +20,33 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # (device, dtype, op) -> the chosen "rmsnorm" / "rmsnorm_mma" kernel;
-        # (device, dtype, kind) -> the chosen "rmsnorm_quant" kernel
-        self._kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
-        self._quant_kernels: dict[tuple[torch.device, torch.dtype, str], object] = {}
+        # (device, dtype, op, quantization kind) -> the kernel the registry chose for op
+        # ("rmsnorm", "rmsnorm_mma" or "rmsnorm_quant")
+        self._kernels: dict[tuple[torch.device, torch.dtype, str, str | None], Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return rmsnorm_reference(x, self.weight, self.eps)  # fused kernels: no backward
-        return self._run("rmsnorm", x)
+        return self._kernel("rmsnorm", x)(x, self.weight, self.eps)
 
     def mma_ordered(self, x: torch.Tensor) -> MmaOrderActivations:
         """rmsnorm(x) written in the W4A16 wgmma kernel's K order (reference.to_mma_order),
         for a linear that asked for it (`QLinear.takes_mma_order`)."""
-        return MmaOrderActivations(self._run("rmsnorm_mma", x))
-
-    def _run(self, op: str, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype, op)
-        fn = self._kernels.get(key)
-        if fn is None:
-            fn = self._kernels[key] = select(op, KernelContext(x.device, x.dtype)).fn
-        return fn(x, self.weight, self.eps)  # type: ignore[operator]
+        return MmaOrderActivations(self._kernel("rmsnorm_mma", x)(x, self.weight, self.eps))
 
     def quantized(self, x: torch.Tensor, kind: str) -> QuantizedActivations:
         """rmsnorm(x) quantized per token to `kind` ("int8" or "fp8") in one kernel; equals
         `quantize_per_token(self(x), kind)`."""
-        key = (x.device, x.dtype, kind)
-        fn = self._quant_kernels.get(key)
+        return self._kernel("rmsnorm_quant", x, kind)(x, self.weight, self.eps, kind)
+
+    def _kernel(self, op: str, x: torch.Tensor, kind: str | None = None) -> Any:
+        key = (x.device, x.dtype, op, kind)
+        fn = self._kernels.get(key)
         if fn is None:
-            ctx = KernelContext(x.device, x.dtype, extra=(("kind", kind),))
-            fn = self._quant_kernels[key] = select("rmsnorm_quant", ctx).fn
-        return fn(x, self.weight, self.eps, kind)  # type: ignore[operator]
+            extra = (("kind", kind),) if kind is not None else ()
+            ctx = KernelContext(x.device, x.dtype, extra=extra)
+            fn = self._kernels[key] = select(op, ctx).fn
+        return fn
 
 
 def norm_for(

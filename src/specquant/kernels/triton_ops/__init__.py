@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -206,22 +207,24 @@ def _norm_check(ctx: KernelContext) -> tuple[bool, str]:
     return (False, why) if why is not None else (True, "Triton RMSNorm in one kernel")
 
 
-def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from specquant.kernels.reference import rmsnorm_reference
+def rmsnorm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, mma_order: bool = False
+) -> torch.Tensor:
+    from specquant.kernels.reference import rmsnorm_mma_reference, rmsnorm_reference
     from specquant.kernels.triton_ops.act_quant import MAX_ROW, rmsnorm
 
     if x.shape[-1] > MAX_ROW or weight.dtype != x.dtype:  # torch's ops handle these
-        return rmsnorm_reference(x, weight, eps)
-    return rmsnorm(x, weight, eps)
+        return (rmsnorm_mma_reference if mma_order else rmsnorm_reference)(x, weight, eps)
+    return rmsnorm(x, weight, eps, mma_order=mma_order)
 
 
-def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
-    from specquant.kernels.reference import silu_mul_reference
+def silu_mul_triton(h: torch.Tensor, mma_order: bool = False) -> torch.Tensor:
+    from specquant.kernels.reference import silu_mul_mma_reference, silu_mul_reference
     from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul
 
     if h.shape[-1] // 2 > MAX_ROW:  # one row lives in registers: wider MLPs take torch's ops
-        return silu_mul_reference(h)
-    return silu_mul(h)
+        return (silu_mul_mma_reference if mma_order else silu_mul_reference)(h)
+    return silu_mul(h, mma_order=mma_order)
 
 
 def silu_mul_quant_triton(h: torch.Tensor, kind: str) -> Any:
@@ -237,24 +240,9 @@ register("silu_mul", KernelImpl("triton", PRIORITY, silu_mul_triton, _silu_check
 register("rmsnorm", KernelImpl("triton", PRIORITY, rmsnorm_triton, _norm_check))
 
 
-def rmsnorm_mma_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from specquant.kernels.reference import rmsnorm_mma_reference
-    from specquant.kernels.triton_ops.act_quant import MAX_ROW, rmsnorm
-
-    if x.shape[-1] > MAX_ROW or weight.dtype != x.dtype:
-        return rmsnorm_mma_reference(x, weight, eps)
-    return rmsnorm(x, weight, eps, mma_order=True)
-
-
-def silu_mul_mma_triton(h: torch.Tensor) -> torch.Tensor:
-    from specquant.kernels.reference import silu_mul_mma_reference
-    from specquant.kernels.triton_ops.act_quant import MAX_ROW, silu_mul
-
-    if h.shape[-1] // 2 > MAX_ROW:
-        return silu_mul_mma_reference(h)
-    return silu_mul(h, mma_order=True)
-
-
-register("rmsnorm_mma", KernelImpl("triton", PRIORITY, rmsnorm_mma_triton, _norm_check))
-register("silu_mul_mma", KernelImpl("triton", PRIORITY, silu_mul_mma_triton, _silu_check))
+# the same kernels, writing the W4A16 wgmma kernel's K order
+register("rmsnorm_mma", KernelImpl("triton", PRIORITY, partial(rmsnorm_triton, mma_order=True),
+                                   _norm_check))  # fmt: skip
+register("silu_mul_mma", KernelImpl("triton", PRIORITY, partial(silu_mul_triton, mma_order=True),
+                                    _silu_check))  # fmt: skip
 register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))
