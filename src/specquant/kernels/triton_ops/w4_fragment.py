@@ -508,16 +508,19 @@ class FragForward:
         self.group = 0 if spec.group_size == -1 else spec.group_size
         self.weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
 
-    def _wgmma_config(self, m: int) -> Any:
+    def _route(self, m: int) -> tuple[FragConfig | None, Any]:
+        """(fragment config, wgmma config) for m tokens: at most one is set; neither means
+        the canonical-layout kernel."""
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
 
-        if not self.wgmma or frag_config(m, self.weights) is not None:
-            return None
-        return wgmma_config(m, self.weights)
+        cfg = frag_config(m, self.weights)
+        if cfg is not None or not self.wgmma:
+            return cfg, None
+        return None, wgmma_config(m, self.weights)
 
     def takes_mma_order(self, m: int) -> bool:
-        cfg = self._wgmma_config(m)
-        return cfg is not None and cfg.x_perm
+        wcfg = self._route(m)[1]
+        return wcfg is not None and wcfg.x_perm
 
     def __call__(
         self,
@@ -530,22 +533,20 @@ class FragForward:
         from specquant.kernels.triton_ops.qlinear import qlinear
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_linear
 
-        ordered = isinstance(x, MmaOrderActivations)
         values = x.values if isinstance(x, MmaOrderActivations) else x
-        m = values.numel() // values.shape[-1]
-        wcfg = None
-        if values.device == self.frag.device and frag_config(m, self.weights) is None:
-            wcfg = self._wgmma_config(m)
-        if ordered and wcfg is not None and wcfg.x_perm:  # as the producer wrote it: no copy
+
+        def plain() -> torch.Tensor:  # every path but a wgmma config reading mma order
+            return x.natural() if isinstance(x, MmaOrderActivations) else x
+
+        if values.device != self.frag.device:  # moved without QLinear.prepare: the reference
+            return qlinear_reference(plain(), live, bias, self.spec)
+        cfg, wcfg = self._route(values.numel() // values.shape[-1])
+        if cfg is not None:
+            return fragment_linear(plain(), self.frag, live["scales"], bias, self.group,
+                                   config=cfg)  # fmt: skip
+        if wcfg is None:
+            return qlinear(plain(), live, bias, self.spec)
+        if wcfg.x_perm and isinstance(x, MmaOrderActivations):  # as the producer wrote it
             return wgmma_linear(values, self.frag, live["scales"], bias, self.group,
                                 config=wcfg, x_in_mma_order=True)  # fmt: skip
-        # every other path reads x in feature order
-        plain = x.natural() if isinstance(x, MmaOrderActivations) else x
-        if plain.device != self.frag.device:  # moved without QLinear.prepare: the reference
-            return qlinear_reference(plain, live, bias, self.spec)
-        cfg = frag_config(m, self.weights)
-        if cfg is not None:
-            return fragment_linear(plain, self.frag, live["scales"], bias, self.group, config=cfg)
-        if wcfg is not None:
-            return wgmma_linear(plain, self.frag, live["scales"], bias, self.group, config=wcfg)
-        return qlinear(plain, live, bias, self.spec)
+        return wgmma_linear(plain(), self.frag, live["scales"], bias, self.group, config=wcfg)
