@@ -154,8 +154,14 @@ class Prepared:
         return self.fn(x, self.t, None, self.spec)
 
     def takes_mma_order(self, tokens: int) -> bool:
-        takes = getattr(self.fn, "takes_mma_order", None)
-        return bool(takes is not None and takes(tokens))
+        return reads_mma_order(self.fn, tokens)
+
+
+def reads_mma_order(fn: Any, tokens: int) -> bool:
+    """Whether a layer kernel (or anything else: then no) reads `tokens` rows of x in mma K
+    order, so the model hands it MmaOrderActivations."""
+    takes = getattr(fn, "takes_mma_order", None)
+    return bool(takes is not None and takes(tokens))
 
 
 def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
@@ -172,8 +178,7 @@ def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = Fals
         if gemm_only:
             qa = quantize_per_token(x, spec.activations)
             return lambda i: fns[i](qa)
-        takes = getattr(fns[0], "takes_mma_order", None)
-        if takes is not None and takes(x.shape[0]):  # W4A16 wgmma with x_perm: the model's
+        if reads_mma_order(fns[0], x.shape[0]):  # W4A16 wgmma with x_perm: the model's
             xo = MmaOrderActivations(to_mma_order(x))  # norm / silu / head merge write this
             return lambda i: fns[i](xo)
         return lambda i: fns[i](x)
@@ -312,20 +317,17 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     def linear(x: Any, w: Any) -> torch.Tensor:
         return F.linear(x, w) if spec is None else w(x)
 
-    def mma(w: Any, tokens: int) -> bool:  # the W4A16 layer reads x in mma K order
-        return bool(getattr(w, "takes_mma_order", None) and w.takes_mma_order(tokens))
-
     def norm(x: torch.Tensor, w: Any) -> Any:
         if act is not None:
             return rmsnorm_quant(x, norm_w, 1e-5, act)
-        if mma(w, x.shape[0]):
+        if reads_mma_order(w, x.shape[0]):
             return MmaOrderActivations(rmsnorm(x, norm_w, 1e-5, mma_order=True))
         return rmsnorm(x, norm_w, 1e-5)
 
     def gate(up: torch.Tensor, w: Any) -> Any:
         if act is not None:
             return silu_mul_quant(up, act)
-        if mma(w, up.shape[0]):
+        if reads_mma_order(w, up.shape[0]):
             return MmaOrderActivations(silu_mul(up, mma_order=True))
         return silu_mul(up)
 
@@ -338,7 +340,7 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
         def run(i: int) -> torch.Tensor:
             w = weights[i]
             linear(norm(x, w["qkv"]), w["qkv"])
-            h = x + linear(attn_mma if mma(w["o"], x.shape[0]) else attn_out, w["o"])
+            h = x + linear(attn_mma if reads_mma_order(w["o"], x.shape[0]) else attn_out, w["o"])
             up = linear(norm(h, w["gate_up"]), w["gate_up"])
             return h + linear(gate(up, w["down"]), w["down"])
 
