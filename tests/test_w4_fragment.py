@@ -217,6 +217,10 @@ def test_layer_hands_mma_ordered_x_to_wgmma_without_a_copy(monkeypatch) -> None:
     monkeypatch.setattr(W, "wgmma_linear", wgmma_stub)
     monkeypatch.setattr(F, "fragment_linear", frag_stub)
     monkeypatch.setattr(R, "from_mma_order", counted)
+    # the dispatch under test, not the probe's current picks: x_perm at 64 tokens only
+    plain, perm = W.WgmmaConfig(128, 128, 4, 3), W.WgmmaConfig(128, 128, 8, 3, x_perm=True)
+    table = {16: W._table(plain, plain, plain, plain), 64: W._table(perm, perm, perm, perm)}
+    monkeypatch.setattr(W, "WGMMA_CONFIGS", table)
     live = {"scales": torch.ones(n, k // 128)}
     cases = [(64, True, ("wgmma", True), 0), (64, False, ("wgmma", False), 0),
              (9, True, ("wgmma", False), 1), (1, True, ("fragment", False), 1)]  # fmt: skip

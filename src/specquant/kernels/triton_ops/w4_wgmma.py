@@ -293,8 +293,8 @@ class WgmmaConfig:
     # asynchronous wgmma, the next tile unpacked meanwhile into a second set of A registers;
     # group scales then multiply A in bf16/fp16 instead of each tile's product in fp32
     overlap: bool = False
-    # the launcher gathers x into mma K order first (one small kernel), so that the program
-    # copies it in 16-byte pieces instead of 4-byte column pairs
+    # x in mma K order, so that the program copies it in 16-byte pieces instead of 4-byte
+    # column pairs: the model's norm / silu / head merge write it so, else the launcher gathers
     x_perm: bool = False
     # registers per thread (0: ptxas decides). 128 at 8 warps fits two programs on an SM,
     # so one program's copies, unpacking and wgmma hide another's waits
@@ -307,19 +307,19 @@ _W = WgmmaConfig
 # Per M bucket (its largest M, timed there), one config per weight-size class
 # (w4_fragment.SIZE_CLASSES); None: the canonical kernel is faster. Picked on an H200 over
 # the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
-# total time per class; bench/results/wgmma_probe_acdc019.json: 14 configs, the best of the
-# earlier probes among them). From 32 tokens on the large layers want x in mma order and two
-# programs per SM (128 registers); the 16-warp configs and the overlapping loop lost. Up to
-# 8 tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical one.
-_R = dict(w_ring=True)
+# total time per class; bench/results/wgmma_probe_a25c6e9.json: 14 configs, x_perm timed on
+# x the model hands over already in mma order). With no gather to pay, x_perm wins every
+# bucket from 16 tokens; two programs per SM (128 registers) win from 32 tokens on the small
+# layers and from 64 on the large ones; the 16-warp configs and the overlapping loop lost.
+# Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical one.
 _P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
-    16: _table(None, _W(128, 128, 4, 3, **_R), _W(128, 128, 8, 3, **_R), _W(128, 128, 4, 3, **_P)),
-    32: _table(_W(128, 128, 8, 3, **_R), _W(128, 128, 8, 3, **_R), _W(128, 128, 4, 3, **_P),
+    16: _table(None, _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P)),
+    32: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P),
                _W(64, 128, 4, 4, **_TWO)),
-    64: _table(_W(64, 128, 4, 3), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
-               _W(128, 128, 8, 4, **_TWO)),
+    64: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
+               _W(128, 128, 8, 3, **_TWO)),
     128: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
                 _W(128, 128, 8, 4, **_TWO)),
 }  # fmt: skip
