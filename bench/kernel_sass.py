@@ -64,14 +64,14 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
-    stages: int = 1,
+    stages: int = 1, split_k: int = 1,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py)."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
-    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
-                  WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
+                  WARPS=warps, WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
                   WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
     return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch)
 
@@ -79,15 +79,16 @@ def compile_fragment_sass(
 def compile_wgmma_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 3,
     w_ring: bool = False, overlap: bool = False, x_perm: bool = False, maxnreg: int = 0,
+    split_k: int = 1,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py)."""
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma as W
 
     lay = F.layouts(bn, bk, bm, warps)
-    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=1, BN=bn, BK=bk, BM=bm, WARPS=warps,
-                  STAGES=stages, W_RING=w_ring, OVERLAP=overlap, X_PERM=x_perm, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma)  # fmt: skip
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
+                  WARPS=warps, STAGES=stages, W_RING=w_ring, OVERLAP=overlap, X_PERM=x_perm,
+                  WORDS=lay.words, WORDS_MMA=lay.words_mma)  # fmt: skip
     return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch, maxnreg)
 
 
@@ -108,7 +109,8 @@ def _compile_w4_gluon(
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+    res = f"{_resources(kernel.asm['cubin'])} dynamic shared {kernel.metadata.shared} bytes"
+    return _disassemble(kernel.asm["cubin"]), res
 
 
 def _resources(cubin: bytes) -> str:
@@ -169,7 +171,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="w4a16-g128")
     ap.add_argument("--tile", default="64,16,256,4,3", help="BLOCK_N,BLOCK_M,BLOCK_K,warps,stages")
-    ap.add_argument("--split-k", type=int, default=2)
+    ap.add_argument("--split-k", type=int, default=2, help="K splits (with --fragment / "
+                    "--wgmma too: their split-K epilogue is compiled only when > 1)")  # fmt: skip
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
@@ -186,7 +189,7 @@ def main() -> None:
         bn, bk, bm, warps, stages, ring, overlap, x_perm, maxnreg = fields
         sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
                                        bool(ring), bool(overlap), bool(x_perm),
-                                       maxnreg)  # fmt: skip
+                                       maxnreg, args.split_k)  # fmt: skip
         tiles = 2 if overlap else 1  # the overlapping loop is unrolled by two K tiles
         _print_w4(sass, res, f"wgmma W4A16 group {args.group}, tile {args.wgmma}",
                   bn * bk * tiles, 32 * warps, args.arch)  # fmt: skip
@@ -199,7 +202,7 @@ def main() -> None:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
                                               + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
-                                          stages)  # fmt: skip
+                                          stages, args.split_k)  # fmt: skip
         _print_w4(sass, res, f"fragment W4A16 group {args.group}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return

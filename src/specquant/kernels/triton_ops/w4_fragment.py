@@ -249,6 +249,12 @@ def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
 
 
 @gluon.jit
+def _partial(ws_ptr, offs, mask):
+    """One split's partial sums, read from L2 (another program wrote them)."""
+    return gl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@gluon.jit
 def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
             SPLIT_K: gl.constexpr):  # fmt: skip
@@ -267,10 +273,13 @@ def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr
         if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
             _cta_barrier()
             total = gl.load(ws_ptr + offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
-            for s in gl.static_range(1, SPLIT_K):
-                total += gl.load(
-                    ws_ptr + s * M * N + offs, mask=mn_mask, other=0.0, cache_modifier=".cg"
-                )
+            per_thread: gl.constexpr = acc.shape[0] * acc.shape[1] // (32 * gl.num_warps())
+            if per_thread * (SPLIT_K - 1) <= 64:  # unrolled: all loads in flight at once
+                for s in gl.static_range(1, SPLIT_K):
+                    total += _partial(ws_ptr, s * M * N + offs, mn_mask)
+            else:  # unrolled, ptxas would hold every split's sums at once and spill them
+                for s in range(1, SPLIT_K):
+                    total += _partial(ws_ptr, s * M * N + offs, mn_mask)
             gl.atomic_xchg(lock_ptr + tile, 0)
             _epilogue(
                 total, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS
