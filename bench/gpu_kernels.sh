@@ -8,6 +8,7 @@
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH);
 #                  KP_ARGS: more kernel_perf.py arguments, e.g. "--formats w4a16-g128,w4a16"
 #   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
+#   STAGE=split    bench/split_probe.py: each linear's time per K split count (wgmma W4A16)
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|profile}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|split|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
@@ -41,6 +42,9 @@ measure)
   ;;
 gather)
   python bench/gather_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"}
+  ;;
+split)
+  python bench/split_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${SPLIT_ARGS:-}
   ;;
 profile)
   # --clock-control none: leave the clocks as they are (the device notes ask for it).
