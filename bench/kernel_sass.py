@@ -35,8 +35,9 @@ ALIGNED = ("x_ptr", "xs_ptr", "w_ptr", "s_ptr", "z_ptr", "cs_ptr", "b_ptr", "out
            "lock_ptr", "N", "K", "K_SPLIT", "stride_xm", "stride_wn", "stride_om")  # fmt: skip
 
 
-def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple[str, str]:
-    """(SASS, TTGIR) of the kernel for format `fmt`, activations in bf16 or pre-quantized."""
+def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple[str, str, str]:
+    """(SASS, TTGIR, resource usage) of the kernel for format `fmt`, activations in bf16 or
+    pre-quantized."""
     spec = get_format(fmt)
     act = {"none": 0, "int8": 1, "fp8": 2}[spec.activations]
     w4 = spec.weight_bits == 4 and spec.weight_type == "int"
@@ -59,7 +60,7 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     opts = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    return _disassemble(kernel.asm["cubin"]), kernel.asm["ttgir"]
+    return _disassemble(kernel.asm["cubin"]), kernel.asm["ttgir"], _resources(kernel.asm["cubin"])
 
 
 def compile_fragment_sass(
@@ -207,7 +208,7 @@ def main() -> None:
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
     tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
-    sass, ttgir = compile_sass(args.format, tile, args.split_k, args.arch)
+    sass, ttgir, res = compile_sass(args.format, tile, args.split_k, args.arch)
     if args.ttgir:
         args.ttgir.write_text(ttgir)
     ops = loop_histogram(sass)
@@ -219,6 +220,7 @@ def main() -> None:
           f"{total} instructions per K step, {per_thread:.0f} weights per thread, "
           f"{total / per_thread:.2f} instructions per weight")  # fmt: skip
     print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    print(res)
 
 
 if __name__ == "__main__":

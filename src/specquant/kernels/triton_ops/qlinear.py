@@ -119,6 +119,12 @@ _UNPACK_I8X16_C = tl.constexpr(_UNPACK_I8X16)
 
 # ---------------------------------------------------------------------------------- kernel
 @triton.jit
+def _partial(ws_ptr, offs, mask):
+    """One split's partial sums, read from L2 (another program wrote them)."""
+    return tl.load(ws_ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+
+
+@triton.jit
 def _epilogue(
     acc, rm, rn, m_mask, n_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr, stride_om,
     W4: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, TWO_LEVEL: tl.constexpr,
@@ -264,10 +270,12 @@ def _qlinear_kernel(
         if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
             tl.debug_barrier()
             total = tl.load(ws_ptr + part_offs, mask=mn_mask, other=0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(
-                    ws_ptr + s * M * N + part_offs, mask=mn_mask, other=0, cache_modifier=".cg"
-                )
+            if BLOCK_M * BLOCK_N * (SPLIT_K - 1) <= 16384:  # unrolled: all loads in flight
+                for s in tl.static_range(1, SPLIT_K):
+                    total += _partial(ws_ptr, s * M * N + part_offs, mn_mask)
+            else:  # unrolled, ptxas would hold every split's sums at once and spill them
+                for s in range(1, SPLIT_K):
+                    total += _partial(ws_ptr, s * M * N + part_offs, mn_mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
             _epilogue(
                 total, rm, rn, m_mask, n_mask, s_ptr, cs_ptr, xs_ptr, b_ptr, out_ptr,
