@@ -145,3 +145,14 @@ def test_kernel_profile_summarizes_an_ncu_sass_stall_csv(tmp_path: Path) -> None
     bad.write_text("a,b\n")
     with pytest.raises(SystemExit, match="no 'Warp Stall Sampling"):
         KPR.stall_summary(bad)
+
+
+def test_split_probe_report_names_the_launchers_choice_and_leaves_untimed_splits_blank() -> None:
+    import split_probe as S
+
+    meta = dict(card="H200", date="2026-11-28", commit="abc", torch="t")
+    row = dict(model="70b", layer="qkv", m=32, n=10240, k=8192, tiles=80, config=[],
+               launcher=2, us={1: 40.3, 2: 34.0, 4: 27.8, 8: 29.6})  # fmt: skip
+    md = S.markdown(meta, [row])
+    assert "| 70b | qkv | 32 | 80 | 2: 34.0 | 40.3 | 34.0 |  | 27.8 |  | 29.6 |" in md
+    assert md[-2].count("|") == md[-1].count("|")  # the header and the row line up
