@@ -30,13 +30,17 @@ from specquant.quant.pack import dequantize
 from specquant.quant.spec import get_format
 
 # Tile configs tried per M bucket (timed at the bucket's largest M; bucket 8 at M = 1, decode):
-# FragConfig(BLOCK_N, BLOCK_K, warps along N, split waves, warps along M, stages)
+# FragConfig(BLOCK_N, BLOCK_K, warps along N, split waves, warps along M, stages, pdl)
 _C = F.FragConfig
 CANDIDATES: dict[int, list[F.FragConfig]] = {
     8: [_C(128, 128, 4, w, 1, s) for w in (2, 4) for s in (1, 3, 4)]
     + [_C(bn, bk, w, 4, 1, s) for bn, bk, w in [(128, 256, 4), (64, 256, 2), (64, 128, 2)]
        for s in (1, 3)]
-    + [_C(128, 128, 4, 1, 1, 4)],
+    + [_C(128, 128, 4, 1, 1, 4)]
+    # programmatic dependent launch: each launch starts while the one before runs and copies
+    # its first weight tiles meanwhile (time_graph replays one kernel back to back)
+    + [_C(128, 128, 4, w, 1, s, True) for w, s in [(2, 3), (4, 1), (4, 3), (4, 4)]]
+    + [_C(128, 256, 4, 4, 1, s, True) for s in (1, 3)],
     16: [_C(128, 128, 4, 2, 1, s) for s in (1, 3, 4)]
     + [_C(64, 128, 2, 1, 1, s) for s in (1, 3)]
     + [_C(64, 128, 2, 2, 1, 3), _C(128, 128, 4, 1, 1, 3), _C(64, 128, 4, 2, 1, 3)],
@@ -50,7 +54,8 @@ CANDIDATES: dict[int, list[F.FragConfig]] = {
        _C(64, 128, 2, 2, 2, 3)],
 }  # fmt: skip
 CHECKED = [None, _C(32, 128, 1, 4), _C(128, 256, 4), _C(64, 128, 2, 1, 4, 3), _C(128, 128, 4, 2, 2),
-           _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2)]  # fmt: skip
+           _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2), _C(128, 128, 4, 2, 1, 3, True),
+           _C(128, 128, 4, 4, 1, 1, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -270,8 +275,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}.",
         "",
         "Tile configs per M bucket and weight-size class (BLOCK_N, BLOCK_K, warps along N, "
-        "split waves, warps along M, stages), tuned at the bucket's M (bucket 8 at M = 1); "
-        "null where the canonical kernel was faster (the table `FRAG_CONFIGS` takes):",
+        "split waves, warps along M, stages, programmatic dependent launch), tuned at the "
+        "bucket's M (bucket 8 at M = 1); null where the canonical kernel was faster (the "
+        "table `FRAG_CONFIGS` takes):",
         "",
         *config_table_md(result.get("table", {})),
     ]

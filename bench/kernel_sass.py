@@ -65,16 +65,17 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
-    stages: int = 1, split_k: int = 1,
+    stages: int = 1, split_k: int = 1, pdl: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
-    """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py)."""
+    """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py); with
+    `pdl`, also where it waits for the kernel before (programmatic dependent launch)."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma, XL=lay.x)  # fmt: skip
-    return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch)
+                  WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl)  # fmt: skip
+    return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch, pdl=pdl)
 
 
 def compile_wgmma_sass(
@@ -94,7 +95,7 @@ def compile_wgmma_sass(
 
 
 def _compile_w4_gluon(
-    fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0
+    fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0, pdl: bool = False
 ) -> tuple[str, str]:
     """(SASS, resource usage) of a fragment-order W4A16 Gluon kernel (both share their
     arguments), bf16 activations, pointers and K-side sizes 16-aligned."""
@@ -109,9 +110,23 @@ def _compile_w4_gluon(
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    if pdl:
+        options["launch_pdl"] = True
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     res = f"{_resources(kernel.asm['cubin'])} dynamic shared {kernel.metadata.shared} bytes"
+    if pdl:
+        res += "\n" + _gdc_order(kernel.asm["ptx"])
     return _disassemble(kernel.asm["cubin"]), res
+
+
+def _gdc_order(ptx: str) -> str:
+    """Where the kernel waits for the one before (PTX): the grid-dependency instructions and
+    the shared-memory copies issued ahead of the wait."""
+    head, _, _ = ptx.partition("griddepcontrol.wait")
+    return (f"griddepcontrol: {ptx.count('griddepcontrol.wait')} wait, "
+            f"{ptx.count('griddepcontrol.launch_dependents')} launch_dependents, "
+            f"{head.count('cp.async.cg') + head.count('cp.async.ca')} cp.async before the wait, "
+            f"{head.count('ld.global')} global loads before it")  # fmt: skip
 
 
 def _resources(cubin: bytes) -> str:
@@ -181,6 +196,8 @@ def main() -> None:
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
+    ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
+                    "dependent launch (where the kernel waits for the one before)")  # fmt: skip
     ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
                     "channel")  # fmt: skip
     args = ap.parse_args()
@@ -203,7 +220,7 @@ def main() -> None:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
                                               + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
-                                          stages, args.split_k)  # fmt: skip
+                                          stages, args.split_k, args.pdl)  # fmt: skip
         _print_w4(sass, res, f"fragment W4A16 group {args.group}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return

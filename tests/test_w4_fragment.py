@@ -105,6 +105,19 @@ def test_kernel_compiles_for_sm90_in_few_instructions_per_weight(tile, group, mo
     compiled_loop(["--fragment", tile, "--group", str(group)], most)
 
 
+@pytest.mark.parametrize(("tile", "copies"), [("128,128,8,4,1,1", 0), ("128,128,8,4,1,3", 8)])
+def test_programmatic_dependent_launch_waits_before_x_and_after_the_first_weights(
+    tile, copies
+) -> None:
+    """With FragConfig.pdl the kernel may start while the one before (which writes x) still
+    runs. Offline PTX: it lets its own successor launch, then copies only the weights of
+    the ring's first tiles (2 tiles x 4 copies of 16 bytes per thread) before it waits; no
+    load of x, the workspace or anything else comes before the wait."""
+    out = compiled_loop(["--fragment", tile, "--split-k", "4", "--pdl"], 2.4)
+    want = f"griddepcontrol: 1 wait, 1 launch_dependents, {copies} cp.async before the wait, "
+    assert want + "0 global loads before it" in out, out
+
+
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -129,6 +142,9 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
         (FragConfig(64, 128, 4, warps_m=2, stages=4), 1),
         (FragConfig(32, 128, 1, stages=2), 1),
     ]
+    if torch.cuda.get_device_capability()[0] >= 9:  # programmatic dependent launch
+        configs += [(FragConfig(32, 128, 2, stages=3, pdl=True), 2),
+                    (FragConfig(128, 256, 4, pdl=True), 1)]  # fmt: skip
     for m in (1, 3, 8, 9, 16, 17, 33, 64, 100):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)

@@ -226,6 +226,22 @@ def _out_index(n0, m0, N, M, BN: gl.constexpr, BM: gl.constexpr, LAYOUT: gl.cons
 
 
 @gluon.jit
+def _gdc_wait():
+    """griddepcontrol.wait: under programmatic dependent launch, block until the kernel
+    before has finished and its writes are visible (a no-op without it)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: the next kernel, if launched with programmatic
+    dependent launch, may start now (it waits in _gdc_wait before it reads our output)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _copy_tile(w_dst, x_dst, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT):
     """cp.async of the K tile at k_lo + kb (nothing past K_SPLIT) into one ring slot."""
     live = kb < K_SPLIT
@@ -299,8 +315,10 @@ def _w4_fragment_kernel(
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     WARPS_M: gl.constexpr, STAGES: gl.constexpr,
-    WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr,
+    WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the next layer's kernel may launch and fetch its weights while this one runs
+        _gdc_launch_dependents()
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[WARPS, WARPS_M], instr_shape=[16, 8]
     )
@@ -329,9 +347,24 @@ def _w4_fragment_kernel(
     if STAGES > 1:  # rings of weight and x tiles in shared memory, STAGES - 1 tiles ahead
         w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_RING)
         x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BK, BM], X_RING)
-        for s in gl.static_range(STAGES - 1):
-            _copy_tile(w_ring.index(s), x_ring.index(s), w_ptrs, w_mask, x_ptrs, x_mask,
-                       k_lo, s * BK, K_SPLIT)  # fmt: skip
+        if PDL:
+            # Launched before the kernel that writes x has finished: copy the first tiles'
+            # weights (read-only) meanwhile, wait, then x. Tile 0's commit group holds those
+            # weights too, so the loop's waits still cover them.
+            for s in gl.static_range(STAGES - 1):
+                _async_load(w_ring.index(s), w_ptrs + ((k_lo + s * BK) // 128) * 512,
+                            mask=w_mask & (s * BK < K_SPLIT))  # fmt: skip
+            _gdc_wait()
+            for s in gl.static_range(STAGES - 1):
+                _async_load(x_ring.index(s), x_ptrs + k_lo + s * BK,
+                            mask=x_mask & (s * BK < K_SPLIT))  # fmt: skip
+                async_copy.commit_group()
+        else:
+            for s in gl.static_range(STAGES - 1):
+                _copy_tile(w_ring.index(s), x_ring.index(s), w_ptrs, w_mask, x_ptrs, x_mask,
+                           k_lo, s * BK, K_SPLIT)  # fmt: skip
+    elif PDL:
+        _gdc_wait()  # nothing is read or written before the kernel before has finished
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         if STAGES > 1:
@@ -367,6 +400,9 @@ class FragConfig:
     split_waves: int = 1  # split K until the grid has this many programs per SM
     warps_m: int = 1  # along the tokens (each such warp holds BLOCK_M / warps_m of them)
     stages: int = 1  # > 1: cp.async ring of this many K tiles in shared memory
+    # programmatic dependent launch (Hopper): the kernel may start while the one before it
+    # runs, copies its first weight tiles, and waits for x (an experiment; no table picks it)
+    pdl: bool = False
 
 
 BLOCK_M_MAX = 64  # more tokens run as several token tiles
@@ -484,6 +520,10 @@ def fragment_linear(
     if m == 0:
         return out.view(*lead, n)
     cfg = config or frag_config(m, n * k) or DEFAULT_CONFIG
+    if cfg.pdl and torch.cuda.get_device_capability(a.device) < (9, 0):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(a.device)))
+        raise ValueError(f"FragConfig(pdl=True) needs programmatic dependent launch, compute "
+                         f"capability >= 9.0 (Hopper); this GPU has {cap}")  # fmt: skip
     bm = block_m(m)
     warps_m = min(cfg.warps_m, bm // 8)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
@@ -494,8 +534,8 @@ def fragment_linear(
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
         STAGES=cfg.stages if g.k_split > g.block_k else 1,
-        WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x,
-        num_warps=cfg.warps * warps_m,
+        WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x, PDL=cfg.pdl,
+        num_warps=cfg.warps * warps_m, launch_pdl=cfg.pdl,
     )  # fmt: skip
     return out.view(*lead, n)
 
