@@ -37,8 +37,9 @@ CANDIDATES: dict[int, list[F.FragConfig]] = {
     + [_C(bn, bk, w, 4, 1, s) for bn, bk, w in [(128, 256, 4), (64, 256, 2), (64, 128, 2)]
        for s in (1, 3)]
     + [_C(128, 128, 4, 1, 1, 4)]
-    # programmatic dependent launch: each launch starts while the one before runs and copies
-    # its first weight tiles meanwhile (time_graph replays one kernel back to back)
+    # programmatic dependent launch: each launch starts while the one before runs (with a
+    # ring it copies its first weight tiles meanwhile; time_graph replays one kernel back
+    # to back)
     + [_C(128, 128, 4, w, 1, s, True) for w, s in [(2, 3), (4, 1), (4, 3), (4, 4)]]
     + [_C(128, 256, 4, 4, 1, s, True) for s in (1, 3)],
     16: [_C(128, 128, 4, 2, 1, s) for s in (1, 3, 4)]

@@ -123,10 +123,11 @@ def _gdc_order(ptx: str) -> str:
     """Where the kernel waits for the one before (PTX): the grid-dependency instructions and
     the shared-memory copies issued ahead of the wait."""
     head, _, _ = ptx.partition("griddepcontrol.wait")
+    other = len(re.findall(r"\b(?:ld\.global|st\.global|atom\.|red\.)", head))
     return (f"griddepcontrol: {ptx.count('griddepcontrol.wait')} wait, "
             f"{ptx.count('griddepcontrol.launch_dependents')} launch_dependents, "
             f"{head.count('cp.async.cg') + head.count('cp.async.ca')} cp.async before the wait, "
-            f"{head.count('ld.global')} global loads before it")  # fmt: skip
+            f"{other} other global loads, stores or atomics before it")  # fmt: skip
 
 
 def _resources(cubin: bytes) -> str:
@@ -187,8 +188,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="w4a16-g128")
     ap.add_argument("--tile", default="64,16,256,4,3", help="BLOCK_N,BLOCK_M,BLOCK_K,warps,stages")
-    ap.add_argument("--split-k", type=int, default=2, help="K splits (with --fragment / "
-                    "--wgmma too: their split-K epilogue is compiled only when > 1)")  # fmt: skip
+    ap.add_argument("--split-k", type=int, default=None, help="K splits (default 2 for the "
+                    "canonical kernel, 1 for --fragment / --wgmma, whose split-K epilogue is "
+                    "compiled only when > 1)")  # fmt: skip
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
@@ -201,6 +203,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
                     "channel")  # fmt: skip
     args = ap.parse_args()
+    if args.split_k is None:
+        args.split_k = 1 if args.fragment or args.wgmma else 2
     if args.wgmma:
         given = [int(v) for v in args.wgmma.split(",")]
         fields = given + [3, 0, 0, 0, 0][len(given) - 4 :]

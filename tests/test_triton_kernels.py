@@ -684,12 +684,6 @@ def _try_job(job: tuple[Any, tuple[Any, ...]]) -> str:
     return _try(job[0], *job[1])
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
-    _interpret_all(Path(sys.argv[2]))
-elif __name__ == "__main__" and sys.argv[1:2] == ["--warm-gpu"]:
-    _warm_gpu()
-
-
 @pytest.mark.parametrize(("fmt", "tile"), [("w8a8", "128,64,128,4,3"), ("w4a8", "128,128,128,8,3")])
 def test_split_k_fix_up_does_not_spill(fmt, tile) -> None:
     """Compiled offline for sm_90 (no GPU): with four splits of a 128 x 64 or 128 x 128 tile
@@ -699,3 +693,9 @@ def test_split_k_fix_up_does_not_spill(fmt, tile) -> None:
 
     out = compiled_loop(["--format", fmt, "--tile", tile, "--split-k", "4"], 3.0)
     assert "STACK:0 " in out, out
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--interpret"]:
+    _interpret_all(Path(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--warm-gpu"]:
+    _warm_gpu()

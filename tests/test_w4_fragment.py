@@ -111,11 +111,12 @@ def test_programmatic_dependent_launch_waits_before_x_and_after_the_first_weight
 ) -> None:
     """With FragConfig.pdl the kernel may start while the one before (which writes x) still
     runs. Offline PTX: it lets its own successor launch, then copies only the weights of
-    the ring's first tiles (2 tiles x 4 copies of 16 bytes per thread) before it waits; no
-    load of x, the workspace or anything else comes before the wait."""
+    the ring's first tiles (2 tiles x 4 copies of 16 bytes per thread; none without a ring)
+    before it waits; no load, store or atomic of x, the workspace, the locks or the output
+    comes before the wait."""
     out = compiled_loop(["--fragment", tile, "--split-k", "4", "--pdl"], 2.4)
     want = f"griddepcontrol: 1 wait, 1 launch_dependents, {copies} cp.async before the wait, "
-    assert want + "0 global loads before it" in out, out
+    assert want + "0 other global loads, stores or atomics before it" in out, out
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -155,6 +156,49 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
             want = _reference(x, q, scales, bias)
             err = float((y.float() - want).norm() / want.norm())
             assert err < 8e-3, (m, cfg, split, err)
+
+
+@pytest.mark.cuda
+def test_programmatic_dependent_launch_chain_reads_what_the_kernel_before_wrote() -> None:
+    """Three layers, each fed the one before's output, every launch under programmatic
+    dependent launch (so each may start while the one before still writes its x), eagerly
+    and replayed from a CUDA graph: every output equals the reference chain's."""
+    from specquant.kernels.triton_ops.w4_fragment import (
+        FragConfig,
+        fragment_linear,
+        prepare_fragments,
+    )
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    n = k = 2048
+    qs = [torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+          for _ in range(3)]  # fmt: skip
+    scales = [torch.rand(n, k // 128, device="cuda", generator=gen) * 0.01 + 1e-3 for _ in qs]
+    frags = [prepare_fragments(q) for q in qs]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for cfg in (FragConfig(128, 128, 4, 2, stages=3, pdl=True), FragConfig(128, 128, 4, pdl=True)):
+
+        def chain(x=x, cfg=cfg) -> list[torch.Tensor]:
+            outs = [x]
+            for f, sc in zip(frags, scales, strict=True):
+                outs.append(fragment_linear(outs[-1], f, sc, None, 128, config=cfg))
+            return outs[1:]
+
+        eager = chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = x
+        for q, sc, y, yg in zip(qs, scales, eager, captured, strict=True):
+            want = _reference(want.to(torch.bfloat16), q, sc)
+            for got in (y, yg):
+                err = float((got.float() - want).norm() / want.norm())
+                assert err < 1e-2, (cfg, err)
+            want = y  # the next layer's input, as the kernel chain computed it
 
 
 @pytest.mark.cuda

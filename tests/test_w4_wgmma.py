@@ -54,8 +54,8 @@ def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group
 def test_split_k_fix_up_does_not_spill_at_64_tokens(tile, split_k) -> None:
     """The program that arrives last adds the other splits' partial sums. Unrolled, ptxas
     issued all their loads at once (32 sums per thread per split at 64 tokens) and spilled
-    136-152 bytes at 128 registers; the profile of 8B's o_proj at 64 tokens had a third of
-    its samples there."""
+    at 128 registers (88-96 bytes with Triton 3.6, the GPU image's; 136-152 with 3.9); the
+    profile of 8B's o_proj at 64 tokens had a third of its samples there."""
     out = compiled_loop(["--wgmma", tile, "--split-k", str(split_k)], 4.3)
     regs = re.search(r"REG:(\d+) STACK:(\d+)", out)
     assert regs and int(regs.group(1)) <= 128 and int(regs.group(2)) <= 16, out

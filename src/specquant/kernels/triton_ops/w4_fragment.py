@@ -36,7 +36,7 @@ Split-K uses the fixed-order fix-up of qlinear.py (results do not depend on timi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -387,6 +387,11 @@ def _w4_fragment_kernel(
             gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
 
+    if STAGES > 1:
+        # the ring's last STAGES - 1 copies are masked off past K_SPLIT, and a masked cp.async
+        # still writes zeros: let them land before _finish reuses the shared memory (the
+        # split-K arrival count passes through it)
+        async_copy.wait_group(0)
     _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
 
@@ -401,7 +406,9 @@ class FragConfig:
     warps_m: int = 1  # along the tokens (each such warp holds BLOCK_M / warps_m of them)
     stages: int = 1  # > 1: cp.async ring of this many K tiles in shared memory
     # programmatic dependent launch (Hopper): the kernel may start while the one before it
-    # runs, copies its first weight tiles, and waits for x (an experiment; no table picks it)
+    # runs; with a ring (stages > 1) it copies its first weight tiles meanwhile, then waits
+    # for x. The weights must not be written by the kernel before (they never are in a
+    # model: they are read-only once prepared). An experiment; no table picks it yet.
     pdl: bool = False
 
 
@@ -521,9 +528,12 @@ def fragment_linear(
         return out.view(*lead, n)
     cfg = config or frag_config(m, n * k) or DEFAULT_CONFIG
     if cfg.pdl and torch.cuda.get_device_capability(a.device) < (9, 0):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(a.device)))
-        raise ValueError(f"FragConfig(pdl=True) needs programmatic dependent launch, compute "
-                         f"capability >= 9.0 (Hopper); this GPU has {cap}")  # fmt: skip
+        if config is None:  # a table's pick: run it without, as GPUs before Hopper must
+            cfg = replace(cfg, pdl=False)
+        else:
+            cap = ".".join(map(str, torch.cuda.get_device_capability(a.device)))
+            raise ValueError(f"FragConfig(pdl=True) needs programmatic dependent launch, "
+                             f"compute capability >= 9.0 (Hopper); this GPU has {cap}")  # fmt: skip
     bm = block_m(m)
     warps_m = min(cfg.warps_m, bm // 8)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)

@@ -309,8 +309,9 @@ _W = WgmmaConfig
 # the Llama-3 8B/70B linears, both W4A16 formats together, by bench/wgmma_probe.py (least
 # total time per class; bench/results/wgmma_probe_a25c6e9.json: 14 configs, x_perm timed on
 # x the model hands over already in mma order). With no gather to pay, x_perm wins every
-# bucket from 16 tokens; two programs per SM (128 registers) win from 32 tokens on the small
-# layers and from 64 on the large ones; the 16-warp configs and the overlapping loop lost.
+# bucket from 16 tokens; two programs per SM (128 registers) win at 32 tokens in the
+# smallest and largest classes and from 64 tokens in all; the 16-warp configs and the
+# overlapping loop lost.
 # Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical one.
 _P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
