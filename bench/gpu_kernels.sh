@@ -9,6 +9,8 @@
 #                  KP_ARGS: more kernel_perf.py arguments, e.g. "--formats w4a16-g128,w4a16"
 #   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
 #   STAGE=split    bench/split_probe.py: each linear's time per K split count (wgmma W4A16)
+#   STAGE=w4a8     bench/w4a8_probe.py: the W4A8 wgmma kernel checked, and timed against W4A8
+#                  on the canonical kernel and W4A16
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
@@ -17,10 +19,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|split|profile}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|split|w4a8|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
+    tests/test_w4a8_wgmma.py \
     tests/test_humming_backend.py -p no:cacheprovider
   ;;
 tune)
@@ -45,6 +48,9 @@ gather)
   ;;
 split)
   python bench/split_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${SPLIT_ARGS:-}
+  ;;
+w4a8)
+  python bench/w4a8_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-240}"
   ;;
 profile)
   # --clock-control none: leave the clocks as they are (the device notes ask for it).

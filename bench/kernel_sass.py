@@ -94,6 +94,31 @@ def compile_wgmma_sass(
     return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch, maxnreg)
 
 
+def compile_w4a8_wgmma_sass(
+    bn: int, bk: int, bm: int, warps: int, stages: int, arch: int, split_k: int = 1
+) -> tuple[str, str]:
+    """(SASS, resource usage) of the W4A8 wgmma kernel (w4a8_wgmma.py)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from specquant.kernels.triton_ops import w4a8_wgmma as Q
+
+    lay = Q.layouts(bn, bk, warps)
+    fn = Q._w4a8_wgmma_kernel
+    sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*bf16",
+           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig.update({a: "i32" for a in ("M", "N", "K", "K_SPLIT", "stride_xm", "stride_om")})
+    consts = dict(HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm, WARPS=warps,
+                  STAGES=stages, BYTES=lay.bytes, BYTES_MMA=lay.bytes_mma)  # fmt: skip
+    sig.update({a: "constexpr" for a in consts})
+    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
+                                                        "stride_om"]  # fmt: skip
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    res = f"{_resources(kernel.asm['cubin'])} dynamic shared {kernel.metadata.shared} bytes"
+    return _disassemble(kernel.asm["cubin"]), res
+
+
 def _compile_w4_gluon(
     fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0, pdl: bool = False
 ) -> tuple[str, str]:
@@ -198,13 +223,23 @@ def main() -> None:
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
+    ap.add_argument("--w4a8-wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps,stages: "
+                    "count the W4A8 wgmma kernel instead")  # fmt: skip
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
                     "dependent launch (where the kernel waits for the one before)")  # fmt: skip
     ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
                     "channel")  # fmt: skip
     args = ap.parse_args()
     if args.split_k is None:
-        args.split_k = 1 if args.fragment or args.wgmma else 2
+        args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma else 2
+    if args.w4a8_wgmma:
+        bn, bk, bm, warps, stages = [int(v) for v in args.w4a8_wgmma.split(",")]
+        sass, res = compile_w4a8_wgmma_sass(bn, bk, bm, warps, stages, args.arch, args.split_k)
+        _print_w4(sass, res, f"W4A8 wgmma, tile {args.w4a8_wgmma}", bn * bk, 32 * warps,
+                  args.arch)  # fmt: skip
+        ops = loop_histogram(sass)
+        print(f"IGMMA {ops['IGMMA']}")
+        return
     if args.wgmma:
         given = [int(v) for v in args.wgmma.split(",")]
         fields = given + [3, 0, 0, 0, 0][len(given) - 4 :]

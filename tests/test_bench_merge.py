@@ -156,3 +156,21 @@ def test_split_probe_report_names_the_launchers_choice_and_leaves_untimed_splits
     md = S.markdown(meta, [row])
     assert "| 70b | qkv | 32 | 80 | 2: 34.0 | 40.3 | 34.0 |  | 27.8 |  | 29.6 |" in md
     assert md[-2].count("|") == md[-1].count("|")  # the header and the row line up
+
+
+def test_w4a8_probe_sums_each_layer_set_and_skips_a_model_the_budget_cut_short() -> None:
+    import w4a8_probe as W
+
+    meta = dict(card="H200", date="2026-11-28", commit="abc", torch="t")
+    rows = []
+    for layer in KP.SHAPES["8b"]:
+        for m in W.MS:
+            base = dict(model="8b", layer=layer, m=m)
+            rows += [dict(base, kernel="w4a8:gemm", us=10.0), dict(base, kernel="w4a16", us=8.0),
+                     dict(base, kernel="w4a8-wgmma", config=[128], us=6.0),
+                     dict(base, kernel="w4a8-wgmma", config=[64], us=7.0 if layer == "o" else 5.0),
+                     dict(base, kernel="w4a8-wgmma", config=[256], error="smem")]  # fmt: skip
+    rows.append(dict(model="70b", layer="qkv", m=1, kernel="w4a16", us=1.0))
+    md = W.markdown(meta, [dict(rel_err=1e-3)], rows)
+    assert "| 8b | 64 | 40.0 | 32.0 | 21.0 | 22.0 [64] |" in md
+    assert not any(line.startswith("| 70b") for line in md)

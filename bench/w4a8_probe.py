@@ -1,0 +1,138 @@
+"""The W4A8 wgmma kernel (w4a8_wgmma.py) on one H100/H200: checked against the exact
+integer reference, then timed on the Llama-3 8B/70B linears next to what runs today.
+
+Per layer and token count: W4A8 per channel on the canonical Triton kernel given
+pre-quantized activations (`w4a8:gemm`, as the fused RMSNorm hands them over), the W4A8
+wgmma kernel with each candidate config on the same activations, and W4A16 per channel as
+the model runs it (fragment / wgmma kernels, x in mma order). The kernel_perf goal "W4A8
+faster than W4A16 at M >= 32" asks whether the wgmma rows beat the W4A16 ones.
+
+    python bench/w4a8_probe.py --out bench/results     # STAGE=w4a8 bench/gpu_kernels.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import gpu_run_meta, gpu_run_text, write_report
+from kernel_perf import SHAPES, ours, time_graph
+from specquant.kernels.reference import qlinear_reference, quantize_per_token
+from specquant.kernels.triton_ops import w4a8_wgmma as Q
+from specquant.quant.rtn import quantize_rtn
+from specquant.quant.spec import get_format
+
+_C = Q.W4A8WgmmaConfig
+CANDIDATES = [_C(128, 128, 8, 3), _C(128, 128, 8, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3),
+              _C(256, 128, 16, 3), _C(128, 256, 8, 3)]  # fmt: skip
+MS = (1, 16, 32, 64, 128)
+
+
+def check() -> list[dict[str, Any]]:
+    """Relative error against qlinear_reference (exact integer sums) on odd token counts."""
+    spec = get_format("w4a8")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in [(256, 512), (4096, 4096)]:
+        t = {a: v.cuda() for a, v in quantize_rtn(torch.randn(n, k, generator=gen), spec).items()}
+        frag = Q.prepare_fragments_i8(t["qweight"])
+        for m in (1, 9, 33, 64, 100):
+            qa = quantize_per_token(torch.randn(m, k, generator=gen).cuda().bfloat16(), "int8")
+            want = qlinear_reference(qa, t, None, spec).float()
+            for cfg in CANDIDATES:
+                if n % cfg.block_n or k % cfg.block_k:
+                    continue
+                y = Q.w4a8_wgmma_linear(qa.codes, qa.scales, frag, t["scales"], None,
+                                        torch.bfloat16, cfg).float()  # fmt: skip
+                err = float((y - want).norm() / want.norm())
+                rows.append(dict(n=n, k=k, m=m, config=list(astuple(cfg)), rel_err=err))
+    return rows
+
+
+def timings(deadline: float, models: list[str]) -> list[dict[str, Any]]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for model in models:
+        for layer, (k, n) in SHAPES[model].items():
+            canonical, copies, _ = ours("w4a8", n, k, gen, gemm_only=True)
+            w4a16, copies16, _ = ours("w4a16", n, k, gen)
+            tensors = [quantize_rtn(torch.randn(n, k, device="cuda", generator=gen) * 0.02,
+                                    get_format("w4a8")) for _ in range(copies)]  # fmt: skip
+            frags = [Q.prepare_fragments_i8(t["qweight"]) for t in tensors]
+            for m in MS:
+                if time.time() > deadline:
+                    return rows
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                qa = quantize_per_token(x, "int8")
+                base = dict(model=model, layer=layer, n=n, k=k, m=m)
+                rows.append(dict(base, kernel="w4a8:gemm", us=time_graph(canonical(x), copies)))
+                rows.append(dict(base, kernel="w4a16", us=time_graph(w4a16(x), copies16)))
+                for cfg in CANDIDATES:
+
+                    def run(i: int, cfg=cfg, qa=qa, fr=frags, ts=tensors) -> torch.Tensor:
+                        return Q.w4a8_wgmma_linear(qa.codes, qa.scales, fr[i], ts[i]["scales"],
+                                                   None, torch.bfloat16, cfg)  # fmt: skip
+
+                    row = dict(base, kernel="w4a8-wgmma", config=list(astuple(cfg)))
+                    try:
+                        row["us"] = time_graph(run, copies)
+                    except Exception as e:  # a config that does not fit (shared memory)
+                        row["error"] = repr(e)[:300]
+                    rows.append(row)
+            print(f"timed {model} {layer}", flush=True)
+    return rows
+
+
+def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict[str, Any]]):
+    worst = max((r["rel_err"] for r in checks), default=float("nan"))
+    md = ["# W4A8 wgmma kernel: checks and timings", "", gpu_run_text(meta, "w4a8"), "",
+          f"Checks against the integer reference: {len(checks)} cases, worst relative error "
+          f"{worst:.1e}.", "",
+          "Microseconds summed over a decoder layer's four linears (median of CUDA-graph "
+          "replays, weights rotated through HBM). W4A8 rows take pre-quantized activations; "
+          "wgmma configs: [BLOCK_N, BLOCK_K, warps, stages, split waves].", "",
+          "| model | M | w4a8:gemm | w4a16 | w4a8-wgmma best per layer | best single config |",
+          "|---|---|---|---|---|---|"]  # fmt: skip
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for m in MS:
+            here = [r for r in rows if r["model"] == model and r["m"] == m and "us" in r]
+            layers = {r["layer"] for r in here}
+            if len(layers) < len(SHAPES[model]):
+                continue  # the budget ran out inside this model
+            total = {kind: sum(r["us"] for r in here if r["kernel"] == kind)
+                     for kind in ("w4a8:gemm", "w4a16")}  # fmt: skip
+            wg = [r for r in here if r["kernel"] == "w4a8-wgmma"]
+            best = sum(min(r["us"] for r in wg if r["layer"] == la) for la in layers)
+            per_cfg = {}
+            for r in wg:
+                per_cfg.setdefault(str(r["config"]), []).append(r["us"])
+            single = min((sum(v), c) for c, v in per_cfg.items() if len(v) == len(layers))
+            md.append(f"| {model} | {m} | {total['w4a8:gemm']:.1f} | {total['w4a16']:.1f} | "
+                      f"{best:.1f} | {single[0]:.1f} {single[1]} |")  # fmt: skip
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit("w4a8_probe needs a Hopper GPU (wgmma)")
+    start = time.time()
+    checks = check()
+    rows = timings(start + args.budget_s, args.models.split(","))
+    meta = dict(gpu_run_meta(args.commit), seconds=time.time() - start)
+    write_report(args.out / "w4a8_probe.json", dict(meta=meta, checks=checks, timings=rows),
+                 markdown(meta, checks, rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
