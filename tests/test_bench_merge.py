@@ -174,3 +174,8 @@ def test_w4a8_probe_sums_each_layer_set_and_skips_a_model_the_budget_cut_short()
     md = W.markdown(meta, [dict(rel_err=1e-3)], rows)
     assert "| 8b | 64 | 40.0 | 32.0 | 21.0 | 22.0 [64] |" in md
     assert not any(line.startswith("| 70b") for line in md)
+    # every config failed on one layer: no crash, and the failed check is flagged
+    rows = [r for r in rows if not (r["layer"] == "o" and r["m"] == 1 and "config" in r)]
+    md = W.markdown(meta, [dict(rel_err=1e-3), dict(rel_err=0.5)], rows)
+    assert "| 8b | 1 | 40.0 | 32.0 | nan | none ran on all |" in md
+    assert "**1 FAILED**" in md[4]

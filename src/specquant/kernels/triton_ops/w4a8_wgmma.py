@@ -287,11 +287,21 @@ def w4a8_wgmma_linear(
         raise ValueError(f"stages must be >= 2 (the copy ring), not {cfg.stages}")
     if codes.dtype != torch.int8:
         raise ValueError(f"activation codes must be int8, not {codes.dtype}")
+    if frag.dtype != torch.int8 or frag.dim() != 3 or frag.shape[2] != ATOM_BYTES:
+        raise ValueError(f"frag must be prepare_fragments_i8's int8 [N/16, K/128, {ATOM_BYTES}] "
+                         f"(W4A16's int16 fragments are another order), not {frag.dtype} "
+                         f"{tuple(frag.shape)}")  # fmt: skip
     n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+    if codes.shape[-1] != k:
+        raise ValueError(f"activations have {codes.shape[-1]} features, the weights K={k}")
+    if scales.numel() != n:
+        raise ValueError(f"per-channel scales: {n} expected ([N] or [N, 1]; grouped W4A8 is "
+                         f"not served here), got shape {tuple(scales.shape)}")  # fmt: skip
     lead = codes.shape[:-1]
     a = codes.reshape(-1, k)
-    if a.stride(-1) != 1 or a.stride(0) % 16:  # rows 16-byte aligned for the copies
-        a = a.contiguous()
+    # rows 16-byte aligned for the copies
+    if a.stride(-1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
+        a = a.clone(memory_format=torch.contiguous_format)
     m = a.shape[0]
     xs = act_scales.reshape(m).float().contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
