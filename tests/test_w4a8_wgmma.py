@@ -156,3 +156,40 @@ def test_w4a8_wgmma_matches_the_integer_reference(out_dtype, n, k) -> None:
             assert y.dtype == out_dtype and y.shape == (m, n)
             bad = (y.float() - want).abs() > want.abs() * step + 1e-5 * want.abs().max()
             assert not bad.any(), (m, c, split, int(bad.sum()), bad.nonzero()[:4].tolist())
+
+
+def test_registered_below_the_canonical_kernel_so_only_an_override_picks_it() -> None:
+    from specquant.kernels.registry import KernelContext, explain, implementations
+    from specquant.quant.spec import get_format
+
+    names = [i.name for i in implementations("qlinear")]
+    assert names.index("triton-w4a8") < names.index("triton-w4a8-wgmma")
+    for fmt, why in [("w4a8", "needs a CUDA device, not cpu"),
+                     ("w8a8", "computes w4a8 formats only, not w8a8")]:  # fmt: skip
+        ctx = KernelContext(torch.device("cpu"), torch.bfloat16,
+                            extra=(("spec", get_format(fmt)), ("shape", (64, 256))))  # fmt: skip
+        rows = {name: (ok, reason) for name, ok, reason in explain("qlinear", ctx)}
+        assert rows["triton-w4a8-wgmma"] == (False, why)
+
+
+@pytest.mark.cuda
+def test_a_layer_runs_it_by_override_on_codes_or_plain_x() -> None:
+    if not _hopper():
+        pytest.skip("wgmma needs Hopper")
+    from specquant.kernels.reference import qlinear_reference, quantize_per_token
+    from specquant.layers.linear import QLinear
+    from specquant.quant.rtn import quantize_rtn
+    from specquant.quant.spec import get_format
+
+    spec = get_format("w4a8")
+    t = quantize_rtn(torch.randn(256, 512) * 0.05, spec)
+    layer = QLinear(512, 256)
+    layer.load_quantized_(spec, {a: v.cuda() for a, v in t.items()}, torch.bfloat16,
+                          override="triton-w4a8-wgmma")  # fmt: skip
+    assert layer.kernel_name == "triton-w4a8-wgmma:w4a8"
+    x = torch.randn(40, 512, device="cuda", dtype=torch.bfloat16)
+    qa = quantize_per_token(x, "int8")
+    want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
+    for given in (qa, x):
+        y = layer(given).float()
+        assert torch.allclose(y, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))

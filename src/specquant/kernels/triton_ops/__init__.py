@@ -12,6 +12,8 @@ use.
 | triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
 | triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
+| triton-w4a8-wgmma | qlinear     | W4A8 per channel on Hopper, int8 wgmma on repacked codes   |
+|                 |               | (experimental: only by explicit override)                  |
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
 | triton          | rmsnorm       | RMSNorm (x * rstd, times the weight) in one kernel         |
@@ -166,6 +168,44 @@ register(
         "triton-w4a16-frag", PRIORITY + 5, _frag_unprepared, _frag_check, prepare=prepare_frag
     ),
 )
+
+
+# W4A8 per channel with int8 wgmma on repacked codes: experimental, below the canonical
+# kernel, so only an explicit override picks it until it is checked and timed on a GPU
+def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
+    ok, why = _qlinear_check("w4a8")(ctx)
+    if not ok:
+        return ok, why
+    extra = dict(ctx.extra)
+    spec = extra["spec"]
+    if spec.group_size != -1:
+        return False, f"per-channel W4A8 only, not {spec.name}"
+    if not _hopper(ctx.device):
+        return False, "needs wgmma (Hopper, compute capability 9.x)"
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False, "needs Triton's Gluon (triton >= 3.5)"
+    if "shape" in extra:
+        n, k = extra["shape"]
+        if n % 16 or k % 128:
+            return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
+    return True, "Gluon W4A8 int8 wgmma on repacked codes (experimental)"
+
+
+def _w4a8_wgmma_unprepared(*args: Any) -> torch.Tensor:
+    raise RuntimeError("triton-w4a8-wgmma runs per layer: QLinear.prepare repacks its weights")
+
+
+def prepare_w4a8_wgmma(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Any:
+    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8Forward
+
+    return W4A8Forward.prepare(t)
+
+
+_W4A8_WGMMA = KernelImpl(
+    "triton-w4a8-wgmma", PRIORITY - 5, _w4a8_wgmma_unprepared, _w4a8_wgmma_check,
+    prepare=prepare_w4a8_wgmma,
+)  # fmt: skip
+register("qlinear", _W4A8_WGMMA)
 
 
 # ----------------------------------------------------------------- activation quantization

@@ -20,9 +20,10 @@ the 4 words of (k32 within the half, row g / g + 8). A lane copies 16 contiguous
 the 32 lanes of a warp 512 contiguous bytes. Features stay in their natural K order, so x
 is copied as it is.
 
-Experimental: no registry entry selects it yet. Its packing and register layouts are
-checked on the CPU and by offline compiles for sm_90; GPU checks against the reference
-are written (tests/test_w4a8_wgmma.py) and still to run.
+Experimental: registered as `triton-w4a8-wgmma` below the canonical kernel, so only an
+explicit override picks it (`SPECQUANT_KERNEL_QLINEAR=triton-w4a8-wgmma`). Its packing and
+index plan are checked on the CPU and its layouts by offline compiles for sm_90; GPU checks
+against the reference are written (tests/test_w4a8_wgmma.py) and still to run.
 """
 
 from __future__ import annotations
@@ -319,3 +320,31 @@ def w4a8_wgmma_linear(
         num_warps=cfg.warps,
     )  # fmt: skip
     return out.view(*lead, n)
+
+
+class W4A8Forward:
+    """A per-channel W4A8 layer on int8 fragments (QLinear's kernel when the registry's
+    `triton-w4a8-wgmma` is chosen): takes the per-token codes the RMSNorm before it hands
+    over, or quantizes x itself."""
+
+    def __init__(self, frag: torch.Tensor):
+        self.frag = frag
+
+    @classmethod
+    def prepare(cls, t: dict[str, torch.Tensor]) -> W4A8Forward:
+        return cls(prepare_fragments_i8(t["qweight"]))
+
+    def __call__(
+        self,
+        x: Any,  # torch.Tensor [..., K] or QuantizedActivations (int8)
+        live: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+        spec: Any,
+    ) -> torch.Tensor:  # [..., N]
+        from specquant.kernels.reference import QuantizedActivations
+        from specquant.kernels.triton_ops.act_quant import quantize_per_token
+
+        if not isinstance(x, QuantizedActivations):
+            x = quantize_per_token(x, "int8")
+        x.check_for(spec)
+        return w4a8_wgmma_linear(x.codes, x.scales, self.frag, live["scales"], bias, x.dtype)
