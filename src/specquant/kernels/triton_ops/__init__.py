@@ -134,12 +134,9 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
         return False, f"needs per-channel scales or groups of 128k, not {spec.group_size}"
     if torch.cuda.get_device_capability(ctx.device) < (8, 0):
         return False, "needs mma.sync with bf16 (compute capability >= 8.0)"
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
-        return False, "needs Triton's Gluon (triton >= 3.5)"
-    if "shape" in extra:
-        n, k = extra["shape"]
-        if n % 16 or k % 128:
-            return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
+    why = _fragment_reason(extra)
+    if why is not None:
+        return False, why
     from specquant.kernels.triton_ops.w4_fragment import max_m
 
     where = f"mma.sync for M <= {max_m()}"
@@ -148,12 +145,28 @@ def _frag_check(ctx: KernelContext) -> tuple[bool, str]:
     return True, f"Gluon W4A16 on mma fragments ({where}; other token counts: {why})"
 
 
+def _fragment_reason(extra: dict[str, Any]) -> str | None:
+    """Why the Gluon kernels on repacked codes cannot take this layer, or None."""
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return "needs Triton's Gluon (triton >= 3.5)"
+    if "shape" in extra:
+        n, k = extra["shape"]
+        if n % 16 or k % 128:
+            return f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
+    return None
+
+
 def _hopper(device: Any) -> bool:
     return torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _frag_unprepared(*args: Any) -> torch.Tensor:
-    raise RuntimeError("triton-w4a16-frag runs per layer: QLinear.prepare repacks its weights")
+def _per_layer(name: str) -> Callable[..., torch.Tensor]:
+    """The plain-function slot of a kernel that only runs prepared per layer."""
+
+    def unprepared(*args: Any) -> torch.Tensor:
+        raise RuntimeError(f"{name} runs per layer: QLinear.prepare repacks its weights")
+
+    return unprepared
 
 
 def prepare_frag(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Callable[..., Any]:
@@ -165,7 +178,11 @@ def prepare_frag(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> C
 register(
     "qlinear",
     KernelImpl(
-        "triton-w4a16-frag", PRIORITY + 5, _frag_unprepared, _frag_check, prepare=prepare_frag
+        "triton-w4a16-frag",
+        PRIORITY + 5,
+        _per_layer("triton-w4a16-frag"),
+        _frag_check,
+        prepare=prepare_frag,
     ),
 )
 
@@ -182,17 +199,10 @@ def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
         return False, f"per-channel W4A8 only, not {spec.name}"
     if not _hopper(ctx.device):
         return False, "needs wgmma (Hopper, compute capability 9.x)"
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
-        return False, "needs Triton's Gluon (triton >= 3.5)"
-    if "shape" in extra:
-        n, k = extra["shape"]
-        if n % 16 or k % 128:
-            return False, f"needs N a multiple of 16 and K of 128, not N={n}, K={k}"
+    why = _fragment_reason(extra)
+    if why is not None:
+        return False, why
     return True, "Gluon W4A8 int8 wgmma on repacked codes (experimental)"
-
-
-def _w4a8_wgmma_unprepared(*args: Any) -> torch.Tensor:
-    raise RuntimeError("triton-w4a8-wgmma runs per layer: QLinear.prepare repacks its weights")
 
 
 def prepare_w4a8_wgmma(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Any:
@@ -202,7 +212,7 @@ def prepare_w4a8_wgmma(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype
 
 
 _W4A8_WGMMA = KernelImpl(
-    "triton-w4a8-wgmma", PRIORITY - 5, _w4a8_wgmma_unprepared, _w4a8_wgmma_check,
+    "triton-w4a8-wgmma", PRIORITY - 5, _per_layer("triton-w4a8-wgmma"), _w4a8_wgmma_check,
     prepare=prepare_w4a8_wgmma,
 )  # fmt: skip
 register("qlinear", _W4A8_WGMMA)
