@@ -95,20 +95,30 @@ def compile_wgmma_sass(
 
 
 def compile_w4a8_wgmma_sass(
-    bn: int, bk: int, bm: int, warps: int, stages: int, arch: int, split_k: int = 1
+    bn: int,
+    bk: int,
+    bm: int,
+    warps: int,
+    stages: int,
+    arch: int,
+    split_k: int = 1,
+    group: int = 0,
 ) -> tuple[str, str]:
-    """(SASS, resource usage) of the W4A8 wgmma kernel (w4a8_wgmma.py)."""
+    """(SASS, resource usage) of the W4A8 wgmma kernel (w4a8_wgmma.py); `group` > 0: its
+    two-level scales."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from specquant.kernels.triton_ops import w4a8_wgmma as Q
 
     lay = Q.layouts(bn, bk, warps)
     fn = Q._w4a8_wgmma_kernel
-    sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "s_ptr": "*fp32", "b_ptr": "*bf16",
+    sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8",
+           "s_ptr": "*i8" if group else "*fp32", "cs_ptr": "*fp32", "b_ptr": "*bf16",
            "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
-    sig.update({a: "i32" for a in ("M", "N", "K", "K_SPLIT", "stride_xm", "stride_om")})
-    consts = dict(HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm, WARPS=warps,
-                  STAGES=stages, BYTES=lay.bytes, BYTES_MMA=lay.bytes_mma)  # fmt: skip
+    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
+                  WARPS=warps, STAGES=stages, BYTES=lay.bytes,
+                  BYTES_MMA=lay.bytes_mma)  # fmt: skip
     sig.update({a: "constexpr" for a in consts})
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
                                                         "stride_om"]  # fmt: skip
@@ -227,16 +237,19 @@ def main() -> None:
                     "count the W4A8 wgmma kernel instead")  # fmt: skip
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
                     "dependent launch (where the kernel waits for the one before)")  # fmt: skip
-    ap.add_argument("--group", type=int, default=128, help="with --fragment / --wgmma: 0 = per "
-                    "channel")  # fmt: skip
+    ap.add_argument("--group", type=int, default=None, help="with --fragment / --wgmma (default "
+                    "128) or --w4a8-wgmma (default 0): 0 = per channel")  # fmt: skip
     args = ap.parse_args()
     if args.split_k is None:
         args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma else 2
+    if args.group is None:
+        args.group = 0 if args.w4a8_wgmma else 128
     if args.w4a8_wgmma:
         bn, bk, bm, warps, stages = [int(v) for v in args.w4a8_wgmma.split(",")]
-        sass, res = compile_w4a8_wgmma_sass(bn, bk, bm, warps, stages, args.arch, args.split_k)
-        _print_w4(sass, res, f"W4A8 wgmma, tile {args.w4a8_wgmma}", bn * bk, 32 * warps,
-                  args.arch)  # fmt: skip
+        sass, res = compile_w4a8_wgmma_sass(bn, bk, bm, warps, stages, args.arch, args.split_k,
+                                            args.group)  # fmt: skip
+        _print_w4(sass, res, f"W4A8 wgmma group {args.group}, tile {args.w4a8_wgmma}",
+                  bn * bk, 32 * warps, args.arch)  # fmt: skip
         ops = loop_histogram(sass)
         print(f"IGMMA {ops['IGMMA']}")
         return

@@ -74,15 +74,18 @@ def test_the_kernels_index_plan_turns_a_loaded_tile_into_its_weights_times_16(bn
 
 
 @pytest.mark.parametrize(
-    ("tile", "most"), [("128,128,64,8,3", 1.8), ("64,128,16,4,4", 2.0), ("128,256,64,8,3", 2.3)]
-)
-def test_kernel_compiles_for_sm90_with_free_layout_conversions(tile, most) -> None:
+    ("tile", "group", "most"),
+    [("128,128,64,8,3", 0, 1.8), ("64,128,16,4,4", 0, 2.0), ("128,256,64,8,3", 0, 2.3),
+     ("128,128,64,8,3", 128, 3.0)],
+)  # fmt: skip
+def test_kernel_compiles_for_sm90_with_free_layout_conversions(tile, group, most) -> None:
     """Triton's compiler and ptxas, no GPU: the layout conversions from the loaded bytes to
     wgmma's int8 A are asserted free (no data moves between threads; registers may still be
     renamed, so this checks speed, not values: the index-plan test checks values), one
     wgmma per warpgroup's 64 rows per 32 k, nothing spills, and the K loop stays far below
-    the bf16 wgmma kernel's 3.3-4.7 instructions per weight (two per 8 codes unpack)."""
-    out = compiled_loop(["--w4a8-wgmma", tile], most)
+    the bf16 wgmma kernel's 3.3-4.7 instructions per weight (two per 8 codes unpack; with
+    two-level scales one conversion and one fp32 multiply-add more per sum)."""
+    out = compiled_loop(["--w4a8-wgmma", tile, "--group", str(group)], most)
     bn, bk, _, warps, _ = (int(v) for v in tile.split(","))
     assert re.search(rf"\bIGMMA {(bk // 32) * (bn // (16 * warps))}\b", out), out
     assert "STACK:0 " in out, out
@@ -102,6 +105,9 @@ def test_launcher_names_what_is_wrong_before_launching() -> None:
         (dict(frag=frag.view(torch.int16)), "frag must be prepare_fragments_i8's int8"),
         (dict(codes=codes[:, :128]), "activations have 128 features, the weights K=256"),
         (dict(scales=torch.ones(32, 2)), "per-channel scales: 32 expected .* shape \\(32, 2\\)"),
+        (dict(group=64), "group size must be a multiple of 128 that divides K=256, not 64"),
+        (dict(group=128), "two-level group scales: int8 \\[32, 2\\] expected"),
+        (dict(group=128, scales=torch.ones(32, 2, dtype=torch.int8)), "need channel_scales"),
         (dict(config=W4A8WgmmaConfig(96, 128, 8)), "block_n a multiple of 16 \\* warps"),
         (dict(config=W4A8WgmmaConfig(stages=1)), "stages must be >= 2"),
     ]
@@ -118,9 +124,10 @@ def _hopper() -> bool:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n", "k"), [(256, 512), (272, 1152), (208, 384), (128, 1024)])
-def test_w4a8_wgmma_matches_the_integer_reference(out_dtype, n, k) -> None:
+def test_w4a8_wgmma_matches_the_integer_reference(fmt, out_dtype, n, k) -> None:
     """Every code (-8..7 at random), N not a multiple of the tile, K splits of 1-3, BLOCK_K
     256 and its fallback to 128 where K is no multiple of 256, token tiles of 8-64 and two
     of them, with and without bias. The sums are exact integers: each output must be the
@@ -135,10 +142,14 @@ def test_w4a8_wgmma_matches_the_integer_reference(out_dtype, n, k) -> None:
     )
     from specquant.quant.spec import get_format
 
-    spec = get_format("w4a8")
+    spec = get_format(fmt)
     gen = torch.Generator().manual_seed(n + k)
     t = {"qweight": torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8),
          "scales": torch.rand(n, 1, generator=gen) * 0.02 + 1e-3}  # fmt: skip
+    group = 0 if spec.group_size == -1 else spec.group_size
+    if group:  # int8 group scales (every value, 0 included) under fp32 channel scales
+        t["channel_scales"] = t.pop("scales").reshape(n) * 0.01
+        t["scales"] = torch.randint(-128, 128, (n, k // group), generator=gen, dtype=torch.int8)
     t = {a: v.cuda() for a, v in t.items()}
     frag = prepare_fragments_i8(t["qweight"])
     cfg = W4A8WgmmaConfig
@@ -152,7 +163,7 @@ def test_w4a8_wgmma_matches_the_integer_reference(out_dtype, n, k) -> None:
         want = qlinear_reference(qa, t, bias, spec).float()
         for c, split in configs:
             y = w4a8_wgmma_linear(qa.codes, qa.scales, frag, t["scales"], bias, out_dtype,
-                                  c, split)  # fmt: skip
+                                  c, split, group, t.get("channel_scales"))  # fmt: skip
             assert y.dtype == out_dtype and y.shape == (m, n)
             bad = (y.float() - want).abs() > want.abs() * step + 1e-5 * want.abs().max()
             assert not bad.any(), (m, c, split, int(bad.sum()), bad.nonzero()[:4].tolist())

@@ -12,7 +12,8 @@ use.
 | triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
 | triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
-| triton-w4a8-wgmma | qlinear     | W4A8 per channel on Hopper, int8 wgmma on repacked codes   |
+| triton-w4a8-wgmma | qlinear     | W4A8 on Hopper (per channel, two-level groups of 128k),    |
+|                 |               | int8 wgmma on repacked codes                               |
 |                 |               | (experimental: only by explicit override)                  |
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
@@ -187,7 +188,7 @@ register(
 )
 
 
-# W4A8 per channel with int8 wgmma on repacked codes: experimental, below the canonical
+# W4A8 with int8 wgmma on repacked codes: experimental, below the canonical
 # kernel, so only an explicit override picks it until it is checked and timed on a GPU
 def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
     ok, why = _qlinear_check("w4a8")(ctx)
@@ -195,8 +196,8 @@ def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
         return ok, why
     extra = dict(ctx.extra)
     spec = extra["spec"]
-    if spec.group_size != -1:
-        return False, f"per-channel W4A8 only, not {spec.name}"
+    if spec.group_size != -1 and (not spec.two_level or spec.group_size % 128):
+        return False, f"per channel or two-level groups of 128k, not {spec.name}"
     if not _hopper(ctx.device):
         return False, "needs wgmma (Hopper, compute capability 9.x)"
     why = _fragment_reason(extra)

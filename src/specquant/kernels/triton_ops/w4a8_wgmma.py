@@ -1,5 +1,7 @@
-"""W4A8 (per channel) GEMM on Hopper: int4 weights unpacked to int8 as wgmma's register A
-operand, per-token int8 activations streamed through shared memory, int32 accumulation.
+"""W4A8 GEMM on Hopper: int4 weights unpacked to int8 as wgmma's register A operand,
+per-token int8 activations streamed through shared memory, int32 sums. Per channel, or with
+two-level scales (int8 per group of 128k, fp32 per channel: each group's int32 sum is scaled
+and added in fp32, as the canonical kernel does).
 
 The W4A8 format runs the canonical Triton kernel (tl.dot on int8) elsewhere. That kernel
 unpacks each weight tile again for every token tile and loses to the W4A16 wgmma kernel
@@ -191,13 +193,15 @@ def _w4a8_wgmma_kernel(
     x_ptr,  # int8 [M, K] activation codes
     xs_ptr,  # fp32 [M] per-token scales
     w_ptr,  # int8 [N/16, K/128, 1024] atoms (prepare_fragments_i8)
-    s_ptr,  # fp32 [N] per-channel scales
+    s_ptr,  # fp32 [N] per-channel scales; with GROUP, int8 [N, G] group scales
+    cs_ptr,  # fp32 [N] channel scales of two-level scales (GROUP > 0)
     b_ptr,  # [N] bias (HAS_BIAS)
     out_ptr,  # [M, N] bf16 / fp16
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
     lock_ptr,  # int32 arrival counter per output tile, zero between launches
-    M, N, K, K_SPLIT, stride_xm, stride_om,
-    HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+    M, N, K, G, K_SPLIT, stride_xm, stride_om,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BN: gl.constexpr,
+    BK: gl.constexpr,
     BM: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr,
     BYTES: gl.constexpr, BYTES_MMA: gl.constexpr,
 ):  # fmt: skip
@@ -222,7 +226,9 @@ def _w4a8_wgmma_kernel(
     x_mask = (rmx < M)[:, None]
 
     rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
-    acc = gl.zeros([BN, BM], gl.int32, acc_l)
+    # per channel one int32 sum; with group scales each K tile's (one group) int32 sum is
+    # scaled by its group's int8 scale and added in fp32, as the canonical kernel does
+    acc = gl.zeros([BN, BM], gl.float32 if GROUP > 0 else gl.int32, acc_l)
     k_lo = gl.program_id(2) * K_SPLIT
     x_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], X_SMEM)
     w_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BN // 16, (BK // 128) * 1024], W_SMEM)
@@ -238,9 +244,16 @@ def _w4a8_wgmma_kernel(
         _copy_i8(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo,
                  kb + (STAGES - 1) * BK, K_SPLIT, BK, STAGES)  # fmt: skip
         a = _operand_i8(w_ring.index(slot).load(BYTES), BN, BK, BYTES_MMA, AL)
-        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc)
+        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
+        if GROUP == 0:
+            acc = warpgroup_mma(a, b, acc)
+        else:
+            part = warpgroup_mma(a, b, gl.zeros([BN, BM], gl.int32, acc_l), use_acc=False)
+            gs = gl.load(s_ptr + rn * G + (k_lo + kb) // GROUP, mask=n_mask, other=0)
+            acc += part.to(gl.float32) * gs.to(gl.float32)[:, None]
     async_copy.wait_group(0)  # no copy may land in shared memory after the loop
-    sw = gl.load(s_ptr + rn, mask=n_mask, other=0.0) * (1.0 / 16.0)  # the codes were x 16
+    c_ptr = cs_ptr if GROUP > 0 else s_ptr  # the per-channel level
+    sw = gl.load(c_ptr + rn, mask=n_mask, other=0.0) * (1.0 / 16.0)  # the codes were x 16
     sx = gl.load(xs_ptr + rm, mask=m_mask, other=0.0)
     y = acc.to(gl.float32) * sw[:, None] * sx[None, :]
     _finish(y, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
@@ -274,11 +287,13 @@ def w4a8_wgmma_linear(
     codes: torch.Tensor,  # int8 [..., K] per-token activation codes
     act_scales: torch.Tensor,  # fp32 [..., 1] or [...]
     frag: torch.Tensor,  # int8 [N/16, K/128, 1024] (prepare_fragments_i8)
-    scales: torch.Tensor,  # fp32 [N] or [N, 1] per-channel weight scales
+    scales: torch.Tensor,  # fp32 [N] or [N, 1] per channel; int8 [N, K/group] with `group`
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: W4A8WgmmaConfig | None = None,
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
+    group: int = 0,  # > 0: two-level scales (int8 per group of `group` k, fp32 per channel)
+    channel_scales: torch.Tensor | None = None,  # fp32 [N], with `group`
 ) -> torch.Tensor:  # [..., N] out_dtype
     cfg = config or W4A8WgmmaConfig()
     if cfg.warps not in (4, 8, 16) or cfg.block_n % (16 * cfg.warps) or cfg.block_k % ATOM_K:
@@ -295,9 +310,18 @@ def w4a8_wgmma_linear(
     n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
     if codes.shape[-1] != k:
         raise ValueError(f"activations have {codes.shape[-1]} features, the weights K={k}")
-    if scales.numel() != n:
-        raise ValueError(f"per-channel scales: {n} expected ([N] or [N, 1]; grouped W4A8 is "
-                         f"not served here), got shape {tuple(scales.shape)}")  # fmt: skip
+    if group == 0 and scales.numel() != n:
+        raise ValueError(f"per-channel scales: {n} expected ([N] or [N, 1]), got shape "
+                         f"{tuple(scales.shape)}")  # fmt: skip
+    if group:
+        if group % ATOM_K or k % group:
+            raise ValueError(f"group size must be a multiple of {ATOM_K} that divides K={k}, "
+                             f"not {group}")  # fmt: skip
+        if scales.dtype != torch.int8 or tuple(scales.shape) != (n, k // group):
+            raise ValueError(f"two-level group scales: int8 [{n}, {k // group}] expected, got "
+                             f"{scales.dtype} {tuple(scales.shape)}")  # fmt: skip
+        if channel_scales is None or channel_scales.numel() != n:
+            raise ValueError(f"two-level scales need channel_scales with {n} entries")
     lead = codes.shape[:-1]
     a = codes.reshape(-1, k)
     # rows 16-byte aligned for the copies
@@ -309,13 +333,17 @@ def w4a8_wgmma_linear(
     if m == 0:
         return out.view(*lead, n)
     bm = token_tile(m)
-    g = plan_grid(out, k, 0, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
+    g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
     lay = layouts(cfg.block_n, g.block_k, cfg.warps)
-    sw = scales.reshape(n).float().contiguous()
+    if group:
+        sw, cs = scales.contiguous(), channel_scales.reshape(n).float().contiguous()
+    else:
+        sw = cs = scales.reshape(n).float().contiguous()
     _w4a8_wgmma_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
-        a, xs, frag, sw, bias if bias is not None else sw, out, g.ws, g.locks,
-        m, n, k, g.k_split, a.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=g.split_k, BN=cfg.block_n, BK=g.block_k, BM=bm,
+        a, xs, frag, sw, cs, bias if bias is not None else cs, out, g.ws, g.locks,
+        m, n, k, sw.shape[-1] if group else 1, g.k_split, a.stride(0), out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k, BN=cfg.block_n,
+        BK=g.block_k, BM=bm,
         WARPS=cfg.warps, STAGES=cfg.stages, BYTES=lay.bytes, BYTES_MMA=lay.bytes_mma,
         num_warps=cfg.warps,
     )  # fmt: skip
@@ -323,9 +351,9 @@ def w4a8_wgmma_linear(
 
 
 class W4A8Forward:
-    """A per-channel W4A8 layer on int8 fragments (QLinear's kernel when the registry's
-    `triton-w4a8-wgmma` is chosen): takes the per-token codes the RMSNorm before it hands
-    over, or quantizes x itself."""
+    """A W4A8 layer (per channel, or two-level groups) on int8 fragments: QLinear's kernel
+    when the registry's `triton-w4a8-wgmma` is chosen. It takes the per-token codes the
+    RMSNorm before it hands over, or quantizes x itself."""
 
     def __init__(self, frag: torch.Tensor):
         self.frag = frag
@@ -347,4 +375,7 @@ class W4A8Forward:
         if not isinstance(x, QuantizedActivations):
             x = quantize_per_token(x, "int8")
         x.check_for(spec)
-        return w4a8_wgmma_linear(x.codes, x.scales, self.frag, live["scales"], bias, x.dtype)
+        group = 0 if spec.group_size == -1 else spec.group_size
+        cs = live.get("channel_scales")
+        return w4a8_wgmma_linear(x.codes, x.scales, self.frag, live["scales"], bias, x.dtype,
+                                 group=group, channel_scales=cs)  # fmt: skip
