@@ -10,7 +10,7 @@
 #   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
 #   STAGE=split    bench/split_probe.py: each linear's time per K split count (wgmma W4A16)
 #   STAGE=w4a8     bench/w4a8_probe.py: the W4A8 wgmma kernel checked, and timed against W4A8
-#                  on the canonical kernel and W4A16
+#                  on the canonical kernel and W4A16 (W4A8_ARGS="--formats w4a8,w4a8-g128")
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
@@ -50,7 +50,8 @@ split)
   python bench/split_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} ${SPLIT_ARGS:-}
   ;;
 w4a8)
-  python bench/w4a8_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-240}"
+  python bench/w4a8_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-240}" \
+    ${W4A8_ARGS:-}
   ;;
 profile)
   # --clock-control none: leave the clocks as they are (the device notes ask for it).

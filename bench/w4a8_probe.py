@@ -55,29 +55,36 @@ def check() -> list[dict[str, Any]]:
     return rows
 
 
-def timings(deadline: float, models: list[str]) -> list[dict[str, Any]]:
+# each W4A8 format and the W4A16 format it is compared with
+TWIN = {"w4a8": "w4a16", "w4a8-g128": "w4a16-g128"}
+
+
+def timings(deadline: float, formats: list[str], models: list[str]) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
-    for model in models:
+    for fmt, model in ((f, mo) for f in formats for mo in models):
+        spec = get_format(fmt)
+        group = 0 if spec.group_size == -1 else spec.group_size
         for layer, (k, n) in SHAPES[model].items():
-            canonical, copies, _ = ours("w4a8", n, k, gen, gemm_only=True)
-            w4a16, copies16, _ = ours("w4a16", n, k, gen)
+            canonical, copies, _ = ours(fmt, n, k, gen, gemm_only=True)
+            w4a16, copies16, _ = ours(TWIN[fmt], n, k, gen)
             tensors = [quantize_rtn(torch.randn(n, k, device="cuda", generator=gen) * 0.02,
-                                    get_format("w4a8")) for _ in range(copies)]  # fmt: skip
+                                    spec) for _ in range(copies)]  # fmt: skip
             frags = [Q.prepare_fragments_i8(t["qweight"]) for t in tensors]
             for m in MS:
                 if time.time() > deadline:
                     return rows
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 qa = quantize_per_token(x, "int8")
-                base = dict(model=model, layer=layer, n=n, k=k, m=m)
+                base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, m=m)
                 rows.append(dict(base, kernel="w4a8:gemm", us=time_graph(canonical(x), copies)))
                 rows.append(dict(base, kernel="w4a16", us=time_graph(w4a16(x), copies16)))
                 for cfg in CANDIDATES:
 
-                    def run(i: int, cfg=cfg, qa=qa, fr=frags, ts=tensors) -> torch.Tensor:
+                    def run(i: int, cfg=cfg, qa=qa, fr=frags, ts=tensors, g=group) -> Any:
                         return Q.w4a8_wgmma_linear(qa.codes, qa.scales, fr[i], ts[i]["scales"],
-                                                   None, torch.bfloat16, cfg)  # fmt: skip
+                                                   None, torch.bfloat16, cfg, None, g,
+                                                   ts[i].get("channel_scales"))  # fmt: skip
 
                     row = dict(base, kernel="w4a8-wgmma", config=list(astuple(cfg)))
                     try:
@@ -85,7 +92,7 @@ def timings(deadline: float, models: list[str]) -> list[dict[str, Any]]:
                     except Exception as e:  # a config that does not fit (shared memory)
                         row["error"] = repr(e)[:300]
                     rows.append(row)
-            print(f"timed {model} {layer}", flush=True)
+            print(f"timed {fmt} {model} {layer}", flush=True)
     return rows
 
 
@@ -98,11 +105,13 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
           "Microseconds summed over a decoder layer's four linears (median of CUDA-graph "
           "replays, weights rotated through HBM). W4A8 rows take pre-quantized activations; "
           "wgmma configs: [BLOCK_N, BLOCK_K, warps, stages, split waves].", "",
-          "| model | M | w4a8:gemm | w4a16 | w4a8-wgmma best per layer | best single config |",
-          "|---|---|---|---|---|---|"]  # fmt: skip
-    for model in dict.fromkeys(r["model"] for r in rows):
+          "| format | model | M | canonical (:gemm) | W4A16 twin | wgmma best per layer | "
+          "best single config |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for fmt, model in dict.fromkeys((r.get("fmt", "w4a8"), r["model"]) for r in rows):
         for m in MS:
-            here = [r for r in rows if r["model"] == model and r["m"] == m and "us" in r]
+            here = [r for r in rows if r.get("fmt", "w4a8") == fmt and r["model"] == model
+                    and r["m"] == m and "us" in r]  # fmt: skip
             layers = {r["layer"] for r in here}
             if len(layers) < len(SHAPES[model]):
                 continue  # the budget ran out inside this model
@@ -118,8 +127,8 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
                 per_cfg.setdefault(str(r["config"]), []).append(r["us"])
             whole = [(sum(v), c) for c, v in per_cfg.items() if len(v) == len(layers)]
             single = f"{min(whole)[0]:.1f} {min(whole)[1]}" if whole else "none ran on all"
-            md.append(f"| {model} | {m} | {total['w4a8:gemm']:.1f} | {total['w4a16']:.1f} | "
-                      f"{best:.1f} | {single} |")  # fmt: skip
+            md.append(f"| {fmt} | {model} | {m} | {total['w4a8:gemm']:.1f} | "
+                      f"{total['w4a16']:.1f} | {best:.1f} | {single} |")  # fmt: skip
     skipped = [mo for mo in SHAPES if not any(r["model"] == mo for r in rows)]
     if skipped:
         md += ["", f"Not timed (the time budget ran out first): {', '.join(skipped)}."]
@@ -129,10 +138,14 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--formats", default="w4a8", help=f"comma-separated, of {', '.join(TWIN)}")
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
+    formats = args.formats.split(",")
+    if any(f not in TWIN for f in formats):
+        raise SystemExit(f"unknown formats in {formats}; known: {', '.join(TWIN)}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         raise SystemExit("w4a8_probe needs a Hopper GPU (wgmma)")
     start = time.time()
@@ -141,7 +154,7 @@ def main() -> None:
     except Exception as e:  # keep going: the timings say whether it is worth fixing
         checks = [dict(error=repr(e)[:500], rel_err=float("nan"))]
     # the budget counts from here: the checks compile most configs first
-    rows = timings(time.time() + args.budget_s, args.models.split(","))
+    rows = timings(time.time() + args.budget_s, formats, args.models.split(","))
     meta = dict(gpu_run_meta(args.commit), seconds=time.time() - start)
     report = dict(meta=meta, checks=checks, timings=rows)
     out = args.out / "w4a8_probe.json"

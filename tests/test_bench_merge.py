@@ -172,10 +172,15 @@ def test_w4a8_probe_sums_each_layer_set_and_skips_a_model_the_budget_cut_short()
                      dict(base, kernel="w4a8-wgmma", config=[256], error="smem")]  # fmt: skip
     rows.append(dict(model="70b", layer="qkv", m=1, kernel="w4a16", us=1.0))
     md = W.markdown(meta, [dict(rel_err=1e-3)], rows)
-    assert "| 8b | 64 | 40.0 | 32.0 | 21.0 | 22.0 [64] |" in md
-    assert not any(line.startswith("| 70b") for line in md)
+    assert "| w4a8 | 8b | 64 | 40.0 | 32.0 | 21.0 | 22.0 [64] |" in md
+    assert not any(line.startswith("| w4a8 | 70b") for line in md)
     # every config failed on one layer: no crash, and the failed check is flagged
     rows = [r for r in rows if not (r["layer"] == "o" and r["m"] == 1 and "config" in r)]
     md = W.markdown(meta, [dict(rel_err=1e-3), dict(rel_err=0.5)], rows)
-    assert "| 8b | 1 | 40.0 | 32.0 | nan | none ran on all |" in md
+    assert "| w4a8 | 8b | 1 | 40.0 | 32.0 | nan | none ran on all |" in md
     assert "**1 FAILED**" in md[4]
+
+
+def test_w4a8_probe_rejects_an_unknown_format_before_touching_the_gpu() -> None:
+    out = _bench_cli("w4a8_probe.py", "--formats", "w4a8,w4a8-g64")
+    assert out.returncode and "unknown formats in ['w4a8', 'w4a8-g64']" in out.stderr
