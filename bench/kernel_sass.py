@@ -106,38 +106,33 @@ def compile_w4a8_wgmma_sass(
 ) -> tuple[str, str]:
     """(SASS, resource usage) of the W4A8 wgmma kernel (w4a8_wgmma.py); `group` > 0: its
     two-level scales."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from specquant.kernels.triton_ops import w4a8_wgmma as Q
 
     lay = Q.layouts(bn, bk, warps)
-    fn = Q._w4a8_wgmma_kernel
-    sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8",
-           "s_ptr": "*i8" if group else "*fp32", "cs_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
-    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
+    pointers = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8",
+                "s_ptr": "*i8" if group else "*fp32", "cs_ptr": "*fp32", "b_ptr": "*bf16",
+                "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, STAGES=stages, BYTES=lay.bytes,
                   BYTES_MMA=lay.bytes_mma)  # fmt: skip
-    sig.update({a: "constexpr" for a in consts})
-    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
-                                                        "stride_om"]  # fmt: skip
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    res = f"{_resources(kernel.asm['cubin'])} dynamic shared {kernel.metadata.shared} bytes"
-    return _disassemble(kernel.asm["cubin"]), res
+    return _compile_w4_gluon(Q._w4a8_wgmma_kernel, consts, warps, arch, pointers=pointers)
+
+
+# the pointer arguments of the W4A16 Gluon kernels (fragment and wgmma), bf16 activations
+W4A16_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
+                  "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
 
 
 def _compile_w4_gluon(
-    fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0, pdl: bool = False
-) -> tuple[str, str]:
-    """(SASS, resource usage) of a fragment-order W4A16 Gluon kernel (both share their
-    arguments), bf16 activations, pointers and K-side sizes 16-aligned."""
+    fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0, pdl: bool = False,
+    pointers: dict[str, str] | None = None,
+) -> tuple[str, str]:  # fmt: skip
+    """(SASS, resource usage) of a fragment-order Gluon kernel: its `pointers` (default the
+    W4A16 kernels'), then the integer arguments all of them share; pointers and K-side sizes
+    16-aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    sig = dict(pointers or W4A16_POINTERS)
     sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
     sig.update({a: "constexpr" for a in consts})
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",

@@ -24,7 +24,6 @@ from kernel_perf import SHAPES, time_graph
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
-from specquant.kernels.triton_ops.qlinear import choose_split_k
 from specquant.quant.spec import get_format
 
 SPLITS = (1, 2, 3, 4, 6, 8)
@@ -34,7 +33,6 @@ def timings(fmt: str, models: list[str], ms: list[int], deadline: float) -> list
     gen = torch.Generator(device="cuda").manual_seed(2)
     spec = get_format(fmt)
     group = 0 if spec.group_size == -1 else spec.group_size
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for model in models:
         for layer, (k, n) in SHAPES[model].items():
@@ -46,11 +44,10 @@ def timings(fmt: str, models: list[str], ms: list[int], deadline: float) -> list
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 x = to_mma_order(x) if cfg.x_perm else x
-                tiles = -(-n // cfg.block_n) * -(-m // W.token_tile(m))
-                k_blocks = k // cfg.block_k
-                chosen = choose_split_k(tiles, k_blocks, sms, cfg.split_waves)
-                while k_blocks % chosen:  # as plan_grid lowers it
-                    chosen -= 1
+                # the launcher's own plan (its split count, and its K tile: group-bounded)
+                g = F.plan_grid(torch.empty(m, n, device="cuda"), k, group, cfg.block_n,
+                                cfg.block_k, W.token_tile(m), cfg.split_waves, None)  # fmt: skip
+                tiles, k_blocks, chosen = g.n_tiles * g.m_tiles, k // g.block_k, g.split_k
                 row = dict(model=model, layer=layer, m=m, n=n, k=k, tiles=tiles, config=cfg,
                            launcher=chosen, us={})  # fmt: skip
                 for split in sorted({chosen, *(s for s in SPLITS if k_blocks % s == 0)}):

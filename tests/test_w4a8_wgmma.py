@@ -19,6 +19,23 @@ def _codes(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
 
 
+def _a_registers_i8(frag: torch.Tensor, nb: int, kb: int, lane: int) -> torch.Tensor:
+    """int32 [2 (k64 half), 2 (k32), 4 (wgmma A register)] that lane `lane` of the warp owning
+    atom row `nb` holds for the atom's 128 k after unpacking (each code times 16): what
+    wgmma's int8 A layout asks of it (a CPU model of the kernel's unpack)."""
+    words = frag[nb, kb].view(2, 32, 4, 4)[:, lane].to(torch.int32) & 0xFF  # h, word, byte
+    lo = ((words & 0xF) << 4).to(torch.uint8).view(torch.int8).to(torch.int32)
+    hi = (words & 0xF0).to(torch.uint8).view(torch.int8).to(torch.int32)
+
+    def reg(v: torch.Tensor) -> torch.Tensor:  # 4 int8 (byte b at bits 8 b) -> int32
+        v = v & 0xFF
+        return v[..., 0] | v[..., 1] << 8 | v[..., 2] << 16 | v[..., 3] << 24
+
+    # word = 2 s + n8; registers a0 (row g), a1 (g + 8), a2 (g, k + 16), a3 (g + 8, k + 16)
+    lo, hi = reg(lo).view(2, 2, 2), reg(hi).view(2, 2, 2)  # h, s, n8
+    return torch.stack([lo[..., 0], lo[..., 1], hi[..., 0], hi[..., 1]], dim=-1)
+
+
 def test_int8_fragments_round_trip_and_reject_bad_shapes() -> None:
     from specquant.kernels.triton_ops.w4a8_wgmma import fragment_codes_i8, prepare_fragments_i8
 
@@ -34,9 +51,9 @@ def test_each_lane_holds_wgmmas_int8_a_fragment_times_16() -> None:
     """The packing against PTX's register fragment of wgmma's int8 A (per warp's 16 rows, per
     32 k, lane 4 g + t): a0 row g, k 4t..4t+3; a1 row g + 8; a2 row g, k + 16; a3 row g + 8,
     k + 16; byte i of a register is k + i. This checks the packing's design through its CPU
-    model (a_registers_i8); what the compiled kernel's lanes hold follows from its index
+    model (_a_registers_i8); what the compiled kernel's lanes hold follows from its index
     plan and Gluon's wgmma layout (the SASS for sm_90 wires them this way)."""
-    from specquant.kernels.triton_ops.w4a8_wgmma import a_registers_i8, prepare_fragments_i8
+    from specquant.kernels.triton_ops.w4a8_wgmma import prepare_fragments_i8
     from specquant.quant.pack import unpack_int4
 
     q = _codes(32, 256, 1)
@@ -44,7 +61,7 @@ def test_each_lane_holds_wgmmas_int8_a_fragment_times_16() -> None:
     frag = prepare_fragments_i8(q)
     for nb, kb, lane in [(0, 0, 0), (1, 1, 13), (0, 1, 31), (1, 0, 6)]:
         g, t = divmod(lane, 4)
-        regs = a_registers_i8(frag, nb, kb, lane)  # [h, s, 4]
+        regs = _a_registers_i8(frag, nb, kb, lane)  # [h, s, 4]
         for h in range(2):
             for s in range(2):
                 k0 = 128 * kb + 64 * h + 32 * s + 4 * t

@@ -208,11 +208,13 @@ def _x_operand(x, BK: gl.constexpr, BM: gl.constexpr, BL: gl.constexpr):
 
 @gluon.jit
 def _weight_ptrs(w_ptr, n0, N, K, BN: gl.constexpr, BK: gl.constexpr, WORDS: gl.constexpr):
-    """Pointers [BN/16, BK/128 * 512] to the fragment atoms of output rows n0.. in the first
-    K tile (add (k // 128) * 512 for the tile at k), and the mask of atom rows inside N."""
+    """Pointers [BN/16, BK/128 * A] to the fragment atoms of output rows n0.. in the first
+    K tile (add (k // 128) * A for the tile at k), and the mask of atom rows inside N. An
+    atom is 1024 bytes: A = 512 int16 words (W4A16) or 1024 int8 bytes (W4A8)."""
+    A: gl.constexpr = 8192 // w_ptr.dtype.element_ty.primitive_bitwidth
     rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, WORDS))
-    cols = gl.arange(0, (BK // 128) * 512, layout=gl.SliceLayout(0, WORDS))
-    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 512)[:, None]
+    cols = gl.arange(0, (BK // 128) * A, layout=gl.SliceLayout(0, WORDS))
+    row_off = ((n0 // 16 + rows).to(gl.int64) * (K // 128) * A)[:, None]
     return w_ptr + row_off + cols[None, :], (n0 // 16 + rows < N // 16)[:, None]
 
 
@@ -244,9 +246,10 @@ def _gdc_launch_dependents():
 @gluon.jit
 def _copy_tile(w_dst, x_dst, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT):
     """cp.async of the K tile at k_lo + kb (nothing past K_SPLIT) into one ring slot."""
+    A: gl.constexpr = 8192 // w_ptrs.dtype.element_ty.primitive_bitwidth  # per 1024-byte atom
     live = kb < K_SPLIT
     k0 = k_lo + kb
-    _async_load(w_dst, w_ptrs + (k0 // 128) * 512, mask=w_mask & live)
+    _async_load(w_dst, w_ptrs + (k0 // 128) * A, mask=w_mask & live)
     _async_load(x_dst, x_ptrs + k0, mask=x_mask & live)
     async_copy.commit_group()
 

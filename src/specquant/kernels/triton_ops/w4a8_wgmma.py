@@ -43,14 +43,14 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
-    _async_load,
     _bits,
     _cta_barrier,
     _finish,
     _out_index,
+    _weight_ptrs,
     plan_grid,
 )
-from specquant.kernels.triton_ops.w4_wgmma import token_tile
+from specquant.kernels.triton_ops.w4_wgmma import _copy, token_tile
 from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_BYTES = ATOM_N * ATOM_K // 2  # 1024
@@ -81,23 +81,6 @@ def fragment_codes_i8(frag: torch.Tensor) -> torch.Tensor:
     c = c.reshape(nb, kb, 2, 8, 4, 2, 2, 4, 2)  # nb kb h g t s n8 b hi
     c = c.permute(0, 6, 3, 1, 2, 5, 8, 4, 7).reshape(nb * 16, kb * ATOM_K)
     return pack_int4(c ^ 8)
-
-
-def a_registers_i8(frag: torch.Tensor, nb: int, kb: int, lane: int) -> torch.Tensor:
-    """int32 [2 (k64 half), 2 (k32), 4 (wgmma A register)] that lane `lane` of the warp owning
-    atom row `nb` holds for the atom's 128 k after unpacking (each code times 16): what
-    wgmma's int8 A layout asks of it (a CPU model of the kernel's unpack, for tests)."""
-    words = frag[nb, kb].view(2, 32, 4, 4)[:, lane].to(torch.int32) & 0xFF  # h, word, byte
-    lo = ((words & 0xF) << 4).to(torch.uint8).view(torch.int8).to(torch.int32)
-    hi = (words & 0xF0).to(torch.uint8).view(torch.int8).to(torch.int32)
-
-    def reg(v: torch.Tensor) -> torch.Tensor:  # 4 int8 (byte b at bits 8 b) -> int32
-        v = v & 0xFF
-        return v[..., 0] | v[..., 1] << 8 | v[..., 2] << 16 | v[..., 3] << 24
-
-    # word = 2 s + n8; registers a0 (row g), a1 (g + 8), a2 (g, k + 16), a3 (g + 8, k + 16)
-    lo, hi = reg(lo).view(2, 2, 2), reg(hi).view(2, 2, 2)  # h, s, n8
-    return torch.stack([lo[..., 0], lo[..., 1], hi[..., 0], hi[..., 1]], dim=-1)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -216,10 +199,7 @@ def _w4a8_wgmma_kernel(
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
 
-    rows = gl.arange(0, BN // 16, layout=gl.SliceLayout(1, BYTES))
-    cols = gl.arange(0, (BK // 128) * 1024, layout=gl.SliceLayout(0, BYTES))
-    w_ptrs = w_ptr + ((n0 // 16 + rows).to(gl.int64) * (K // 128) * 1024)[:, None] + cols[None, :]
-    w_mask = (n0 // 16 + rows < N // 16)[:, None]
+    w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, BYTES)
     rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, XC))
     x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK]
@@ -233,16 +213,16 @@ def _w4a8_wgmma_kernel(
     x_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], X_SMEM)
     w_ring = gl.allocate_shared_memory(gl.int8, [STAGES, BN // 16, (BK // 128) * 1024], W_SMEM)
     for s in gl.static_range(STAGES - 1):
-        _copy_i8(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, s * BK, K_SPLIT, BK,
-                 STAGES)  # fmt: skip
+        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, s * BK, K_SPLIT, BK, STAGES,
+              True)  # fmt: skip
     for kb in range(0, K_SPLIT, BK):
         slot = (kb // BK) % STAGES
         async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
         fence_async_shared()  # and are visible to wgmma (the async proxy)
         # everyone's are, and every warp is done with the tile before (its slot is next)
         _cta_barrier()
-        _copy_i8(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo,
-                 kb + (STAGES - 1) * BK, K_SPLIT, BK, STAGES)  # fmt: skip
+        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 1) * BK,
+              K_SPLIT, BK, STAGES, True)  # fmt: skip
         a = _operand_i8(w_ring.index(slot).load(BYTES), BN, BK, BYTES_MMA, AL)
         b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
         if GROUP == 0:
@@ -258,19 +238,6 @@ def _w4a8_wgmma_kernel(
     y = acc.to(gl.float32) * sw[:, None] * sx[None, :]
     _finish(y, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, SCALED, HAS_BIAS, SPLIT_K)  # fmt: skip
-
-
-@gluon.jit
-def _copy_i8(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK: gl.constexpr,
-             STAGES: gl.constexpr):  # fmt: skip
-    """cp.async of the K tile at k_lo + kb (weights and x) into its ring slot, as one commit
-    group; past K_SPLIT nothing is read and the slot is zero-filled."""
-    slot = (kb // BK) % STAGES
-    live = kb < K_SPLIT
-    k0 = k_lo + kb
-    _async_load(w_ring.index(slot), w_ptrs + (k0 // 128) * 1024, mask=w_mask & live)
-    _async_load(x_ring.index(slot), x_ptrs + k0, mask=x_mask & live)
-    async_copy.commit_group()
 
 
 # ------------------------------------------------------------------------------ launcher
