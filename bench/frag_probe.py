@@ -273,7 +273,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         f"Checks against dequantize-and-matmul: {len(checks)} cases, worst relative error "
         f"{max(r['rel_err'] for r in checks):.1e}; packing round-trips: "
-        f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}.",
+        f"{'yes' if all(r['roundtrip'] for r in checks) else 'NO'}."
+        if checks
+        else "Checks against dequantize-and-matmul: not run (not among --stages).",
         "",
         "Tile configs per M bucket and weight-size class (BLOCK_N, BLOCK_K, warps along N, "
         "split waves, warps along M, stages, programmatic dependent launch), tuned at the "

@@ -184,3 +184,14 @@ def test_w4a8_probe_sums_each_layer_set_and_skips_a_model_the_budget_cut_short()
 def test_w4a8_probe_rejects_an_unknown_format_before_touching_the_gpu() -> None:
     out = _bench_cli("w4a8_probe.py", "--formats", "w4a8,w4a8-g64")
     assert out.returncode and "unknown formats in ['w4a8', 'w4a8-g64']" in out.stderr
+
+
+def test_frag_probe_report_of_a_tune_only_run_says_the_checks_did_not_run() -> None:
+    import frag_probe as F
+
+    meta = dict(card="H200", date="2026-11-28", commit="abc", torch="t")
+    md = "\n".join(F.markdown(dict(meta, checks=[], compare=[], table={})))
+    assert "Checks against dequantize-and-matmul: not run (not among --stages)." in md
+    md = "\n".join(F.markdown(dict(meta, checks=[dict(rel_err=2e-3, roundtrip=True)],
+                                   compare=[], table={})))  # fmt: skip
+    assert "1 cases, worst relative error 2.0e-03; packing round-trips: yes." in md

@@ -186,12 +186,12 @@ def test_w4a8_wgmma_matches_the_integer_reference(fmt, out_dtype, n, k) -> None:
             assert not bad.any(), (m, c, split, int(bad.sum()), bad.nonzero()[:4].tolist())
 
 
-def test_registered_below_the_canonical_kernel_so_only_an_override_picks_it() -> None:
+def test_registered_above_the_canonical_kernel_and_rejected_off_hopper() -> None:
     from specquant.kernels.registry import KernelContext, explain, implementations
     from specquant.quant.spec import get_format
 
     names = [i.name for i in implementations("qlinear")]
-    assert names.index("triton-w4a8") < names.index("triton-w4a8-wgmma")
+    assert names.index("triton-w4a8-wgmma") < names.index("triton-w4a8")
     for fmt, why in [("w4a8", "needs a CUDA device, not cpu"),
                      ("w8a8", "computes w4a8 formats only, not w8a8")]:  # fmt: skip
         ctx = KernelContext(torch.device("cpu"), torch.bfloat16,
@@ -200,8 +200,49 @@ def test_registered_below_the_canonical_kernel_so_only_an_override_picks_it() ->
         assert rows["triton-w4a8-wgmma"] == (False, why)
 
 
+def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> None:
+    from specquant.kernels.triton_ops.w4_fragment import SIZE_CLASSES
+    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8_CONFIGS, check_config, w4a8_config
+
+    for bucket, row in W4A8_CONFIGS.items():
+        assert [bound for bound, _ in row] == [bound for _, bound in SIZE_CLASSES], bucket
+        for _, cfg in row:
+            if cfg is not None:
+                check_config(cfg)
+    small, large = 4096 * 4096, 57344 * 8192  # the 8B o_proj, the 70B gate_up
+    assert w4a8_config(1, small) is None and w4a8_config(16, small) is None
+    assert w4a8_config(1, large) == W4A8_CONFIGS[16][-1][1] is not None
+    assert w4a8_config(17, small) == W4A8_CONFIGS[32][0][1] is not None
+    assert w4a8_config(max(W4A8_CONFIGS) + 1, large) is None  # prefill: the canonical kernel
+
+
+def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch) -> None:
+    """W4A8Forward sends token counts without a config to the canonical kernel with the
+    layer's own tensors and codes, the rest to this kernel with the table's config."""
+    from specquant.kernels.reference import quantize_per_token
+    from specquant.kernels.triton_ops import qlinear as canonical
+    from specquant.kernels.triton_ops import w4a8_wgmma
+    from specquant.quant.spec import get_format
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(canonical, "qlinear", lambda x, t, b, s: calls.append(("canonical", x)))
+    monkeypatch.setattr(w4a8_wgmma, "w4a8_wgmma_linear",
+                        lambda *a, **kw: calls.append(("wgmma", a[6])))  # fmt: skip
+    spec, k = get_format("w4a8"), 4096
+    small = w4a8_wgmma.W4A8Forward(torch.empty(4096 // 16, k // 128, 1024, dtype=torch.int8))
+    live = {"scales": torch.ones(4096)}
+    for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma"), (128, "wgmma"),
+                     (129, "canonical")]:  # fmt: skip
+        qa = quantize_per_token(torch.randn(m, k), "int8")
+        calls.clear()
+        small(qa, live, None, spec)
+        assert [c[0] for c in calls] == [route], m
+        want = qa if route == "canonical" else w4a8_wgmma.w4a8_config(m, 4096 * k)
+        assert calls[0][1] is want, m
+
+
 @pytest.mark.cuda
-def test_a_layer_runs_it_by_override_on_codes_or_plain_x() -> None:
+def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     if not _hopper():
         pytest.skip("wgmma needs Hopper")
     from specquant.kernels.reference import qlinear_reference, quantize_per_token
@@ -212,12 +253,12 @@ def test_a_layer_runs_it_by_override_on_codes_or_plain_x() -> None:
     spec = get_format("w4a8")
     t = quantize_rtn(torch.randn(256, 512) * 0.05, spec)
     layer = QLinear(512, 256)
-    layer.load_quantized_(spec, {a: v.cuda() for a, v in t.items()}, torch.bfloat16,
-                          override="triton-w4a8-wgmma")  # fmt: skip
+    layer.load_quantized_(spec, {a: v.cuda() for a, v in t.items()}, torch.bfloat16)
     assert layer.kernel_name == "triton-w4a8-wgmma:w4a8"
-    x = torch.randn(40, 512, device="cuda", dtype=torch.bfloat16)
-    qa = quantize_per_token(x, "int8")
-    want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
-    for given in (qa, x):
-        y = layer(given).float()
-        assert torch.allclose(y, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))
+    for m in (1, 40):  # the canonical kernel's token count, then this kernel's
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        qa = quantize_per_token(x, "int8")
+        want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
+        for given in (qa, x):
+            y = layer(given).float()
+            assert torch.allclose(y, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))

@@ -9,12 +9,11 @@ use.
 |-----------------|---------------|------------------------------------------------------------|
 | triton-w4a16-frag | qlinear     | symmetric int4, bf16/fp16, per channel or groups of 128k:  |
 |                 |               | repacked into mma fragment order, tuned M buckets (Gluon)  |
+| triton-w4a8-wgmma | qlinear     | W4A8 on Hopper (per channel, two-level groups of 128k),    |
+|                 |               | int8 wgmma on repacked codes, tuned M buckets (Gluon)      |
 | triton-w4a16    | qlinear       | int4 weights, bf16/fp16 activations (sym/asym, any group)  |
 | triton-w8a8     | qlinear       | int8 weights, int8 activations per token                   |
 | triton-w4a8     | qlinear       | int4 weights, int8 activations (per channel or two-level)  |
-| triton-w4a8-wgmma | qlinear     | W4A8 on Hopper (per channel, two-level groups of 128k),    |
-|                 |               | int8 wgmma on repacked codes                               |
-|                 |               | (experimental: only by explicit override)                  |
 | triton-fp8      | qlinear       | e4m3 weights and activations (compute capability >= 8.9)  |
 | triton          | act_quant     | per-token int8 / fp8 quantization                          |
 | triton          | rmsnorm       | RMSNorm (x * rstd, times the weight) in one kernel         |
@@ -188,8 +187,8 @@ register(
 )
 
 
-# W4A8 with int8 wgmma on repacked codes: experimental, below the canonical
-# kernel, so only an explicit override picks it until it is checked and timed on a GPU
+# W4A8 with int8 wgmma on repacked codes, tried before the canonical kernel on Hopper: it
+# runs the token counts its table holds (w4a8_wgmma.W4A8_CONFIGS) and hands the rest over
 def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
     ok, why = _qlinear_check("w4a8")(ctx)
     if not ok:
@@ -203,7 +202,10 @@ def _w4a8_wgmma_check(ctx: KernelContext) -> tuple[bool, str]:
     why = _fragment_reason(extra)
     if why is not None:
         return False, why
-    return True, "Gluon W4A8 int8 wgmma on repacked codes (experimental)"
+    return True, (
+        "Gluon W4A8 int8 wgmma on repacked codes for the tuned M buckets "
+        "(w4a8_wgmma.W4A8_CONFIGS; other token counts: the canonical kernel)"
+    )
 
 
 def prepare_w4a8_wgmma(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype) -> Any:
@@ -213,7 +215,7 @@ def prepare_w4a8_wgmma(t: dict[str, torch.Tensor], spec: Any, dtype: torch.dtype
 
 
 _W4A8_WGMMA = KernelImpl(
-    "triton-w4a8-wgmma", PRIORITY - 5, _per_layer("triton-w4a8-wgmma"), _w4a8_wgmma_check,
+    "triton-w4a8-wgmma", PRIORITY + 5, _per_layer("triton-w4a8-wgmma"), _w4a8_wgmma_check,
     prepare=prepare_w4a8_wgmma,
 )  # fmt: skip
 register("qlinear", _W4A8_WGMMA)

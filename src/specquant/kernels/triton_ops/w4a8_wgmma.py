@@ -22,10 +22,9 @@ the 4 words of (k32 within the half, row g / g + 8). A lane copies 16 contiguous
 the 32 lanes of a warp 512 contiguous bytes. Features stay in their natural K order, so x
 is copied as it is.
 
-Experimental: registered as `triton-w4a8-wgmma` below the canonical kernel, so only an
-explicit override picks it (`SPECQUANT_KERNEL_QLINEAR=triton-w4a8-wgmma`). Its packing and
-index plan are checked on the CPU and its layouts by offline compiles for sm_90; GPU checks
-against the reference are written (tests/test_w4a8_wgmma.py) and still to run.
+Registered as `triton-w4a8-wgmma` above the canonical kernel on Hopper: `W4A8Forward`
+runs it for the token counts and weight sizes of `W4A8_CONFIGS` (picked on an H200 by
+bench/w4a8_probe.py) and hands the rest to the canonical kernel.
 """
 
 from __future__ import annotations
@@ -43,11 +42,13 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
+    SIZE_CLASSES,
     _bits,
     _cta_barrier,
     _finish,
     _out_index,
     _weight_ptrs,
+    lookup,
     plan_grid,
 )
 from specquant.kernels.triton_ops.w4_wgmma import _copy, token_tile
@@ -250,6 +251,41 @@ class W4A8WgmmaConfig:
     split_waves: int = 1  # split K until the grid has this many programs per SM
 
 
+def check_config(cfg: W4A8WgmmaConfig) -> None:
+    if cfg.warps not in (4, 8, 16) or cfg.block_n % (16 * cfg.warps) or cfg.block_k % ATOM_K:
+        raise ValueError(f"bad config {cfg}: warps 4, 8 or 16, block_n a multiple of 16 * "
+                         f"warps, block_k of {ATOM_K}")  # fmt: skip
+    if cfg.stages < 2:
+        raise ValueError(f"stages must be >= 2 (the copy ring), not {cfg.stages}")
+
+
+_C = W4A8WgmmaConfig
+
+
+def _table(*configs: W4A8WgmmaConfig | None) -> list[tuple[int, W4A8WgmmaConfig | None]]:
+    return [(bound, cfg) for (_, bound), cfg in zip(SIZE_CLASSES, configs, strict=True)]
+
+
+# Per M bucket (its largest M), one config per weight-size class (w4_fragment.SIZE_CLASSES);
+# None: the canonical kernel is faster. Picked on an H200 over the Llama-3 8B/70B linears,
+# per channel and two-level g128 together, by bench/w4a8_probe.py (least total time per
+# class; bench/results/w4a8_probe_cfe1ed3.json; bucket 16 timed at M = 1 and 16). Against
+# the canonical kernel the picks take 0.63-0.97 of its time from 32 tokens, 0.69-0.94 at
+# up to 16 tokens in the three larger classes; the smallest class (8B qkv and o) keeps the
+# canonical kernel up to 16 tokens (1.06), and past 128 tokens (prefill) it runs everywhere.
+W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
+    16: _table(None, _C(128, 128, 8, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
+    32: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
+    64: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(64, 128, 4, 4)),
+    128: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(128, 256, 8, 3)),
+}  # fmt: skip
+
+
+def w4a8_config(m: int, weights: int) -> W4A8WgmmaConfig | None:
+    """The tile config for `m` tokens and an N * K weight, or None: the canonical kernel."""
+    return lookup(W4A8_CONFIGS, m, weights)
+
+
 def w4a8_wgmma_linear(
     codes: torch.Tensor,  # int8 [..., K] per-token activation codes
     act_scales: torch.Tensor,  # fp32 [..., 1] or [...]
@@ -263,11 +299,7 @@ def w4a8_wgmma_linear(
     channel_scales: torch.Tensor | None = None,  # fp32 [N], with `group`
 ) -> torch.Tensor:  # [..., N] out_dtype
     cfg = config or W4A8WgmmaConfig()
-    if cfg.warps not in (4, 8, 16) or cfg.block_n % (16 * cfg.warps) or cfg.block_k % ATOM_K:
-        raise ValueError(f"bad config {cfg}: warps 4, 8 or 16, block_n a multiple of 16 * "
-                         f"warps, block_k of {ATOM_K}")  # fmt: skip
-    if cfg.stages < 2:
-        raise ValueError(f"stages must be >= 2 (the copy ring), not {cfg.stages}")
+    check_config(cfg)
     if codes.dtype != torch.int8:
         raise ValueError(f"activation codes must be int8, not {codes.dtype}")
     if frag.dtype != torch.int8 or frag.dim() != 3 or frag.shape[2] != ATOM_BYTES:
@@ -319,15 +351,20 @@ def w4a8_wgmma_linear(
 
 class W4A8Forward:
     """A W4A8 layer (per channel, or two-level groups) on int8 fragments: QLinear's kernel
-    when the registry's `triton-w4a8-wgmma` is chosen. It takes the per-token codes the
-    RMSNorm before it hands over, or quantizes x itself."""
+    when the registry's `triton-w4a8-wgmma` is chosen. Token counts with a config in
+    W4A8_CONFIGS run this kernel, the rest the canonical one on the layer's own tensors. It
+    takes the per-token codes the RMSNorm before it hands over, or quantizes x itself."""
 
     def __init__(self, frag: torch.Tensor):
         self.frag = frag
+        self.weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
 
     @classmethod
     def prepare(cls, t: dict[str, torch.Tensor]) -> W4A8Forward:
         return cls(prepare_fragments_i8(t["qweight"]))
+
+    def config(self, m: int) -> W4A8WgmmaConfig | None:
+        return w4a8_config(m, self.weights)
 
     def __call__(
         self,
@@ -336,13 +373,20 @@ class W4A8Forward:
         bias: torch.Tensor | None,
         spec: Any,
     ) -> torch.Tensor:  # [..., N]
-        from specquant.kernels.reference import QuantizedActivations
+        from specquant.kernels.reference import QuantizedActivations, qlinear_reference
         from specquant.kernels.triton_ops.act_quant import quantize_per_token
+        from specquant.kernels.triton_ops.qlinear import qlinear
 
+        values = x.codes if isinstance(x, QuantizedActivations) else x
+        if values.device != self.frag.device:  # moved without QLinear.prepare: the reference
+            return qlinear_reference(x, live, bias, spec)
+        cfg = self.config(values.numel() // values.shape[-1])
+        if cfg is None:
+            return qlinear(x, live, bias, spec)
         if not isinstance(x, QuantizedActivations):
             x = quantize_per_token(x, "int8")
         x.check_for(spec)
         group = 0 if spec.group_size == -1 else spec.group_size
         cs = live.get("channel_scales")
         return w4a8_wgmma_linear(x.codes, x.scales, self.frag, live["scales"], bias, x.dtype,
-                                 group=group, channel_scales=cs)  # fmt: skip
+                                 cfg, group=group, channel_scales=cs)  # fmt: skip
