@@ -245,7 +245,8 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch) -> 
 def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     if not _hopper():
         pytest.skip("wgmma needs Hopper")
-    from specquant.kernels.reference import qlinear_reference, quantize_per_token
+    from specquant.kernels.reference import qlinear_reference
+    from specquant.kernels.triton_ops.act_quant import quantize_per_token
     from specquant.layers.linear import QLinear
     from specquant.quant.rtn import quantize_rtn
     from specquant.quant.spec import get_format
@@ -257,8 +258,11 @@ def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     assert layer.kernel_name == "triton-w4a8-wgmma:w4a8"
     for m in (1, 40):  # the canonical kernel's token count, then this kernel's
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        # the codes the layer makes of plain x (the reference's quantizer may round a tie
+        # the other way: test_triton_kernels checks the two quantizers against each other)
         qa = quantize_per_token(x, "int8")
         want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
-        for given in (qa, x):
+        for kind, given in (("codes", qa), ("x", x)):
             y = layer(given).float()
-            assert torch.allclose(y, want, rtol=2**-7, atol=1e-5 * float(want.abs().max()))
+            bad = (y - want).abs() > want.abs() * 2**-7 + 1e-5 * want.abs().max()
+            assert not bad.any(), (m, kind, int(bad.sum()), bad.nonzero()[:4].tolist())
