@@ -8,6 +8,7 @@ Pointers and strides are marked 16-byte aligned, as at run time, so loads vector
     python bench/kernel_sass.py --format w4a16-g128 --tile 64,16,256,4,3
     python bench/kernel_sass.py --format w4a8 --prequant --tile 64,16,256,4,3
     python bench/kernel_sass.py --fragment 128,128,8,4 --group 128   # w4_fragment.py's kernel
+    python bench/kernel_sass.py --act-quant silu_mul,int8,14336      # act_quant.py's row kernel
 
 Results depend on the Triton version (the GPU image runs 3.6: `pip install triton==3.6.0
 --target DIR` and put DIR first on PYTHONPATH to match it).
@@ -149,6 +150,51 @@ def _compile_w4_gluon(
     return _disassemble(kernel.asm["cubin"]), res
 
 
+ROW_PRE = {"none": 0, "norm": 1, "silu_mul": 2}
+
+
+def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str]:
+    """(SASS, resource usage) of act_quant's row kernel for rows of k values, launched as
+    `_launch` would (row_config's block and warps; K's divisibility by 16 noted as Triton's
+    specialization does at run time)."""
+    from specquant.kernels.triton_ops import act_quant as A
+
+    block, warps = A.row_config(k)
+    code = {"int8": "*i8", "fp8": "*fp8e4nv", "none": "*bf16"}[kind]
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": code, "scales_ptr": "*fp32",
+           "K": "i32", "stride_xm": "i32", "stride_cm": "i32", "eps": "fp32"}  # fmt: skip
+    consts = dict(PRE=ROW_PRE[pre], QUANT=kind != "none", FP8=kind == "fp8", MMA_ORDER=False,
+                  BLOCK=block, RINT=True)  # fmt: skip
+    sig.update({name: "constexpr" for name in consts})
+    fn = A._row_kernel
+    aligned = ["x_ptr", "w_ptr", "codes_ptr", "scales_ptr", "stride_xm", "stride_cm"]
+    aligned += ["K"] if k % 16 == 0 else []
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+
+
+def _print_row(pre: str, kind: str, k: int, arch: int) -> None:
+    sass, res = compile_row_sass(pre, kind, k, arch)
+    ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]+)",
+                                         sass, re.M))  # fmt: skip
+    from specquant.kernels.triton_ops.act_quant import row_config
+
+    block, warps = row_config(k)
+    per_thread = block / (32 * warps)
+    total = sum(ops.values())
+    print(f"triton {triton.__version__}, sm_{arch}, row kernel {pre} -> {kind}, K={k}: "
+          f"{total} instructions per thread, {per_thread:.0f} values per thread, "
+          f"{total / per_thread:.1f} instructions per value")  # fmt: skip
+    loads = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
+    print("loads and stores:", ", ".join(f"{op} {n}" for op, n in sorted(loads.items())))
+    rounds = {op: n for op, n in ops.items() if op.startswith("FRND")}
+    print("roundings:", ", ".join(f"{op} {n}" for op, n in sorted(rounds.items())) or "none")
+    print(", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+    print(res)
+
+
 def _gdc_order(ptx: str) -> str:
     """Where the kernel waits for the one before (PTX): the grid-dependency instructions and
     the shared-memory copies issued ahead of the wait."""
@@ -230,11 +276,17 @@ def main() -> None:
                     "kernel instead")  # fmt: skip
     ap.add_argument("--w4a8-wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps,stages: "
                     "count the W4A8 wgmma kernel instead")  # fmt: skip
+    ap.add_argument("--act-quant", default=None, help="PRE,KIND,K: count act_quant's row "
+                    "kernel instead (PRE none/norm/silu_mul, KIND int8/fp8/none)")  # fmt: skip
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
                     "dependent launch (where the kernel waits for the one before)")  # fmt: skip
     ap.add_argument("--group", type=int, default=None, help="with --fragment / --wgmma (default "
                     "128) or --w4a8-wgmma (default 0): 0 = per channel")  # fmt: skip
     args = ap.parse_args()
+    if args.act_quant:
+        pre, kind, k = args.act_quant.split(",")
+        _print_row(pre, kind, int(k), args.arch)
+        return
     if args.split_k is None:
         args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma else 2
     if args.group is None:

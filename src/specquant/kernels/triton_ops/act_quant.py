@@ -11,19 +11,28 @@ reference's.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from specquant.kernels.reference import ACTIVATION_KINDS, MMA_BLOCK, QuantizedActivations
+
+# The interpreter (TRITON_INTERPRET=1, CPU tests) has no inline PTX or libdevice, and its
+# numpy dot cannot multiply bf16 (stored as uint16): kernels take plain-op paths under it.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_ROW = 65536  # one row of K values lives in registers
 
 
 @triton.jit
-def _round_half_even(v):
-    # torch.round semantics without libdevice (which the interpreter lacks); v - floor(v) is
-    # exact in fp32.
+def _round_half_even(v, RINT: tl.constexpr):
+    """torch.round's semantics: one instruction (rint) on the GPU. The interpreter lacks
+    libdevice, so there it is built from floor (v - floor(v) is exact in fp32)."""
+    if RINT:
+        return libdevice.rint(v)
     f = tl.floor(v)
     d = v - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
@@ -34,7 +43,10 @@ def _round_half_even(v):
 NONE, NORM, SILU_MUL = 0, 1, 2  # the op before the quantization (PRE)
 
 
-@triton.jit(do_not_specialize=["K"])
+# K is specialized (Triton notes K % 16 == 0) so that the masked row loads and stores
+# vectorize: scalar 2-byte loads made the one-program row of a 14336-wide down_proj input
+# instruction-bound (bench/kernel_sass.py --act-quant)
+@triton.jit
 def _row_kernel(
     x_ptr,  # [M, K] bf16/fp16; [M, 2K] = [gate; up] for SILU_MUL
     w_ptr,  # [K] norm weight (NORM)
@@ -49,6 +61,7 @@ def _row_kernel(
     FP8: tl.constexpr,
     MMA_ORDER: tl.constexpr,
     BLOCK: tl.constexpr,
+    RINT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK)
@@ -73,7 +86,7 @@ def _row_kernel(
             codes = tl.math.div_rn(y, s).to(tl.float8e4nv)
         else:
             s = tl.math.div_rn(absmax, 127.0)
-            q = _round_half_even(tl.math.div_rn(y, s))
+            q = _round_half_even(tl.math.div_rn(y, s), RINT)
             codes = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
         tl.store(codes_ptr + row * stride_cm + rk, codes, mask=mask)
         tl.store(scales_ptr + row, s)
@@ -82,6 +95,13 @@ def _row_kernel(
         tl.store(codes_ptr + row * stride_cm + pos, y.to(x.dtype), mask=mask)
     else:
         tl.store(codes_ptr + row * stride_cm + rk, y.to(x.dtype), mask=mask)
+
+
+def row_config(k: int) -> tuple[int, int]:
+    """(BLOCK, warps) of the one program per row of k values. At M = 1 one program does all
+    the work: more warps shorten its chain."""
+    block = triton.next_power_of_2(k)
+    return block, 16 if block >= 2048 else 4
 
 
 def _launch(
@@ -113,7 +133,7 @@ def _launch(
     codes = torch.empty(m, k, dtype=code_dtype, device=x.device)
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
-        block = triton.next_power_of_2(k)
+        block, warps = row_config(k)
         _row_kernel[(m,)](
             x2,
             weight if weight is not None else x2,
@@ -128,8 +148,8 @@ def _launch(
             FP8=kind == "fp8",
             MMA_ORDER=mma_order,
             BLOCK=block,
-            # NOTE: at M = 1 one program does all the work; more warps shorten its chain
-            num_warps=16 if block >= 2048 else 4,
+            RINT=not INTERPRET,
+            num_warps=warps,
         )
     lead = x.shape[:-1]
     if kind is None:

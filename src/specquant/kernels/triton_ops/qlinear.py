@@ -24,7 +24,6 @@ capturing CUDA graphs, and do not run two split-K launches concurrently on one d
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +33,9 @@ import triton.language as tl
 
 from specquant.kernels.reference import QuantizedActivations
 from specquant.kernels.triton_ops import family_of
-from specquant.kernels.triton_ops.act_quant import quantize_per_token
 
-# The interpreter (TRITON_INTERPRET=1, CPU tests) has no inline PTX and its numpy dot cannot
-# multiply bf16 (stored as uint16): it unpacks with plain integer ops and upcasts dot inputs.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# under the interpreter the kernel unpacks with plain integer ops and upcasts dot inputs
+from specquant.kernels.triton_ops.act_quant import INTERPRET, quantize_per_token
 
 
 # ------------------------------------------------------------------------- int4 unpacking
