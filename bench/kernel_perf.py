@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from common import copy_bandwidth_gbs, gpu_run_meta
+from specquant.layers.linear import wants_mma_order
 from specquant.quant.spec import FORMATS, QuantSpec
 
 SHAPES = {  # name -> (K, N) of y = x @ W^T, W [N, K]
@@ -154,14 +155,7 @@ class Prepared:
         return self.fn(x, self.t, None, self.spec)
 
     def takes_mma_order(self, tokens: int) -> bool:
-        return reads_mma_order(self.fn, tokens)
-
-
-def reads_mma_order(fn: Any, tokens: int) -> bool:
-    """Whether a layer kernel (or anything else: then no) reads `tokens` rows of x in mma K
-    order, so the model hands it MmaOrderActivations."""
-    takes = getattr(fn, "takes_mma_order", None)
-    return bool(takes is not None and takes(tokens))
+        return wants_mma_order(self.fn, tokens)
 
 
 def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = False) -> Any:
@@ -178,7 +172,7 @@ def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = Fals
         if gemm_only:
             qa = quantize_per_token(x, spec.activations)
             return lambda i: fns[i](qa)
-        if reads_mma_order(fns[0], x.shape[0]):  # W4A16 wgmma with x_perm: the model's
+        if wants_mma_order(fns[0], x.shape[0]):  # W4A16 wgmma with x_perm: the model's
             xo = MmaOrderActivations(to_mma_order(x))  # norm / silu / head merge write this
             return lambda i: fns[i](xo)
         return lambda i: fns[i](x)
@@ -320,14 +314,14 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     def norm(x: torch.Tensor, w: Any) -> Any:
         if act is not None:
             return rmsnorm_quant(x, norm_w, 1e-5, act)
-        if reads_mma_order(w, x.shape[0]):
+        if wants_mma_order(w, x.shape[0]):
             return MmaOrderActivations(rmsnorm(x, norm_w, 1e-5, mma_order=True))
         return rmsnorm(x, norm_w, 1e-5)
 
     def gate(up: torch.Tensor, w: Any) -> Any:
         if act is not None:
             return silu_mul_quant(up, act)
-        if reads_mma_order(w, up.shape[0]):
+        if wants_mma_order(w, up.shape[0]):
             return MmaOrderActivations(silu_mul(up, mma_order=True))
         return silu_mul(up)
 
@@ -340,7 +334,7 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
         def run(i: int) -> torch.Tensor:
             w = weights[i]
             linear(norm(x, w["qkv"]), w["qkv"])
-            h = x + linear(attn_mma if reads_mma_order(w["o"], x.shape[0]) else attn_out, w["o"])
+            h = x + linear(attn_mma if wants_mma_order(w["o"], x.shape[0]) else attn_out, w["o"])
             up = linear(norm(h, w["gate_up"]), w["gate_up"])
             return h + linear(gate(up, w["down"]), w["down"])
 

@@ -14,6 +14,7 @@ import torch
 
 from specquant.kernels.reference import MMA_BLOCK, MmaOrderActivations, to_mma_order
 from specquant.kernels.registry import KernelContext, select
+from specquant.layers.linear import wants_mma_order
 from specquant.layers.rope import RopeTable
 
 AttentionFn = Callable[
@@ -101,7 +102,6 @@ def merge_heads_for(
     them; plain otherwise."""
     b, _, t, d = o.shape
     heads = o.transpose(1, 2)  # [B, T, H, D], strided
-    takes = getattr(linear, "takes_mma_order", None)
-    if d % MMA_BLOCK == 0 and takes is not None and takes(b * t):
+    if d % MMA_BLOCK == 0 and wants_mma_order(linear, b * t):
         return MmaOrderActivations(to_mma_order(heads).view(b, t, -1))
     return heads.reshape(b, t, -1)

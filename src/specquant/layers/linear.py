@@ -140,6 +140,13 @@ class QLinear(nn.Module):
         )
 
 
+def wants_mma_order(linear: Any, tokens: int) -> bool:
+    """Whether `linear` reads `tokens` rows of x in its weights' mma K order: a QLinear or a
+    prepared layer kernel that asks for it; anything else (a plain nn.Linear) never does."""
+    takes = getattr(linear, "takes_mma_order", None)
+    return takes is not None and bool(takes(tokens))
+
+
 def prepare_linears(module: nn.Module, override: str | None = None) -> None:
     """Choose the matmul kernel of every QLinear in `module` (after loading or `.to()`)."""
     for sub in module.modules():

@@ -13,6 +13,7 @@ from specquant.kernels.reference import (
     rmsnorm_reference,
 )
 from specquant.kernels.registry import KernelContext, select
+from specquant.layers.linear import wants_mma_order
 
 
 class RMSNorm(nn.Module):
@@ -61,8 +62,7 @@ def norm_for(
     kind = getattr(linear, "act_quant", None)
     if kind is not None:
         return norm.quantized(x, kind)
-    takes = getattr(linear, "takes_mma_order", None)
     # the mma-order kernels have no backward
-    if takes is not None and not torch.is_grad_enabled() and takes(x.numel() // x.shape[-1]):
+    if not torch.is_grad_enabled() and wants_mma_order(linear, x.numel() // x.shape[-1]):
         return norm.mma_ordered(x)
     return norm(x)
