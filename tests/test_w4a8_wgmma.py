@@ -266,3 +266,37 @@ def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
             y = layer(given).float()
             bad = (y - want).abs() > want.abs() * 2**-7 + 1e-5 * want.abs().max()
             assert not bad.any(), (m, kind, int(bad.sum()), bad.nonzero()[:4].tolist())
+
+
+def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
+    """`specquant info` (kernel_report) lists, per format and weight shape, which kernel
+    runs which token counts when a layer's kernel switches by count."""
+    from torch import nn
+
+    from specquant.cli import kernel_report
+    from specquant.kernels.triton_ops.w4_fragment import FragForward
+    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8Forward
+    from specquant.layers.linear import QLinear
+    from specquant.quant.rtn import quantize_rtn
+    from specquant.quant.spec import get_format
+
+    def layer(n: int, k: int, fmt: str) -> QLinear:
+        lin = QLinear(k, n)
+        lin.load_quantized_(get_format(fmt), quantize_rtn(torch.randn(n, k) * 0.05,
+                                                          get_format(fmt)))  # fmt: skip
+        return lin
+
+    small, wide = layer(64, 256, "w4a8"), layer(64, 256, "w4a16")
+    assert small.token_routes() is None  # the CPU kernel runs every count
+    # the forwards a CUDA device would get (only their tables matter here)
+    small.qkernel = W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
+    assert small.token_routes() == "1-16 canonical, 17-128 wgmma, 129+ canonical"
+    big = torch.empty(57344 // 16, 8192 // 128, 512, dtype=torch.int16)
+    wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
+    routes = wide.token_routes()
+    assert routes.startswith("1-8 fragment, 9-") and routes.endswith("129+ canonical"), routes
+    report = kernel_report(nn.Sequential(small, wide), torch.device("cpu"), torch.float32)
+    assert report["linear_kernels_by_token_count"] == {
+        "w4a8 64x256": "1-16 canonical, 17-128 wgmma, 129+ canonical",
+        "w4a16 64x256": routes,
+    }

@@ -384,8 +384,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Every candidate kernel of the model's ops with why it runs or not (for a quantized
-    model also `qlinear`, asked with its first quantized layer's format and shape), and how
-    many linear layers run on each chosen kernel."""
+    model also `qlinear`, asked with its first quantized layer's format and shape), how
+    many linear layers run on each chosen kernel, and, where that kernel switches by token
+    count, which one runs each count per format and weight shape."""
     from collections import Counter
 
     from specquant.kernels.registry import KernelContext, explain
@@ -404,7 +405,14 @@ def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
         extra = (("spec", first.spec), ("shape", shape))
         kernels["qlinear"] = rows("qlinear", KernelContext(device, first.qdtype, extra))
     in_use = Counter(m.kernel_name for m in linears)
-    return {"kernels": kernels, "linear_kernels_in_use": dict(sorted(in_use.items()))}
+    # per format and weight shape [out, in], for kernels that switch by token count
+    routes = {f"{m.spec.name} {m.out_features}x{m.in_features}": m.token_routes()
+              for m in quantized}  # fmt: skip
+    report = {"kernels": kernels, "linear_kernels_in_use": dict(sorted(in_use.items()))}
+    routes = {shape: r for shape, r in routes.items() if r is not None}
+    if routes:
+        report["linear_kernels_by_token_count"] = routes
+    return report
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -130,6 +130,25 @@ class QLinear(nn.Module):
         it then writes that order (`MmaOrderActivations`) and the kernel skips its gather."""
         return self._mma_kernel and bool(self.qkernel.takes_mma_order(tokens))
 
+    def token_routes(self, most: int = 256) -> str | None:
+        """Which kernel runs each token count, for kernels that switch by it (the repacked
+        W4A16 and W4A8 kernels): e.g. "1-8 fragment, 9-128 wgmma, 129+ canonical". None for
+        kernels that run every count."""
+        route = getattr(getattr(self, "qkernel", None), "route", None)
+        if route is None:
+            return None
+        spans: list[list[Any]] = []  # [first, last, kernel]
+        for m in range(1, most + 1):
+            name = route(m)
+            if spans and spans[-1][2] == name:
+                spans[-1][1] = m
+            else:
+                spans.append([m, m, name])
+        parts = [f"{a}-{b}" if a != b else f"{a}" for a, b, _ in spans]
+        if spans[-1][1] == most:  # the last kernel keeps the larger counts too
+            parts[-1] = f"{spans[-1][0]}+"
+        return ", ".join(f"{p} {name}" for p, (_, _, name) in zip(parts, spans, strict=True))
+
     def qtensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.qnames}
 

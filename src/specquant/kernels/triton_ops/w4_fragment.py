@@ -580,6 +580,11 @@ class FragForward:
             return cfg, None
         return None, wgmma_config(m, self.weights)
 
+    def route(self, m: int) -> str:
+        """Which kernel runs m tokens: fragment, wgmma or canonical."""
+        cfg, wcfg = self._route(m)
+        return "fragment" if cfg is not None else "wgmma" if wcfg is not None else "canonical"
+
     def takes_mma_order(self, m: int) -> bool:
         wcfg = self._route(m)[1]
         return wcfg is not None and wcfg.x_perm

@@ -366,6 +366,10 @@ class W4A8Forward:
     def config(self, m: int) -> W4A8WgmmaConfig | None:
         return w4a8_config(m, self.weights)
 
+    def route(self, m: int) -> str:
+        """Which kernel runs m tokens: wgmma or canonical."""
+        return "canonical" if self.config(m) is None else "wgmma"
+
     def __call__(
         self,
         x: Any,  # torch.Tensor [..., K] or QuantizedActivations (int8)
