@@ -153,39 +153,43 @@ def _compile_w4_gluon(
 ROW_PRE = {"none": 0, "norm": 1, "silu_mul": 2}
 
 
-def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str]:
-    """(SASS, resource usage) of act_quant's row kernel for rows of k values, launched as
-    `_launch` would (row_config's block and warps; K's divisibility by 16 noted as Triton's
-    specialization does at run time)."""
+def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str, int]:
+    """(SASS, resource usage, values per thread) of act_quant's row kernel for contiguous
+    rows of k values, launched as `_launch` would (row_config's block and warps), with the
+    integer arguments specialized as Triton does at run time: 1 becomes a constant, a
+    multiple of 16 is noted as such."""
     from specquant.kernels.triton_ops import act_quant as A
 
     block, warps = A.row_config(k)
     code = {"int8": "*i8", "fp8": "*fp8e4nv", "none": "*bf16"}[kind]
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": code, "scales_ptr": "*fp32",
-           "K": "i32", "stride_xm": "i32", "stride_cm": "i32", "eps": "fp32"}  # fmt: skip
-    consts = dict(PRE=ROW_PRE[pre], QUANT=kind != "none", FP8=kind == "fp8", MMA_ORDER=False,
-                  BLOCK=block, RINT=True)  # fmt: skip
+           "eps": "fp32"}  # fmt: skip
+    consts: dict[str, Any] = dict(PRE=ROW_PRE[pre], QUANT=kind != "none", FP8=kind == "fp8",
+                                  MMA_ORDER=False, BLOCK=block, RINT=True)  # fmt: skip
+    aligned = ["x_ptr", "w_ptr", "codes_ptr", "scales_ptr"]
+    ints = {"K": k, "stride_xm": 2 * k if pre == "silu_mul" else k, "stride_cm": k}
+    for name, value in ints.items():
+        if value == 1:
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            aligned += [name] if value % 16 == 0 else []
     sig.update({name: "constexpr" for name in consts})
     fn = A._row_kernel
-    aligned = ["x_ptr", "w_ptr", "codes_ptr", "scales_ptr", "stride_xm", "stride_cm"]
-    aligned += ["K"] if k % 16 == 0 else []
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    return _disassemble(kernel.asm["cubin"]), _resources(kernel.asm["cubin"])
+    cubin = kernel.asm["cubin"]
+    return _disassemble(cubin), _resources(cubin), block // (32 * warps) or 1
 
 
 def _print_row(pre: str, kind: str, k: int, arch: int) -> None:
-    sass, res = compile_row_sass(pre, kind, k, arch)
+    sass, res, per_thread = compile_row_sass(pre, kind, k, arch)
     ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]+)",
                                          sass, re.M))  # fmt: skip
-    from specquant.kernels.triton_ops.act_quant import row_config
-
-    block, warps = row_config(k)
-    per_thread = block / (32 * warps)
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_{arch}, row kernel {pre} -> {kind}, K={k}: "
-          f"{total} instructions per thread, {per_thread:.0f} values per thread, "
+          f"{total} instructions per thread, {per_thread} values per thread, "
           f"{total / per_thread:.1f} instructions per value")  # fmt: skip
     loads = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
     print("loads and stores:", ", ".join(f"{op} {n}" for op, n in sorted(loads.items())))

@@ -696,6 +696,28 @@ def test_split_k_fix_up_does_not_spill(fmt, tile) -> None:
     assert "STACK:0 " in out, out
 
 
+def _row_sass(root: Path, spec: str) -> Any:
+    """bench/kernel_sass.py --act-quant `spec`, compiled offline for sm_90; skips where
+    Triton ships no ptxas."""
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "kernel_sass.py"), "--act-quant", spec],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("pre", ["none", "norm", "silu_mul"])
+def test_row_kernel_compiles_for_rows_of_one_value(pre) -> None:
+    """Triton turns K == 1 into a constant; the norm's mean must not treat it as a tensor."""
+    from conftest import REPO_ROOT
+
+    for kind in ("int8", "none"):
+        assert "row kernel" in _row_sass(REPO_ROOT, f"{pre},{kind},1").stdout
+
+
 @pytest.mark.parametrize(("pre", "kind"), [("none", "int8"), ("norm", "int8"), ("silu_mul", "fp8"),
                                            ("norm", "none")])  # fmt: skip
 def test_row_kernel_moves_16_bytes_per_access_and_rounds_in_one_instruction(pre, kind) -> None:
@@ -707,15 +729,9 @@ def test_row_kernel_moves_16_bytes_per_access_and_rounds_in_one_instruction(pre,
     from conftest import REPO_ROOT
     from specquant.kernels.triton_ops import act_quant as A
 
-    assert "K" not in A._row_kernel.do_not_specialize
-    out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "kernel_sass.py"), "--act-quant",
-         f"{pre},{kind},14336"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
-        pytest.skip("Triton's ptxas is not available")
-    assert out.returncode == 0, out.stderr[-3000:]
+    k_param = A._row_kernel.params[A._row_kernel.arg_names.index("K")]
+    assert not k_param.do_not_specialize
+    out = _row_sass(REPO_ROOT, f"{pre},{kind},14336")
     loads = re.search(r"loads and stores: (.*)", out.stdout).group(1)
     sizes = dict(re.findall(r"([LS]TG[\w.]*) (\d+)", loads))
     # 16-byte row loads; 16-byte stores of codes or 8-byte of bf16 (and the one scale)

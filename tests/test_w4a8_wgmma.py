@@ -216,29 +216,56 @@ def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> N
     assert w4a8_config(max(W4A8_CONFIGS) + 1, large) is None  # prefill: the canonical kernel
 
 
-def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch) -> None:
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
+def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt) -> None:
     """W4A8Forward sends token counts without a config to the canonical kernel with the
-    layer's own tensors and codes, the rest to this kernel with the table's config."""
-    from specquant.kernels.reference import quantize_per_token
+    layer's own input, tensors, bias and format, the rest to this kernel with the table's
+    config, the codes (the given ones, or its own quantizer's of plain x), its fragments
+    and the layer's scales (two-level: int8 group scales and fp32 channel scales)."""
+    from specquant.kernels import reference
+    from specquant.kernels.triton_ops import act_quant, w4a8_wgmma
     from specquant.kernels.triton_ops import qlinear as canonical
-    from specquant.kernels.triton_ops import w4a8_wgmma
     from specquant.quant.spec import get_format
 
-    calls: list[tuple[str, object]] = []
-    monkeypatch.setattr(canonical, "qlinear", lambda x, t, b, s: calls.append(("canonical", x)))
+    calls: list[tuple[str, tuple, dict]] = []
+    monkeypatch.setattr(canonical, "qlinear", lambda *a, **kw: calls.append(("canonical", a, kw)))
     monkeypatch.setattr(w4a8_wgmma, "w4a8_wgmma_linear",
-                        lambda *a, **kw: calls.append(("wgmma", a[6])))  # fmt: skip
-    spec, k = get_format("w4a8"), 4096
-    small = w4a8_wgmma.W4A8Forward(torch.empty(4096 // 16, k // 128, 1024, dtype=torch.int8))
-    live = {"scales": torch.ones(4096)}
+                        lambda *a, **kw: calls.append(("wgmma", a, kw)))  # fmt: skip
+    made: list[reference.QuantizedActivations] = []  # what the layer's quantizer returned
+
+    def quantize(x: torch.Tensor, kind: str) -> reference.QuantizedActivations:
+        made.append(reference.quantize_per_token(x, kind))
+        return made[-1]
+
+    monkeypatch.setattr(act_quant, "quantize_per_token", quantize)
+    spec, n, k = get_format(fmt), 4096, 4096
+    layer = w4a8_wgmma.W4A8Forward(torch.empty(n // 16, k // 128, 1024, dtype=torch.int8))
+    if spec.two_level:
+        live = {
+            "scales": torch.ones(n, k // 128, dtype=torch.int8),
+            "channel_scales": torch.ones(n),
+        }
+    else:
+        live = {"scales": torch.ones(n)}
+    bias = torch.zeros(n)
     for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma"), (128, "wgmma"),
                      (129, "canonical")]:  # fmt: skip
-        qa = quantize_per_token(torch.randn(m, k), "int8")
-        calls.clear()
-        small(qa, live, None, spec)
-        assert [c[0] for c in calls] == [route], m
-        want = qa if route == "canonical" else w4a8_wgmma.w4a8_config(m, 4096 * k)
-        assert calls[0][1] is want, m
+        assert layer.route(m) == route, m
+        x = torch.randn(m, k)
+        for given in (reference.quantize_per_token(x, "int8"), x):
+            calls.clear()
+            made.clear()
+            layer(given, live, bias, spec)
+            ((name, args, kw),) = calls
+            assert name == route, m
+            if route == "canonical":
+                assert args == (given, live, bias, spec) and not made, m
+                continue
+            qa = given if isinstance(given, reference.QuantizedActivations) else made[0]
+            assert args[:7] == (qa.codes, qa.scales, layer.frag, live["scales"], bias, x.dtype,
+                                w4a8_wgmma.w4a8_config(m, n * k)), m  # fmt: skip
+            assert kw["group"] == (128 if spec.two_level else 0), m
+            assert kw["channel_scales"] is live.get("channel_scales"), m
 
 
 @pytest.mark.cuda
@@ -256,10 +283,11 @@ def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     layer = QLinear(512, 256)
     layer.load_quantized_(spec, {a: v.cuda() for a, v in t.items()}, torch.bfloat16)
     assert layer.kernel_name == "triton-w4a8-wgmma:w4a8"
-    for m in (1, 40):  # the canonical kernel's token count, then this kernel's
+    for m, route in [(1, "canonical"), (40, "wgmma")]:
+        assert layer.qkernel.route(m) == route
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
-        # the codes the layer makes of plain x (the reference's quantizer may round a tie
-        # the other way: test_triton_kernels checks the two quantizers against each other)
+        # the codes the layer makes of plain x (test_triton_kernels checks them against the
+        # reference's)
         qa = quantize_per_token(x, "int8")
         want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
         for kind, given in (("codes", qa), ("x", x)):

@@ -405,11 +405,14 @@ def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
         extra = (("spec", first.spec), ("shape", shape))
         kernels["qlinear"] = rows("qlinear", KernelContext(device, first.qdtype, extra))
     in_use = Counter(m.kernel_name for m in linears)
-    # per format and weight shape [out, in], for kernels that switch by token count
-    routes = {f"{m.spec.name} {m.out_features}x{m.in_features}": m.token_routes()
-              for m in quantized}  # fmt: skip
+    # per format and weight shape [out, in] (the first such layer), for kernels that switch
+    # by token count
+    routes: dict[str, str] = {}
+    for m in quantized:
+        r = m.token_routes()
+        if r is not None:
+            routes.setdefault(f"{m.spec.name} {m.out_features}x{m.in_features}", r)
     report = {"kernels": kernels, "linear_kernels_in_use": dict(sorted(in_use.items()))}
-    routes = {shape: r for shape, r in routes.items() if r is not None}
     if routes:
         report["linear_kernels_by_token_count"] = routes
     return report

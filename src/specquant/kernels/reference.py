@@ -143,11 +143,14 @@ def quantize_per_token(x: torch.Tensor, kind: str) -> QuantizedActivations:
         raise ValueError(f"unknown activation quantization {kind!r}; supported: int8, fp8")
     xf = x.float()
     absmax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    # divided by a tensor on x's device: on CUDA torch divides by a Python number through
+    # its reciprocal, which can round a scale one step away from the true quotient (the
+    # CPU's and the Triton kernel's)
+    qmax = absmax.new_tensor(127.0 if kind == "int8" else FP8_MAX)
+    s = absmax / qmax
     if kind == "int8":
-        s = absmax / 127
         codes = (xf / s).round().clamp(-127, 127).to(torch.int8)
     else:
-        s = absmax / FP8_MAX
         codes = (xf / s).to(torch.float8_e4m3fn)
     return QuantizedActivations(codes, s, x.dtype)
 

@@ -145,7 +145,7 @@ class QLinear(nn.Module):
             else:
                 spans.append([m, m, name])
         parts = [f"{a}-{b}" if a != b else f"{a}" for a, b, _ in spans]
-        if spans[-1][1] == most:  # the last kernel keeps the larger counts too
+        if route(most + 1) == spans[-1][2]:  # past the tables' last bucket: the last kernel
             parts[-1] = f"{spans[-1][0]}+"
         return ", ".join(f"{p} {name}" for p, (_, _, name) in zip(parts, spans, strict=True))
 

@@ -73,7 +73,8 @@ def _row_kernel(
         silu = tl.math.div_rn(y, 1.0 + tl.exp(-y)).to(x.dtype).to(tl.float32)
         y = (silu * up).to(x.dtype).to(tl.float32)
     if PRE == 1:
-        mean_sq = tl.math.div_rn(tl.sum(y * y, axis=0), K.to(tl.float32))
+        # tl.cast: K == 1 arrives as a constant (Triton specializes it), not a tensor
+        mean_sq = tl.math.div_rn(tl.sum(y * y, axis=0), tl.cast(K, tl.float32))
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
         normed = (y * rstd).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + rk, mask=mask, other=0.0).to(tl.float32)
