@@ -195,3 +195,46 @@ def test_frag_probe_report_of_a_tune_only_run_says_the_checks_did_not_run() -> N
     md = "\n".join(F.markdown(dict(meta, checks=[dict(rel_err=2e-3, roundtrip=True)],
                                    compare=[], table={})))  # fmt: skip
     assert "1 cases, worst relative error 2.0e-03; packing round-trips: yes." in md
+
+
+def test_kernel_plot_draws_each_models_chains_and_ratios(tmp_path) -> None:
+    import kernel_plot as P
+
+    def totals(base: float) -> dict[str, float]:
+        return {str(m): base * (1 + m / 64) for m in (1, 32, 64)}
+
+    report = {
+        "meta": dict(card="H200", date="2026-11-28", commit="abc"),
+        "summary": {
+            "8b": {
+                "total_us": {
+                    "w4a8": totals(50.0),
+                    "bf16-cublas": totals(100.0),
+                    "made-up": totals(1.0),
+                }
+            }
+        },
+        "chains": [
+            dict(model="8b", impl=impl, m=m, us=us)
+            for impl, m, us in [
+                ("w4a8", 64, 90.0),
+                ("w4a8", 1, 60.0),
+                ("bf16", 1, 130.0),
+                ("made-up", 1, 1.0),
+                ("w8a8", 1, None),
+            ]
+        ],
+    }
+    assert P.chain_series(report, "8b") == {"bf16": [(1, 130.0)], "w4a8": [(1, 60.0), (64, 90.0)]}
+    ratios = P.ratio_series(report, "8b")
+    assert list(ratios) == ["bf16-cublas", "w4a8"]
+    assert [m for m, _ in ratios["w4a8"]] == [1, 32, 64]
+    assert [r for _, r in ratios["w4a8"]] == pytest.approx(
+        [1.0, 1.5 / (1 + 1 / 64), 2 / (1 + 1 / 64)]
+    )
+    assert P.chain_series(report, "70b") == {} and P.ratio_series(report, "70b") == {}
+    pytest.importorskip("matplotlib")
+    P.plot(report, tmp_path / "k.png")
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no per-model timings"):
+        P.plot(dict(report, summary={}, chains=[]), tmp_path / "none.png")
