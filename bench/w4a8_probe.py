@@ -59,7 +59,9 @@ def check() -> list[dict[str, Any]]:
 TWIN = {"w4a8": "w4a16", "w4a8-g128": "w4a16-g128"}
 
 
-def timings(deadline: float, formats: list[str], models: list[str]) -> list[dict[str, Any]]:
+def timings(
+    deadline: float, formats: list[str], models: list[str], ms: tuple[int, ...] = MS
+) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for fmt, model in ((f, mo) for f in formats for mo in models):
@@ -71,7 +73,7 @@ def timings(deadline: float, formats: list[str], models: list[str]) -> list[dict
             tensors = [quantize_rtn(torch.randn(n, k, device="cuda", generator=gen) * 0.02,
                                     spec) for _ in range(copies)]  # fmt: skip
             frags = [Q.prepare_fragments_i8(t["qweight"]) for t in tensors]
-            for m in MS:
+            for m in ms:
                 if time.time() > deadline:
                     return rows
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -109,7 +111,7 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
           "best single config |",
           "|---|---|---|---|---|---|---|"]  # fmt: skip
     for fmt, model in dict.fromkeys((r.get("fmt", "w4a8"), r["model"]) for r in rows):
-        for m in MS:
+        for m in sorted({r["m"] for r in rows}):
             here = [r for r in rows if r.get("fmt", "w4a8") == fmt and r["model"] == model
                     and r["m"] == m and "us" in r]  # fmt: skip
             layers = {r["layer"] for r in here}
@@ -142,6 +144,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)),
+                    help="token counts, e.g. 128,256,512 for prefill sizes")  # fmt: skip
     args = ap.parse_args()
     formats = args.formats.split(",")
     if any(f not in TWIN for f in formats):
@@ -154,7 +158,8 @@ def main() -> None:
     except Exception as e:  # keep going: the timings say whether it is worth fixing
         checks = [dict(error=repr(e)[:500], rel_err=float("nan"))]
     # the budget counts from here: the checks compile most configs first
-    rows = timings(time.time() + args.budget_s, formats, args.models.split(","))
+    ms = tuple(int(m) for m in args.ms.split(","))
+    rows = timings(time.time() + args.budget_s, formats, args.models.split(","), ms)
     meta = dict(gpu_run_meta(args.commit), seconds=time.time() - start)
     report = dict(meta=meta, checks=checks, timings=rows)
     out = args.out / "w4a8_probe.json"
