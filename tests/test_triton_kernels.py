@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from specquant.kernels import registry
 from specquant.kernels.reference import (
+    ACTIVATION_KINDS,
     QuantizedActivations,
     qlinear_reference,
     quantize_per_token,
@@ -642,6 +643,19 @@ def test_act_quant_gpu(kind: str | None, pre: str) -> None:
     for case in QUANT_CASES:
         if case[:2] == (kind, pre):
             run_quant_case(*case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_reference_quantizer_gives_the_same_codes_on_cuda_as_on_the_cpu(kind: str) -> None:
+    """The reference divides by a tensor: torch's CUDA division by a Python number goes
+    through the reciprocal and put a scale one step off (and a code with it) on an H200."""
+    _skip_without_fp8(kind)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(512, 4096, generator=gen) * 3).to(torch.bfloat16)
+    cpu, gpu = quantize_per_token(x, kind), quantize_per_token(x.cuda(), kind)
+    assert torch.equal(gpu.scales.cpu(), cpu.scales)
+    assert torch.equal(gpu.codes.cpu().view(torch.int8), cpu.codes.view(torch.int8))
 
 
 @pytest.mark.cuda
