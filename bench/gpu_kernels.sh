@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU kernel session, as run through the device tool on one H100/H200 (no network):
-#   STAGE=test     the cuda-marked kernel tests (compiled in parallel first)
+#   STAGE=test     the cuda-marked tests: kernels (compiled in parallel first), then the model
 #   STAGE=frag     bench/frag_probe.py: the fragment-order W4A16 kernel checked, tuned, compared
 #   STAGE=wgmma    bench/wgmma_probe.py: the wgmma W4A16 kernel checked and timed against the others
 #   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
@@ -24,7 +24,7 @@ test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
     tests/test_w4a8_wgmma.py \
-    tests/test_humming_backend.py -p no:cacheprovider
+    tests/test_humming_backend.py tests/test_cuda.py -p no:cacheprovider
   ;;
 tune)
   python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
