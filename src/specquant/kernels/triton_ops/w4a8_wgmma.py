@@ -269,10 +269,12 @@ def _table(*configs: W4A8WgmmaConfig | None) -> list[tuple[int, W4A8WgmmaConfig 
 # Per M bucket (its largest M), one config per weight-size class (w4_fragment.SIZE_CLASSES);
 # None: the canonical kernel is faster. Picked on an H200 over the Llama-3 8B/70B linears,
 # per channel and two-level g128 together, by bench/w4a8_probe.py (least total time per
-# class; bench/results/w4a8_probe_cfe1ed3.json; bucket 16 timed at M = 1 and 16). Against
-# the canonical kernel the picks take 0.63-0.97 of its time from 32 tokens, 0.69-0.94 at
-# up to 16 tokens in the three larger classes; the smallest class (8B qkv and o) keeps the
-# canonical kernel up to 16 tokens (1.06), and past 128 tokens (prefill) it runs everywhere.
+# class; bench/results/w4a8_probe_cfe1ed3.json; bucket 16 timed at M = 1 and 16). Per
+# format, the picks take 0.55-1.00 of the canonical kernel's time from 32 tokens and
+# 0.60-1.03 up to 16 tokens in the three larger classes (1.03: per channel, 8B gate_up and
+# down with 70B qkv and o; one table for both formats costs that 3%). The smallest class
+# (8B qkv and o) keeps the canonical kernel up to 16 tokens (1.06 for the best config), and
+# past 128 tokens (prefill, not timed yet) the canonical kernel runs everywhere.
 W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
     16: _table(None, _C(128, 128, 8, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     32: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
