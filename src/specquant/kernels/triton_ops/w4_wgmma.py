@@ -76,6 +76,14 @@ def _x_columns(BK: gl.constexpr, LAYOUT: gl.constexpr):
 
 
 @gluon.jit
+def _x_tile(x_ptr, m0, M, stride_xm, xc, BM: gl.constexpr, XC: gl.constexpr):
+    """Pointers [BM, BK] to the token rows m0.. at columns xc (SliceLayout(0, XC)) of x, and
+    the mask of the rows that exist: the copies' source in the wgmma kernels."""
+    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
+    return x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :], (rmx < M)[:, None]
+
+
+@gluon.jit
 def _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK: gl.constexpr,
           STAGES: gl.constexpr, W_RING: gl.constexpr):  # fmt: skip
     """cp.async of the K tile at k_lo + kb into its ring slot, as one commit group; past
@@ -246,13 +254,11 @@ def _w4_wgmma_kernel(
     m0 = gl.program_id(1) * BM
 
     w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, WORDS)
-    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
     if X_PERM:
         xc = gl.max_contiguous(gl.multiple_of(gl.arange(0, BK, layout=gl.SliceLayout(0, XC)), 8), 8)
     else:
         xc = _x_columns(BK, gl.SliceLayout(0, XC))
-    x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK], mma order
-    x_mask = (rmx < M)[:, None]
+    x_ptrs, x_mask = _x_tile(x_ptr, m0, M, stride_xm, xc, BM, XC)  # [BM, BK], mma order
 
     rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
     acc = gl.zeros([BN, BM], gl.float32, acc_l)

@@ -51,7 +51,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     lookup,
     plan_grid,
 )
-from specquant.kernels.triton_ops.w4_wgmma import _copy, token_tile
+from specquant.kernels.triton_ops.w4_wgmma import _copy, _x_tile, token_tile
 from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_BYTES = ATOM_N * ATOM_K // 2  # 1024
@@ -201,10 +201,8 @@ def _w4a8_wgmma_kernel(
     m0 = gl.program_id(1) * BM
 
     w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, BYTES)
-    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XC))
     xc = gl.arange(0, BK, layout=gl.SliceLayout(0, XC))
-    x_ptrs = x_ptr + rmx.to(gl.int64)[:, None] * stride_xm + xc[None, :]  # [BM, BK]
-    x_mask = (rmx < M)[:, None]
+    x_ptrs, x_mask = _x_tile(x_ptr, m0, M, stride_xm, xc, BM, XC)  # [BM, BK]
 
     rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
     # per channel one int32 sum; with group scales each K tile's (one group) int32 sum is
