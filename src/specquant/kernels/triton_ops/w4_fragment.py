@@ -422,7 +422,9 @@ DEFAULT_CONFIG = FragConfig(128, 128, 4, 2)
 SIZE_CLASSES = [("32M", 32 << 20), ("160M", 160 << 20), ("256M", 256 << 20), ("any", 1 << 62)]
 
 
-def _table(*configs: FragConfig | None) -> list[tuple[int, FragConfig | None]]:
+def _table(*configs: Any) -> list[tuple[int, Any]]:
+    """One config (or None) per size class, as the tile tables hold them (fragment, wgmma
+    and W4A8 wgmma configs alike)."""
     return [(bound, cfg) for (_, bound), cfg in zip(SIZE_CLASSES, configs, strict=True)]
 
 

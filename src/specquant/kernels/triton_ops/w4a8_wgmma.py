@@ -42,11 +42,11 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
-    SIZE_CLASSES,
     _bits,
     _cta_barrier,
     _finish,
     _out_index,
+    _table,
     _weight_ptrs,
     lookup,
     plan_grid,
@@ -258,10 +258,6 @@ def check_config(cfg: W4A8WgmmaConfig) -> None:
 
 
 _C = W4A8WgmmaConfig
-
-
-def _table(*configs: W4A8WgmmaConfig | None) -> list[tuple[int, W4A8WgmmaConfig | None]]:
-    return [(bound, cfg) for (_, bound), cfg in zip(SIZE_CLASSES, configs, strict=True)]
 
 
 # Per M bucket (its largest M), one config per weight-size class (w4_fragment.SIZE_CLASSES);
