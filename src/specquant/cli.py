@@ -409,9 +409,9 @@ def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     # by token count
     routes: dict[str, str] = {}
     for m in quantized:
-        r = m.token_routes()
-        if r is not None:
-            routes.setdefault(f"{m.spec.name} {m.out_features}x{m.in_features}", r)
+        key = f"{m.spec.name} {m.out_features}x{m.in_features}"
+        if key not in routes and (r := m.token_routes()) is not None:
+            routes[key] = r
     report = {"kernels": kernels, "linear_kernels_in_use": dict(sorted(in_use.items()))}
     if routes:
         report["linear_kernels_by_token_count"] = routes
