@@ -185,8 +185,7 @@ def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str, 
 
 def _print_row(pre: str, kind: str, k: int, arch: int) -> None:
     sass, res, per_thread = compile_row_sass(pre, kind, k, arch)
-    ops = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]+)",
-                                         sass, re.M))  # fmt: skip
+    ops = opcodes(sass.splitlines(), modifiers=True)
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_{arch}, row kernel {pre} -> {kind}, K={k}: "
           f"{total} instructions per thread, {per_thread} values per thread, "
@@ -245,12 +244,15 @@ def loop_histogram(sass: str) -> collections.Counter[str]:
                 best = cand
     if best is None:
         raise RuntimeError("no loop found in the SASS")
-    ops: collections.Counter[str] = collections.Counter()
-    for line in lines[best[0] : best[1] + 1]:
-        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if m:
-            ops[m.group(1)] += 1
-    return ops
+    return opcodes(lines[best[0] : best[1] + 1])
+
+
+def opcodes(lines: list[str], modifiers: bool = False) -> collections.Counter[str]:
+    """How often each opcode occurs in these SASS lines (predicates dropped); with
+    `modifiers`, as written (LDG.E.128, not LDG)."""
+    op = r"[A-Z][\w.]+" if modifiers else r"[A-Z][A-Z0-9_]*"
+    found = (re.search(rf"\*/\s+(?:@!?U?P\w+\s+)?({op})", line) for line in lines)
+    return collections.Counter(m.group(1) for m in found if m)
 
 
 def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
