@@ -98,6 +98,20 @@ def _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK:
 
 
 @gluon.jit
+def _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT,
+               BK: gl.constexpr, STAGES: gl.constexpr, W_RING: gl.constexpr):  # fmt: skip
+    """Before a synchronous wgmma on the K tile at k_lo + kb: wait until the tile is in its
+    ring slot for every warp and visible to wgmma, then start copying the tile STAGES - 1
+    ahead into the slot the tile before freed."""
+    async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
+    fence_async_shared()  # and are visible to wgmma (the async proxy)
+    # everyone's are, and every warp is done with the tile before (its slot is next)
+    _cta_barrier()
+    _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 1) * BK,
+          K_SPLIT, BK, STAGES, W_RING)  # fmt: skip
+
+
+@gluon.jit
 def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask, k_lo,
                K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
@@ -109,12 +123,8 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         slot = (kb // BK) % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
-        fence_async_shared()  # and are visible to wgmma (the async proxy)
-        # everyone's are, and every warp is done with the tile before (its slot is next)
-        _cta_barrier()
-        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 1) * BK,
-              K_SPLIT, BK, STAGES, W_RING)  # fmt: skip
+        _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK, STAGES,
+                   W_RING)  # fmt: skip
         if W_RING:
             words = w_ring.index(slot).load(WORDS)
         else:

@@ -37,13 +37,12 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
     _bits,
-    _cta_barrier,
     _finish,
     _out_index,
     _table,
@@ -51,7 +50,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     lookup,
     plan_grid,
 )
-from specquant.kernels.triton_ops.w4_wgmma import _copy, _x_tile, token_tile
+from specquant.kernels.triton_ops.w4_wgmma import _copy, _ring_step, _x_tile, token_tile
 from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_BYTES = ATOM_N * ATOM_K // 2  # 1024
@@ -216,12 +215,8 @@ def _w4a8_wgmma_kernel(
               True)  # fmt: skip
     for kb in range(0, K_SPLIT, BK):
         slot = (kb // BK) % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of this tile have landed
-        fence_async_shared()  # and are visible to wgmma (the async proxy)
-        # everyone's are, and every warp is done with the tile before (its slot is next)
-        _cta_barrier()
-        _copy(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb + (STAGES - 1) * BK,
-              K_SPLIT, BK, STAGES, True)  # fmt: skip
+        _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK, STAGES,
+                   True)  # fmt: skip
         a = _operand_i8(w_ring.index(slot).load(BYTES), BN, BK, BYTES_MMA, AL)
         b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
         if GROUP == 0:
