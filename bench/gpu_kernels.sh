@@ -3,7 +3,8 @@
 #   STAGE=test     the cuda-marked tests: kernels (compiled in parallel first), then the model
 #   STAGE=frag     bench/frag_probe.py: the fragment-order W4A16 kernel checked, tuned, compared
 #   STAGE=wgmma    bench/wgmma_probe.py: the wgmma W4A16 kernel checked and timed against the others
-#   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json
+#   STAGE=tune     time candidate tile configs -> $OUT/kernel_configs.json, kernel_tune.json;
+#                  TUNE_ARGS: e.g. "--formats fp8 --buckets 64,128"
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH);
 #                  KP_ARGS: more kernel_perf.py arguments, e.g. "--formats w4a16-g128,w4a16"
@@ -27,7 +28,7 @@ test)
     tests/test_humming_backend.py tests/test_cuda.py -p no:cacheprovider
   ;;
 tune)
-  python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}"
+  python bench/kernel_perf.py --tune-only --out "$OUT" --budget-s "${BUDGET:-330}" ${TUNE_ARGS:-}
   ;;
 frag)
   # FRAG_ARGS: e.g. "--stages check,tune --buckets 16,32" (see bench/frag_probe.py)

@@ -513,19 +513,26 @@ TUNE_CANDIDATES = {
 }  # fmt: skip
 
 
+# fp8 only: an e4m3 K tile of 256 is as many bytes as a bf16 one of 128, and at 128 tokens
+# two BLOCK_M = 64 rows of programs (the 64 bucket's candidates) fill more SMs than one row
+FP8_EXTRA = [(64, 64, 256, 4, 3, 1), (128, 64, 256, 4, 3, 1), (64, 64, 256, 4, 3, 2),
+             (64, 128, 256, 4, 3, 1), (128, 128, 128, 4, 4, 1), (128, 128, 256, 8, 3, 1),
+             (256, 128, 128, 8, 3, 1)]  # fmt: skip
+
+
 def _candidates(name: str, m: int) -> list[tuple[int, ...]]:
     if FORMATS[name].activations != "fp8":
         return TUNE_CANDIDATES[m]
-    pool = TUNE_CANDIDATES[m] + (TUNE_CANDIDATES[64] if m < 64 else [])
-    return list(dict.fromkeys(c for c in pool if c[1] >= 64 and c[3] >= 4))
+    pool = TUNE_CANDIDATES[m] + (TUNE_CANDIDATES[64] if m != 64 else []) + FP8_EXTRA
+    return list(dict.fromkeys(c for c in pool if 64 <= c[1] <= max(m, 64) and c[3] >= 4))
 
 
-def tune_jobs() -> list[tuple[Any, ...]]:
+def tune_jobs(formats: list[str], buckets: list[int]) -> list[tuple[Any, ...]]:
     return [
         (f, SHAPES[mo][la][1], SHAPES[mo][la][0], m, {table_key(f): [[10**9, c]]}, prequant(f))
-        for f in TUNE_FORMATS
+        for f in formats
         for mo, la in TUNE_SHAPES
-        for m in TUNE_CANDIDATES
+        for m in buckets
         for c in _candidates(f, m)
     ]
 
@@ -541,7 +548,7 @@ def prequant(name: str) -> bool:
     return FORMATS[name].activations != "none"
 
 
-def tune(deadline: float) -> list[dict[str, Any]]:
+def tune(deadline: float, formats: list[str], buckets: list[int]) -> list[dict[str, Any]]:
     """Time candidate tile configs per tile table and M bucket (GEMM only)."""
     import specquant.kernels.triton_ops.qlinear as Q
 
@@ -549,11 +556,11 @@ def tune(deadline: float) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     saved = dict(Q.CONFIGS)
     try:
-        for name in TUNE_FORMATS:
+        for name in formats:
             for model, layer in TUNE_SHAPES:
                 k, n = SHAPES[model][layer]
                 make, copies, _ = ours(name, n, k, gen, gemm_only=prequant(name))
-                for m in TUNE_CANDIDATES:
+                for m in buckets:
                     if time.time() > deadline:
                         return rows
                     fn = make(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
@@ -583,12 +590,13 @@ def size_class(model: str, layer: str) -> int:
 
 def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """tile table -> [[bucket, largest N * K, best candidate]]: per M bucket and weight-size
-    class, the candidate with the smallest total time over that class's shapes."""
+    class, the candidate with the smallest total time over that class's shapes (the tables
+    and buckets `rows` has)."""
     from specquant.kernels.triton_ops.qlinear import SIZE_CLASSES
 
     table: dict[str, Any] = {}
-    for f in TUNE_FORMATS:
-        for m in TUNE_CANDIDATES:
+    for f in dict.fromkeys(r["fmt"] for r in rows):
+        for m in sorted({r["m"] for r in rows if r["fmt"] == f}):
             for size in SIZE_CLASSES:
                 shapes = [s for s in TUNE_SHAPES if size_class(*s) == size]
                 totals = []
@@ -796,6 +804,8 @@ def main() -> None:
         default=None,
         help="tile table (from --tune-only) to measure instead of the built-in one",
     )
+    ap.add_argument("--buckets", default=",".join(map(str, TUNE_CANDIDATES)),
+                    help="with --tune-only: the M buckets to tune, comma-separated")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=400, help="stop measuring after this")
     ap.add_argument(
         "--chain-budget-s", type=float, default=120, help="extra time for the layer chains"
@@ -825,6 +835,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown formats or baselines {unknown}; known: "
                          f"{', '.join(OURS + CANONICAL + BASELINES + HUMMING)}")  # fmt: skip
+    tuned = [f for f in TUNE_FORMATS if f in formats]
+    buckets = [int(b) for b in args.buckets.split(",") if b]
+    if args.tune_only and (not tuned or not buckets or set(buckets) - set(TUNE_CANDIDATES)):
+        raise SystemExit(f"--tune-only tunes formats {TUNE_FORMATS} at M buckets "
+                         f"{list(TUNE_CANDIDATES)}; got {formats} and {buckets}")  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("kernel_perf needs a CUDA GPU")
     start = time.time()
@@ -837,9 +852,9 @@ def main() -> None:
     import triton
 
     if args.tune_only:
-        errors = precompile(tune_jobs(), args.workers)
+        errors = precompile(tune_jobs(tuned, buckets), args.workers)
         print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
-        rows = tune(start + args.budget_s)
+        rows = tune(start + args.budget_s, tuned, buckets)
         table = best_configs(rows)
         (args.out / "kernel_tune.json").write_text(json.dumps(rows, indent=1))
         (args.out / "kernel_configs.json").write_text(json.dumps(table, indent=1))

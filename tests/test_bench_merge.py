@@ -126,6 +126,28 @@ def test_kernel_perf_rejects_unknown_formats() -> None:
     assert out.returncode and "unknown formats or baselines ['w3']" in out.stderr
 
 
+def test_kernel_perf_tune_only_rejects_untunable_formats_and_buckets() -> None:
+    out = _bench_cli("kernel_perf.py", "--tune-only", "--formats", "fp8", "--buckets", "64,100")
+    assert out.returncode and "got ['fp8'] and [64, 100]" in out.stderr
+    out = _bench_cli("kernel_perf.py", "--tune-only", "--formats", "w4a16-g128:canonical")
+    assert out.returncode and "--tune-only tunes formats" in out.stderr
+
+
+def test_kernel_perf_fp8_tune_candidates_run_on_wgmma_and_fit_the_bucket() -> None:
+    """fp8 has no mma.sync path: every candidate has BLOCK_M >= 64 and 4+ warps, and none
+    is taller than its bucket needs (BLOCK_M = 64 serves every bucket)."""
+    import kernel_perf as KP
+
+    for m in KP.TUNE_CANDIDATES:
+        cands = KP._candidates("fp8", m)
+        assert cands and len(set(cands)) == len(cands)
+        assert all(c[3] >= 4 and 64 <= c[1] <= max(m, 64) for c in cands)
+    at_128 = KP._candidates("fp8", 128)
+    assert (64, 64, 256, 4, 3, 1) in at_128  # two rows of programs
+    jobs = KP.tune_jobs(["fp8"], [128])
+    assert {j[3] for j in jobs} == {128} and len(jobs) == len(KP.TUNE_SHAPES) * len(at_128)
+
+
 def test_kernel_profile_summarizes_an_ncu_sass_stall_csv(tmp_path: Path) -> None:
     import kernel_profile as KPR
 

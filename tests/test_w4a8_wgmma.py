@@ -272,8 +272,7 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt
 def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     if not _hopper():
         pytest.skip("wgmma needs Hopper")
-    from specquant.kernels.reference import qlinear_reference
-    from specquant.kernels.triton_ops.act_quant import quantize_per_token
+    from specquant.kernels.reference import qlinear_reference, quantize_per_token
     from specquant.layers.linear import QLinear
     from specquant.quant.rtn import quantize_rtn
     from specquant.quant.spec import get_format
@@ -286,8 +285,7 @@ def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     for m, route in [(1, "canonical"), (40, "wgmma")]:
         assert layer.qkernel.route(m) == route
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
-        # the codes the layer makes of plain x (test_triton_kernels checks them against the
-        # reference's)
+        # the reference's codes, which the layer's quantization kernel must make of plain x
         qa = quantize_per_token(x, "int8")
         want = qlinear_reference(qa, layer.qtensors(), None, spec).float()
         for kind, given in (("codes", qa), ("x", x)):
