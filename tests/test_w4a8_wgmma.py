@@ -173,7 +173,7 @@ def test_w4a8_wgmma_matches_the_integer_reference(fmt, out_dtype, n, k) -> None:
     configs = [(None, None), (cfg(64, 128, 4, 2), 2), (cfg(128, 128, 8, 4), 3),
                (cfg(256, 128, 16, 3), 1), (cfg(128, 256, 8, 3), None)]  # fmt: skip
     step = 2**-7 if out_dtype == torch.bfloat16 else 2**-10
-    for i, m in enumerate((1, 9, 16, 32, 33, 64, 100, 130)):
+    for i, m in enumerate((1, 9, 16, 32, 33, 64, 100, 130, 300)):
         x = torch.randn(m, k, generator=gen).to("cuda", out_dtype)
         qa = quantize_per_token(x, "int8")
         bias = torch.randn(n, generator=gen).to("cuda", out_dtype) if i % 2 else None
@@ -202,7 +202,12 @@ def test_registered_above_the_canonical_kernel_and_rejected_off_hopper() -> None
 
 def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> None:
     from specquant.kernels.triton_ops.w4_fragment import SIZE_CLASSES
-    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8_CONFIGS, check_config, w4a8_config
+    from specquant.kernels.triton_ops.w4a8_wgmma import (
+        PREFILL,
+        W4A8_CONFIGS,
+        check_config,
+        w4a8_config,
+    )
 
     for bucket, row in W4A8_CONFIGS.items():
         assert [bound for bound, _ in row] == [bound for _, bound in SIZE_CLASSES], bucket
@@ -213,7 +218,9 @@ def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> N
     assert w4a8_config(1, small) is None and w4a8_config(16, small) is None
     assert w4a8_config(1, large) == W4A8_CONFIGS[16][-1][1] is not None
     assert w4a8_config(17, small) == W4A8_CONFIGS[32][0][1] is not None
-    assert w4a8_config(max(W4A8_CONFIGS) + 1, large) is None  # prefill: the canonical kernel
+    # prefill: one bucket for every count past 128
+    assert w4a8_config(129, large) == w4a8_config(1 << 20, large) == W4A8_CONFIGS[PREFILL][-1][1]
+    assert w4a8_config(PREFILL + 1, large) is None
 
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
@@ -249,7 +256,7 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt
         live = {"scales": torch.ones(n)}
     bias = torch.zeros(n)
     for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma"), (128, "wgmma"),
-                     (129, "canonical")]:  # fmt: skip
+                     (129, "wgmma"), (700, "wgmma")]:  # fmt: skip
         assert layer.route(m) == route, m
         x = torch.randn(m, k)
         for given in (reference.quantize_per_token(x, "int8"), x):
@@ -282,7 +289,7 @@ def test_a_layer_picks_it_on_hopper_and_runs_codes_or_plain_x() -> None:
     layer = QLinear(512, 256)
     layer.load_quantized_(spec, {a: v.cuda() for a, v in t.items()}, torch.bfloat16)
     assert layer.kernel_name == "triton-w4a8-wgmma:w4a8"
-    for m, route in [(1, "canonical"), (40, "wgmma")]:
+    for m, route in [(1, "canonical"), (40, "wgmma"), (300, "wgmma")]:
         assert layer.qkernel.route(m) == route
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         # the reference's codes, which the layer's quantization kernel must make of plain x
@@ -316,13 +323,13 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     assert small.token_routes() is None  # the CPU kernel runs every count
     # the forwards a CUDA device would get (only their tables matter here)
     small.qkernel = W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
-    assert small.token_routes() == "1-16 canonical, 17-128 wgmma, 129+ canonical"
+    assert small.token_routes() == "1-16 canonical, 17+ wgmma"
     big = torch.empty(57344 // 16, 8192 // 128, 512, dtype=torch.int16)
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     routes = wide.token_routes()
     assert routes.startswith("1-8 fragment, 9-") and routes.endswith("129+ canonical"), routes
     report = kernel_report(nn.Sequential(small, wide), torch.device("cpu"), torch.float32)
     assert report["linear_kernels_by_token_count"] == {
-        "w4a8 64x256": "1-16 canonical, 17-128 wgmma, 129+ canonical",
+        "w4a8 64x256": "1-16 canonical, 17+ wgmma",
         "w4a16 64x256": routes,
     }

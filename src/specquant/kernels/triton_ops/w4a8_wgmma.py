@@ -24,7 +24,8 @@ is copied as it is.
 
 Registered as `triton-w4a8-wgmma` above the canonical kernel on Hopper: `W4A8Forward`
 runs it for the token counts and weight sizes of `W4A8_CONFIGS` (picked on an H200 by
-bench/w4a8_probe.py) and hands the rest to the canonical kernel.
+bench/w4a8_probe.py: from 17 tokens everywhere, prefill included, and from one token on
+all but the smallest layers) and hands the rest to the canonical kernel.
 """
 
 from __future__ import annotations
@@ -262,13 +263,17 @@ _C = W4A8WgmmaConfig
 # format, the picks take 0.55-1.00 of the canonical kernel's time from 32 tokens and
 # 0.60-1.03 up to 16 tokens in the three larger classes (1.03: per channel, 8B gate_up and
 # down with 70B qkv and o; one table for both formats costs that 3%). The smallest class
-# (8B qkv and o) keeps the canonical kernel up to 16 tokens (1.06 for the best config), and
-# past 128 tokens (prefill, not timed yet) the canonical kernel runs everywhere.
+# (8B qkv and o) keeps the canonical kernel up to 16 tokens (1.06 for the best config).
+# PREFILL, every count past 128, was timed at 256 and 512 tokens (w4a8_probe_81ac8ba.json):
+# its picks take 0.64-0.77 of the canonical kernel's time in every class.
+PREFILL = 1 << 31
 W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
     16: _table(None, _C(128, 128, 8, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     32: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     64: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(64, 128, 4, 4)),
     128: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(128, 256, 8, 3)),
+    PREFILL: _table(_C(64, 128, 4, 4), _C(128, 128, 8, 3), _C(128, 256, 8, 3),
+                    _C(128, 256, 8, 3)),
 }  # fmt: skip
 
 
