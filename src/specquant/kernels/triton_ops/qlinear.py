@@ -394,12 +394,14 @@ CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
         (32, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
         (32, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
         (32, ANY, TileConfig(64, 64, 128, 4, 3)),
-        (64, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
-        (64, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
-        (64, ANY, TileConfig(64, 64, 128, 4, 3)),
-        (128, 32 << 20, TileConfig(64, 128, 128, 4, 3)),
-        (128, 160 << 20, TileConfig(64, 128, 128, 4, 3)),
-        (128, ANY, TileConfig(64, 128, 128, 4, 3)),
+        # 64 and 128: retuned with e4m3 K tiles of 256 and, at 128 tokens, two rows of
+        # BLOCK_M = 64 programs (bench/results/fp8_tune_c9bdb4e.md)
+        (64, 32 << 20, TileConfig(64, 64, 256, 4, 3)),
+        (64, 160 << 20, TileConfig(64, 64, 256, 4, 3)),
+        (64, ANY, TileConfig(64, 64, 256, 4, 3)),
+        (128, 32 << 20, TileConfig(64, 64, 256, 4, 3)),
+        (128, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
+        (128, ANY, TileConfig(128, 128, 256, 8, 3)),
     ],
 }
 MAX_SPLIT_K = 16
