@@ -159,7 +159,7 @@ def table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     least total time (both formats, the class's layers) where it beats the canonical kernel's
     total, else None."""
     out: dict[str, list[Any]] = {}
-    for m in MS:
+    for m in sorted({r["m"] for r in rows}):  # the buckets this run timed
         out[str(m)] = []
         for cls, _ in F.SIZE_CLASSES:
             sel = [r for r in rows if r["m"] == m and size_class(r["n"], r["k"]) == cls]
@@ -204,8 +204,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
     ]
     for key, cell in result["sums"].items():
         ranked = sorted((kv for kv in cell.items() if kv[0] != GATHER), key=lambda kv: kv[1])
+        shown = ranked[:6] + [kv for kv in ranked[6:] if kv[0] == "canonical"]  # the baseline
         gather = f" ({GATHER} {cell[GATHER]}, not in the x_perm times)" if GATHER in cell else ""
-        md.append(f"- {key}: " + ", ".join(f"{n} {us}" for n, us in ranked[:6]) + gather)
+        md.append(f"- {key}: " + ", ".join(f"{n} {us}" for n, us in shown) + gather)
     md += ["", "Config per M bucket and weight-size class where the wgmma kernel beat the "
            "canonical one (`WGMMA_CONFIGS`; null: canonical):", "",
            *config_table_md(result["table"])]  # fmt: skip

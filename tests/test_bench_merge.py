@@ -109,6 +109,13 @@ def test_wgmma_probe_table_picks_a_config_only_where_it_beats_the_canonical_kern
     assert "**Partial**" in md
     assert "- w4a16 8b M=64: canonical 10.0, " in md  # the gather is no ranked kernel
     assert f"12.0 ({P.GATHER} 1.5, not in the x_perm times)" in md
+    # the buckets are the token counts the run timed (prefill sizes too), and the canonical
+    # kernel is listed even behind six faster entries ("wgmma best" is one)
+    many = [row("qkv", 256, 100.0), *(row("qkv", 256, 50.0 + i, [*fast[:-1], i]) for i in range(7))]
+    assert list(P.table(many)) == ["256"]
+    result.update(timings=many, sums=P.sums(many), table=P.table(many))
+    line = next(x for x in P.markdown(result) if x.startswith("- w4a16 8b M=256"))
+    assert line.endswith(" 54.0, canonical 100.0") and "55.0" not in line, line
 
 
 def test_gather_probe_ways_agree_with_the_launchers_gather() -> None:

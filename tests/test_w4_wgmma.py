@@ -68,7 +68,9 @@ def test_tile_table_and_bad_configs() -> None:
     assert W.wgmma_config(16, 16 << 20) is None  # small layers at 16 tokens: canonical
     assert W.wgmma_config(17, 16 << 20) == W.WGMMA_CONFIGS[32][0][1]
     assert W.wgmma_config(128, 1 << 40) == W.WGMMA_CONFIGS[128][-1][1]
-    assert W.wgmma_config(129, 1 << 20) is None  # past the last bucket: canonical
+    # prefill: one bucket for every count past 128
+    assert W.wgmma_config(129, 1 << 40) == W.wgmma_config(4096, 1 << 40)
+    assert W.wgmma_config(129, 1 << 40) == W.WGMMA_CONFIGS[W.PREFILL][-1][1] is not None
     assert [W.token_tile(m) for m in (1, 8, 9, 16, 33, 64, 65, 500)] == [8, 8, 16, 16, 64, 64,
                                                                         64, 64]  # fmt: skip
     for cfg, match in [
@@ -109,7 +111,7 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
     scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
     frag = F.prepare_fragments(qweight)
     w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
-    for i, m in enumerate((1, 9, 17, 40, 64, 100, 200)):
+    for i, m in enumerate((1, 9, 17, 40, 64, 100, 200, 333)):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
         want = x.float() @ w.T + (0 if bias is None else bias.float())
@@ -151,7 +153,7 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     layer = F.prepare_forward({"qweight": qweight}, get_format("w4a16-g128"), wgmma=True)
     live = {"qweight": qweight, "scales": scales}
     asked = []
-    for m in (1, 9, 33, 64, 100):
+    for m in (1, 9, 33, 64, 100, 300):
         cfg = W.wgmma_config(m, n * k) if F.frag_config(m, n * k) is None else None
         assert layer.takes_mma_order(m) == bool(cfg and cfg.x_perm), m
         asked.append(layer.takes_mma_order(m))

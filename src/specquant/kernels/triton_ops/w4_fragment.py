@@ -443,6 +443,10 @@ FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
 }
 
 
+# A tile table's bucket for every token count past its others (prompts: prefill)
+PREFILL = 1 << 31
+
+
 def lookup(table: dict[int, list[tuple[int, Any]]], m: int, weights: int) -> Any:
     """The entry of a tile table for `m` tokens (the smallest bucket holding m) and an N * K
     weight (the first size class holding it); None past the last bucket."""

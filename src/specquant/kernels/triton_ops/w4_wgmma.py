@@ -49,6 +49,7 @@ from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
+    PREFILL,
     _async_load,
     _copy_tile,
     _cta_barrier,
@@ -328,7 +329,9 @@ _W = WgmmaConfig
 # bucket from 16 tokens; two programs per SM (128 registers) win at 32 tokens in the
 # smallest and largest classes and from 64 tokens in all; the 16-warp configs and the
 # overlapping loop lost.
-# Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS), past the last bucket the canonical one.
+# PREFILL, every count past 128, was timed at 256 and 512 tokens (wgmma_probe_prefill_0d42077.json):
+# its picks take 0.50-0.54 (g128) and 0.73-0.90 (per channel) of the canonical kernel's time.
+# Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS).
 _P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
@@ -339,6 +342,8 @@ WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
                _W(128, 128, 8, 3, **_TWO)),
     128: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
                 _W(128, 128, 8, 4, **_TWO)),
+    PREFILL: _table(_W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
+                    _W(128, 128, 8, 4, **_TWO), _W(128, 128, 8, 3, **_TWO)),
 }  # fmt: skip
 
 

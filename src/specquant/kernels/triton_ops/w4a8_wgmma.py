@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
+    PREFILL,
     _bits,
     _finish,
     _out_index,
@@ -266,7 +267,6 @@ _C = W4A8WgmmaConfig
 # (8B qkv and o) keeps the canonical kernel up to 16 tokens (1.06 for the best config).
 # PREFILL, every count past 128, was timed at 256 and 512 tokens (w4a8_probe_81ac8ba.json):
 # its picks take 0.64-0.77 of the canonical kernel's time in every class.
-PREFILL = 1 << 31
 W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
     16: _table(None, _C(128, 128, 8, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     32: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
