@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -595,6 +596,23 @@ TILED_CASES = [  # a prefill-sized M over several M tiles with split-K
     (name, 300, 520, 1152, torch.bfloat16, True, 2, True, "cuda", 3, (64, 64, 128, 4, 3))
     for name in ("w4a16-g128", "w8a8", "w4a8")
 ]
+
+
+# every fp8 tile the table holds (retuned 2026-11-28: K tiles of 256, two M tiles at 128
+# tokens), on K not a multiple of 256 and N not of the tile
+def _fp8_table_cases() -> list[tuple[Any, ...]]:
+    try:
+        from specquant.kernels.triton_ops.qlinear import CONFIGS
+    except ImportError:  # no triton: the GPU tests skip anyway
+        return []
+    return [
+        ("fp8", m, 333, 1152, torch.bfloat16, True, None, True, "cuda", i, astuple(cfg))
+        for i, cfg in enumerate(dict.fromkeys(c for _, _, c in CONFIGS["fp8"]))
+        for m in (64, 128)
+    ]
+
+
+FP8_TABLE_CASES = _fp8_table_cases()
 QUANT_CASES = [
     (kind, pre, m, k, dtype, "cuda")
     for kind in ("int8", "fp8", None, "mma")
@@ -630,6 +648,13 @@ def test_qlinear_gpu_fp16_and_forced_split(name: str) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", TILED_CASES, ids=_case_id)
 def test_qlinear_gpu_several_m_tiles(case: tuple[Any, ...]) -> None:
+    run_qlinear_case(*case[:10], tile=case[10])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", FP8_TABLE_CASES, ids=_case_id)
+def test_qlinear_gpu_every_fp8_table_tile(case: tuple[Any, ...]) -> None:
+    _skip_without_fp8("fp8")
     run_qlinear_case(*case[:10], tile=case[10])
 
 
@@ -684,7 +709,7 @@ def _warm_gpu() -> None:
 
     jobs = [(run_qlinear_case, c) for name in SPECS for c in gpu_qlinear_cases(name)]
     jobs += [(run_qlinear_case, c) for c in SPLIT_CASES]
-    jobs += [(_run_tiled, c) for c in TILED_CASES]
+    jobs += [(_run_tiled, c) for c in TILED_CASES + FP8_TABLE_CASES]
     jobs += [(run_quant_case, c) for c in QUANT_CASES]
     with ProcessPoolExecutor(16, mp_context=mp.get_context("spawn")) as pool:
         results = list(pool.map(_try_job, jobs))
