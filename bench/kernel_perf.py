@@ -513,8 +513,9 @@ TUNE_CANDIDATES = {
 }  # fmt: skip
 
 
-# fp8 only: an e4m3 K tile of 256 is as many bytes as a bf16 one of 128, and at 128 tokens
-# two BLOCK_M = 64 rows of programs (the 64 bucket's candidates) fill more SMs than one row
+# fp8 only: e4m3 K tiles of 256, as many bytes as a bf16 tile of 128, at BLOCK_M 64 and 128
+# (_candidates adds the 64 bucket's tiles to the others: at 128 tokens two rows of BLOCK_M =
+# 64 programs fill more SMs than one row of 128)
 FP8_EXTRA = [(64, 64, 256, 4, 3, 1), (128, 64, 256, 4, 3, 1), (64, 64, 256, 4, 3, 2),
              (64, 128, 256, 4, 3, 1), (128, 128, 128, 4, 4, 1), (128, 128, 256, 8, 3, 1),
              (256, 128, 128, 8, 3, 1)]  # fmt: skip
@@ -616,6 +617,22 @@ def best_configs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
+def with_untuned_buckets(table: dict[str, Any]) -> dict[str, Any]:
+    """A tuned table (best_configs) completed with the built-in rules of the M buckets the
+    run did not tune: apply_configs replaces a tile key's whole table, so `--configs` with
+    a run that tuned some buckets would otherwise lose the others."""
+    from dataclasses import astuple
+
+    import specquant.kernels.triton_ops.qlinear as Q
+
+    out = {}
+    for key, rules in table.items():
+        done = {r[0] for r in rules}
+        kept = [[m, w, list(astuple(c))] for m, w, c in Q.CONFIGS[key] if m not in done]
+        out[key] = sorted(rules + kept, key=lambda r: (r[0], r[1]))
+    return out
+
+
 # ------------------------------------------------------------------------------- report
 def summarize(rows: list[dict[str, Any]], bw_gbs: float) -> dict[str, Any]:
     """Per model and implementation: the four linears' total per M, roofline %, ratios."""
@@ -638,7 +655,8 @@ def summarize(rows: list[dict[str, Any]], bw_gbs: float) -> dict[str, Any]:
             if len(one) == len(SHAPES[model]):
                 b = sum(r["weight_bytes"] + 2 * (r["k"] + r["n"]) for r in one)
                 roof[impl] = b / (bw_gbs * 1e3)  # microseconds
-        out[model] = {"total_us": table, "roofline_us": roof}
+        if table:  # a model this run did not time gets no section
+            out[model] = {"total_us": table, "roofline_us": roof}
     return out
 
 
@@ -835,11 +853,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown formats or baselines {unknown}; known: "
                          f"{', '.join(OURS + CANONICAL + BASELINES + HUMMING)}")  # fmt: skip
-    tuned = [f for f in TUNE_FORMATS if f in formats]
-    buckets = [int(b) for b in args.buckets.split(",") if b]
-    if args.tune_only and (not tuned or not buckets or set(buckets) - set(TUNE_CANDIDATES)):
-        raise SystemExit(f"--tune-only tunes formats {TUNE_FORMATS} at M buckets "
-                         f"{list(TUNE_CANDIDATES)}; got {formats} and {buckets}")  # fmt: skip
+    buckets = [b for b in args.buckets.split(",") if b]
+    if args.tune_only:
+        if args.formats == ap.get_default("formats"):  # every format with a tile table
+            formats = TUNE_FORMATS
+        if set(formats) - set(TUNE_FORMATS) or set(buckets) - set(map(str, TUNE_CANDIDATES)):
+            raise SystemExit(f"--tune-only tunes formats {TUNE_FORMATS} at M buckets "
+                             f"{list(TUNE_CANDIDATES)}; got {formats} and {buckets}")  # fmt: skip
+    elif args.buckets != ap.get_default("buckets"):
+        raise SystemExit("--buckets chooses what --tune-only tunes; to time token counts use --ms")
     if not torch.cuda.is_available():
         raise SystemExit("kernel_perf needs a CUDA GPU")
     start = time.time()
@@ -852,10 +874,11 @@ def main() -> None:
     import triton
 
     if args.tune_only:
-        errors = precompile(tune_jobs(tuned, buckets), args.workers)
+        tuned, at = [f for f in TUNE_FORMATS if f in formats], [int(b) for b in buckets]
+        errors = precompile(tune_jobs(tuned, at), args.workers)
         print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
-        rows = tune(start + args.budget_s, tuned, buckets)
-        table = best_configs(rows)
+        rows = tune(start + args.budget_s, tuned, at)
+        table = with_untuned_buckets(best_configs(rows))
         (args.out / "kernel_tune.json").write_text(json.dumps(rows, indent=1))
         (args.out / "kernel_configs.json").write_text(json.dumps(table, indent=1))
         print(f"tuned in {time.time() - start:.0f}s: {json.dumps(table)}", flush=True)

@@ -135,24 +135,37 @@ def test_kernel_perf_rejects_unknown_formats() -> None:
 
 def test_kernel_perf_tune_only_rejects_untunable_formats_and_buckets() -> None:
     out = _bench_cli("kernel_perf.py", "--tune-only", "--formats", "fp8", "--buckets", "64,100")
-    assert out.returncode and "got ['fp8'] and [64, 100]" in out.stderr
-    out = _bench_cli("kernel_perf.py", "--tune-only", "--formats", "w4a16-g128:canonical")
+    assert out.returncode and "got ['fp8'] and ['64', '100']" in out.stderr
+    out = _bench_cli("kernel_perf.py", "--tune-only", "--formats", "fp8,w4a16-g128:canonical")
     assert out.returncode and "--tune-only tunes formats" in out.stderr
+    out = _bench_cli("kernel_perf.py", "--buckets", "64")
+    assert out.returncode and "to time token counts use --ms" in out.stderr
 
 
-def test_kernel_perf_fp8_tune_candidates_run_on_wgmma_and_fit_the_bucket() -> None:
-    """fp8 has no mma.sync path: every candidate has BLOCK_M >= 64 and 4+ warps, and none
-    is taller than its bucket needs (BLOCK_M = 64 serves every bucket)."""
-    import kernel_perf as KP
+def test_kernel_perf_partial_tune_keeps_the_untuned_buckets() -> None:
+    """A run that tuned fp8 at 128 tokens writes a table that measures 1-64 tokens with the
+    built-in rules, not with the 128 bucket's."""
+    import specquant.kernels.triton_ops.qlinear as Q
 
-    for m in KP.TUNE_CANDIDATES:
-        cands = KP._candidates("fp8", m)
-        assert cands and len(set(cands)) == len(cands)
-        assert all(c[3] >= 4 and 64 <= c[1] <= max(m, 64) for c in cands)
-    at_128 = KP._candidates("fp8", 128)
-    assert (64, 64, 256, 4, 3, 1) in at_128  # two rows of programs
-    jobs = KP.tune_jobs(["fp8"], [128])
-    assert {j[3] for j in jobs} == {128} and len(jobs) == len(KP.TUNE_SHAPES) * len(at_128)
+    def row(model: str, layer: str, us: float, cfg: tuple[int, ...]) -> dict[str, object]:
+        return dict(fmt="fp8", model=model, layer=layer, m=128, cfg=list(cfg), us=us)
+
+    fast, slow = KP._candidates("fp8", 128)[:2]
+    rows = [row(mo, la, 1.0, fast) for mo, la in KP.TUNE_SHAPES]
+    rows += [row(mo, la, 3.0, slow) for mo, la in KP.TUNE_SHAPES]
+    table = KP.with_untuned_buckets(KP.best_configs(rows))
+    assert list(table) == ["fp8"]  # only what the rows tuned
+    saved = list(Q.CONFIGS["fp8"])
+    try:
+        KP.apply_configs(table)
+        for w in (16 << 20, 100 << 20, 1 << 40):
+            assert Q.config_for("fp8", 128, w) == Q.TileConfig(*fast)
+        assert [r[:2] for r in Q.CONFIGS["fp8"]] == [r[:2] for r in saved]
+        for m, w, cfg in saved:
+            if m != 128:
+                assert Q.config_for("fp8", m, w) == cfg
+    finally:
+        Q.CONFIGS["fp8"] = saved
 
 
 def test_kernel_profile_summarizes_an_ncu_sass_stall_csv(tmp_path: Path) -> None:

@@ -389,6 +389,28 @@ def test_tile_rules_pick_by_m_and_weight_size(monkeypatch: pytest.MonkeyPatch) -
     assert Q.config_for("w4a16", 1, 1 << 30) is small  # its largest rule, not another bucket's
 
 
+def test_tiles_shrink_to_the_shared_memory_of_the_device() -> None:
+    """Tuned on Hopper (227 KB per program), every table tile fits there unchanged; on Ada
+    (99 KB, FP8 included) the largest FP8 tile drops a stage, then halves its K tile."""
+    pytest.importorskip("triton")
+    from specquant.kernels.triton_ops import qlinear as Q
+
+    hopper, ada = 232448, 101376
+    for name in FORMATS:
+        spec = get_format(name)
+        if Q.family_of(spec) is None:
+            continue
+        x_bytes = 1 if spec.activations != "none" else 2
+        w_bytes = 1 if spec.weight_bits == 8 else x_bytes
+        for _, _, cfg in Q.CONFIGS[Q.tile_key(spec)]:
+            assert Q.fit_shared(cfg, w_bytes, x_bytes, hopper) is cfg, (name, cfg)
+    big = Q.TileConfig(128, 128, 256, 8, 3)
+    assert Q.ring_bytes(big, 1, 1) == 3 * 256 * 256
+    assert Q.fit_shared(big, 1, 1, ada) == Q.TileConfig(128, 128, 128, 8, 2)
+    tiny = Q.TileConfig(32, 16, 32, 2, 2)
+    assert Q.fit_shared(tiny, 2, 2, 1024) is tiny  # nothing left to shrink: left to Triton
+
+
 def test_unknown_override_lists_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPECQUANT_KERNEL_QLINEAR", "marlin")
     with pytest.raises(KernelSelectionError, match=r"'marlin'.*available: triton-w4a16"):
@@ -598,8 +620,8 @@ TILED_CASES = [  # a prefill-sized M over several M tiles with split-K
 ]
 
 
-# every fp8 tile the table holds (retuned 2026-11-28: K tiles of 256, two M tiles at 128
-# tokens), on K not a multiple of 256 and N not of the tile
+# every fp8 tile the table holds (K tiles of 256, several M tiles), on K not a multiple of
+# 256 and N not of the tile, at the 64 and 128 buckets and a prefill count past them
 def _fp8_table_cases() -> list[tuple[Any, ...]]:
     try:
         from specquant.kernels.triton_ops.qlinear import CONFIGS
@@ -608,7 +630,7 @@ def _fp8_table_cases() -> list[tuple[Any, ...]]:
     return [
         ("fp8", m, 333, 1152, torch.bfloat16, True, None, True, "cuda", i, astuple(cfg))
         for i, cfg in enumerate(dict.fromkeys(c for _, _, c in CONFIGS["fp8"]))
-        for m in (64, 128)
+        for m in (64, 128, 300)
     ]
 
 

@@ -24,7 +24,7 @@ capturing CUDA graphs, and do not run two split-K launches concurrently on one d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -437,6 +437,42 @@ def block_k_for(cfg: TileConfig, group: int) -> int:
     return cfg.block_k if group == 0 else min(cfg.block_k, group & -group)
 
 
+def ring_bytes(cfg: TileConfig, w_bytes: float, x_bytes: int) -> int:
+    """Shared memory the K loop's pipeline takes, at most: `stages` tiles of weights (as
+    the dot reads them: w_bytes per element after unpacking) and of x."""
+    return int(cfg.num_stages * cfg.block_k * (cfg.block_n * w_bytes + cfg.block_m * x_bytes))
+
+
+def fit_shared(cfg: TileConfig, w_bytes: float, x_bytes: int, limit: int) -> TileConfig:
+    """The config, shrunk until its ring fits `limit` bytes: two stages first, then halved
+    K tiles, then halved N tiles. The tables were tuned on Hopper (227 KB per block); Ada
+    (FP8 too) allows 99 KB and Ampere 163 KB, where a table tile could otherwise not launch."""
+    while ring_bytes(cfg, w_bytes, x_bytes) > limit:
+        if cfg.num_stages > 2:
+            cfg = replace(cfg, num_stages=2)
+        elif cfg.block_k > 32:
+            cfg = replace(cfg, block_k=cfg.block_k // 2)
+        elif cfg.block_n > 32:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        else:
+            break  # the smallest tile: let the compiler say what is missing
+    return cfg
+
+
+_SHARED: dict[int, int] = {}
+
+
+def _shared_limit(device: torch.device) -> int:
+    """Shared memory one program may take on `device` (opt-in maximum)."""
+    if INTERPRET or device.type != "cuda":
+        return 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED:
+        props = torch.cuda.get_device_properties(index)
+        _SHARED[index] = int(getattr(props, "shared_memory_per_block_optin", 1 << 30))
+    return _SHARED[index]
+
+
 def _num_sms(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4  # small, so that the interpreter tests exercise split-K
@@ -510,6 +546,9 @@ def qlinear(
         return out.view(*lead, n)
 
     cfg = config or config_for(tile_key(spec), m, n * k)
+    # the dot's operands: 4-bit weights unpacked to x's width (int8 with A8), 8-bit as stored
+    x_bytes = a.element_size()
+    cfg = fit_shared(cfg, 1 if spec.weight_bits == 8 else x_bytes, x_bytes, _shared_limit(a.device))
     group = 0 if spec.group_size == -1 else spec.group_size
     block_k = block_k_for(cfg, group)
     k_blocks = triton.cdiv(k, block_k)
