@@ -204,7 +204,8 @@ def test_programmatic_dependent_launch_chain_reads_what_the_kernel_before_wrote(
 @pytest.mark.cuda
 def test_layer_runs_fragments_where_tuned_and_the_canonical_kernel_elsewhere() -> None:
     """mma.sync fragments up to 8 tokens, on Hopper the wgmma kernel where WGMMA_CONFIGS has a
-    config (17-128 tokens for this small layer), the canonical kernel elsewhere."""
+    config (from 17 tokens for this small layer, prefill included), the canonical kernel
+    elsewhere."""
     from specquant.kernels.reference import qlinear_reference
     from specquant.layers.linear import QLinear
     from specquant.quant.rtn import quantize_rtn

@@ -202,12 +202,7 @@ def test_registered_above_the_canonical_kernel_and_rejected_off_hopper() -> None
 
 def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> None:
     from specquant.kernels.triton_ops.w4_fragment import SIZE_CLASSES
-    from specquant.kernels.triton_ops.w4a8_wgmma import (
-        PREFILL,
-        W4A8_CONFIGS,
-        check_config,
-        w4a8_config,
-    )
+    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8_CONFIGS, check_config, w4a8_config
 
     for bucket, row in W4A8_CONFIGS.items():
         assert [bound for bound, _ in row] == [bound for _, bound in SIZE_CLASSES], bucket
@@ -218,9 +213,9 @@ def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> N
     assert w4a8_config(1, small) is None and w4a8_config(16, small) is None
     assert w4a8_config(1, large) == W4A8_CONFIGS[16][-1][1] is not None
     assert w4a8_config(17, small) == W4A8_CONFIGS[32][0][1] is not None
-    # prefill: one bucket for every count past 128
-    assert w4a8_config(129, large) == w4a8_config(1 << 20, large) == W4A8_CONFIGS[PREFILL][-1][1]
-    assert w4a8_config(PREFILL + 1, large) is None
+    # prefill chunks up to 512 tokens; past them the canonical kernel's taller tiles win
+    assert w4a8_config(129, large) == w4a8_config(512, large) == W4A8_CONFIGS[512][-1][1]
+    assert w4a8_config(513, large) is None
 
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
@@ -256,7 +251,7 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt
         live = {"scales": torch.ones(n)}
     bias = torch.zeros(n)
     for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma"), (128, "wgmma"),
-                     (129, "wgmma"), (700, "wgmma")]:  # fmt: skip
+                     (129, "wgmma"), (512, "wgmma"), (513, "canonical")]:  # fmt: skip
         assert layer.route(m) == route, m
         x = torch.randn(m, k)
         for given in (reference.quantize_per_token(x, "int8"), x):
@@ -323,7 +318,7 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     assert small.token_routes() is None  # the CPU kernel runs every count
     # the forwards a CUDA device would get (only their tables matter here)
     small.qkernel = W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
-    assert small.token_routes() == "1-16 canonical, 17+ wgmma"
+    assert small.token_routes() == "1-16 canonical, 17-512 wgmma, 513+ canonical"
     big = torch.empty(57344 // 16, 8192 // 128, 512, dtype=torch.int16)
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     routes = wide.token_routes()
@@ -334,6 +329,6 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     report = kernel_report(nn.Sequential(small, wide), torch.device("cpu"), torch.float32)
     assert report["linear_kernels_by_token_count"] == {
-        "w4a8 64x256": "1-16 canonical, 17+ wgmma",
+        "w4a8 64x256": "1-16 canonical, 17-512 wgmma, 513+ canonical",
         "w4a16 64x256": routes,
     }

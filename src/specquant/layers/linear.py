@@ -130,7 +130,7 @@ class QLinear(nn.Module):
         it then writes that order (`MmaOrderActivations`) and the kernel skips its gather."""
         return self._mma_kernel and bool(self.qkernel.takes_mma_order(tokens))
 
-    def token_routes(self, most: int = 256) -> str | None:
+    def token_routes(self, most: int = 2048) -> str | None:
         """Which kernel runs each token count, for kernels that switch by it (the repacked
         W4A16 and W4A8 kernels): e.g. "1-8 fragment, 9-16 canonical, 17+ wgmma". None for
         kernels that run every count."""

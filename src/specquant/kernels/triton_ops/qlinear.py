@@ -394,8 +394,10 @@ CONFIGS: dict[str, list[tuple[int, int, TileConfig]]] = {
         (32, 32 << 20, TileConfig(64, 64, 128, 4, 3)),
         (32, 160 << 20, TileConfig(64, 64, 128, 4, 3)),
         (32, ANY, TileConfig(64, 64, 128, 4, 3)),
-        # 64 and 128: retuned with e4m3 K tiles of 256 and, at 128 tokens, two rows of
-        # BLOCK_M = 64 programs (bench/results/fp8_tune_c9bdb4e.md)
+        # 64 and 128 retuned with e4m3 K tiles of 256 among the candidates, and at 128 tokens
+        # BLOCK_M = 64 ones (two rows of programs fill more SMs on the smaller layers;
+        # bench/results/fp8_tune_c9bdb4e.md); counts past 128 take these rules too, timed
+        # faster than the old ones at 256 and 1024 tokens (prefill_1024_bc7b3a6.md)
         (64, 32 << 20, TileConfig(64, 64, 256, 4, 3)),
         (64, 160 << 20, TileConfig(64, 64, 256, 4, 3)),
         (64, ANY, TileConfig(64, 64, 256, 4, 3)),

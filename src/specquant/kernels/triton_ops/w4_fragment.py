@@ -443,7 +443,9 @@ FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
 }
 
 
-# A tile table's bucket for every token count past its others (prompts: prefill)
+# A tile table's bucket for every token count past its others (prompts: prefill). Any bound
+# above a prompt would do; 2^31 is past every M a launch can take (the wgmma kernels' grid
+# holds at most 65535 token tiles of 64).
 PREFILL = 1 << 31
 
 

@@ -1,4 +1,4 @@
-"""W4A16 GEMM for 9-128 tokens on Hopper: fragment-order weights as wgmma's register operand.
+"""W4A16 GEMM from 9 tokens on Hopper: fragment-order weights as wgmma's register operand.
 
 The fragment kernel (w4_fragment.py) feeds mma.sync, whose token operand lives in registers:
 every warp holds its share of x for each K step and the unpacking repeats per token-warp,
@@ -329,8 +329,12 @@ _W = WgmmaConfig
 # bucket from 16 tokens; two programs per SM (128 registers) win at 32 tokens in the
 # smallest and largest classes and from 64 tokens in all; the 16-warp configs and the
 # overlapping loop lost.
-# PREFILL, every count past 128, was timed at 256 and 512 tokens (wgmma_probe_prefill_0d42077.json):
-# its picks take 0.50-0.54 (g128) and 0.73-0.90 (per channel) of the canonical kernel's time.
+# PREFILL, every count past 128, was timed at 256 and 512 tokens (wgmma_probe_prefill_0d42077
+# .json; per size class 0.56-0.71 of the canonical kernel's time over both formats) and on
+# 70B at 1024, the runner's prefill chunk (prefill_1024_bc7b3a6.md: 0.73 over both formats).
+# Per channel alone it is level there (0.98; gate_up 1.05): its token tiles stop at 64, so
+# every 64 tokens unpack the weights again. The one table serves both formats, and g128
+# (0.51-0.63 at 1024) decides it.
 # Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS).
 _P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)

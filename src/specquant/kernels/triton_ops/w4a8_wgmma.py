@@ -24,8 +24,8 @@ is copied as it is.
 
 Registered as `triton-w4a8-wgmma` above the canonical kernel on Hopper: `W4A8Forward`
 runs it for the token counts and weight sizes of `W4A8_CONFIGS` (picked on an H200 by
-bench/w4a8_probe.py: from 17 tokens everywhere, prefill included, and from one token on
-all but the smallest layers) and hands the rest to the canonical kernel.
+bench/w4a8_probe.py: 17-512 tokens everywhere, from one token on all but the smallest
+layers) and hands the rest to the canonical kernel.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
     ATOM_N,
-    PREFILL,
     _bits,
     _finish,
     _out_index,
@@ -265,15 +264,18 @@ _C = W4A8WgmmaConfig
 # 0.60-1.03 up to 16 tokens in the three larger classes (1.03: per channel, 8B gate_up and
 # down with 70B qkv and o; one table for both formats costs that 3%). The smallest class
 # (8B qkv and o) keeps the canonical kernel up to 16 tokens (1.06 for the best config).
-# PREFILL, every count past 128, was timed at 256 and 512 tokens (w4a8_probe_81ac8ba.json):
-# its picks take 0.64-0.77 of the canonical kernel's time in every class.
+# Bucket 512 (129-512 tokens) was timed at 256 and 512 tokens (w4a8_probe_81ac8ba.json): its
+# picks take 0.65-0.76 of the canonical kernel's time per size class (0.62-0.88 per format
+# and model). At 1024 tokens (the runner's prefill chunk; prefill_1024_bc7b3a6.md, 70B) they
+# take 0.98-1.10: this kernel's token tiles stop at 64, so every 64 tokens unpack the
+# weights again, while the canonical kernel's 128-token tiles unpack half as often. Past
+# 512 tokens the canonical kernel runs.
 W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
     16: _table(None, _C(128, 128, 8, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     32: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 8, 4), _C(128, 128, 4, 3)),
     64: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(64, 128, 4, 4)),
     128: _table(_C(64, 128, 4, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3), _C(128, 256, 8, 3)),
-    PREFILL: _table(_C(64, 128, 4, 4), _C(128, 128, 8, 3), _C(128, 256, 8, 3),
-                    _C(128, 256, 8, 3)),
+    512: _table(_C(64, 128, 4, 4), _C(128, 128, 8, 3), _C(128, 256, 8, 3), _C(128, 256, 8, 3)),
 }  # fmt: skip
 
 
