@@ -181,3 +181,56 @@ def test_plan_rejects_bad_shapes() -> None:
         AttnMetadata.plan(rope, 0, 3, block_mask=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="rope table"):
         AttnMetadata.plan(rope, 15, 3)
+
+
+def _tree_case(seed: int) -> tuple[torch.Tensor, ...]:
+    """A 12-node draft tree after a 137-token prefix: q [1, 9, 12, 64], k and v over the
+    prefix then the nodes, and the verification mask (prefix + each node's ancestors)."""
+    gen = torch.Generator().manual_seed(seed)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 3, 5, 6, 8, 9]
+    t, n = len(parents), 137
+    q = torch.randn(1, 9, t, 64, generator=gen)
+    k, v = (torch.randn(1, 3, n + t, 64, generator=gen) for _ in range(2))
+    mask = torch.zeros(t, n + t, dtype=torch.bool)
+    mask[:, :n] = True
+    paths = []
+    for i in range(t):
+        path, j = [], i
+        while j >= 0:
+            path.insert(0, j)
+            j = parents[j]
+        mask[i, [n + j for j in path]] = True
+        paths.append(torch.tensor(path) + n)
+    return q, k, v, mask, n, paths
+
+
+def test_float64_attention_rows_do_not_depend_on_the_block_they_run_in() -> None:
+    """Each node's row of a verified tree equals, bit for bit, the row a decoding step
+    computes for that token alone over the prefix and its ancestors (contiguous, no mask):
+    what greedy speculation on an activation-quantized target relies on."""
+    from specquant.kernels.builtin import attention_float64
+
+    for seed in range(3):
+        q, k, v, mask, n, paths = _tree_case(seed)
+        block = attention_float64(q, k, v, mask)
+        assert block.dtype == torch.float32
+        for i, path in enumerate(paths):
+            keys = torch.cat([k[:, :, :n], k[:, :, path]], dim=2)
+            vals = torch.cat([v[:, :, :n], v[:, :, path]], dim=2)
+            alone = attention_float64(q[:, :, i : i + 1], keys, vals, None)
+            assert torch.equal(alone[:, :, 0], block[:, :, i]), (seed, i)
+        assert torch.allclose(block, attention_reference(q, k, v, mask), atol=1e-5)
+
+
+def test_exact_attention_is_chosen_for_activation_quantized_targets_on_the_cpu() -> None:
+    from specquant.kernels.builtin import attention_float64
+    from specquant.kernels.registry import KernelContext, explain
+    from specquant.layers.attention import select_attention
+
+    cpu = torch.device("cpu")
+    assert select_attention(cpu, torch.float32, exact=True) is attention_float64
+    assert select_attention(cpu, torch.float32) is attention_sdpa
+    ctx = KernelContext(torch.device("cuda"), torch.bfloat16, (("exact", True),))
+    reasons = {name: (ok, why) for name, ok, why in explain("attention", ctx)}
+    assert reasons["float64"] == (False, "float64 math is for the CPU, not cuda")
+    assert "quantizes activations" in explain("attention", KernelContext(cpu, torch.float32))[0][2]

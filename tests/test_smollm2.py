@@ -132,6 +132,29 @@ def test_speculative_greedy_on_smollm2(smollm2: Any, method: str, drafters: str)
         )
 
 
+def test_speculative_greedy_on_smollm2_in_w8a8_keeps_the_autoregressive_tokens() -> None:
+    """Per-token int8 activations turn attention's last-bit differences between one query
+    and a verified block into different codes; in float32 SDPA this prompt's eagle2 and sps
+    output left the autoregressive one at token 39 (the target's attention is now exact)."""
+    from specquant.config import SpecConfig
+    from specquant.engine.generator import Generator
+    from specquant.quant.model import quantize_model
+    from specquant.quant.spec import get_format
+    from specquant.spec.factory import build_generator
+
+    loaded = specquant.load(device="cpu", dtype="float32", max_seq_len=512).loaded
+    quantize_model(loaded.model, get_format("w8a8"))
+    loaded.model.prepare_kernels()
+    engine = specquant.EngineConfig(device="cpu", max_seq_len=512)
+    prompt = "Explain what a hash table is and give an example in Python."
+    cfg = GenerationConfig(max_new_tokens=48)
+    want = Generator(loaded, engine).generate(prompt, generation=cfg).token_ids
+    assert len(want) == 48
+    for method in ("eagle2", "sps"):
+        gen = build_generator(loaded, engine, SpecConfig(method=method))
+        assert gen.generate(prompt, generation=cfg).token_ids == want, method
+
+
 def test_cli_speculative_json(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["generate", "--prompt", "Name a color.", "--json", "--max-new-tokens", "12"]
     assert main([*args, "--method", "eagle2", "--depth", "3", "--tree-size", "16"]) == 0

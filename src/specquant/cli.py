@@ -390,13 +390,16 @@ def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     from collections import Counter
 
     from specquant.kernels.registry import KernelContext, explain
-    from specquant.layers.linear import QLinear
+    from specquant.layers.linear import QLinear, quantizes_activations
 
     def rows(op: str, ctx: KernelContext) -> list[dict[str, Any]]:
         return [{"name": n, "ok": ok, "reason": r} for n, ok, r in explain(op, ctx)]
 
-    ctx = KernelContext(device, dtype)
-    kernels = {op: rows(op, ctx) for op in ("linear", "attention")}
+    exact = (("exact", quantizes_activations(model)),)  # as the runner asks (engine/runner.py)
+    kernels = {
+        "linear": rows("linear", KernelContext(device, dtype)),
+        "attention": rows("attention", KernelContext(device, dtype, exact)),
+    }
     linears = [m for m in model.modules() if isinstance(m, QLinear)]
     quantized = [m for m in linears if m.spec is not None]
     if quantized:

@@ -22,6 +22,7 @@ import torch
 
 from specquant.config import ConfigError, ModelConfig
 from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.linear import quantizes_activations
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 
@@ -66,7 +67,9 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.cache = model.new_cache(max_seq_len)
         self.rope = RopeTable(self.config, max_seq_len, self.device, self.dtype)
-        self.attn_fn = select_attention(self.device, self.dtype)
+        # a target that quantizes activations needs attention rows that do not depend on
+        # the block they run in, or verification would not reproduce its decoding steps
+        self.attn_fn = select_attention(self.device, self.dtype, exact=quantizes_activations(model))
         self.ids: list[int] = []
         self.features = features
         self.feats: torch.Tensor | None = None

@@ -65,11 +65,51 @@ def _sdpa_ok(ctx: KernelContext) -> tuple[bool, str]:
     return True, "torch SDPA handles every device and dtype"
 
 
+def attention_float64(
+    q: torch.Tensor,  # [B, Hq, T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    mask: torch.Tensor | None,  # [T, S] or [B, 1, T, S] bool, or None
+) -> torch.Tensor:  # [B, Hq, T, D] in q's dtype
+    """Softmax attention computed in float64 and rounded to q's dtype once.
+
+    Why: float32 SDPA over one query (a decoding step) and over a block of queries with a
+    tree mask (verification) sums the same products in different orders, so a row's output
+    can differ in its last bit. A model that quantizes activations per token turns such a
+    bit, now and then, into a different int8 / fp8 code and a visibly different token, and
+    greedy speculation would leave the autoregressive output (embedded SmolLM2 in W8A8:
+    from the 40th token of one prompt). In float64 those order differences stay below
+    float32's rounding, so each row rounds to the same float32 value however it was
+    batched or masked."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    q64 = q.reshape(b, hkv, groups * t, d).double()  # GQA folded as in _sdpa: no K/V copies
+    scores = torch.matmul(q64, k.double().transpose(-1, -2)) * (d**-0.5)
+    if mask is not None:
+        mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.double())
+    return out.to(q.dtype).reshape(b, hq, t, d)
+
+
+def _float64_ok(ctx: KernelContext) -> tuple[bool, str]:
+    if not dict(ctx.extra).get("exact"):
+        return False, (
+            "only for a model that quantizes activations per token (asked with exact=True), "
+            "where attention's last bits decide codes"
+        )
+    if ctx.device.type != "cpu":
+        return False, f"float64 math is for the CPU, not {ctx.device.type}"
+    return True, "exact=True on the CPU: rows round the same however they are batched"
+
+
 register(
     "attention",
     KernelImpl("reference", 0, attention_reference, _always, is_reference=True),
 )
 register("attention", KernelImpl("sdpa", 10, attention_sdpa, _sdpa_ok))
+register("attention", KernelImpl("float64", 20, attention_float64, _float64_ok))
 
 
 # ------------------------------------------------------------------------------- linear

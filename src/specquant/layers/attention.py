@@ -88,9 +88,12 @@ class AttnMetadata:
 
 
 def select_attention(
-    device: torch.device, dtype: torch.dtype, override: str | None = None
+    device: torch.device, dtype: torch.dtype, override: str | None = None, *, exact: bool = False
 ) -> AttentionFn:
-    return select("attention", KernelContext(device, dtype), override).fn
+    """The attention kernel; `exact` asks for one whose rows do not depend on how many
+    queries run together or how they are masked (a target that quantizes activations, whose
+    verification must reproduce its decoding steps: kernels/builtin.attention_float64)."""
+    return select("attention", KernelContext(device, dtype, (("exact", exact),)), override).fn
 
 
 def merge_heads_for(

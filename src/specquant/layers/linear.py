@@ -159,6 +159,14 @@ class QLinear(nn.Module):
         )
 
 
+def quantizes_activations(module: nn.Module) -> bool:
+    """Whether any QLinear in `module` quantizes its input per token (W8A8, W4A8, FP8)."""
+    return any(
+        isinstance(m, QLinear) and m.spec is not None and m.spec.activations != "none"
+        for m in module.modules()
+    )
+
+
 def wants_mma_order(linear: Any, tokens: int) -> bool:
     """Whether `linear` reads `tokens` rows of x in its weights' mma K order: a QLinear or a
     prepared layer kernel that asks for it; anything else (a plain nn.Linear) never does."""
