@@ -132,10 +132,14 @@ def test_speculative_greedy_on_smollm2(smollm2: Any, method: str, drafters: str)
         )
 
 
-def test_speculative_greedy_on_smollm2_in_w8a8_keeps_the_autoregressive_tokens() -> None:
-    """Per-token int8 activations turn attention's last-bit differences between one query
-    and a verified block into different codes; in float32 SDPA this prompt's eagle2 and sps
-    output left the autoregressive one at token 39 (the target's attention is now exact)."""
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_speculative_greedy_on_smollm2_in_a8_formats_keeps_the_autoregressive_tokens(
+    fmt: str,
+) -> None:
+    """Per-token activation codes turn last-bit differences between one query and a verified
+    block into different codes. With float32 SDPA this prompt's eagle2 and sps output left
+    the autoregressive one at token 39 (W8A8), and with float32 sums of e4m3 products at
+    token 18 (FP8): the target's attention and fp8 sums are now exact."""
     from specquant.config import SpecConfig
     from specquant.engine.generator import Generator
     from specquant.quant.model import quantize_model
@@ -143,7 +147,7 @@ def test_speculative_greedy_on_smollm2_in_w8a8_keeps_the_autoregressive_tokens()
     from specquant.spec.factory import build_generator
 
     loaded = specquant.load(device="cpu", dtype="float32", max_seq_len=512).loaded
-    quantize_model(loaded.model, get_format("w8a8"))
+    quantize_model(loaded.model, get_format(fmt))
     loaded.model.prepare_kernels()
     engine = specquant.EngineConfig(device="cpu", max_seq_len=512)
     prompt = "Explain what a hash table is and give an example in Python."

@@ -1,14 +1,16 @@
 """Quantized linears on the CPU, prepared once per layer (`KernelImpl.prepare`).
 
 The arithmetic is qlinear_reference's, with its per-call work moved to load time: weight-only
-and fp8 formats keep their dequantized (fp8: decoded) weight in float32, so a call is one
-matmul, as for a dense layer; int8-activation formats keep their signed integer codes as int8
-and take the per-group integer products from torch's int8 GEMM (`torch._int_mm`, exact in
-int32 for K < 2^31 / 127^2) instead of float64 matmuls. Results equal the reference's bit for
-bit: the same float32 products, and exact integer sums scaled in the same float64 order.
+formats keep their dequantized weight in float32, so a call is one matmul, as for a dense
+layer; fp8 keeps its decoded e4m3 codes in float64, where their sums are exact; int8-activation
+formats keep their signed integer codes as int8 and take the per-group integer products from
+torch's int8 GEMM (`torch._int_mm`, exact in int32 for K < 2^31 / 127^2) instead of float64
+matmuls. Results equal the reference's bit for bit: the same float32 products, and exact sums
+scaled in the same order. Exact sums also make fp8 and int8 rows independent of the batch.
 
-Memory: a weight-only or fp8 layer holds a float32 copy of its weight (the size of the dense
-layer) next to its packed codes; layers whose copy would exceed MAX_DECODED_BYTES are refused
+Memory: a weight-only layer holds a float32 copy of its weight (the size of the dense layer),
+an fp8 layer a float64 one (twice that), next to its packed codes; layers whose copy would
+exceed MAX_DECODED_BYTES are refused
 (the registry then picks the reference, which decodes per call, and says why). An
 int8-activation layer holds its codes as int8 (8-bit per-channel codes: no copy). The copies
 are made by QLinear.prepare: call it again after changing a layer's device, dtype or tensors.
@@ -51,10 +53,11 @@ def _check(ctx: KernelContext) -> tuple[bool, str]:
         return False, "8-bit codes minus zero points do not fit int8"
     if spec.activations in ("none", "fp8") and "shape" in extra:
         n, k = extra["shape"]
-        if 4 * n * k > MAX_DECODED_BYTES:
+        kind, size = ("float64", 8) if spec.activations == "fp8" else ("float32", 4)
+        if size * n * k > MAX_DECODED_BYTES:
             return False, (
-                f"a float32 copy of this [{n}, {k}] weight would take {4 * n * k >> 20} MiB, over "
-                f"the {MAX_DECODED_BYTES >> 20} MiB per layer it allows"
+                f"a {kind} copy of this [{n}, {k}] weight would take {size * n * k >> 20} MiB, "
+                f"over the {MAX_DECODED_BYTES >> 20} MiB per layer it allows"
             )
     return True, "weights prepared once: float32 matmul, or torch's exact int8 GEMM"
 
@@ -93,11 +96,13 @@ def _prepared(t: dict[str, torch.Tensor], spec: Any) -> PreparedFn:
         return weight_only
 
     if spec.activations == "fp8":
-        wq, ws = t["qweight"].float(), t["scales"].float().T  # [N, K], [1, N]
+        # e4m3 values in float64, where their sums are exact (qlinear_reference)
+        wq, ws = t["qweight"].double(), t["scales"].float().T  # [N, K], [1, N]
 
         def fp8(x: Any, _t: Any, bias: torch.Tensor | None, _s: Any) -> torch.Tensor:
             xq, sx = activation_codes(x, "fp8")
-            return finish_qlinear((xq @ wq.T) * sx * ws, bias, x.dtype, x.shape)
+            exact = xq.double() @ wq.T
+            return finish_qlinear(exact.float() * sx * ws, bias, x.dtype, x.shape)
 
         return fp8
 

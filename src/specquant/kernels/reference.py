@@ -216,7 +216,11 @@ def qlinear_reference(
     spec: object,  # QuantSpec
 ) -> torch.Tensor:  # [..., N]
     """Dequantize-then-matmul for weight-only formats; exact integer arithmetic (in float64,
-    exact for |sums| < 2^53) for integer activations, as the hardware kernels compute it."""
+    exact for |sums| < 2^53) for integer activations, as the hardware kernels compute it;
+    exact e4m3 sums for fp8 (in float64: every e4m3 product is a multiple of 2^-18 below
+    2^18, so sums over K <= 2^17 need at most 53 bits). Exact sums make a row's output
+    independent of how many rows are computed together, which lossless speculation needs
+    where the next layer quantizes that output again."""
     from specquant.quant.pack import centered_codes, dequantize, group_scales
     from specquant.quant.spec import QuantSpec
 
@@ -231,7 +235,8 @@ def qlinear_reference(
         )
     xq, sx = activation_codes(x, spec.activations)
     if spec.activations == "fp8":
-        out = (xq @ t["qweight"].float().T) * sx * t["scales"].float().T
+        exact = xq.double() @ t["qweight"].double().T
+        out = exact.float() * sx * t["scales"].float().T
     else:
         q = centered_codes(t, spec).double()  # [N, K] integer codes minus zero points
         n, k = q.shape
