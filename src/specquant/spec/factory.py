@@ -38,15 +38,17 @@ SHIPPED = {
 
 
 def shipped_drafter(role: str, target: LoadedModel, given: str | None) -> str | None:
-    """The trained drafter for `role` when none was given and the target is the default."""
+    """The trained drafter for `role` when none was given and the target is the default, or
+    `specquant quantize` made it from the default (its base_model says so)."""
     if given is not None:
         return given
-    try:
-        from specquant.io.default_model import default_model_path
+    from specquant.io.default_model import EMBEDDED_BASE, default_model_path
 
+    try:
         is_default = target.path.resolve() == default_model_path().resolve()
     except FileNotFoundError:
         is_default = False
+    is_default = is_default or target.base_model == EMBEDDED_BASE
     path = SHIPPED[role]
     return str(path) if is_default and (path / "config.json").exists() else None
 
