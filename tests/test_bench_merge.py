@@ -280,3 +280,18 @@ def test_kernel_plot_draws_each_models_chains_and_ratios(tmp_path) -> None:
     assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no per-model timings"):
         P.plot(dict(report, summary={}, chains=[]), tmp_path / "none.png")
+
+
+def test_cpu_spec_quant_report_compares_each_target_with_its_own_and_the_dense_ar() -> None:
+    import cpu_spec_quant as C
+
+    def row(target: str, method: str, tok_s: float, same: bool = True) -> dict[str, object]:
+        return dict(target=target, method=method, tok_s=tok_s, accept=2.0, same_tokens=same)
+
+    report = dict(cpu="x86_64 (2 threads)", torch="t", date="d", commit="c", prompts=6,
+                  new_tokens=64, rows=[row("dense", "ar", 30.0), row("dense", "sps", 15.0),
+                                       row("w8a8", "ar", 40.0),
+                                       row("w8a8", "eagle2", 50.0, False)])  # fmt: skip
+    lines = C.markdown(report)
+    assert "| dense | sps | 15.0 | 0.50x | 0.50x | 2.00 | yes |" in lines
+    assert "| w8a8 | eagle2 | 50.0 | 1.25x | 1.67x | 2.00 | NO |" in lines
