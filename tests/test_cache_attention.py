@@ -207,7 +207,8 @@ def _tree_case(seed: int) -> tuple[torch.Tensor, ...]:
 def test_float64_attention_rows_do_not_depend_on_the_block_they_run_in() -> None:
     """Each node's row of a verified tree equals, bit for bit, the row a decoding step
     computes for that token alone over the prefix and its ancestors (contiguous, no mask):
-    what greedy speculation on an activation-quantized target relies on."""
+    what greedy speculation on an activation-quantized target relies on. (float64's own
+    order differences could in principle reach float32's rounding: about 1e-9 per value.)"""
     from specquant.kernels.builtin import attention_float64
 
     for seed in range(3):
@@ -220,6 +221,37 @@ def test_float64_attention_rows_do_not_depend_on_the_block_they_run_in() -> None
             alone = attention_float64(q[:, :, i : i + 1], keys, vals, None)
             assert torch.equal(alone[:, :, 0], block[:, :, i]), (seed, i)
         assert torch.allclose(block, attention_reference(q, k, v, mask), atol=1e-5)
+
+
+def test_the_runner_asks_for_exact_attention_per_block(tiny: LoadedModel) -> None:
+    """Decoding steps and verified blocks of an activation-quantized model run exact
+    attention, prompts the fast kernel; a model quantized after its runner was built too."""
+    from specquant.engine.runner import ModelRunner
+    from specquant.kernels.builtin import attention_float64
+    from specquant.quant.model import quantize_model
+    from specquant.quant.spec import get_format
+
+    runner = ModelRunner(tiny.model, 64)
+    assert runner.attention() is attention_sdpa  # dense
+    quantize_model(tiny.model, get_format("w8a8"))
+    tiny.model.prepare_kernels()
+    assert runner.attention() is attention_float64
+    assert runner.attention(prefill=True) is attention_sdpa
+    seen = []
+    runner._exact_attn = lambda *a: seen.append("exact") or attention_float64(*a)
+    runner._fast_attn = lambda *a: seen.append("fast") or attention_sdpa(*a)
+    runner.sync([5, 6, 7])  # a prompt: one block per layer
+    runner.run(torch.tensor([8, 9]))  # a verified chain
+    n = tiny.config.num_layers
+    assert seen == ["fast"] * n + ["exact"] * n
+
+
+def test_exact_attention_can_be_named_for_any_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specquant.kernels.builtin import attention_float64
+    from specquant.layers.attention import select_attention
+
+    monkeypatch.setenv("SPECQUANT_KERNEL_ATTENTION", "float64")
+    assert select_attention(CPU, torch.float32) is attention_float64  # no exact=True asked
 
 
 def test_exact_attention_is_chosen_for_activation_quantized_targets_on_the_cpu() -> None:

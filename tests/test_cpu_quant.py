@@ -80,18 +80,24 @@ def test_a_layer_moved_without_prepare_falls_back_to_the_reference() -> None:
 def test_layers_too_large_to_decode_stay_on_the_reference(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Weight-only and fp8 layers whose float32 copy would exceed MAX_DECODED_BYTES are
-    refused with the reason, so the registry picks the reference (which decodes per call);
-    int8 codes take one byte per weight and are always kept."""
+    """Weight-only layers whose float32 copy, and fp8 layers whose float64 copy, would
+    exceed MAX_DECODED_BYTES are refused with the reason, so the registry picks the
+    reference (which decodes per call); int8 codes take one byte per weight and are always
+    kept."""
     from specquant.kernels import cpu_quant
 
     spec = get_format(name)
-    monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", 32 * 256 * 4 - 1)
+    copy = 8 if spec.activations == "fp8" else 4  # bytes per weight of the kept copy
+    monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", 32 * 256 * copy - 1)
     ctx = KernelContext(torch.device("cpu"), torch.float32, (("spec", spec), ("shape", (32, 256))))
     ok, why = cpu_quant._check(ctx)
     assert ok == (name == "w8a8"), why
     if not ok:
-        assert "[32, 256] weight would take 0 MiB, over the 0 MiB" in why
+        kind = "float64" if copy == 8 else "float32"
+        assert f"a {kind} copy of this [32, 256] weight would take 0 MiB, over the 0 MiB" in why
+    if copy == 8:  # the float32 size fits: only counting 8 bytes refuses it
+        monkeypatch.setattr(cpu_quant, "MAX_DECODED_BYTES", 32 * 256 * 4)
+        assert not cpu_quant._check(ctx)[0]
     layer = QLinear(256, 32)
     layer.load_quantized_(spec, quantize_rtn(torch.randn(32, 256), spec))
     want = "cpu-prepared" if name == "w8a8" else "reference"

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from specquant.config import ConfigError, ModelConfig
-from specquant.layers.attention import AttnMetadata, select_attention
+from specquant.layers.attention import AttentionFn, AttnMetadata, select_attention
 from specquant.layers.linear import quantizes_activations
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
@@ -67,9 +67,8 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.cache = model.new_cache(max_seq_len)
         self.rope = RopeTable(self.config, max_seq_len, self.device, self.dtype)
-        # a target that quantizes activations needs attention rows that do not depend on
-        # the block they run in, or verification would not reproduce its decoding steps
-        self.attn_fn = select_attention(self.device, self.dtype, exact=quantizes_activations(model))
+        self._fast_attn = select_attention(self.device, self.dtype)
+        self._exact_attn: AttentionFn | None = None
         self.ids: list[int] = []
         self.features = features
         self.feats: torch.Tensor | None = None
@@ -84,6 +83,19 @@ class ModelRunner:
         return len(self.ids)
 
     # ---------------------------------------------------------------- compute
+    def attention(self, prefill: bool = False) -> AttentionFn:
+        """The attention kernel for a block. Decoding steps and verified blocks of a model
+        that quantizes activations get exact attention (kernels/builtin.attention_float64):
+        rows that do not depend on the block, or verification would not reproduce the
+        decoding steps. Asked per block, so a model quantized after this runner was built
+        gets it too. A prompt's prefill runs the same blocks with or without speculation,
+        so it keeps the fast kernel."""
+        if prefill or not quantizes_activations(self.model):
+            return self._fast_attn
+        if self._exact_attn is None:
+            self._exact_attn = select_attention(self.device, self.dtype, exact=True)
+        return self._exact_attn
+
     def run(
         self,
         tokens: torch.Tensor,  # [T] int64 on self.device
@@ -91,6 +103,7 @@ class ModelRunner:
         block_mask: torch.Tensor | None = None,  # [T, T] bool; None = causal
         depth: torch.Tensor | None = None,  # [T] offsets from the prefix end; None = arange
         last_only: bool = False,
+        prefill: bool = False,  # a prompt's tokens (sync), not a decoding step or a draft
     ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T or 1, V], features [T, F]
         """Forward a block after the committed prefix; its K/V are written, not committed."""
         t = tokens.shape[0]
@@ -107,7 +120,7 @@ class ModelRunner:
             positions=positions,
             block_mask=block_mask,
             sliding_window=self.config.sliding_window,
-            attn_fn=self.attn_fn,
+            attn_fn=self.attention(prefill),
         )
         index = torch.tensor([t - 1], device=self.device) if last_only else None
         layers = self.features if isinstance(self.features, tuple) else ()
@@ -162,7 +175,9 @@ class ModelRunner:
         logits = None
         for start in range(0, len(pending), PREFILL_CHUNK):
             chunk = pending[start : start + PREFILL_CHUNK]
-            out, hidden = self.run(torch.tensor(chunk, device=self.device), last_only=True)
+            out, hidden = self.run(
+                torch.tensor(chunk, device=self.device), last_only=True, prefill=True
+            )
             self.commit(chunk, hidden)
             logits = out[-1]
         return logits

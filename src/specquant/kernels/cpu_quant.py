@@ -33,8 +33,9 @@ from specquant.kernels.reference import (
 from specquant.kernels.registry import KernelContext, KernelImpl, register
 
 PRIORITY = 10  # above the reference (0), below GPU kernels
-# Weight-only and fp8 layers keep a float32 copy of their weight; one larger than this stays on
-# the reference (which decodes per call), so a 7B 4-bit model still fits in CPU memory.
+# Weight-only layers keep a float32 copy of their weight and fp8 ones a float64 copy; one
+# larger than this stays on the reference (which decodes per call), so a 7B 4-bit model still
+# fits in CPU memory.
 MAX_DECODED_BYTES = 64 << 20
 
 PreparedFn = Callable[..., torch.Tensor]  # (x, tensors, bias, spec) -> y, as KernelImpl.fn
@@ -59,7 +60,10 @@ def _check(ctx: KernelContext) -> tuple[bool, str]:
                 f"a {kind} copy of this [{n}, {k}] weight would take {size * n * k >> 20} MiB, "
                 f"over the {MAX_DECODED_BYTES >> 20} MiB per layer it allows"
             )
-    return True, "weights prepared once: float32 matmul, or torch's exact int8 GEMM"
+    return True, (
+        "weights prepared once: float32 matmul (weight-only), exact float64 sums (fp8), or "
+        "torch's exact int8 GEMM"
+    )
 
 
 def _unprepared(*args: Any) -> torch.Tensor:

@@ -217,10 +217,12 @@ def qlinear_reference(
 ) -> torch.Tensor:  # [..., N]
     """Dequantize-then-matmul for weight-only formats; exact integer arithmetic (in float64,
     exact for |sums| < 2^53) for integer activations, as the hardware kernels compute it;
-    exact e4m3 sums for fp8 (in float64: every e4m3 product is a multiple of 2^-18 below
-    2^18, so sums over K <= 2^17 need at most 53 bits). Exact sums make a row's output
-    independent of how many rows are computed together, which lossless speculation needs
-    where the next layer quantizes that output again."""
+    on the CPU, exact e4m3 sums for fp8 (in float64: every e4m3 product is a multiple of
+    2^-18 below 2^18, so sums over K <= 2^17 need at most 53 bits). Exact sums make a row's
+    output independent of how many rows are computed together, which lossless speculation
+    needs where the next layer quantizes that output again. (On a GPU without FP8 the fp8
+    fallback sums in float32: float64 is slow there, and the GPU paths promise no batch
+    invariance.)"""
     from specquant.quant.pack import centered_codes, dequantize, group_scales
     from specquant.quant.spec import QuantSpec
 
@@ -235,8 +237,9 @@ def qlinear_reference(
         )
     xq, sx = activation_codes(x, spec.activations)
     if spec.activations == "fp8":
-        exact = xq.double() @ t["qweight"].double().T
-        out = exact.float() * sx * t["scales"].float().T
+        wide = torch.float64 if xq.device.type == "cpu" else torch.float32
+        sums = xq.to(wide) @ t["qweight"].to(wide).T
+        out = sums.float() * sx * t["scales"].float().T
     else:
         q = centered_codes(t, spec).double()  # [N, K] integer codes minus zero points
         n, k = q.shape
