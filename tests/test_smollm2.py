@@ -132,6 +132,7 @@ def test_speculative_greedy_on_smollm2(smollm2: Any, method: str, drafters: str)
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
 def test_speculative_greedy_on_smollm2_in_a8_formats_keeps_the_autoregressive_tokens(
     fmt: str,
