@@ -90,7 +90,8 @@ class ModelRunner:
         decoding steps. Asked per block, so a model quantized after this runner was built
         gets it too. A prompt's prefill runs the same blocks with or without speculation,
         so it keeps the fast kernel."""
-        if prefill or not quantizes_activations(self.model):
+        # (exact attention is CPU-only: elsewhere skip the walk over the model's modules)
+        if prefill or self.device.type != "cpu" or not quantizes_activations(self.model):
             return self._fast_attn
         if self._exact_attn is None:
             self._exact_attn = select_attention(self.device, self.dtype, exact=True)
