@@ -22,7 +22,7 @@ import torch
 
 from specquant.config import ConfigError, ModelConfig
 from specquant.layers.attention import AttentionFn, AttnMetadata, select_attention
-from specquant.layers.linear import quantizes_activations
+from specquant.layers.linear import QLinear, quantizes_activations
 from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel
 
@@ -69,6 +69,9 @@ class ModelRunner:
         self.rope = RopeTable(self.config, max_seq_len, self.device, self.dtype)
         self._fast_attn = select_attention(self.device, self.dtype)
         self._exact_attn: AttentionFn | None = None
+        # the model's linears, listed once: walking all its modules per block took 0.4 ms
+        # (SmolLM2); their formats are read per block (quantizing works in place)
+        self._linears = [m for m in model.modules() if isinstance(m, QLinear)]
         self.ids: list[int] = []
         self.features = features
         self.feats: torch.Tensor | None = None
@@ -91,7 +94,7 @@ class ModelRunner:
         gets it too. A prompt's prefill runs the same blocks with or without speculation,
         so it keeps the fast kernel."""
         # (exact attention is CPU-only: elsewhere skip the walk over the model's modules)
-        if prefill or self.device.type != "cpu" or not quantizes_activations(self.model):
+        if prefill or self.device.type != "cpu" or not quantizes_activations(self._linears):
             return self._fast_attn
         if self._exact_attn is None:
             self._exact_attn = select_attention(self.device, self.dtype, exact=True)

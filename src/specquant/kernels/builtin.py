@@ -46,20 +46,26 @@ def attention_sdpa(
     return _sdpa(q, k, v, mask)
 
 
+def _fold_groups(
+    q: torch.Tensor, hkv: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # q [B, Hkv, G*T, D], the mask's rows G times
+    """GQA without copying K/V: query heads kv*G .. kv*G+G-1 share KV head kv, so fold them
+    into the query-length axis and tile the mask's query rows G times (per-sequence masks of
+    padded batches too: copying K/V per step would dominate batched decoding)."""
+    b, hq, t, d = q.shape
+    groups = hq // hkv
+    if mask is not None and groups > 1:
+        mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
+    return q.reshape(b, hkv, groups * t, d), mask
+
+
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    b, hq, t, d = q.shape
-    groups = hq // k.shape[1]
-    if groups > 1:
-        # GQA without copying K/V: query heads kv*G .. kv*G+G-1 share KV head kv, so fold
-        # them into the query-length axis ([B, Hkv, G*T, D]) and tile the mask's query rows
-        # G times (per-sequence masks of padded batches too: copying K/V per step would
-        # dominate batched decoding).
-        q = q.reshape(b, k.shape[1], groups * t, d)
-        if mask is not None:
-            mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(b, hq, t, d)
+    if q.shape[1] > k.shape[1]:
+        folded, mask = _fold_groups(q, k.shape[1], mask)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+        return out.reshape(q.shape)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -85,16 +91,12 @@ def attention_float64(
     it was batched or masked unless one lands within that distance of a float32 rounding
     boundary (about 1e-9 per value; none in the tests' or benchmarks' runs), and such a value
     would still have to move an activation code to change anything."""
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    groups = hq // hkv
-    q64 = q.reshape(b, hkv, groups * t, d).double()  # GQA folded as in _sdpa: no K/V copies
-    scores = torch.matmul(q64, k.double().transpose(-1, -2)) * (d**-0.5)
+    folded, mask = _fold_groups(q, k.shape[1], mask)
+    scores = torch.matmul(folded.double(), k.double().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     if mask is not None:
-        mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
         scores = scores.masked_fill(~mask, float("-inf"))
     out = torch.matmul(scores.softmax(-1), v.double())
-    return out.to(q.dtype).reshape(b, hq, t, d)
+    return out.to(q.dtype).reshape(q.shape)
 
 
 def _float64_ok(ctx: KernelContext) -> tuple[bool, str]:

@@ -159,11 +159,13 @@ class QLinear(nn.Module):
         )
 
 
-def quantizes_activations(module: nn.Module) -> bool:
-    """Whether any QLinear in `module` quantizes its input per token (W8A8, W4A8, FP8)."""
+def quantizes_activations(module: nn.Module | list[QLinear]) -> bool:
+    """Whether any QLinear in `module` (or in a list of them) quantizes its input per token
+    (W8A8, W4A8, FP8)."""
+    linears = module.modules() if isinstance(module, nn.Module) else module
     return any(
         isinstance(m, QLinear) and m.spec is not None and m.spec.activations != "none"
-        for m in module.modules()
+        for m in linears
     )
 
 

@@ -42,13 +42,9 @@ def shipped_drafter(role: str, target: LoadedModel, given: str | None) -> str | 
     `specquant quantize` made it from the default (its base_model says so)."""
     if given is not None:
         return given
-    from specquant.io.default_model import EMBEDDED_BASE, default_model_path
+    from specquant.io.default_model import EMBEDDED_BASE, base_model_id
 
-    try:
-        is_default = target.path.resolve() == default_model_path().resolve()
-    except FileNotFoundError:
-        is_default = False
-    is_default = is_default or target.base_model == EMBEDDED_BASE
+    is_default = EMBEDDED_BASE in (base_model_id(target.path), target.base_model)
     path = SHIPPED[role]
     return str(path) if is_default and (path / "config.json").exists() else None
 
