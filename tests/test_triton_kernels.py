@@ -401,7 +401,7 @@ def test_tiles_shrink_to_the_shared_memory_of_the_device() -> None:
         if Q.family_of(spec) is None:
             continue
         x_bytes = 1 if spec.activations != "none" else 2
-        w_bytes = 1 if spec.weight_bits == 8 else x_bytes
+        w_bytes = Q.dot_bytes(spec, x_bytes)  # as the launcher counts it
         for _, _, cfg in Q.CONFIGS[Q.tile_key(spec)]:
             assert Q.fit_shared(cfg, w_bytes, x_bytes, hopper) is cfg, (name, cfg)
     big = Q.TileConfig(128, 128, 256, 8, 3)

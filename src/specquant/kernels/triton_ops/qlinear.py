@@ -25,6 +25,7 @@ capturing CUDA graphs, and do not run two split-K launches concurrently on one d
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import torch
@@ -461,33 +462,33 @@ def fit_shared(cfg: TileConfig, w_bytes: float, x_bytes: int, limit: int) -> Til
     return cfg
 
 
-_SHARED: dict[int, int] = {}
+def dot_bytes(spec: Any, x_bytes: int) -> int:
+    """Bytes per weight element as the dot reads it: 8-bit codes as stored, 4-bit codes
+    unpacked to x's width (int8 with A8)."""
+    return 1 if spec.weight_bits == 8 else x_bytes
 
 
 def _shared_limit(device: torch.device) -> int:
     """Shared memory one program may take on `device` (opt-in maximum)."""
     if INTERPRET or device.type != "cuda":
         return 1 << 30
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SHARED:
-        props = torch.cuda.get_device_properties(index)
-        _SHARED[index] = int(getattr(props, "shared_memory_per_block_optin", 1 << 30))
-    return _SHARED[index]
+    return int(getattr(_props(device), "shared_memory_per_block_optin", 1 << 30))
 
 
 def _num_sms(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4  # small, so that the interpreter tests exercise split-K
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _props(device).multi_processor_count
 
 
-_SM_COUNTS: dict[int, int] = {}
+def _props(device: torch.device) -> Any:
+    """The CUDA device's properties, read once per device (launches ask on every call)."""
+    return _props_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _sm_count(index: int) -> int:
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+@cache
+def _props_of(index: int) -> Any:
+    return torch.cuda.get_device_properties(index)
 
 
 def choose_split_k(tiles: int, k_blocks: int, sms: int, waves: int = 1) -> int:
@@ -548,9 +549,8 @@ def qlinear(
         return out.view(*lead, n)
 
     cfg = config or config_for(tile_key(spec), m, n * k)
-    # the dot's operands: 4-bit weights unpacked to x's width (int8 with A8), 8-bit as stored
     x_bytes = a.element_size()
-    cfg = fit_shared(cfg, 1 if spec.weight_bits == 8 else x_bytes, x_bytes, _shared_limit(a.device))
+    cfg = fit_shared(cfg, dot_bytes(spec, x_bytes), x_bytes, _shared_limit(a.device))
     group = 0 if spec.group_size == -1 else spec.group_size
     block_k = block_k_for(cfg, group)
     k_blocks = triton.cdiv(k, block_k)
