@@ -37,6 +37,8 @@ CANDIDATES: dict[int, list[F.FragConfig]] = {
     + [_C(bn, bk, w, 4, 1, s) for bn, bk, w in [(128, 256, 4), (64, 256, 2), (64, 128, 2)]
        for s in (1, 3)]
     + [_C(128, 128, 4, 1, 1, 4)]
+    # more splits, since the fix-up reads four splits per L2 round trip (it read one)
+    + [_C(128, 128, 4, 8, 1, s) for s in (1, 3)] + [_C(64, 128, 2, 8, 1, 3)]
     # programmatic dependent launch: each launch starts while the one before runs (with a
     # ring it copies its first weight tiles meanwhile; time_graph replays one kernel back
     # to back)

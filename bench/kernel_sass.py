@@ -255,14 +255,36 @@ def opcodes(lines: list[str], modifiers: bool = False) -> collections.Counter[st
     return collections.Counter(m.group(1) for m in found if m)
 
 
+def fix_up_loads(sass: str) -> tuple[int, int]:
+    """(loads of partial sums per trip of the split-K fix-up's loop, trips' loop count): the
+    fix-up lies between the arrival's atomic add and the counter's reset; each trip of its
+    loop waits for one L2 round trip, so more loads per trip means fewer round trips. (0, 0)
+    without a split-K fix-up; (all its loads, 0) where it is unrolled into no loop."""
+    start, end = sass.find("ATOMG.E.ADD"), sass.find("ATOMG.E.EXCH")
+    if start < 0 or end < 0:
+        return 0, 0
+    region = sass[start:end]
+    loads = len(re.findall(r"\bLDG\.E\S*\.STRONG\.GPU\b", region))
+    try:
+        body = loop_histogram(region)
+    except RuntimeError:  # unrolled
+        return loads, 0
+    return sum(n for op, n in body.items() if op == "LDG"), 1
+
+
 def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
-    """The K loop's instruction count per weight, its opcodes, and the resource line."""
+    """The K loop's instruction count per weight, its opcodes, the split-K fix-up's loads
+    per L2 round trip, and the resource line."""
     ops = loop_histogram(sass)
     total, per_thread = sum(ops.values()), weights / threads
     print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
           f"{per_thread:.0f} weights per thread, {total / per_thread:.2f} instructions per "
           "weight")  # fmt: skip
     print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    per_trip, looped = fix_up_loads(sass)
+    if per_trip:
+        how = "per trip of its loop" if looped else "unrolled, all at once"
+        print(f"split-K fix-up: {per_trip} loads of partial sums {how}")
     print(res)
 
 

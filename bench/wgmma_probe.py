@@ -53,7 +53,13 @@ _PERM = [_C(128, 128, 8, 4, 1, True, x_perm=True, maxnreg=128),
          _C(128, 128, 4, 3, 1, True, x_perm=True),
          _C(256, 128, 16, 4, 1, True, x_perm=True),
          _C(256, 128, 16, 3, x_perm=True)]  # fmt: skip
-CANDIDATES = [*_PRIOR, *_PERM]
+# more programs for the layers of few output tiles (qkv, o, down): one warpgroup per
+# program and K split until two or four of them share each SM
+_MORE = [_C(64, 128, 4, 3, 2, True, x_perm=True, maxnreg=128),
+         _C(64, 128, 4, 4, 2, True, x_perm=True, maxnreg=128),
+         _C(64, 128, 4, 3, 4, True, x_perm=True, maxnreg=128),
+         _C(128, 128, 8, 3, 2, True, x_perm=True, maxnreg=128)]  # fmt: skip
+CANDIDATES = [*_PRIOR, *_PERM, *_MORE]
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _C(256, 128, 8, 3),
            _C(128, 128, 4, 3, 1, True), _C(128, 128, 8, 4, 1, True, True),
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),

@@ -4,6 +4,7 @@ results against the dequantize-and-matmul reference on the GPU."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -103,6 +104,19 @@ def test_kernel_compiles_for_sm90_in_few_instructions_per_weight(tile, group, mo
     canonical kernel: 3.8), with one mma per 16 x 16 weights per 8 tokens on top for more;
     and nothing spills to local memory."""
     compiled_loop(["--fragment", tile, "--group", str(group)], most)
+
+
+@pytest.mark.parametrize(
+    ("tile", "split_k", "least"), [("128,128,8,4", 16, 32), ("64,128,8,2", 8, 32)]
+)
+def test_split_k_fix_up_reads_several_splits_per_round_trip(tile, split_k, least) -> None:
+    """The program that arrives last adds the other splits' partial sums, each an L2 round
+    trip. At one token (8 sums per thread per split) it loads four splits per trip of its
+    loop: 8B's down_proj runs 16 splits, and one split per trip (8 loads) made its fix-up 15
+    round trips long. Offline SASS, no spills (compiled_loop checks)."""
+    out = compiled_loop(["--fragment", tile, "--split-k", str(split_k)], 2.2)
+    found = re.search(r"split-K fix-up: (\d+) loads of partial sums", out)
+    assert found and int(found.group(1)) >= least, out
 
 
 @pytest.mark.parametrize(("tile", "copies"), [("128,128,8,4,1,1", 0), ("128,128,8,4,1,3", 8)])

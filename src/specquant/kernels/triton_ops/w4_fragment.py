@@ -292,13 +292,16 @@ def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr
         if arrived == SPLIT_K - 1:  # last to arrive: add the splits in a fixed order
             _cta_barrier()
             total = gl.load(ws_ptr + offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            # Each split is an L2 round trip: load CHUNK splits at once (about 32 more
+            # registers per thread), then add them in order. One split per iteration left
+            # the fix-up of a 16-way split 15 round trips long; unrolling all of them made
+            # ptxas hold every split's sums at once and spill them.
             per_thread: gl.constexpr = acc.shape[0] * acc.shape[1] // (32 * gl.num_warps())
-            if per_thread * (SPLIT_K - 1) <= 64:  # unrolled: all loads in flight at once
-                for s in gl.static_range(1, SPLIT_K):
-                    total += _partial(ws_ptr, s * M * N + offs, mn_mask)
-            else:  # unrolled, ptxas would hold every split's sums at once and spill them
-                for s in range(1, SPLIT_K):
-                    total += _partial(ws_ptr, s * M * N + offs, mn_mask)
+            CHUNK: gl.constexpr = 1 + 31 // per_thread
+            for s0 in range(1, SPLIT_K, CHUNK):
+                for u in gl.static_range(CHUNK):  # past the last split: masked, adds +0.0
+                    total += _partial(ws_ptr, (s0 + u) * M * N + offs,
+                                      mn_mask & (s0 + u < SPLIT_K))  # fmt: skip
             gl.atomic_xchg(lock_ptr + tile, 0)
             _epilogue(
                 total, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om, GROUP, HAS_BIAS
