@@ -49,7 +49,7 @@ def launcher(kernel: str, fmt: str, n: int, k: int, m: int, config: str | None):
     if kernel == "frag":
         cfg = F.FragConfig(*fields) if fields else F.frag_config(m, n * k)
         return lambda: F.fragment_linear(x, frag, t["scales"], None, group, config=cfg)
-    cfg = W.WgmmaConfig(*fields) if fields else W.wgmma_config(m, n * k)
+    cfg = W.WgmmaConfig(*fields) if fields else W.wgmma_config(m, n, k)
     if cfg is None:
         raise SystemExit(f"WGMMA_CONFIGS has no config for M={m}, N*K={n * k}; pass --config")
     return lambda: W.wgmma_linear(x, frag, t["scales"], None, group, cfg)

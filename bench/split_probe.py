@@ -39,7 +39,7 @@ def timings(fmt: str, models: list[str], ms: list[int], deadline: float) -> list
             ws, _ = weights(fmt, n, k, gen)
             frags = [F.prepare_fragments(w["qweight"]) for w in ws]
             for m in ms:
-                cfg = W.wgmma_config(m, n * k)
+                cfg = W.wgmma_config(m, n, k)
                 if cfg is None or time.time() > deadline:
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -64,13 +64,24 @@ def test_split_k_fix_up_does_not_spill_at_64_tokens(tile, split_k) -> None:
 def test_tile_table_and_bad_configs() -> None:
     from specquant.kernels.triton_ops import w4_wgmma as W
 
-    assert W.wgmma_config(8, 1 << 20) is None  # not a bucket: the fragment kernel's
-    assert W.wgmma_config(16, 16 << 20) is None  # small layers at 16 tokens: canonical
-    assert W.wgmma_config(17, 16 << 20) == W.WGMMA_CONFIGS[32][0][1]
-    assert W.wgmma_config(128, 1 << 40) == W.WGMMA_CONFIGS[128][-1][1]
+    assert W.wgmma_config(8, 1024, 1024) is None  # not a bucket: the fragment kernel's
+    assert W.wgmma_config(16, 4096, 4096) is None  # small layers at 16 tokens: canonical
+    assert W.wgmma_config(17, 2048, 4096) == W.WGMMA_CONFIGS[32][0][1]
+    assert W.wgmma_config(128, 1 << 20, 1 << 20) == W.WGMMA_CONFIGS[128][-1][1]
     # prefill: one bucket for every count past 128
-    assert W.wgmma_config(129, 1 << 40) == W.wgmma_config(4096, 1 << 40)
-    assert W.wgmma_config(129, 1 << 40) == W.WGMMA_CONFIGS[W.PREFILL][-1][1] is not None
+    assert W.wgmma_config(129, 1 << 20, 1 << 20) == W.wgmma_config(4096, 1 << 20, 1 << 20)
+    assert W.wgmma_config(129, 1 << 20, 1 << 20) == W.WGMMA_CONFIGS[W.PREFILL][-1][1] is not None
+    # a shape of its own in the buckets it was tuned for, its size class's config elsewhere
+    # and where that class runs another kernel
+    assert W.wgmma_config(64, 4096, 14336) == W.SHAPE_CONFIGS[(4096, 14336)][64]
+    assert W.wgmma_config(64, 4096, 14464) == W.WGMMA_CONFIGS[64][1][1]  # same class
+    assert W.wgmma_config(33, 4096, 4096) == W.SHAPE_CONFIGS[(4096, 4096)][64]
+    assert W.wgmma_config(128, 4096, 14336) == W.WGMMA_CONFIGS[128][1][1]
+    assert W.wgmma_config(16, 4096, 4096) is None
+    for (n, k), rows in W.SHAPE_CONFIGS.items():
+        for bucket, cfg in rows.items():
+            W.check_config(cfg)
+            assert bucket in W.WGMMA_CONFIGS, (n, k, bucket)
     assert [W.token_tile(m) for m in (1, 8, 9, 16, 33, 64, 65, 500)] == [8, 8, 16, 16, 64, 64,
                                                                         64, 64]  # fmt: skip
     for cfg, match in [
@@ -154,7 +165,7 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     live = {"qweight": qweight, "scales": scales}
     asked = []
     for m in (1, 9, 33, 64, 100, 300):
-        cfg = W.wgmma_config(m, n * k) if F.frag_config(m, n * k) is None else None
+        cfg = W.wgmma_config(m, n, k) if F.frag_config(m, n * k) is None else None
         assert layer.takes_mma_order(m) == bool(cfg and cfg.x_perm), m
         asked.append(layer.takes_mma_order(m))
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -162,3 +173,34 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
         got = layer(MmaOrderActivations(to_mma_order(x)), live, None, None)
         assert torch.equal(got, want), m
     assert any(asked) and not all(asked)
+
+
+@pytest.mark.cuda
+def test_every_shape_config_matches_the_reference_on_its_shape() -> None:
+    """Each SHAPE_CONFIGS entry runs at its own layer shape and bucket (both formats, x
+    handed over in mma order as the model does) and matches dequantize-and-matmul: these
+    configs split K more ways and use smaller programs than the shapes' size classes."""
+    if not _hopper():
+        pytest.skip("wgmma needs a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.quant.pack import dequantize
+    from specquant.quant.spec import get_format
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for (n, k), rows in W.SHAPE_CONFIGS.items():
+        qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen,
+                                dtype=torch.uint8)  # fmt: skip
+        frag = F.prepare_fragments(qweight)
+        for group in (128, 0):
+            g = 1 if group == 0 else k // group
+            scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
+            w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
+            for bucket, cfg in rows.items():
+                x = torch.randn(bucket - 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                assert W.wgmma_config(bucket - 1, n, k) == cfg
+                got = W.wgmma_linear(to_mma_order(x), frag, scales, None, group, cfg,
+                                     x_in_mma_order=True).float()  # fmt: skip
+                want = x.float() @ w.T
+                err = float((got - want).norm() / want.norm())
+                assert err < 8e-3, (n, k, bucket, group, err)

@@ -579,7 +579,8 @@ class FragForward:
     def __init__(self, frag: torch.Tensor, spec: Any, wgmma: bool):
         self.frag, self.spec, self.wgmma = frag, spec, wgmma
         self.group = 0 if spec.group_size == -1 else spec.group_size
-        self.weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
+        self.n, self.k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+        self.weights = self.n * self.k
 
     def _route(self, m: int) -> tuple[FragConfig | None, Any]:
         """(fragment config, wgmma config) for m tokens: at most one is set; neither means
@@ -589,7 +590,7 @@ class FragForward:
         cfg = frag_config(m, self.weights)
         if cfg is not None or not self.wgmma:
             return cfg, None
-        return None, wgmma_config(m, self.weights)
+        return None, wgmma_config(m, self.n, self.k)
 
     def route(self, m: int) -> str:
         """Which kernel runs m tokens: fragment, wgmma or canonical."""

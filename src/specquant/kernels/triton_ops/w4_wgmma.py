@@ -328,7 +328,8 @@ _W = WgmmaConfig
 # x the model hands over already in mma order). With no gather to pay, x_perm wins every
 # bucket from 16 tokens; two programs per SM (128 registers) win at 32 tokens in the
 # smallest and largest classes and from 64 tokens in all; the 16-warp configs and the
-# overlapping loop lost.
+# overlapping loop lost. Bucket 32 is wgmma_probe_a281c4d's (W4A16-g128 alone, 18 configs):
+# one warpgroup per program, K split until two programs share each SM, in three classes.
 # PREFILL, every count past 128, was timed at 256 and 512 tokens (wgmma_probe_prefill_0d42077
 # .json; per size class 0.56-0.71 of the canonical kernel's time over both formats) and on
 # 70B at 1024, the runner's prefill chunk (prefill_1024_bc7b3a6.md: 0.73 over both formats).
@@ -340,8 +341,8 @@ _P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
     16: _table(None, _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P)),
-    32: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P),
-               _W(64, 128, 4, 4, **_TWO)),
+    32: _table(_W(64, 128, 4, 3, 2, **_TWO), _W(64, 128, 4, 3, 2, **_TWO),
+               _W(128, 128, 4, 3, **_P), _W(64, 128, 4, 3, 2, **_TWO)),
     64: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
                _W(128, 128, 8, 3, **_TWO)),
     128: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
@@ -350,10 +351,27 @@ WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
                     _W(128, 128, 8, 4, **_TWO), _W(128, 128, 8, 3, **_TWO)),
 }  # fmt: skip
 
+# Per layer shape (N, K), the buckets where one config beat its size class's pick on that
+# layer by 5% or more (wgmma_probe_a281c4d: W4A16-g128 at 32 and 64 tokens on an H200; the
+# 32 row above is that probe's too, with one warpgroup per program and K split until two
+# share each SM). The layers with few output tiles (8B qkv, o, down; 70B qkv) want smaller
+# or more programs than the larger layers of their size class; other shapes take the table.
+SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WgmmaConfig]] = {
+    (6144, 4096): {64: _W(64, 128, 4, 3, 2, **_TWO)},  # Llama-3-8B qkv
+    (4096, 4096): {32: _W(64, 128, 4, 4, **_TWO),  # Llama-3-8B o
+                   64: _W(64, 128, 4, 3, x_perm=True, maxnreg=128)},
+    (4096, 14336): {64: _W(64, 128, 4, 4, **_TWO)},  # Llama-3-8B down
+    (10240, 8192): {32: _W(64, 128, 4, 3, 4, **_TWO),  # Llama-3-70B qkv
+                    64: _W(64, 128, 4, 3, 2, **_TWO)},
+}  # fmt: skip
 
-def wgmma_config(m: int, weights: int) -> WgmmaConfig | None:
-    """The tile config for `m` tokens and an N * K weight, or None: another kernel."""
-    return lookup(WGMMA_CONFIGS, m, weights)
+
+def wgmma_config(m: int, n: int, k: int) -> WgmmaConfig | None:
+    """The tile config for `m` tokens and an [N, K] weight (SHAPE_CONFIGS, else the size
+    class's in WGMMA_CONFIGS), or None: another kernel."""
+    cfg = lookup(WGMMA_CONFIGS, m, n * k)
+    bucket = min((b for b in WGMMA_CONFIGS if m <= b), default=None)
+    return SHAPE_CONFIGS.get((n, k), {}).get(bucket, cfg) if cfg is not None else None
 
 
 MIN_REGS = 64
