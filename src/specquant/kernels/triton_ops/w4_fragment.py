@@ -274,15 +274,6 @@ def _partial(ws_ptr, offs, mask):
 
 
 @gluon.jit
-def _group_scales(s_ptr, rn, n_mask, G, k, live, GROUP: gl.constexpr):
-    """The scales [BN] of rows rn in the group holding k (nothing read unless `live`). The K
-    loops load them early: the fragment kernel a tile ahead, the wgmma kernels (at their
-    register cap) at the top of the tile. Loaded at their use, each tile waited out the
-    load's latency (g128 took 1.4x per channel's time on 70B's down_proj at one token)."""
-    return gl.load(s_ptr + rn * G + k // GROUP, mask=n_mask & live, other=0)
-
-
-@gluon.jit
 def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
             SPLIT_K: gl.constexpr):  # fmt: skip
@@ -380,13 +371,8 @@ def _w4_fragment_kernel(
                            k_lo, s * BK, K_SPLIT)  # fmt: skip
     elif PDL:
         _gdc_wait()  # nothing is read or written before the kernel before has finished
-    if GROUP > 0:
-        gs_next = _group_scales(s_ptr, rn, n_mask, G, k_lo, True, GROUP)
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
-        if GROUP > 0:
-            gs = gs_next
-            gs_next = _group_scales(s_ptr, rn, n_mask, G, k0 + BK, kb + BK < K_SPLIT, GROUP)
         if STAGES > 1:
             i = kb // BK
             nxt = (i + STAGES - 1) % STAGES
@@ -404,6 +390,7 @@ def _w4_fragment_kernel(
             acc = gl.nvidia.ampere.mma_v2(a, b, acc)
         else:
             part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
+            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
 
     if STAGES > 1:

@@ -54,7 +54,6 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _copy_tile,
     _cta_barrier,
     _finish,
-    _group_scales,
     _out_index,
     _table,
     _unpack,
@@ -125,8 +124,6 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         slot = (kb // BK) % STAGES
-        if GROUP > 0:  # first, so that the tile's wait, unpacking and wgmma hide the load
-            gs = _group_scales(s_ptr, rn, n_mask, G, k0, True, GROUP)
         _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK, STAGES,
                    W_RING)  # fmt: skip
         if W_RING:
@@ -140,6 +137,7 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
             acc = warpgroup_mma(a, b, acc)
         else:
             part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
+            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
         if not W_RING:
             words = following

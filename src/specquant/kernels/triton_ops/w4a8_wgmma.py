@@ -45,7 +45,6 @@ from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_N,
     _bits,
     _finish,
-    _group_scales,
     _out_index,
     _table,
     _weight_ptrs,
@@ -217,8 +216,6 @@ def _w4a8_wgmma_kernel(
               True)  # fmt: skip
     for kb in range(0, K_SPLIT, BK):
         slot = (kb // BK) % STAGES
-        if GROUP > 0:  # first, so that the tile's wait, unpacking and wgmma hide the load
-            gs = _group_scales(s_ptr, rn, n_mask, G, k_lo + kb, True, GROUP)
         _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK, STAGES,
                    True)  # fmt: skip
         a = _operand_i8(w_ring.index(slot).load(BYTES), BN, BK, BYTES_MMA, AL)
@@ -227,6 +224,7 @@ def _w4a8_wgmma_kernel(
             acc = warpgroup_mma(a, b, acc)
         else:
             part = warpgroup_mma(a, b, gl.zeros([BN, BM], gl.int32, acc_l), use_acc=False)
+            gs = gl.load(s_ptr + rn * G + (k_lo + kb) // GROUP, mask=n_mask, other=0)
             acc += part.to(gl.float32) * gs.to(gl.float32)[:, None]
     async_copy.wait_group(0)  # no copy may land in shared memory after the loop
     c_ptr = cs_ptr if GROUP > 0 else s_ptr  # the per-channel level
