@@ -51,6 +51,9 @@ OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "
 # w4_fragment.max_m() tokens, on Hopper wgmma where w4_wgmma.WGMMA_CONFIGS has a config, else
 # the canonical-layout kernel); these rows time the canonical kernel at every M
 CANONICAL = ["w4a16-g128:canonical"]
+# on request (--formats) only: W4A16-g128 with its scales in group-major memory for the
+# fragment and wgmma kernels (w4_fragment.prepare_forward's group_major_scales)
+EXPERIMENTS = ["w4a16-g128:group-major"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
 HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)
@@ -130,16 +133,23 @@ def copies_for(size: int) -> int:
 
 
 # ------------------------------------------------------------------ implementations to time
-def model_linear(spec: QuantSpec, t: dict[str, Any], canonical: bool = False) -> Callable:
+def model_linear(spec: QuantSpec, t: dict[str, Any], variant: str = "") -> Callable:
     """x -> y as a QLinear of this format runs on the GPU: the kernel the registry picks,
-    prepared once (the fragment-order W4A16 kernel repacks its weights here)."""
+    prepared once (the fragment-order W4A16 kernel repacks its weights here). `variant`
+    "canonical": the canonical-layout kernel; "group-major": the fragment-order kernels with
+    group-major scales."""
     from specquant.kernels.registry import KernelContext, select
     from specquant.kernels.triton_ops.qlinear import qlinear
 
     n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if spec.weight_bits == 4 else 1)
     extra = (("spec", spec), ("shape", (n, k)))
     impl = select("qlinear", KernelContext(torch.device("cuda"), torch.bfloat16, extra))
-    if canonical or impl.prepare is None:
+    if variant == "group-major":
+        from specquant.kernels.triton_ops.w4_fragment import prepare_forward
+
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        return Prepared(prepare_forward(t, spec, hopper, group_major_scales=True), t, spec)
+    if variant == "canonical" or impl.prepare is None:
         return lambda x: qlinear(x, t, None, spec)
     return Prepared(impl.prepare(t, spec, torch.bfloat16), t, spec)
 
@@ -162,11 +172,11 @@ def ours(name: str, n: int, k: int, gen: torch.Generator, gemm_only: bool = Fals
     from specquant.kernels.reference import MmaOrderActivations, to_mma_order
     from specquant.kernels.triton_ops.act_quant import quantize_per_token
 
-    canonical = name.endswith(":canonical")
-    spec = FORMATS[name.removesuffix(":canonical")]
+    base, _, variant = name.partition(":")
+    spec = FORMATS[base]
     one = random_tensors(spec, n, k, gen)
     weights = [one] + [_clone(one) for _ in range(1, copies_for(nbytes(one)))]
-    fns = [model_linear(spec, w, canonical) for w in weights]
+    fns = [model_linear(spec, w, variant) for w in weights]
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         if gemm_only:
@@ -848,11 +858,11 @@ def main() -> None:
         merge(args.merge, args.out)
         return
     formats = [f for f in args.formats.split(",") if f]
-    unknown = [f for f in formats if f not in OURS + CANONICAL]
+    unknown = [f for f in formats if f not in OURS + CANONICAL + EXPERIMENTS]
     unknown += [b for b in args.baselines.split(",") if b and b not in BASELINES + HUMMING]
     if unknown:
-        raise SystemExit(f"unknown formats or baselines {unknown}; known: "
-                         f"{', '.join(OURS + CANONICAL + BASELINES + HUMMING)}")  # fmt: skip
+        known = OURS + CANONICAL + EXPERIMENTS + BASELINES + HUMMING
+        raise SystemExit(f"unknown formats or baselines {unknown}; known: {', '.join(known)}")
     buckets = [b for b in args.buckets.split(",") if b]
     if args.tune_only:
         if args.formats == ap.get_default("formats"):  # every format with a tile table

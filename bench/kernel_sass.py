@@ -134,7 +134,11 @@ def _compile_w4_gluon(
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = dict(pointers or W4A16_POINTERS)
-    sig.update({a: "i32" for a in ("M", "N", "K", "G", "K_SPLIT", "stride_xm", "stride_om")})
+    # W4A16 kernels take the scales' strides ([N, G] row-major: G, then 1, which Triton
+    # specializes to a constant as at run time); W4A8's its group count
+    scales = ("G",) if pointers else ("stride_sn",)
+    consts = consts if pointers else {**consts, "stride_sg": 1}
+    sig.update({a: "i32" for a in ("M", "N", "K", *scales, "K_SPLIT", "stride_xm", "stride_om")})
     sig.update({a: "constexpr" for a in consts})
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
                                                         "stride_om"]  # fmt: skip

@@ -133,6 +133,28 @@ def test_programmatic_dependent_launch_waits_before_x_and_after_the_first_weight
     assert want + "0 other global loads, stores or atomics before it" in out, out
 
 
+def test_scale_strides_take_both_memory_orders_and_refuse_strided_per_channel() -> None:
+    """The W4A16 kernels read scales [N, G] through their strides: row-major, or a view of
+    group-major memory (prepare_forward's group_major_scales copy, equal in value). Per
+    channel the epilogue reads [N] contiguously, so other strides are refused."""
+    from specquant.kernels.triton_ops.w4_fragment import prepare_forward, scale_strides
+    from specquant.quant.spec import get_format
+
+    s = torch.rand(256, 4)
+    assert scale_strides(s, 128) == (4, 1)
+    assert scale_strides(s.t().contiguous().t(), 128) == (1, 256)
+    assert scale_strides(torch.rand(256, 1), 0) == (1, 1)
+    with pytest.raises(ValueError, match=r"contiguous along N, not strides \(2, 1\)"):
+        scale_strides(torch.rand(256, 2)[:, :1], 0)
+    q = torch.randint(0, 256, (256, 256), dtype=torch.uint8)
+    t = {"qweight": q, "scales": torch.rand(256, 4)}
+    layer = prepare_forward(t, get_format("w4a16-g128"), group_major_scales=True)
+    assert layer.scales.stride() == (1, 256) and torch.equal(layer.scales, t["scales"])
+    assert prepare_forward(t, get_format("w4a16-g128")).scales is None
+    per_channel = {"qweight": q, "scales": torch.rand(256, 1)}
+    assert prepare_forward(per_channel, get_format("w4a16"), group_major_scales=True).scales is None
+
+
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -160,6 +182,7 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
     if torch.cuda.get_device_capability()[0] >= 9:  # programmatic dependent launch
         configs += [(FragConfig(32, 128, 2, stages=3, pdl=True), 2),
                     (FragConfig(128, 256, 4, pdl=True), 1)]  # fmt: skip
+    group_major = scales.t().contiguous().t()
     for m in (1, 3, 8, 9, 16, 17, 33, 64, 100):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen)
@@ -170,6 +193,9 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
             want = _reference(x, q, scales, bias)
             err = float((y.float() - want).norm() / want.norm())
             assert err < 8e-3, (m, cfg, split, err)
+            # the same scales in group-major memory: the same arithmetic, the same bits
+            again = fragment_linear(x, frag, group_major, bias, group, config=cfg, split_k=split)
+            assert torch.equal(again, y), (m, cfg, split)
 
 
 @pytest.mark.cuda

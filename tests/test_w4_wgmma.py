@@ -133,9 +133,12 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
                     W.WgmmaConfig(128, 256, 8, 3, 1, True, x_perm=True),
                     W.WgmmaConfig(128, 128, 8, 4, 2, True, maxnreg=128)):  # fmt: skip
             for split in (None, 2):
-                got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split).float()
-                err = float((got - want).norm() / want.norm())
+                got = W.wgmma_linear(x, frag, scales, bias, group, cfg, split)
+                err = float((got.float() - want).norm() / want.norm())
                 assert err < 8e-3, (m, cfg, split, err)
+                # scales in group-major memory: the same arithmetic, the same bits
+                gm = scales.t().contiguous().t()
+                assert torch.equal(W.wgmma_linear(x, frag, gm, bias, group, cfg, split), got)
             if cfg.x_perm:  # x written in mma order by its producer: the same result
                 given = to_mma_order(x)
                 again = W.wgmma_linear(given, frag, scales, bias, group, cfg, x_in_mma_order=True)
@@ -149,7 +152,8 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
 def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     """FragForward (the W4A16 layer kernel on Hopper) asks for mma order exactly where its
     wgmma config has x_perm, and gives the same output for mma-ordered and plain input at
-    every token count (where it did not ask, it restores feature order itself)."""
+    every token count (where it did not ask, it restores feature order itself); with its
+    scales in group-major memory too."""
     if not _hopper():
         pytest.skip("wgmma needs a Hopper GPU")
     from specquant.kernels.reference import MmaOrderActivations
@@ -163,6 +167,7 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     scales = torch.rand(n, k // 128, device="cuda", generator=gen) * 0.02 + 1e-3
     layer = F.prepare_forward({"qweight": qweight}, get_format("w4a16-g128"), wgmma=True)
     live = {"qweight": qweight, "scales": scales}
+    gm = F.prepare_forward(live, get_format("w4a16-g128"), wgmma=True, group_major_scales=True)
     asked = []
     for m in (1, 9, 33, 64, 100, 300):
         cfg = W.wgmma_config(m, n, k) if F.frag_config(m, n * k) is None else None
@@ -172,6 +177,7 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
         want = layer(x, live, None, None)
         got = layer(MmaOrderActivations(to_mma_order(x)), live, None, None)
         assert torch.equal(got, want), m
+        assert torch.equal(gm(x, live, None, None), want), m  # group-major scales
     assert any(asked) and not all(asked)
 
 

@@ -312,12 +312,12 @@ def _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr
 def _w4_fragment_kernel(
     x_ptr,  # [M, K] bf16 / fp16
     w_ptr,  # int16 [N/16, K/128, 512] fragment atoms
-    s_ptr,  # fp32 [N, G] scales
+    s_ptr,  # fp32 [N, G] scales, strides (stride_sn, stride_sg)
     b_ptr,  # [N] bias (HAS_BIAS)
     out_ptr,  # [M, N]
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
     lock_ptr,  # int32 arrival counter per output tile, zero between launches
-    M, N, K, G, K_SPLIT, stride_xm, stride_om,
+    M, N, K, stride_sn, stride_sg, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     WARPS_M: gl.constexpr, STAGES: gl.constexpr,
@@ -390,7 +390,7 @@ def _w4_fragment_kernel(
             acc = gl.nvidia.ampere.mma_v2(a, b, acc)
         else:
             part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
-            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
+            gs = gl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
 
     if STAGES > 1:
@@ -524,10 +524,20 @@ def plan_grid(
     return Grid(block_k, (k_blocks // split_k) * block_k, split_k, n_tiles, m_tiles, ws, locks)
 
 
+def scale_strides(scales: torch.Tensor, group: int) -> tuple[int, int]:
+    """(stride along N, stride along the groups) of fp32 [N, G] scales as the W4A16 kernels
+    read them: row-major [N, G] or a view of group-major [G, N] memory (Marlin's order,
+    where a K tile's scales are contiguous). Per channel, the epilogue reads them as [N]."""
+    if group == 0 and scales.shape[0] > 1 and scales.stride(0) != 1:
+        raise ValueError(f"per-channel scales [N, 1] must be contiguous along N, not strides "
+                         f"{tuple(scales.stride())}")  # fmt: skip
+    return scales.stride(0), scales.stride(1)
+
+
 def fragment_linear(
     x: torch.Tensor,  # [..., K] bf16 / fp16
     frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
-    scales: torch.Tensor,  # fp32 [N, G]
+    scales: torch.Tensor,  # fp32 [N, G] (any strides scale_strides takes)
     bias: torch.Tensor | None,
     group: int,  # 0: per channel
     config: FragConfig | None = None,
@@ -554,7 +564,7 @@ def fragment_linear(
     lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps, warps_m)
     _w4_fragment_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
         a, frag, scales, bias if bias is not None else scales, out, g.ws, g.locks,
-        m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
+        m, n, k, *scale_strides(scales, group), g.k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
         STAGES=cfg.stages if g.k_split > g.block_k else 1,
@@ -564,9 +574,18 @@ def fragment_linear(
     return out.view(*lead, n)
 
 
-def prepare_forward(t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False) -> FragForward:
-    """One layer's forward: its codes repacked once (see FragForward)."""
-    return FragForward(prepare_fragments(t["qweight"]), spec, wgmma)
+def prepare_forward(
+    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False, group_major_scales: bool = False
+) -> FragForward:
+    """One layer's forward: its codes repacked once (see FragForward). With
+    `group_major_scales` (group formats), also a copy of its scales in group-major memory
+    ([G, N], Marlin's order: a K tile's scales are one contiguous run) for the fragment and
+    wgmma kernels; not the default: an experiment on why g128 costs more than per channel at
+    one token, which no GPU run has timed yet (bench/results/kernel_perf.md)."""
+    scales = None
+    if group_major_scales and spec.group_size != -1:
+        scales = t["scales"].t().contiguous().t()  # [N, G] view, strides (1, N)
+    return FragForward(prepare_fragments(t["qweight"]), spec, wgmma, scales)
 
 
 class FragForward:
@@ -576,8 +595,11 @@ class FragForward:
     canonical-layout kernel on the layer's own tensors. It takes activations in mma K order
     (MmaOrderActivations) where its wgmma config reads them so (`takes_mma_order`)."""
 
-    def __init__(self, frag: torch.Tensor, spec: Any, wgmma: bool):
+    def __init__(
+        self, frag: torch.Tensor, spec: Any, wgmma: bool, scales: torch.Tensor | None = None
+    ):
         self.frag, self.spec, self.wgmma = frag, spec, wgmma
+        self.scales = scales  # the fragment and wgmma kernels' own copy, if any
         self.group = 0 if spec.group_size == -1 else spec.group_size
         self.n, self.k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
         self.weights = self.n * self.k
@@ -620,12 +642,12 @@ class FragForward:
         if values.device != self.frag.device:  # moved without QLinear.prepare: the reference
             return qlinear_reference(plain(), live, bias, self.spec)
         cfg, wcfg = self._route(values.numel() // values.shape[-1])
+        scales = live["scales"] if self.scales is None else self.scales
         if cfg is not None:
-            return fragment_linear(plain(), self.frag, live["scales"], bias, self.group,
-                                   config=cfg)  # fmt: skip
+            return fragment_linear(plain(), self.frag, scales, bias, self.group, config=cfg)
         if wcfg is None:
             return qlinear(plain(), live, bias, self.spec)
         if wcfg.x_perm and isinstance(x, MmaOrderActivations):  # as the producer wrote it
-            return wgmma_linear(values, self.frag, live["scales"], bias, self.group,
-                                config=wcfg, x_in_mma_order=True)  # fmt: skip
-        return wgmma_linear(plain(), self.frag, live["scales"], bias, self.group, config=wcfg)
+            return wgmma_linear(values, self.frag, scales, bias, self.group, config=wcfg,
+                                x_in_mma_order=True)  # fmt: skip
+        return wgmma_linear(plain(), self.frag, scales, bias, self.group, config=wcfg)

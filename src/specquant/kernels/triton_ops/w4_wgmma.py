@@ -63,6 +63,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     layouts,
     lookup,
     plan_grid,
+    scale_strides,
 )
 
 
@@ -114,9 +115,9 @@ def _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT
 
 @gluon.jit
 def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask, k_lo,
-               K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-               STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
-               WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+               K_SPLIT, stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr,
+               BK: gl.constexpr, STAGES: gl.constexpr, W_RING: gl.constexpr,
+               WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
     """The K loop with a synchronous wgmma per tile: one set of A registers."""
     DTYPE: gl.constexpr = x_ring.dtype
     if not W_RING:  # weights go to registers one tile ahead
@@ -137,7 +138,7 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
             acc = warpgroup_mma(a, b, acc)
         else:
             part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
-            gs = gl.load(s_ptr + rn * G + k0 // GROUP, mask=n_mask, other=0.0)
+            gs = gl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
             acc += part * gs[:, None]
         if not W_RING:
             words = following
@@ -145,15 +146,15 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
 
 
 @gluon.jit
-def _operand(words, s_ptr, n0, N, G, k0, live, GROUP: gl.constexpr, BN: gl.constexpr,
-             BK: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr,
+def _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0, live, GROUP: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr,
              DTYPE: gl.constexpr):  # fmt: skip
     """The A operand of the K tile at k0: codes unpacked to q, times the tile's group scales
     (rounded to DTYPE, as Marlin does) when GROUP > 0; no scales are read unless `live`."""
     a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
     if GROUP > 0:
         rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, AL))
-        gs = gl.load(s_ptr + rows * G + k0 // GROUP, mask=(rows < N) & live,
+        gs = gl.load(s_ptr + rows * stride_sn + (k0 // GROUP) * stride_sg, mask=(rows < N) & live,
                      other=0.0).to(DTYPE)  # fmt: skip
         gs = gl.broadcast(gs[:, None], a)[0]
         if gl.bfloat16 == DTYPE:
@@ -167,8 +168,8 @@ def _operand(words, s_ptr, n0, N, G, k0, live, GROUP: gl.constexpr, BN: gl.const
 
 @gluon.jit
 def _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N, k_lo, kb,
-          K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-          STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
+          K_SPLIT, stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr,
+          BK: gl.constexpr, STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
           WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
     """One K tile of `_loop_overlap`: issue its wgmma on `a`, wait for the tile before's,
     unpack the next tile. Returns (acc, the next tile's A, the weight words after it)."""
@@ -185,8 +186,8 @@ def _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, 
     async_copy.wait_group(STAGES - 3)  # this thread's copies of the next tile
     if W_RING:  # past the last tile this reads a stale slot, unpacked and never used
         words = w_ring.index((slot + 1) % STAGES).load(WORDS)
-    a_next = _operand(words, s_ptr, n0, N, G, k0 + BK, kb + BK < K_SPLIT, GROUP, BN, BK,
-                      WORDS_MMA, AL, DTYPE)  # fmt: skip
+    a_next = _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0 + BK, kb + BK < K_SPLIT,
+                      GROUP, BN, BK, WORDS_MMA, AL, DTYPE)  # fmt: skip
     if not W_RING:
         words = gl.load(w_ptrs + ((k0 + 2 * BK) // 128) * 512,
                         mask=w_mask & (kb + 2 * BK < K_SPLIT), other=0)  # fmt: skip
@@ -195,9 +196,9 @@ def _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, 
 
 @gluon.jit
 def _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N, k_lo,
-                  K_SPLIT, G, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                  STAGES: gl.constexpr, W_RING: gl.constexpr, WORDS: gl.constexpr,
-                  WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+                  K_SPLIT, stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr,
+                  BK: gl.constexpr, STAGES: gl.constexpr, W_RING: gl.constexpr,
+                  WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr):  # fmt: skip
     """The K loop with asynchronous wgmmas: tile t's wgmma runs while tile t + 1's weights
     are unpacked, and is waited for after tile t + 1's wgmma is issued.
 
@@ -216,17 +217,18 @@ def _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0
         words = w_ring.index(0).load(WORDS)
     else:
         words = gl.load(w_ptrs + (k_lo // 128) * 512, mask=w_mask, other=0)
-    a = _operand(words, s_ptr, n0, N, G, k_lo, True, GROUP, BN, BK, WORDS_MMA, AL, DTYPE)
+    a = _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k_lo, True, GROUP, BN, BK, WORDS_MMA,
+                 AL, DTYPE)  # fmt: skip
     if not W_RING:
         words = gl.load(w_ptrs + ((k_lo + BK) // 128) * 512, mask=w_mask & (BK < K_SPLIT),
                         other=0)  # fmt: skip
     for kb in range(0, K_SPLIT, 2 * BK):
         acc, b, words = _tile(acc, a, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask,
-                              s_ptr, n0, N, k_lo, kb, K_SPLIT, G, GROUP, BN, BK, STAGES,
-                              W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
+                              s_ptr, n0, N, k_lo, kb, K_SPLIT, stride_sn, stride_sg, GROUP, BN,
+                              BK, STAGES, W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
         acc, a, words = _tile(acc, b, words, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask,
-                              s_ptr, n0, N, k_lo, kb + BK, K_SPLIT, G, GROUP, BN, BK, STAGES,
-                              W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
+                              s_ptr, n0, N, k_lo, kb + BK, K_SPLIT, stride_sn, stride_sg, GROUP,
+                              BN, BK, STAGES, W_RING, WORDS, WORDS_MMA, AL)  # fmt: skip
     acc = warpgroup_mma_wait(0, deps=[acc])
     # An fp32 operation on acc before the epilogue: when the first reader of the accumulator
     # is the conversion to bf16 (group scales, no bias), ptxas serializes every wgmma of the
@@ -238,12 +240,12 @@ def _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0
 def _w4_wgmma_kernel(
     x_ptr,  # [M, K] bf16 / fp16; with X_PERM each 128 block in mma K order (pi)
     w_ptr,  # int16 [N/16, K/128, 512] fragment atoms
-    s_ptr,  # fp32 [N, G] scales
+    s_ptr,  # fp32 [N, G] scales, strides (stride_sn, stride_sg)
     b_ptr,  # [N] bias (HAS_BIAS)
     out_ptr,  # [M, N]
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
     lock_ptr,  # int32 arrival counter per output tile, zero between launches
-    M, N, K, G, K_SPLIT, stride_xm, stride_om,
+    M, N, K, stride_sn, stride_sg, K_SPLIT, stride_xm, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     STAGES: gl.constexpr, W_RING: gl.constexpr, OVERLAP: gl.constexpr, X_PERM: gl.constexpr,
@@ -287,12 +289,12 @@ def _w4_wgmma_kernel(
               W_RING)  # fmt: skip
     if OVERLAP:
         acc = _loop_overlap(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, n0, N,
-                            k_lo, K_SPLIT, G, GROUP, BN, BK, STAGES, W_RING, WORDS,
-                            WORDS_MMA, AL)  # fmt: skip
+                            k_lo, K_SPLIT, stride_sn, stride_sg, GROUP, BN, BK, STAGES, W_RING,
+                            WORDS, WORDS_MMA, AL)  # fmt: skip
     else:
         acc = _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask,
-                         k_lo, K_SPLIT, G, GROUP, BN, BK, STAGES, W_RING, WORDS, WORDS_MMA,
-                         AL)  # fmt: skip
+                         k_lo, K_SPLIT, stride_sn, stride_sg, GROUP, BN, BK, STAGES, W_RING,
+                         WORDS, WORDS_MMA, AL)  # fmt: skip
     async_copy.wait_group(0)  # no copy may land in shared memory after the program ends
     _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
             stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
@@ -402,7 +404,7 @@ def check_config(cfg: WgmmaConfig) -> None:
 def wgmma_linear(
     x: torch.Tensor,  # [..., K] bf16 / fp16
     frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
-    scales: torch.Tensor,  # fp32 [N, G]
+    scales: torch.Tensor,  # fp32 [N, G] (any strides scale_strides takes)
     bias: torch.Tensor | None,
     group: int,  # 0: per channel
     config: WgmmaConfig | None = None,
@@ -428,7 +430,7 @@ def wgmma_linear(
     lay = layouts(cfg.block_n, g.block_k, bm, cfg.warps)
     _w4_wgmma_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
         a, frag, scales, bias if bias is not None else scales, out, g.ws, g.locks,
-        m, n, k, scales.shape[1], g.k_split, a.stride(0), out.stride(0),
+        m, n, k, *scale_strides(scales, group), g.k_split, a.stride(0), out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, STAGES=cfg.stages,
         W_RING=cfg.w_ring, OVERLAP=cfg.overlap, X_PERM=cfg.x_perm, WORDS=lay.words,
