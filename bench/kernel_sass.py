@@ -66,25 +66,28 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
-    stages: int = 1, split_k: int = 1, pdl: bool = False,
+    stages: int = 1, split_k: int = 1, pdl: bool = False, group_major: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py); with
-    `pdl`, also where it waits for the kernel before (programmatic dependent launch)."""
+    `pdl`, also where it waits for the kernel before (programmatic dependent launch); with
+    `group_major`, for scales in group-major memory."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
                   WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl)  # fmt: skip
-    return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch, pdl=pdl)
+    return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch, pdl=pdl,
+                             group_major=group_major)  # fmt: skip
 
 
 def compile_wgmma_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 3,
     w_ring: bool = False, overlap: bool = False, x_perm: bool = False, maxnreg: int = 0,
-    split_k: int = 1,
+    split_k: int = 1, group_major: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
-    """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py)."""
+    """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py); with `group_major`,
+    for scales in group-major memory."""
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma as W
 
@@ -92,7 +95,8 @@ def compile_wgmma_sass(
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, STAGES=stages, W_RING=w_ring, OVERLAP=overlap, X_PERM=x_perm,
                   WORDS=lay.words, WORDS_MMA=lay.words_mma)  # fmt: skip
-    return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch, maxnreg)
+    return _compile_w4_gluon(W._w4_wgmma_kernel, consts, warps, arch, maxnreg,
+                             group_major=group_major)  # fmt: skip
 
 
 def compile_w4a8_wgmma_sass(
@@ -126,7 +130,7 @@ W4A16_POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i16", "s_ptr": "*fp32", "b_ptr": 
 
 def _compile_w4_gluon(
     fn: Any, consts: dict[str, Any], warps: int, arch: int, maxnreg: int = 0, pdl: bool = False,
-    pointers: dict[str, str] | None = None,
+    pointers: dict[str, str] | None = None, group_major: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of a fragment-order Gluon kernel: its `pointers` (default the
     W4A16 kernels'), then the integer arguments all of them share; pointers and K-side sizes
@@ -134,14 +138,17 @@ def _compile_w4_gluon(
     from triton.experimental.gluon._runtime import GluonASTSource
 
     sig = dict(pointers or W4A16_POINTERS)
-    # W4A16 kernels take the scales' strides ([N, G] row-major: G, then 1, which Triton
-    # specializes to a constant as at run time); W4A8's its group count
-    scales = ("G",) if pointers else ("stride_sn",)
-    consts = consts if pointers else {**consts, "stride_sg": 1}
+    # W4A16 kernels take the scales' strides: row-major [N, G] has (G, 1), group-major
+    # memory (1, N), and Triton specializes the 1 to a constant as at run time; W4A8 takes
+    # its group count
+    scales = ("G",) if pointers else ("stride_sg",) if group_major else ("stride_sn",)
+    if not pointers:
+        consts = {**consts, ("stride_sn" if group_major else "stride_sg"): 1}
     sig.update({a: "i32" for a in ("M", "N", "K", *scales, "K_SPLIT", "stride_xm", "stride_om")})
     sig.update({a: "constexpr" for a in consts})
     aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
                                                         "stride_om"]  # fmt: skip
+    aligned += ["stride_sg"] if group_major else []  # N, a multiple of 16
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
@@ -312,6 +319,8 @@ def main() -> None:
                     "kernel instead (PRE none/norm/silu_mul, KIND int8/fp8/none)")  # fmt: skip
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
                     "dependent launch (where the kernel waits for the one before)")  # fmt: skip
+    ap.add_argument("--group-major", action="store_true", help="with --fragment / --wgmma: "
+                    "scales in group-major memory (strides (1, N))")  # fmt: skip
     ap.add_argument("--group", type=int, default=None, help="with --fragment / --wgmma (default "
                     "128) or --w4a8-wgmma (default 0): 0 = per channel")  # fmt: skip
     args = ap.parse_args()
@@ -338,9 +347,10 @@ def main() -> None:
         bn, bk, bm, warps, stages, ring, overlap, x_perm, maxnreg = fields
         sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
                                        bool(ring), bool(overlap), bool(x_perm),
-                                       maxnreg, args.split_k)  # fmt: skip
+                                       maxnreg, args.split_k, args.group_major)  # fmt: skip
         tiles = 2 if overlap else 1  # the overlapping loop is unrolled by two K tiles
-        _print_w4(sass, res, f"wgmma W4A16 group {args.group}, tile {args.wgmma}",
+        gm = ", group-major scales" if args.group_major else ""
+        _print_w4(sass, res, f"wgmma W4A16 group {args.group}{gm}, tile {args.wgmma}",
                   bn * bk * tiles, 32 * warps, args.arch)  # fmt: skip
         ops = loop_histogram(sass)
         ahead = len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", sass))  # one left running
@@ -351,8 +361,10 @@ def main() -> None:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
                                               + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
-                                          stages, args.split_k, args.pdl)  # fmt: skip
-        _print_w4(sass, res, f"fragment W4A16 group {args.group}, tile {args.fragment}",
+                                          stages, args.split_k, args.pdl,
+                                          args.group_major)  # fmt: skip
+        gm = ", group-major scales" if args.group_major else ""
+        _print_w4(sass, res, f"fragment W4A16 group {args.group}{gm}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
     tile = Q.TileConfig(*(int(v) for v in args.tile.split(",")))
