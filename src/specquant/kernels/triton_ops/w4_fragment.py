@@ -268,6 +268,13 @@ def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
 
 
 @gluon.jit
+def _scale_ptrs(s_ptr, rows, stride_sn, stride_sg, k, GROUP: gl.constexpr):
+    """Pointers to the scales of `rows` in the group holding k: fp32 [N, G] through its
+    strides (row-major, or a view of group-major memory; scale_strides)."""
+    return s_ptr + rows * stride_sn + (k // GROUP) * stride_sg
+
+
+@gluon.jit
 def _partial(ws_ptr, offs, mask):
     """One split's partial sums, read from L2 (another program wrote them)."""
     return gl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -390,7 +397,8 @@ def _w4_fragment_kernel(
             acc = gl.nvidia.ampere.mma_v2(a, b, acc)
         else:
             part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
-            gs = gl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
+            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
+                         other=0.0)  # fmt: skip
             acc += part * gs[:, None]
 
     if STAGES > 1:
@@ -452,10 +460,15 @@ FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
 PREFILL = 1 << 31
 
 
+def bucket_of(table: dict[int, Any], m: int) -> int | None:
+    """A tile table's M bucket for `m` tokens: the smallest holding m; None past the last."""
+    return min((b for b in table if m <= b), default=None)
+
+
 def lookup(table: dict[int, list[tuple[int, Any]]], m: int, weights: int) -> Any:
-    """The entry of a tile table for `m` tokens (the smallest bucket holding m) and an N * K
-    weight (the first size class holding it); None past the last bucket."""
-    bucket = min((b for b in table if m <= b), default=None)
+    """The entry of a tile table for `m` tokens (bucket_of) and an N * K weight (the first
+    size class holding it); None past the last bucket."""
+    bucket = bucket_of(table, m)
     if bucket is None:
         return None
     return next((cfg for max_w, cfg in table[bucket] if weights <= max_w), None)

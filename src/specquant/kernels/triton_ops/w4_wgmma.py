@@ -55,11 +55,13 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _cta_barrier,
     _finish,
     _out_index,
+    _scale_ptrs,
     _table,
     _unpack,
     _weight_ptrs,
     _words,
     as_rows,
+    bucket_of,
     layouts,
     lookup,
     plan_grid,
@@ -138,7 +140,8 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
             acc = warpgroup_mma(a, b, acc)
         else:
             part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
-            gs = gl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
+            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
+                         other=0.0)  # fmt: skip
             acc += part * gs[:, None]
         if not W_RING:
             words = following
@@ -154,8 +157,8 @@ def _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0, live, GROUP: gl.cons
     a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
     if GROUP > 0:
         rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, AL))
-        gs = gl.load(s_ptr + rows * stride_sn + (k0 // GROUP) * stride_sg, mask=(rows < N) & live,
-                     other=0.0).to(DTYPE)  # fmt: skip
+        gs = gl.load(_scale_ptrs(s_ptr, rows, stride_sn, stride_sg, k0, GROUP),
+                     mask=(rows < N) & live, other=0.0).to(DTYPE)  # fmt: skip
         gs = gl.broadcast(gs[:, None], a)[0]
         if gl.bfloat16 == DTYPE:
             a = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, gs],
@@ -372,8 +375,9 @@ def wgmma_config(m: int, n: int, k: int) -> WgmmaConfig | None:
     """The tile config for `m` tokens and an [N, K] weight (SHAPE_CONFIGS, else the size
     class's in WGMMA_CONFIGS), or None: another kernel."""
     cfg = lookup(WGMMA_CONFIGS, m, n * k)
-    bucket = min((b for b in WGMMA_CONFIGS if m <= b), default=None)
-    return SHAPE_CONFIGS.get((n, k), {}).get(bucket, cfg) if cfg is not None else None
+    if cfg is None:
+        return None
+    return SHAPE_CONFIGS.get((n, k), {}).get(bucket_of(WGMMA_CONFIGS, m), cfg)
 
 
 MIN_REGS = 64
