@@ -60,6 +60,9 @@ CHECKED = [None, _C(32, 128, 1, 4), _C(128, 256, 4), _C(64, 128, 2, 1, 4, 3), _C
            _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2), _C(128, 128, 4, 2, 1, 3, True),
            _C(128, 128, 4, 4, 1, 1, True)]  # fmt: skip
 FORMATS = ["w4a16-g128", "w4a16"]
+# on request (--formats): W4A16-g128 with its scales in group-major memory ([G, N], Marlin's
+# order), as prepare_forward(group_major_scales=True) keeps them
+GROUP_MAJOR = "w4a16-g128:group-major"
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -130,8 +133,15 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
     return rows
 
 
+def base_format(fmt: str) -> str:
+    """The quantization format of a --formats entry (without its scale-memory variant)."""
+    return fmt.split(":")[0]
+
+
 def weights(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[list[Any], int]:
-    one = random_tensors(get_format(fmt), n, k, gen)
+    one = random_tensors(get_format(base_format(fmt)), n, k, gen)
+    if fmt == GROUP_MAJOR:  # same values, [N, G] view of group-major memory
+        one["scales"] = one["scales"].t().contiguous().t()
     ws = [one] + [_clone(one) for _ in range(1, copies_for(nbytes(one)))]
     return ws, nbytes(one)
 
@@ -147,12 +157,14 @@ def size_class(n: int, k: int) -> str:
     return next(name for name, bound in F.SIZE_CLASSES if n * k <= bound)
 
 
-def tune(gen: torch.Generator, buckets: list[int], deadline: float) -> list[dict[str, Any]]:
-    """Every candidate of each bucket on every Llama linear, in both formats (stops at the
+def tune(
+    gen: torch.Generator, buckets: list[int], formats: list[str], deadline: float
+) -> list[dict[str, Any]]:
+    """Every candidate of each bucket on every Llama linear, in each format (stops at the
     deadline; best_by_size only ranks configs timed on every layer of a class)."""
     rows = []
-    for fmt in FORMATS:
-        group = get_format(fmt).group_size
+    for fmt in formats:
+        group = get_format(base_format(fmt)).group_size
         group = 0 if group == -1 else group
         for model, layers in SHAPES.items():
             for layer, (k, n) in layers.items():
@@ -177,7 +189,7 @@ def tune(gen: torch.Generator, buckets: list[int], deadline: float) -> list[dict
 
 
 def best_by_size(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
-    """Per bucket and size class: the config of least total time over both formats."""
+    """Per bucket and size class: the config of least total time over the tuned formats."""
     out: dict[str, dict[str, list[Any]]] = {}
     for bucket in sorted({r.get("bucket", 8) for r in rows}):
         out[str(bucket)] = {}
@@ -205,11 +217,11 @@ def config_for(best: dict[str, dict[str, list[Any]]], m: int, n: int, k: int) ->
 
 
 def compare(
-    gen: torch.Generator, best: dict[str, Any], ms: list[int], deadline: float
+    gen: torch.Generator, best: dict[str, Any], ms: list[int], formats: list[str], deadline: float
 ) -> list[dict[str, Any]]:
     rows = []
-    for fmt in FORMATS:
-        spec = get_format(fmt)
+    for fmt in formats:
+        spec = get_format(base_format(fmt))
         group = 0 if spec.group_size == -1 else spec.group_size
         for model, layers in SHAPES.items():
             for layer, (k, n) in layers.items():
@@ -311,6 +323,9 @@ def main() -> None:
     ap.add_argument("--stages", default="check,tune,compare",
                     help="comma-separated: check, tune, compare")  # fmt: skip
     ap.add_argument("--buckets", default="8,16,32,64", help="M buckets to tune")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help=f"comma-separated, of {[*FORMATS, GROUP_MAJOR]}; the picks rank "
+                         "configs by their total time over these")  # fmt: skip
     ap.add_argument("--compare-ms", default=",".join(map(str, MS)),
                     help="token counts of the fragment vs canonical comparison")  # fmt: skip
     ap.add_argument("--previous", type=Path, default=None,
@@ -324,6 +339,10 @@ def main() -> None:
         write_report(args.render, result, markdown(result))
         return
     stages = set(args.stages.split(","))
+    formats = args.formats.split(",")
+    unknown = [f for f in formats if f not in [*FORMATS, GROUP_MAJOR]]
+    if unknown:
+        ap.error(f"unknown --formats {unknown}; choose from {[*FORMATS, GROUP_MAJOR]}")
     buckets = [int(b) for b in args.buckets.split(",")]
     prev = json.loads(args.previous.read_text()) if args.previous else {}
     start = time.time()
@@ -337,11 +356,11 @@ def main() -> None:
              or r.get("bucket", 8) not in buckets]  # fmt: skip
     if "tune" in stages:
         frac = 0.6 if "compare" in stages else 1.0
-        tuned += tune(gen, buckets, start + args.budget_s * frac)
+        tuned += tune(gen, buckets, formats, start + args.budget_s * frac)
     best = best_by_size(tuned)
     print("best:", json.dumps(best), flush=True)
     ms = [int(m) for m in args.compare_ms.split(",")]
-    comp = compare(gen, best, ms, start + args.budget_s) if "compare" in stages else []
+    comp = compare(gen, best, ms, formats, start + args.budget_s) if "compare" in stages else []
     for r in comp:
         print(f"{r['fmt']:>11} {r['model']:>3} {r['layer']:>7} M={r['m']:>3}: frag "
               f"{r['frag_us']:6.1f} us ({r['bytes'] / r['frag_us'] / 1e3:5.0f} GB/s), canonical "

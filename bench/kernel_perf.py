@@ -51,9 +51,10 @@ OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "
 # w4_fragment.max_m() tokens, on Hopper wgmma where w4_wgmma.WGMMA_CONFIGS has a config, else
 # the canonical-layout kernel); these rows time the canonical kernel at every M
 CANONICAL = ["w4a16-g128:canonical"]
-# on request (--formats) only: W4A16-g128 with its scales in group-major memory for the
-# fragment and wgmma kernels (w4_fragment.prepare_forward's group_major_scales)
-EXPERIMENTS = ["w4a16-g128:group-major"]
+# on request (--formats) only: W4A16-g128 with the fragment and wgmma kernels reading the
+# layer's row-major scales (prepare_forward(group_major_scales=False)), as before they kept
+# a group-major copy
+EXPERIMENTS = ["w4a16-g128:row-major"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
 HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)
@@ -136,19 +137,19 @@ def copies_for(size: int) -> int:
 def model_linear(spec: QuantSpec, t: dict[str, Any], variant: str = "") -> Callable:
     """x -> y as a QLinear of this format runs on the GPU: the kernel the registry picks,
     prepared once (the fragment-order W4A16 kernel repacks its weights here). `variant`
-    "canonical": the canonical-layout kernel; "group-major": the fragment-order kernels with
-    group-major scales."""
+    "canonical": the canonical-layout kernel; "row-major": the fragment-order kernels on the
+    layer's row-major scales."""
     from specquant.kernels.registry import KernelContext, select
     from specquant.kernels.triton_ops.qlinear import qlinear
 
     n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if spec.weight_bits == 4 else 1)
     extra = (("spec", spec), ("shape", (n, k)))
     impl = select("qlinear", KernelContext(torch.device("cuda"), torch.bfloat16, extra))
-    if variant == "group-major":
+    if variant == "row-major":
         from specquant.kernels.triton_ops.w4_fragment import prepare_forward
 
         hopper = torch.cuda.get_device_capability()[0] == 9
-        return Prepared(prepare_forward(t, spec, hopper, group_major_scales=True), t, spec)
+        return Prepared(prepare_forward(t, spec, hopper, group_major_scales=False), t, spec)
     if variant == "canonical" or impl.prepare is None:
         return lambda x: qlinear(x, t, None, spec)
     return Prepared(impl.prepare(t, spec, torch.bfloat16), t, spec)

@@ -121,8 +121,8 @@ def test_split_k_fix_up_reads_several_splits_per_round_trip(tile, split_k, least
 
 @pytest.mark.parametrize("tile", ["128,128,8,4", "128,128,8,4,1,3"])
 def test_group_major_scales_compile_as_lean_as_row_major(tile) -> None:
-    """With the scales in group-major memory (the experiment of
-    prepare_forward(group_major_scales=True)) the one-token kernel compiles to the same
+    """With the scales in group-major memory (the copy prepare_forward keeps for group
+    formats) the one-token kernel compiles to the same
     instruction count per weight, within one instruction per K step, and spills nothing."""
     lean = compiled_loop(["--fragment", tile, "--split-k", "4"], 2.5)
     out = compiled_loop(["--fragment", tile, "--split-k", "4", "--group-major"], 2.5)
@@ -160,11 +160,11 @@ def test_scale_strides_take_both_memory_orders_and_refuse_strided_per_channel() 
         scale_strides(torch.rand(256, 2)[:, :1], 0)
     q = torch.randint(0, 256, (256, 256), dtype=torch.uint8)
     t = {"qweight": q, "scales": torch.rand(256, 4)}
-    layer = prepare_forward(t, get_format("w4a16-g128"), group_major_scales=True)
+    layer = prepare_forward(t, get_format("w4a16-g128"))
     assert layer.scales.stride() == (1, 256) and torch.equal(layer.scales, t["scales"])
-    assert prepare_forward(t, get_format("w4a16-g128")).scales is None
+    assert prepare_forward(t, get_format("w4a16-g128"), group_major_scales=False).scales is None
     per_channel = {"qweight": q, "scales": torch.rand(256, 1)}
-    assert prepare_forward(per_channel, get_format("w4a16"), group_major_scales=True).scales is None
+    assert prepare_forward(per_channel, get_format("w4a16")).scales is None
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -281,19 +281,25 @@ def test_layer_runs_fragments_where_tuned_and_the_canonical_kernel_elsewhere() -
 
 
 def test_tile_table_picks_by_token_bucket_and_weight_size(monkeypatch) -> None:
-    """None in the table (or M beyond every bucket) sends the layer to the canonical kernel."""
+    """None in the table (or M beyond every bucket) sends the layer to the canonical kernel;
+    group formats read a table of their own, and max_m covers both."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
-    a, b, c, d, e = (F.FragConfig(16 * 2**i, 128, 1) for i in range(5))
+    a, b, c, d, e, f = (F.FragConfig(16 * 2**i, 128, 1) for i in range(6))
     monkeypatch.setattr(
         F, "FRAG_CONFIGS", {8: F._table(a, b, c, d), 32: F._table(None, e, None, None)}
     )
+    monkeypatch.setattr(F, "FRAG_CONFIGS_GROUPED", {16: F._table(f, f, f, None)})
     assert F.frag_config(1, 16 << 20) == a
     assert F.frag_config(8, 1 << 40) == d
     assert F.frag_config(9, 100 << 20) == e
     assert F.frag_config(9, 16 << 20) is None
     assert F.frag_config(33, 100 << 20) is None
+    assert F.frag_config(9, 16 << 20, grouped=True) == f
+    assert F.frag_config(9, 1 << 40, grouped=True) is None
     assert F.max_m() == 32
+    monkeypatch.setattr(F, "FRAG_CONFIGS", {4: F._table(a, b, c, d)})
+    assert F.max_m() == 16
     assert [F.block_m(m) for m in (1, 8, 9, 17, 64, 300)] == [8, 8, 16, 32, 64, 64]
     with pytest.raises(ValueError, match="BLOCK_M 16 gives fewer than 8 tokens"):
         F.layouts(64, 128, 16, 2, 4)

@@ -30,8 +30,9 @@ def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group
     per wgmma. Overlapping loop (unrolled by two tiles): per tile one wait that leaves that
     tile's wgmmas running, and one wait after the loop. With x gathered into mma order, x
     is copied in 16-byte pieces. Held to 128 registers, two 8-warp programs fit an SM with
-    next to no spilling (Triton 3.6, the GPU image's, spills nothing; 3.9 keeps 16 bytes on
-    the stack for group 128 with the weights in the ring)."""
+    next to no spilling (Triton 3.6, the GPU image's, spills nothing; 3.9 keeps up to 24
+    bytes on the stack for group 128 with the weights in the ring, where the group scales
+    load at the top of the tile)."""
     out = compiled_loop(["--wgmma", tile, "--group", str(group)], most)
     fields = [int(v) for v in tile.split(",")] + [3, 0, 0, 0, 0][len(tile.split(",")) - 4 :]
     bn, bk, bm, warps, _, w_ring, overlap, x_perm, maxnreg = fields
@@ -43,7 +44,8 @@ def test_kernel_compiles_for_sm90_without_spills_or_serialized_wgmma(tile, group
     assert int(hgmma.group(3)) == (2 if overlap else 0), out
     if maxnreg:
         regs = re.search(r"REG:(\d+) STACK:(\d+)", out)
-        assert regs and int(regs.group(1)) <= maxnreg and int(regs.group(2)) <= 16, out
+        stack = 0 if out.startswith("triton 3.6.") else 24
+        assert regs and int(regs.group(1)) <= maxnreg and int(regs.group(2)) <= stack, out
     if x_perm:  # every copy 16 bytes: x's [BM, BK] tile, and the ring's weights
         copies = (bm * bk * 2 + (bn * bk // 2 if w_ring else 0)) // 16 // (32 * warps)
         assert re.search(rf"\bLDGSTS {copies}\b", out), out
@@ -153,7 +155,7 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     """FragForward (the W4A16 layer kernel on Hopper) asks for mma order exactly where its
     wgmma config has x_perm, and gives the same output for mma-ordered and plain input at
     every token count (where it did not ask, it restores feature order itself); with its
-    scales in group-major memory too."""
+    kernels reading the layer's row-major scales too (group_major_scales=False)."""
     if not _hopper():
         pytest.skip("wgmma needs a Hopper GPU")
     from specquant.kernels.reference import MmaOrderActivations
@@ -165,19 +167,19 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
     gen = torch.Generator(device="cuda").manual_seed(7)
     qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
     scales = torch.rand(n, k // 128, device="cuda", generator=gen) * 0.02 + 1e-3
-    layer = F.prepare_forward({"qweight": qweight}, get_format("w4a16-g128"), wgmma=True)
     live = {"qweight": qweight, "scales": scales}
-    gm = F.prepare_forward(live, get_format("w4a16-g128"), wgmma=True, group_major_scales=True)
+    layer = F.prepare_forward(live, get_format("w4a16-g128"), wgmma=True)
+    rows = F.prepare_forward(live, get_format("w4a16-g128"), wgmma=True, group_major_scales=False)
     asked = []
     for m in (1, 9, 33, 64, 100, 300):
-        cfg = W.wgmma_config(m, n, k) if F.frag_config(m, n * k) is None else None
+        cfg = W.wgmma_config(m, n, k) if F.frag_config(m, n * k, grouped=True) is None else None
         assert layer.takes_mma_order(m) == bool(cfg and cfg.x_perm), m
         asked.append(layer.takes_mma_order(m))
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         want = layer(x, live, None, None)
         got = layer(MmaOrderActivations(to_mma_order(x)), live, None, None)
         assert torch.equal(got, want), m
-        assert torch.equal(gm(x, live, None, None), want), m  # group-major scales
+        assert torch.equal(rows(x, live, None, None), want), m  # row-major scales
     assert any(asked) and not all(asked)
 
 

@@ -440,16 +440,28 @@ def _table(*configs: Any) -> list[tuple[int, Any]]:
 
 
 # Per M bucket (its largest M), one config per size class; None means the canonical-layout
-# kernel is faster there. Picked on an H200 over the Llama-3 8B/70B linears, both W4A16
-# formats together, by `bench/frag_probe.py` (least total time per class;
-# bench/results/frag_probe.json). Buckets 16, 32 and 64 were tuned too and lost to the
-# canonical kernel (its wgmma tiles), so more than 8 tokens take that kernel.
+# kernel is faster. Picked on an H200 over the Llama-3 8B/70B linears by `bench/frag_probe.py`
+# (least total time per class, programmatic dependent launch left out: timed back to back,
+# one launch overlaps the one before, which a model's norm or attention kernel never lets
+# it). Buckets 16, 32 and 64 were tuned too and lost to the canonical kernel (its wgmma
+# tiles), so more than 8 tokens take that kernel. Per channel: frag_tune_a281c4d.json.
 FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
     8: _table(  # timed at M = 1
+        FragConfig(128, 128, 4, 4, stages=3),
         FragConfig(128, 128, 4, 2, stages=3),
-        FragConfig(128, 128, 4, 4),
         FragConfig(128, 128, 4, 2, stages=3),
         FragConfig(128, 256, 4, 4),
+    ),
+}
+# Group formats, on the group-major scales the layers keep (prepare_forward): a ring of
+# three tiles in every class, where row-major scales had wanted none in the mid classes
+# (frag_tune_group_major_<commit>.json, both layouts in one run).
+FRAG_CONFIGS_GROUPED: dict[int, list[tuple[int, FragConfig | None]]] = {
+    8: _table(  # timed at M = 1
+        FragConfig(128, 128, 4, 4, stages=3),
+        FragConfig(128, 128, 4, 2, stages=3),
+        FragConfig(128, 128, 4, 2, stages=3),
+        FragConfig(128, 128, 4, 4, stages=3),
     ),
 }
 
@@ -474,14 +486,16 @@ def lookup(table: dict[int, list[tuple[int, Any]]], m: int, weights: int) -> Any
     return next((cfg for max_w, cfg in table[bucket] if weights <= max_w), None)
 
 
-def frag_config(m: int, weights: int) -> FragConfig | None:
-    """The tile config for `m` tokens and an N * K weight, or None: another kernel."""
-    return lookup(FRAG_CONFIGS, m, weights)
+def frag_config(m: int, weights: int, grouped: bool = False) -> FragConfig | None:
+    """The tile config for `m` tokens and an N * K weight (`grouped`: a group format), or
+    None: another kernel."""
+    return lookup(FRAG_CONFIGS_GROUPED if grouped else FRAG_CONFIGS, m, weights)
 
 
 def max_m() -> int:
     """The most tokens any layer runs on fragments by default (more: the canonical kernel)."""
-    return max((b for b, rows in FRAG_CONFIGS.items() if any(c for _, c in rows)), default=0)
+    return max((b for table in (FRAG_CONFIGS, FRAG_CONFIGS_GROUPED)
+                for b, rows in table.items() if any(c for _, c in rows)), default=0)  # fmt: skip
 
 
 def block_m(m: int) -> int:
@@ -563,7 +577,7 @@ def fragment_linear(
     out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return out.view(*lead, n)
-    cfg = config or frag_config(m, n * k) or DEFAULT_CONFIG
+    cfg = config or frag_config(m, n * k, group > 0) or DEFAULT_CONFIG
     if cfg.pdl and torch.cuda.get_device_capability(a.device) < (9, 0):
         if config is None:  # a table's pick: run it without, as GPUs before Hopper must
             cfg = replace(cfg, pdl=False)
@@ -588,13 +602,15 @@ def fragment_linear(
 
 
 def prepare_forward(
-    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False, group_major_scales: bool = False
+    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False, group_major_scales: bool = True
 ) -> FragForward:
-    """One layer's forward: its codes repacked once (see FragForward). With
-    `group_major_scales` (group formats), also a copy of its scales in group-major memory
-    ([G, N], Marlin's order: a K tile's scales are one contiguous run) for the fragment and
-    wgmma kernels; not the default: an experiment on why g128 costs more than per channel at
-    one token, which no GPU run has timed yet (bench/results/kernel_perf.md)."""
+    """One layer's forward: its codes repacked once (see FragForward), and for group formats
+    a copy of its scales in group-major memory ([G, N], Marlin's order) for the fragment and
+    wgmma kernels, unless `group_major_scales` is False. Each K tile's scales are then one
+    contiguous run instead of one 32-byte sector per output row: at one token that took
+    70B's down_proj from 49.4 to 39.5 us (per channel: 36.0), and every Llama-3 linear
+    gained (bench/results/frag_tune_group_major_<commit>.md). The copy costs 1/16 of the
+    4-bit codes' bytes; the canonical kernel keeps reading the layer's own tensors."""
     scales = None
     if group_major_scales and spec.group_size != -1:
         scales = t["scales"].t().contiguous().t()  # [N, G] view, strides (1, N)
@@ -603,10 +619,11 @@ def prepare_forward(
 
 class FragForward:
     """A W4A16 layer on fragment-order weights: token counts with a tuned fragment config
-    (FRAG_CONFIGS) run the fragment kernel, then with `wgmma` (Hopper) those with a tuned
-    w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on the same fragments, others the
-    canonical-layout kernel on the layer's own tensors. It takes activations in mma K order
-    (MmaOrderActivations) where its wgmma config reads them so (`takes_mma_order`)."""
+    (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED for group formats) run the fragment kernel, then with
+    `wgmma` (Hopper) those with a tuned w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on
+    the same fragments, others the canonical-layout kernel on the layer's own tensors. It
+    takes activations in mma K order (MmaOrderActivations) where its wgmma config reads them
+    so (`takes_mma_order`)."""
 
     def __init__(
         self, frag: torch.Tensor, spec: Any, wgmma: bool, scales: torch.Tensor | None = None
@@ -622,7 +639,7 @@ class FragForward:
         the canonical-layout kernel."""
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
 
-        cfg = frag_config(m, self.weights)
+        cfg = frag_config(m, self.weights, self.group > 0)
         if cfg is not None or not self.wgmma:
             return cfg, None
         return None, wgmma_config(m, self.n, self.k)

@@ -127,6 +127,12 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         slot = (kb // BK) % STAGES
+        if GROUP > 0:
+            # first, so that the tile's wait, unpacking and wgmma hide the load: group-major
+            # scales (the layers' own, prepare_forward) meet a new sector every tile, which
+            # L1 does not hold; row-major ones hit L1 for GROUP-wide runs of tiles
+            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
+                         other=0.0)  # fmt: skip
         _ring_step(x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT, BK, STAGES,
                    W_RING)  # fmt: skip
         if W_RING:
@@ -140,8 +146,6 @@ def _loop_sync(acc, x_ring, w_ring, w_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n
             acc = warpgroup_mma(a, b, acc)
         else:
             part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
-            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
-                         other=0.0)  # fmt: skip
             acc += part * gs[:, None]
         if not W_RING:
             words = following
