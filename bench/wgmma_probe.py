@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
-from frag_probe import check_cases, config_table_md, rel_err, size_class, weights
+from frag_probe import base_format, check_cases, config_table_md, rel_err, size_class, weights
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
@@ -92,7 +92,7 @@ def timings(
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for fmt in formats:
-        spec = get_format(fmt)
+        spec = get_format(base_format(fmt))  # frag_probe.weights makes the scale layout
         group = 0 if spec.group_size == -1 else spec.group_size
         for model, layers in ((m, SHAPES[m]) for m in models):
             for layer, (k, n) in layers.items():
@@ -225,7 +225,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help="comma-separated; w4a16-g128:group-major for scales in group-major "
+                         "memory, as the layers keep them")  # fmt: skip
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
     ap.add_argument("--with", dest="prior", type=Path, default=None, help="an earlier run's "

@@ -63,11 +63,10 @@ def test_split_k_fix_up_does_not_spill_at_64_tokens(tile, split_k) -> None:
     assert regs and int(regs.group(1)) <= 128 and int(regs.group(2)) <= 16, out
 
 
-def test_tile_table_and_bad_configs() -> None:
+def test_tile_table_and_bad_configs(monkeypatch) -> None:
     from specquant.kernels.triton_ops import w4_wgmma as W
 
-    assert W.wgmma_config(8, 1024, 1024) is None  # not a bucket: the fragment kernel's
-    assert W.wgmma_config(16, 4096, 4096) is None  # small layers at 16 tokens: canonical
+    assert W.wgmma_config(16, 4096, 4096) == W.WGMMA_CONFIGS[16][0][1]
     assert W.wgmma_config(17, 2048, 4096) == W.WGMMA_CONFIGS[32][0][1]
     assert W.wgmma_config(128, 1 << 20, 1 << 20) == W.WGMMA_CONFIGS[128][-1][1]
     # prefill: one bucket for every count past 128
@@ -79,7 +78,9 @@ def test_tile_table_and_bad_configs() -> None:
     assert W.wgmma_config(64, 4096, 14464) == W.WGMMA_CONFIGS[64][1][1]  # same class
     assert W.wgmma_config(33, 4096, 4096) == W.SHAPE_CONFIGS[(4096, 4096)][64]
     assert W.wgmma_config(128, 4096, 14336) == W.WGMMA_CONFIGS[128][1][1]
-    assert W.wgmma_config(16, 4096, 4096) is None
+    # None in the table: the canonical kernel, even for a shape with configs of its own
+    monkeypatch.setitem(W.WGMMA_CONFIGS, 64, W._table(None, None, None, None))
+    assert W.wgmma_config(64, 4096, 14336) is None
     for (n, k), rows in W.SHAPE_CONFIGS.items():
         for bucket, cfg in rows.items():
             W.check_config(cfg)
@@ -181,6 +182,40 @@ def test_layer_takes_mma_order_where_its_wgmma_config_reads_it() -> None:
         assert torch.equal(got, want), m
         assert torch.equal(rows(x, live, None, None), want), m  # row-major scales
     assert any(asked) and not all(asked)
+
+
+@pytest.mark.cuda
+def test_every_table_config_matches_the_reference_at_its_bucket() -> None:
+    """Each distinct WGMMA_CONFIGS entry at one token fewer than its bucket (300 for
+    prefill), both formats on group-major scales as the layers keep them, x handed over in
+    mma order where the config reads it so: the tables' picks change with each probe, and
+    a pick runs at token tiles the generic checks may not pair it with."""
+    if not _hopper():
+        pytest.skip("wgmma needs a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.quant.pack import dequantize
+    from specquant.quant.spec import get_format
+
+    n, k = 384, 2048
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+    frag = F.prepare_fragments(qweight)
+    for group in (128, 0):
+        g = 1 if group == 0 else k // group
+        scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
+        w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
+        gm = scales.t().contiguous().t()
+        for bucket, rows in W.WGMMA_CONFIGS.items():
+            m = 300 if bucket == W.PREFILL else bucket - 1
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            want = x.float() @ w.T
+            for cfg in {cfg for _, cfg in rows if cfg is not None}:
+                given = to_mma_order(x) if cfg.x_perm else x
+                got = W.wgmma_linear(given, frag, gm, None, group, cfg,
+                                     x_in_mma_order=cfg.x_perm).float()  # fmt: skip
+                err = float((got - want).norm() / want.norm())
+                assert err < 8e-3, (bucket, cfg, group, err)
 
 
 @pytest.mark.cuda

@@ -132,7 +132,7 @@ class QLinear(nn.Module):
 
     def token_routes(self, most: int = 2048) -> str | None:
         """Which kernel runs each token count, for kernels that switch by it (the repacked
-        W4A16 and W4A8 kernels): e.g. "1-8 fragment, 9-16 canonical, 17+ wgmma". None for
+        W4A16 and W4A8 kernels): e.g. "1-16 canonical, 17-512 wgmma, 513+ canonical". None for
         kernels that run every count."""
         route = getattr(getattr(self, "qkernel", None), "route", None)
         if route is None:

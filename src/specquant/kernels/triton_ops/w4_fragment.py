@@ -455,7 +455,7 @@ FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
 }
 # Group formats, on the group-major scales the layers keep (prepare_forward): a ring of
 # three tiles in every class, where row-major scales had wanted none in the mid classes
-# (frag_tune_group_major_<commit>.json, both layouts in one run).
+# (frag_tune_group_major_9765d40.json, both layouts in one run).
 FRAG_CONFIGS_GROUPED: dict[int, list[tuple[int, FragConfig | None]]] = {
     8: _table(  # timed at M = 1
         FragConfig(128, 128, 4, 4, stages=3),
@@ -609,7 +609,7 @@ def prepare_forward(
     wgmma kernels, unless `group_major_scales` is False. Each K tile's scales are then one
     contiguous run instead of one 32-byte sector per output row: at one token that took
     70B's down_proj from 49.4 to 39.5 us (per channel: 36.0), and every Llama-3 linear
-    gained (bench/results/frag_tune_group_major_<commit>.md). The copy costs 1/16 of the
+    gained (bench/results/frag_tune_group_major_9765d40.md). The copy costs 1/16 of the
     4-bit codes' bytes; the canonical kernel keeps reading the layer's own tensors."""
     scales = None
     if group_major_scales and spec.group_size != -1:

@@ -344,14 +344,19 @@ _W = WgmmaConfig
 # 70B at 1024, the runner's prefill chunk (prefill_1024_bc7b3a6.md: 0.73 over both formats).
 # Per channel alone it is level there (0.98; gate_up 1.05): its token tiles stop at 64, so
 # every 64 tokens unpack the weights again. The one table serves both formats, and g128
-# (0.51-0.63 at 1024) decides it.
+# (0.51-0.63 at 1024) decides it. Buckets 16 and 32 were probed again once the layers read
+# group-major scales (wgmma_probe_group_major_9765d40.md: g128 on those scales and per
+# channel, both models): at 16 tokens one warpgroup per program with K split until two
+# share an SM won three classes, and beat the canonical kernel in the smallest one too
+# (37.0 against 38.0 us); 8-warp programs at 128 registers won the 256M class at 16 and 32.
+# At 64 and 128 tokens the picks stayed within 1.3% of each class's best.
 # Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS).
-_P = dict(w_ring=True, x_perm=True)
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
-    16: _table(None, _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P), _W(128, 128, 4, 3, **_P)),
+    16: _table(_W(64, 128, 4, 3, 2, **_TWO), _W(64, 128, 4, 3, 2, **_TWO),
+               _W(128, 128, 8, 3, **_TWO), _W(64, 128, 4, 3, 2, **_TWO)),
     32: _table(_W(64, 128, 4, 3, 2, **_TWO), _W(64, 128, 4, 3, 2, **_TWO),
-               _W(128, 128, 4, 3, **_P), _W(64, 128, 4, 3, 2, **_TWO)),
+               _W(128, 128, 8, 4, **_TWO), _W(64, 128, 4, 3, 2, **_TWO)),
     64: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
                _W(128, 128, 8, 3, **_TWO)),
     128: _table(_W(64, 128, 4, 4, **_TWO), _W(128, 128, 8, 3, **_TWO), _W(128, 128, 8, 4, **_TWO),
