@@ -54,7 +54,12 @@ CANONICAL = ["w4a16-g128:canonical"]
 # on request (--formats) only: W4A16-g128 with the fragment and wgmma kernels reading the
 # layer's row-major scales (prepare_forward(group_major_scales=False)), as before they kept
 # a group-major copy
-EXPERIMENTS = ["w4a16-g128:row-major"]
+EXPERIMENTS = ["w4a16-g128:row-major", *(f"{f}:pdl" for f in ("w4a16-g128", "w4a16"))]
+# on request too: the fragment kernels launched with programmatic dependent launch after a
+# norm / silu * up that lets them start early (FragForward's pdl). Per linear, one launch
+# overlaps the one before of the same layer, which a model never runs; the chains are the
+# measure.
+CHAIN_EXPERIMENTS = ["w4a16-g128:pdl", "w4a16:pdl"]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
 HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)
@@ -138,18 +143,20 @@ def model_linear(spec: QuantSpec, t: dict[str, Any], variant: str = "") -> Calla
     """x -> y as a QLinear of this format runs on the GPU: the kernel the registry picks,
     prepared once (the fragment-order W4A16 kernel repacks its weights here). `variant`
     "canonical": the canonical-layout kernel; "row-major": the fragment-order kernels on the
-    layer's row-major scales."""
+    layer's row-major scales; "pdl": the fragment kernel with programmatic dependent launch."""
     from specquant.kernels.registry import KernelContext, select
     from specquant.kernels.triton_ops.qlinear import qlinear
 
     n, k = t["qweight"].shape[0], t["qweight"].shape[1] * (2 if spec.weight_bits == 4 else 1)
     extra = (("spec", spec), ("shape", (n, k)))
     impl = select("qlinear", KernelContext(torch.device("cuda"), torch.bfloat16, extra))
-    if variant == "row-major":
+    if variant in ("row-major", "pdl"):
         from specquant.kernels.triton_ops.w4_fragment import prepare_forward
 
         hopper = torch.cuda.get_device_capability()[0] == 9
-        return Prepared(prepare_forward(t, spec, hopper, group_major_scales=False), t, spec)
+        fwd = prepare_forward(t, spec, hopper, group_major_scales=variant != "row-major",
+                              pdl=variant == "pdl")  # fmt: skip
+        return Prepared(fwd, t, spec)
     if variant == "canonical" or impl.prepare is None:
         return lambda x: qlinear(x, t, None, spec)
     return Prepared(impl.prepare(t, spec, torch.bfloat16), t, spec)
@@ -303,7 +310,9 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     shapes = SHAPES[model]
     hidden = shapes["qkv"][0]
     norm_w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
-    spec = None if name == "bf16" else FORMATS[name]
+    base, _, variant = name.partition(":")
+    early = variant == "pdl"  # the norm and silu * up let the linear after them start
+    spec = None if name == "bf16" else FORMATS[base]
     if spec is None:
         one = {
             layer: torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -317,7 +326,8 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
     weights = [one] + [{layer: _clone(t) for layer, t in one.items()} for _ in range(1, copies)]
     act = None if spec is None or spec.activations == "none" else spec.activations
     if spec is not None:
-        weights = [{layer: model_linear(spec, t) for layer, t in w.items()} for w in weights]
+        weights = [{layer: model_linear(spec, t, variant) for layer, t in w.items()}
+                   for w in weights]  # fmt: skip
 
     def linear(x: Any, w: Any) -> torch.Tensor:
         return F.linear(x, w) if spec is None else w(x)
@@ -327,14 +337,14 @@ def chain(name: str, model: str, gen: torch.Generator) -> Any:
             return rmsnorm_quant(x, norm_w, 1e-5, act)
         if wants_mma_order(w, x.shape[0]):
             return MmaOrderActivations(rmsnorm(x, norm_w, 1e-5, mma_order=True))
-        return rmsnorm(x, norm_w, 1e-5)
+        return rmsnorm(x, norm_w, 1e-5, launch_dependents=early)
 
     def gate(up: torch.Tensor, w: Any) -> Any:
         if act is not None:
             return silu_mul_quant(up, act)
         if wants_mma_order(w, up.shape[0]):
             return MmaOrderActivations(silu_mul(up, mma_order=True))
-        return silu_mul(up)
+        return silu_mul(up, launch_dependents=early)
 
     def make(x: torch.Tensor) -> Callable[[int], Any]:
         attn_out = torch.randn(x.shape[0], shapes["o"][0], device="cuda", dtype=x.dtype)
@@ -778,7 +788,8 @@ def chain_markdown(chains: list[dict[str, Any]]) -> list[str]:
         md += ["", f"### Llama-3-{model.upper()}", ""]
         md.append("| format | " + " | ".join(f"M={m}" for m in MS) + " | vs bf16 at M=1 / 128 |")
         md.append("|---" * (len(MS) + 2) + "|")
-        for name in (c for c in CHAIN if any(impl == c for impl, _ in t)):  # those timed
+        timed = (c for c in CHAIN + CHAIN_EXPERIMENTS if any(impl == c for impl, _ in t))
+        for name in timed:
             cells = [f"{t[(name, m)]:.1f}" if (name, m) in t else "-" for m in MS]
             ratio = "-"
             if all((k, m) in t for k in (name, "bf16") for m in (1, 128)):
@@ -912,7 +923,7 @@ def main() -> None:
     partial = args.out / "kernel_perf_rows.json"
     rows = measure(models, ms, start + args.budget_s, partial, baselines, formats)
     summary = summarize(rows, bw)
-    chain_names = [c for c in CHAIN if c == "bf16" or c in formats]
+    chain_names = [c for c in CHAIN + CHAIN_EXPERIMENTS if c == "bf16" or c in formats]
     chains = measure_chains(models, ms, start + args.budget_s + args.chain_budget_s, chain_names)
     meta = dict(
         gpu_run_meta(args.commit),

@@ -164,11 +164,14 @@ def _compile_w4_gluon(
 ROW_PRE = {"none": 0, "norm": 1, "silu_mul": 2}
 
 
-def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str, int]:
+def compile_row_sass(
+    pre: str, kind: str, k: int, arch: int, pdl: bool = False
+) -> tuple[str, str, int]:
     """(SASS, resource usage, values per thread) of act_quant's row kernel for contiguous
     rows of k values, launched as `_launch` would (row_config's block and warps), with the
     integer arguments specialized as Triton does at run time: 1 becomes a constant, a
-    multiple of 16 is noted as such."""
+    multiple of 16 is noted as such. With `pdl`, the kernel lets the one after it launch
+    (launch_dependents), and the resource line says where."""
     from specquant.kernels.triton_ops import act_quant as A
 
     block, warps = A.row_config(k)
@@ -176,7 +179,8 @@ def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str, 
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": code, "scales_ptr": "*fp32",
            "eps": "fp32"}  # fmt: skip
     consts: dict[str, Any] = dict(PRE=ROW_PRE[pre], QUANT=kind != "none", FP8=kind == "fp8",
-                                  MMA_ORDER=False, BLOCK=block, RINT=True)  # fmt: skip
+                                  MMA_ORDER=False, BLOCK=block, RINT=True,
+                                  LAUNCH_DEPENDENTS=pdl)  # fmt: skip
     aligned = ["x_ptr", "w_ptr", "codes_ptr", "scales_ptr"]
     ints = {"K": k, "stride_xm": 2 * k if pre == "silu_mul" else k, "stride_cm": k}
     for name, value in ints.items():
@@ -191,11 +195,17 @@ def compile_row_sass(pre: str, kind: str, k: int, arch: int) -> tuple[str, str, 
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     cubin = kernel.asm["cubin"]
-    return _disassemble(cubin), _resources(cubin), block // (32 * warps) or 1
+    res = _resources(cubin)
+    if pdl:
+        head, _, _ = kernel.asm["ptx"].partition("griddepcontrol.launch_dependents")
+        loads = len(re.findall(r"\bld\.global", head))
+        res += (f"\ngriddepcontrol: {kernel.asm['ptx'].count('griddepcontrol.launch_dependents')}"
+                f" launch_dependents, {loads} global loads before it")  # fmt: skip
+    return _disassemble(cubin), res, block // (32 * warps) or 1
 
 
-def _print_row(pre: str, kind: str, k: int, arch: int) -> None:
-    sass, res, per_thread = compile_row_sass(pre, kind, k, arch)
+def _print_row(pre: str, kind: str, k: int, arch: int, pdl: bool = False) -> None:
+    sass, res, per_thread = compile_row_sass(pre, kind, k, arch, pdl)
     ops = opcodes(sass.splitlines(), modifiers=True)
     total = sum(ops.values())
     print(f"triton {triton.__version__}, sm_{arch}, row kernel {pre} -> {kind}, K={k}: "
@@ -318,7 +328,8 @@ def main() -> None:
     ap.add_argument("--act-quant", default=None, help="PRE,KIND,K: count act_quant's row "
                     "kernel instead (PRE none/norm/silu_mul, KIND int8/fp8/none)")  # fmt: skip
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
-                    "dependent launch (where the kernel waits for the one before)")  # fmt: skip
+                    "dependent launch (where the kernel waits for the one before); with "
+                    "--act-quant: where it lets the one after it launch")  # fmt: skip
     ap.add_argument("--group-major", action="store_true", help="with --fragment / --wgmma: "
                     "scales in group-major memory (strides (1, N))")  # fmt: skip
     ap.add_argument("--group", type=int, default=None, help="with --fragment / --wgmma (default "
@@ -326,7 +337,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.act_quant:
         pre, kind, k = args.act_quant.split(",")
-        _print_row(pre, kind, int(k), args.arch)
+        _print_row(pre, kind, int(k), args.arch, args.pdl)
         return
     if args.split_k is None:
         args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma else 2

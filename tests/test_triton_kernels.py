@@ -757,17 +757,45 @@ def test_split_k_fix_up_does_not_spill(fmt, tile) -> None:
     assert "STACK:0 " in out, out
 
 
-def _row_sass(root: Path, spec: str) -> Any:
-    """bench/kernel_sass.py --act-quant `spec`, compiled offline for sm_90; skips where
-    Triton ships no ptxas."""
+def _row_sass(root: Path, spec: str, *more: str) -> Any:
+    """bench/kernel_sass.py --act-quant `spec` (and `more` arguments), compiled offline for
+    sm_90; skips where Triton ships no ptxas."""
     out = subprocess.run(
-        [sys.executable, str(root / "bench" / "kernel_sass.py"), "--act-quant", spec],
+        [sys.executable, str(root / "bench" / "kernel_sass.py"), "--act-quant", spec, *more],
         capture_output=True, text=True,
     )  # fmt: skip
     if out.returncode and "ptxas" in out.stderr and "not found" in out.stderr:
         pytest.skip("Triton's ptxas is not available")
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+@pytest.mark.parametrize("spec", ["norm,none,4096", "silu_mul,none,14336"])
+def test_row_kernel_lets_the_next_kernel_launch_before_it_reads_anything(spec) -> None:
+    """Offline PTX: with launch_dependents the norm / silu * up kernel signals once, before
+    its first global load, so that a W4A16 fragment kernel launched after it with
+    programmatic dependent launch copies its weights meanwhile; without, it never does."""
+    from conftest import REPO_ROOT
+
+    out = _row_sass(REPO_ROOT, spec, "--pdl").stdout
+    assert "griddepcontrol: 1 launch_dependents, 0 global loads before it" in out, out
+    assert "griddepcontrol" not in _row_sass(REPO_ROOT, spec).stdout
+
+
+def test_launch_dependents_and_pdl_layers_need_hopper() -> None:
+    """Asking for programmatic dependent launch where there is none is an error that says
+    what it needs, for the row kernels and the W4A16 layer alike."""
+    from specquant.kernels.triton_ops.act_quant import rmsnorm, silu_mul
+    from specquant.kernels.triton_ops.w4_fragment import FragForward
+
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"compute capability >= 9.0 \(Hopper\)"):
+        rmsnorm(x, torch.ones(256, dtype=torch.bfloat16), 1e-5, launch_dependents=True)
+    with pytest.raises(ValueError, match=r"compute capability >= 9.0 \(Hopper\)"):
+        silu_mul(x, launch_dependents=True)
+    frag = torch.zeros(256 // 16, 256 // 128, 512, dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"pdl needs .* >= 9.0 \(Hopper\), not cpu"):
+        FragForward(frag, get_format("w4a16-g128"), wgmma=False, pdl=True)
 
 
 @pytest.mark.parametrize("pre", ["none", "norm", "silu_mul"])

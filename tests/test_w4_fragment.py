@@ -254,6 +254,52 @@ def test_programmatic_dependent_launch_chain_reads_what_the_kernel_before_wrote(
 
 
 @pytest.mark.cuda
+def test_pdl_layers_after_an_early_norm_and_silu_give_the_same_bits() -> None:
+    """The `:pdl` chains of bench/kernel_perf.py: the norm and silu * up let the next kernel
+    launch at once, and the W4A16 layers after them (prepare_forward(pdl=True)) copy their
+    first weights before waiting for x. Norm -> gate_up -> silu * up -> down at 1 and 8
+    tokens, eagerly and from a CUDA graph, equals the same chain launched plainly, bit for
+    bit, in both formats."""
+    from specquant.kernels.triton_ops.act_quant import rmsnorm, silu_mul
+    from specquant.kernels.triton_ops.w4_fragment import prepare_forward
+    from specquant.quant.spec import get_format
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    hidden, inner = 2048, 4096
+    norm_w = torch.rand(hidden, device="cuda", generator=gen, dtype=torch.bfloat16) + 0.5
+    for fmt, group in (("w4a16-g128", 128), ("w4a16", 0)):
+        layers = {}
+        for name, (n, k) in {"gate_up": (2 * inner, hidden), "down": (hidden, inner)}.items():
+            g = 1 if group == 0 else k // group
+            q = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+            scales = torch.rand(n, g, device="cuda", generator=gen) * 0.01 + 1e-3
+            t = {"qweight": q, "scales": scales}
+            layers[name] = (t, prepare_forward(t, get_format(fmt)),
+                            prepare_forward(t, get_format(fmt), pdl=True))  # fmt: skip
+
+        def chain(x: torch.Tensor, early: bool, layers: dict = layers) -> torch.Tensor:
+            (tu, plain_u, pdl_u), (td, plain_d, pdl_d) = layers["gate_up"], layers["down"]
+            up = (pdl_u if early else plain_u)(
+                rmsnorm(x, norm_w, 1e-5, launch_dependents=early), tu, None, None
+            )
+            return (pdl_d if early else plain_d)(silu_mul(up, launch_dependents=early), td,
+                                                 None, None)  # fmt: skip
+
+        for m in (1, 8):
+            x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+            want = chain(x, early=False)
+            assert torch.equal(chain(x, early=True), want), (fmt, m)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = chain(x, early=True)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, want), (fmt, m)
+
+
+@pytest.mark.cuda
 def test_layer_runs_fragments_where_tuned_and_the_canonical_kernel_elsewhere() -> None:
     """mma.sync fragments up to 8 tokens, on Hopper the wgmma kernel where WGMMA_CONFIGS has a
     config (from 17 tokens for this small layer, prefill included), the canonical kernel

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from specquant.kernels.reference import ACTIVATION_KINDS, MMA_BLOCK, QuantizedActivations
 
@@ -62,7 +63,13 @@ def _row_kernel(
     MMA_ORDER: tl.constexpr,
     BLOCK: tl.constexpr,
     RINT: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        # The kernel after this one, if launched with programmatic dependent launch (the
+        # W4A16 fragment kernel with FragConfig.pdl), may start now: it copies its first
+        # weight tiles while this row runs, and waits for our output before it reads x.
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK)
     mask = rk < K
@@ -112,6 +119,7 @@ def _launch(
     kind: str | None,
     pre: int,
     mma_order: bool = False,
+    launch_dependents: bool = False,
 ) -> QuantizedActivations | torch.Tensor:
     if kind is not None and kind not in ACTIVATION_KINDS:
         raise ValueError(f"unknown activation quantization {kind!r}; supported: int8, fp8")
@@ -126,6 +134,11 @@ def _launch(
     if mma_order and (kind is not None or k % MMA_BLOCK):
         raise ValueError(f"mma K order is for unquantized rows of a multiple of {MMA_BLOCK} "
                          f"values, not {kind or 'plain'} rows of {k}")  # fmt: skip
+    if launch_dependents and (
+        x.device.type != "cuda" or INTERPRET or torch.cuda.get_device_capability(x.device) < (9, 0)
+    ):
+        raise ValueError("launch_dependents needs programmatic dependent launch: a CUDA GPU "
+                         "of compute capability >= 9.0 (Hopper), not the interpreter")  # fmt: skip
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -150,6 +163,7 @@ def _launch(
             MMA_ORDER=mma_order,
             BLOCK=block,
             RINT=not INTERPRET,
+            LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=warps,
         )
     lead = x.shape[:-1]
@@ -175,22 +189,30 @@ def rmsnorm_quant(
 
 
 def rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, mma_order: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    mma_order: bool = False,
+    launch_dependents: bool = False,
 ) -> torch.Tensor:
     """rmsnorm(x) * weight in one pass, for the layers that take plain activations: one
     launch instead of torch's cast, norm, cast and product. It rounds where the reference
     does, but sums in another order and takes a correctly rounded 1 / sqrt where torch uses
     rsqrt, so an output can differ from the reference's by one step of the activation dtype.
-    `mma_order`: written in reference.to_mma_order's order (for a W4A16 wgmma layer)."""
-    out = _launch(x, weight, eps, None, NORM, mma_order)
+    `mma_order`: written in reference.to_mma_order's order (for a W4A16 wgmma layer).
+    `launch_dependents` (Hopper): let a kernel launched after it with programmatic dependent
+    launch start at once (an experiment: bench/kernel_perf.py's `:pdl` chains)."""
+    out = _launch(x, weight, eps, None, NORM, mma_order, launch_dependents)
     assert isinstance(out, torch.Tensor)
     return out
 
 
-def silu_mul(h: torch.Tensor, mma_order: bool = False) -> torch.Tensor:
-    """[..., 2I] = [gate; up] -> silu(gate) * up [..., I] in one pass (`mma_order`: as
-    `rmsnorm`'s)."""
-    out = _launch(h, None, 0.0, None, SILU_MUL, mma_order)
+def silu_mul(
+    h: torch.Tensor, mma_order: bool = False, launch_dependents: bool = False
+) -> torch.Tensor:
+    """[..., 2I] = [gate; up] -> silu(gate) * up [..., I] in one pass (`mma_order` and
+    `launch_dependents`: as `rmsnorm`'s)."""
+    out = _launch(h, None, 0.0, None, SILU_MUL, mma_order, launch_dependents)
     assert isinstance(out, torch.Tensor)
     return out
 

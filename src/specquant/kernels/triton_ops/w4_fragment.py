@@ -444,7 +444,8 @@ def _table(*configs: Any) -> list[tuple[int, Any]]:
 # (least total time per class, programmatic dependent launch left out: timed back to back,
 # one launch overlaps the one before, which a model's norm or attention kernel never lets
 # it). Buckets 16, 32 and 64 were tuned too and lost to the canonical kernel (its wgmma
-# tiles), so more than 8 tokens take that kernel. Per channel: frag_tune_a281c4d.json.
+# tiles), so more than 8 tokens take another kernel: on Hopper the wgmma one (w4_wgmma.py),
+# elsewhere the canonical one. Per channel: frag_tune_a281c4d.json.
 FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
     8: _table(  # timed at M = 1
         FragConfig(128, 128, 4, 4, stages=3),
@@ -602,7 +603,11 @@ def fragment_linear(
 
 
 def prepare_forward(
-    t: dict[str, torch.Tensor], spec: Any, wgmma: bool = False, group_major_scales: bool = True
+    t: dict[str, torch.Tensor],
+    spec: Any,
+    wgmma: bool = False,
+    group_major_scales: bool = True,
+    pdl: bool = False,
 ) -> FragForward:
     """One layer's forward: its codes repacked once (see FragForward), and for group formats
     a copy of its scales in group-major memory ([G, N], Marlin's order) for the fragment and
@@ -610,11 +615,13 @@ def prepare_forward(
     contiguous run instead of one 32-byte sector per output row: at one token that took
     70B's down_proj from 49.4 to 39.5 us (per channel: 36.0), and every Llama-3 linear
     gained (bench/results/frag_tune_group_major_9765d40.md). The copy costs 1/16 of the
-    4-bit codes' bytes; the canonical kernel keeps reading the layer's own tensors."""
+    4-bit codes' bytes; the canonical kernel keeps reading the layer's own tensors.
+    `pdl`: its fragment configs launch with programmatic dependent launch (Hopper; see
+    FragForward)."""
     scales = None
     if group_major_scales and spec.group_size != -1:
         scales = t["scales"].t().contiguous().t()  # [N, G] view, strides (1, N)
-    return FragForward(prepare_fragments(t["qweight"]), spec, wgmma, scales)
+    return FragForward(prepare_fragments(t["qweight"]), spec, wgmma, scales, pdl)
 
 
 class FragForward:
@@ -623,12 +630,24 @@ class FragForward:
     `wgmma` (Hopper) those with a tuned w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on
     the same fragments, others the canonical-layout kernel on the layer's own tensors. It
     takes activations in mma K order (MmaOrderActivations) where its wgmma config reads them
-    so (`takes_mma_order`)."""
+    so (`takes_mma_order`). With `pdl` (Hopper) its fragment configs launch with
+    programmatic dependent launch: after a kernel that lets them start early (act_quant's
+    rmsnorm / silu_mul with launch_dependents), they copy their first weight tiles while it
+    runs. An experiment (bench/kernel_perf.py's `:pdl` chains), not a default."""
 
     def __init__(
-        self, frag: torch.Tensor, spec: Any, wgmma: bool, scales: torch.Tensor | None = None
+        self,
+        frag: torch.Tensor,
+        spec: Any,
+        wgmma: bool,
+        scales: torch.Tensor | None = None,
+        pdl: bool = False,
     ):
-        self.frag, self.spec, self.wgmma = frag, spec, wgmma
+        if pdl and (frag.device.type != "cuda"
+                    or torch.cuda.get_device_capability(frag.device) < (9, 0)):  # fmt: skip
+            raise ValueError(f"pdl needs programmatic dependent launch: a CUDA GPU of compute "
+                             f"capability >= 9.0 (Hopper), not {frag.device}")  # fmt: skip
+        self.frag, self.spec, self.wgmma, self.pdl = frag, spec, wgmma, pdl
         self.scales = scales  # the fragment and wgmma kernels' own copy, if any
         self.group = 0 if spec.group_size == -1 else spec.group_size
         self.n, self.k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
@@ -640,6 +659,8 @@ class FragForward:
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
 
         cfg = frag_config(m, self.weights, self.group > 0)
+        if cfg is not None and self.pdl:
+            cfg = replace(cfg, pdl=True)
         if cfg is not None or not self.wgmma:
             return cfg, None
         return None, wgmma_config(m, self.n, self.k)
