@@ -66,11 +66,11 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
-    stages: int = 1, split_k: int = 1, pdl: bool = False, group_major: bool = False,
+    stages: int = 1, split_k: int = 1, pdl: bool = False, group_major: bool = True,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py); with
-    `pdl`, also where it waits for the kernel before (programmatic dependent launch); with
-    `group_major`, for scales in group-major memory."""
+    `pdl`, also where it waits for the kernel before (programmatic dependent launch); scales
+    in group-major memory as the layers keep them, or row-major unless `group_major`."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
@@ -84,10 +84,10 @@ def compile_fragment_sass(
 def compile_wgmma_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 3,
     w_ring: bool = False, overlap: bool = False, x_perm: bool = False, maxnreg: int = 0,
-    split_k: int = 1, group_major: bool = False,
+    split_k: int = 1, group_major: bool = True,
 ) -> tuple[str, str]:  # fmt: skip
-    """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py); with `group_major`,
-    for scales in group-major memory."""
+    """(SASS, resource usage) of the wgmma W4A16 kernel (w4_wgmma.py); scales as in
+    compile_fragment_sass."""
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma as W
 
@@ -293,9 +293,26 @@ def fix_up_loads(sass: str) -> tuple[int, int]:
     return sum(n for op, n in body.items() if op == "LDG"), 1
 
 
+def loop_spills(sass: str) -> tuple[int, int]:
+    """Local-memory accesses (STL / LDL) in the K loop and in the split-K fix-up's loop:
+    where a spill costs every trip. Values kept on the stack across the loops (stored
+    before, reloaded after) show in the resource line's STACK but not here."""
+    ops = loop_histogram(sass)
+    in_k = ops["STL"] + ops["LDL"]
+    start, end = sass.find("ATOMG.E.ADD"), sass.find("ATOMG.E.EXCH")
+    in_fix = 0
+    if start >= 0 and end >= 0:
+        try:
+            fix = loop_histogram(sass[start:end])
+            in_fix = fix["STL"] + fix["LDL"]
+        except RuntimeError:  # unrolled: every access runs once per split
+            in_fix = len(re.findall(r"\b(?:STL|LDL)\b", sass[start:end]))
+    return in_k, in_fix
+
+
 def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
     """The K loop's instruction count per weight, its opcodes, the split-K fix-up's loads
-    per L2 round trip, and the resource line."""
+    per L2 round trip, local-memory accesses in the loops, and the resource line."""
     ops = loop_histogram(sass)
     total, per_thread = sum(ops.values()), weights / threads
     print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
@@ -306,6 +323,8 @@ def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: 
     if per_trip:
         how = "per trip of its loop" if looped else "unrolled, all at once"
         print(f"split-K fix-up: {per_trip} loads of partial sums {how}")
+    in_k, in_fix = loop_spills(sass)
+    print(f"local memory: {in_k} accesses in the K loop, {in_fix} in the split-K fix-up loop")
     print(res)
 
 
@@ -330,8 +349,10 @@ def main() -> None:
     ap.add_argument("--pdl", action="store_true", help="with --fragment: programmatic "
                     "dependent launch (where the kernel waits for the one before); with "
                     "--act-quant: where it lets the one after it launch")  # fmt: skip
-    ap.add_argument("--group-major", action="store_true", help="with --fragment / --wgmma: "
-                    "scales in group-major memory (strides (1, N))")  # fmt: skip
+    ap.add_argument("--row-major", action="store_true", help="with --fragment / --wgmma: "
+                    "scales in row-major [N, G] memory (strides (G, 1)), as a caller of "
+                    "fragment_linear / wgmma_linear may pass them; by default group-major "
+                    "(strides (1, N)), as the layers keep them")  # fmt: skip
     ap.add_argument("--group", type=int, default=None, help="with --fragment / --wgmma (default "
                     "128) or --w4a8-wgmma (default 0): 0 = per channel")  # fmt: skip
     args = ap.parse_args()
@@ -358,9 +379,9 @@ def main() -> None:
         bn, bk, bm, warps, stages, ring, overlap, x_perm, maxnreg = fields
         sass, res = compile_wgmma_sass(bn, bk, bm, warps, args.group, args.arch, stages,
                                        bool(ring), bool(overlap), bool(x_perm),
-                                       maxnreg, args.split_k, args.group_major)  # fmt: skip
+                                       maxnreg, args.split_k, not args.row_major)  # fmt: skip
         tiles = 2 if overlap else 1  # the overlapping loop is unrolled by two K tiles
-        gm = ", group-major scales" if args.group_major else ""
+        gm = ", row-major scales" if args.row_major else ""
         _print_w4(sass, res, f"wgmma W4A16 group {args.group}{gm}, tile {args.wgmma}",
                   bn * bk * tiles, 32 * warps, args.arch)  # fmt: skip
         ops = loop_histogram(sass)
@@ -373,8 +394,8 @@ def main() -> None:
                                               + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
                                           stages, args.split_k, args.pdl,
-                                          args.group_major)  # fmt: skip
-        gm = ", group-major scales" if args.group_major else ""
+                                          not args.row_major)  # fmt: skip
+        gm = ", row-major scales" if args.row_major else ""
         _print_w4(sass, res, f"fragment W4A16 group {args.group}{gm}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
