@@ -59,10 +59,12 @@ CANDIDATES: dict[int, list[F.FragConfig]] = {
 CHECKED = [None, _C(32, 128, 1, 4), _C(128, 256, 4), _C(64, 128, 2, 1, 4, 3), _C(128, 128, 4, 2, 2),
            _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2), _C(128, 128, 4, 2, 1, 3, True),
            _C(128, 128, 4, 4, 1, 1, True)]  # fmt: skip
-FORMATS = ["w4a16-g128", "w4a16"]
-# on request (--formats): W4A16-g128 with its scales in group-major memory ([G, N], Marlin's
-# order), as prepare_forward(group_major_scales=True) keeps them
+# g128 on group-major scales ([G, N], Marlin's order), as prepare_forward keeps them for the
+# layers, and per channel: what the tile tables serve. "w4a16-g128" (on request) passes the
+# scales row-major, as a caller of fragment_linear may.
 GROUP_MAJOR = "w4a16-g128:group-major"
+FORMATS = [GROUP_MAJOR, "w4a16"]
+KNOWN = [*FORMATS, "w4a16-g128"]
 MS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -324,7 +326,7 @@ def main() -> None:
                     help="comma-separated: check, tune, compare")  # fmt: skip
     ap.add_argument("--buckets", default="8,16,32,64", help="M buckets to tune")
     ap.add_argument("--formats", default=",".join(FORMATS),
-                    help=f"comma-separated, of {[*FORMATS, GROUP_MAJOR]}; the picks rank "
+                    help=f"comma-separated, of {KNOWN}; the picks rank "
                          "configs by their total time over these")  # fmt: skip
     ap.add_argument("--compare-ms", default=",".join(map(str, MS)),
                     help="token counts of the fragment vs canonical comparison")  # fmt: skip
@@ -340,9 +342,9 @@ def main() -> None:
         return
     stages = set(args.stages.split(","))
     formats = args.formats.split(",")
-    unknown = [f for f in formats if f not in [*FORMATS, GROUP_MAJOR]]
+    unknown = [f for f in formats if f not in KNOWN]
     if unknown:
-        ap.error(f"unknown --formats {unknown}; choose from {[*FORMATS, GROUP_MAJOR]}")
+        ap.error(f"unknown --formats {unknown}; choose from {KNOWN}")
     buckets = [int(b) for b in args.buckets.split(",")]
     prev = json.loads(args.previous.read_text()) if args.previous else {}
     start = time.time()

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
-from frag_probe import base_format, check_cases, config_table_md, rel_err, size_class, weights
+from frag_probe import (
+    GROUP_MAJOR,
+    base_format,
+    check_cases,
+    config_table_md,
+    rel_err,
+    size_class,
+    weights,
+)
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
@@ -65,7 +73,7 @@ CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
            _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True),
            _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
-FORMATS = ["w4a16-g128", "w4a16"]
+FORMATS = [GROUP_MAJOR, "w4a16"]  # as the layers run them (frag_probe.FORMATS)
 GATHER = "x_perm gather"  # the gather of x into mma order, timed on its own (not in x_perm rows)
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 
@@ -226,8 +234,8 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--formats", default=",".join(FORMATS),
-                    help="comma-separated; w4a16-g128:group-major for scales in group-major "
-                         "memory, as the layers keep them")  # fmt: skip
+                    help="comma-separated; w4a16-g128 for g128 on row-major scales (the "
+                         "default's g128 reads group-major ones, as layers keep them)")  # fmt: skip
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
     ap.add_argument("--with", dest="prior", type=Path, default=None, help="an earlier run's "
