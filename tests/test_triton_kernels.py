@@ -794,7 +794,7 @@ def test_launch_dependents_and_pdl_layers_need_hopper() -> None:
     with pytest.raises(ValueError, match=r"compute capability >= 9.0 \(Hopper\)"):
         silu_mul(x, launch_dependents=True)
     frag = torch.zeros(256 // 16, 256 // 128, 512, dtype=torch.int16)
-    with pytest.raises(ValueError, match=r"pdl needs .* >= 9.0 \(Hopper\), not cpu"):
+    with pytest.raises(ValueError, match=r"pdl needs .* >= 9.0 \(Hopper\), not a cpu device"):
         FragForward(frag, get_format("w4a16-g128"), wgmma=False, pdl=True)
 
 

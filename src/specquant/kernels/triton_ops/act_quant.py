@@ -134,11 +134,11 @@ def _launch(
     if mma_order and (kind is not None or k % MMA_BLOCK):
         raise ValueError(f"mma K order is for unquantized rows of a multiple of {MMA_BLOCK} "
                          f"values, not {kind or 'plain'} rows of {k}")  # fmt: skip
-    if launch_dependents and (
-        x.device.type != "cuda" or INTERPRET or torch.cuda.get_device_capability(x.device) < (9, 0)
-    ):
-        raise ValueError("launch_dependents needs programmatic dependent launch: a CUDA GPU "
-                         "of compute capability >= 9.0 (Hopper), not the interpreter")  # fmt: skip
+    if launch_dependents:
+        from specquant.kernels.triton_ops.w4_fragment import PDL_NEEDS, pdl_missing
+
+        if missing := "the Triton interpreter" if INTERPRET else pdl_missing(x.device):
+            raise ValueError(f"launch_dependents needs {PDL_NEEDS}, not {missing}")
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -552,6 +552,17 @@ def plan_grid(
     return Grid(block_k, (k_blocks // split_k) * block_k, split_k, n_tiles, m_tiles, ws, locks)
 
 
+PDL_NEEDS = "programmatic dependent launch: a CUDA GPU of compute capability >= 9.0 (Hopper)"
+
+
+def pdl_missing(device: torch.device) -> str:
+    """Why `device` cannot launch with programmatic dependent launch ("" where it can)."""
+    if device.type != "cuda":
+        return f"a {device.type} device"
+    cap = torch.cuda.get_device_capability(device)
+    return f"compute capability {cap[0]}.{cap[1]}" if cap < (9, 0) else ""
+
+
 def scale_strides(scales: torch.Tensor, group: int) -> tuple[int, int]:
     """(stride along N, stride along the groups) of fp32 [N, G] scales as the W4A16 kernels
     read them: row-major [N, G] or a view of group-major [G, N] memory (Marlin's order,
@@ -579,13 +590,11 @@ def fragment_linear(
     if m == 0:
         return out.view(*lead, n)
     cfg = config or frag_config(m, n * k, group > 0) or DEFAULT_CONFIG
-    if cfg.pdl and torch.cuda.get_device_capability(a.device) < (9, 0):
+    if cfg.pdl and (missing := pdl_missing(a.device)):
         if config is None:  # a table's pick: run it without, as GPUs before Hopper must
             cfg = replace(cfg, pdl=False)
         else:
-            cap = ".".join(map(str, torch.cuda.get_device_capability(a.device)))
-            raise ValueError(f"FragConfig(pdl=True) needs programmatic dependent launch, "
-                             f"compute capability >= 9.0 (Hopper); this GPU has {cap}")  # fmt: skip
+            raise ValueError(f"FragConfig(pdl=True) needs {PDL_NEEDS}, not {missing}")
     bm = block_m(m)
     warps_m = min(cfg.warps_m, bm // 8)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
@@ -643,10 +652,8 @@ class FragForward:
         scales: torch.Tensor | None = None,
         pdl: bool = False,
     ):
-        if pdl and (frag.device.type != "cuda"
-                    or torch.cuda.get_device_capability(frag.device) < (9, 0)):  # fmt: skip
-            raise ValueError(f"pdl needs programmatic dependent launch: a CUDA GPU of compute "
-                             f"capability >= 9.0 (Hopper), not {frag.device}")  # fmt: skip
+        if pdl and (missing := pdl_missing(frag.device)):
+            raise ValueError(f"pdl needs {PDL_NEEDS}, not {missing}")
         self.frag, self.spec, self.wgmma, self.pdl = frag, spec, wgmma, pdl
         self.scales = scales  # the fragment and wgmma kernels' own copy, if any
         self.group = 0 if spec.group_size == -1 else spec.group_size
