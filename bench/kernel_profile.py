@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from frag_probe import weights
+from frag_probe import GROUP_MAJOR, weights
 from kernel_perf import SHAPES
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
@@ -36,10 +36,12 @@ KERNELS = ("wgmma", "frag", "canonical")
 
 
 def launcher(kernel: str, fmt: str, n: int, k: int, m: int, config: str | None):
-    """A no-argument function that runs the kernel once on fixed random inputs."""
+    """A no-argument function that runs the kernel once on fixed random inputs (g128 scales
+    in group-major memory, as the layers keep them)."""
     spec = get_format(fmt)
     group = 0 if spec.group_size == -1 else spec.group_size
-    ws, _ = weights(fmt, n, k, torch.Generator(device="cuda").manual_seed(0))
+    layout = GROUP_MAJOR if group else fmt
+    ws, _ = weights(layout, n, k, torch.Generator(device="cuda").manual_seed(0))
     t = ws[0]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fields = [int(v) for v in config.split(",")] if config else None
@@ -47,7 +49,7 @@ def launcher(kernel: str, fmt: str, n: int, k: int, m: int, config: str | None):
         return lambda: qlinear(x, t, None, spec)
     frag = F.prepare_fragments(t["qweight"])
     if kernel == "frag":
-        cfg = F.FragConfig(*fields) if fields else F.frag_config(m, n * k)
+        cfg = F.FragConfig(*fields) if fields else F.frag_config(m, n * k, group > 0)
         return lambda: F.fragment_linear(x, frag, t["scales"], None, group, config=cfg)
     cfg = W.WgmmaConfig(*fields) if fields else W.wgmma_config(m, n, k)
     if cfg is None:
