@@ -51,15 +51,14 @@ OURS = ["w4a16-g128", "w4a16", "w4a16-g128-asym", "w8a8", "w4a8", "w4a8-g128", "
 # w4_fragment.max_m() tokens, on Hopper wgmma where w4_wgmma.WGMMA_CONFIGS has a config, else
 # the canonical-layout kernel); these rows time the canonical kernel at every M
 CANONICAL = ["w4a16-g128:canonical"]
-# on request (--formats) only: W4A16-g128 with the fragment and wgmma kernels reading the
-# layer's row-major scales (prepare_forward(group_major_scales=False)), as before they kept
-# a group-major copy
-EXPERIMENTS = ["w4a16-g128:row-major", *(f"{f}:pdl" for f in ("w4a16-g128", "w4a16"))]
-# on request too: the fragment kernels launched with programmatic dependent launch after a
-# norm / silu * up that lets them start early (FragForward's pdl). Per linear, one launch
-# overlaps the one before of the same layer, which a model never runs; the chains are the
-# measure.
+# on request (--formats) only: the fragment kernels launched with programmatic dependent
+# launch after a norm / silu * up that lets them start early (FragForward's pdl). Per
+# linear, one launch overlaps the one before of the same layer, which a model never runs;
+# the chains are the measure.
 CHAIN_EXPERIMENTS = ["w4a16-g128:pdl", "w4a16:pdl"]
+# and W4A16-g128 with the fragment and wgmma kernels reading the layer's row-major scales
+# (prepare_forward(group_major_scales=False)), as before they kept a group-major copy
+EXPERIMENTS = ["w4a16-g128:row-major", *CHAIN_EXPERIMENTS]
 GEMM_ONLY = ["w8a8", "w4a8", "w4a8-g128", "fp8"]  # also timed on pre-quantized activations
 BASELINES = ["bf16-cublas", "torch-int4-g128", "torch-int-mm-w8a8", "torch-scaled-mm-fp8"]
 HUMMING = ["humming-w4a16-g128"]  # with --humming (pip install humming-kernels)

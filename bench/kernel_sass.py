@@ -276,21 +276,27 @@ def opcodes(lines: list[str], modifiers: bool = False) -> collections.Counter[st
     return collections.Counter(m.group(1) for m in found if m)
 
 
-def fix_up_loads(sass: str) -> tuple[int, int]:
-    """(loads of partial sums per trip of the split-K fix-up's loop, trips' loop count): the
-    fix-up lies between the arrival's atomic add and the counter's reset; each trip of its
-    loop waits for one L2 round trip, so more loads per trip means fewer round trips. (0, 0)
-    without a split-K fix-up; (all its loads, 0) where it is unrolled into no loop."""
+def fix_up(sass: str) -> tuple[str, collections.Counter[str] | None]:
+    """The split-K fix-up's SASS (between the arrival's atomic add and the counter's reset;
+    "" without one) and its loop's opcode counts (None where it is unrolled into no loop)."""
     start, end = sass.find("ATOMG.E.ADD"), sass.find("ATOMG.E.EXCH")
     if start < 0 or end < 0:
-        return 0, 0
+        return "", None
     region = sass[start:end]
-    loads = len(re.findall(r"\bLDG\.E\S*\.STRONG\.GPU\b", region))
     try:
-        body = loop_histogram(region)
+        return region, loop_histogram(region)
     except RuntimeError:  # unrolled
-        return loads, 0
-    return sum(n for op, n in body.items() if op == "LDG"), 1
+        return region, None
+
+
+def fix_up_loads(sass: str) -> tuple[int, int]:
+    """(loads of partial sums per trip of the split-K fix-up's loop, trips' loop count): each
+    trip of its loop waits for one L2 round trip, so more loads per trip means fewer round
+    trips. (0, 0) without a split-K fix-up; (all its loads, 0) where it is unrolled."""
+    region, body = fix_up(sass)
+    if body is None:
+        return len(re.findall(r"\bLDG\.E\S*\.STRONG\.GPU\b", region)), 0
+    return body["LDG"], 1
 
 
 def loop_spills(sass: str) -> tuple[int, int]:
@@ -298,16 +304,12 @@ def loop_spills(sass: str) -> tuple[int, int]:
     where a spill costs every trip. Values kept on the stack across the loops (stored
     before, reloaded after) show in the resource line's STACK but not here."""
     ops = loop_histogram(sass)
-    in_k = ops["STL"] + ops["LDL"]
-    start, end = sass.find("ATOMG.E.ADD"), sass.find("ATOMG.E.EXCH")
-    in_fix = 0
-    if start >= 0 and end >= 0:
-        try:
-            fix = loop_histogram(sass[start:end])
-            in_fix = fix["STL"] + fix["LDL"]
-        except RuntimeError:  # unrolled: every access runs once per split
-            in_fix = len(re.findall(r"\b(?:STL|LDL)\b", sass[start:end]))
-    return in_k, in_fix
+    region, body = fix_up(sass)
+    if body is None:  # unrolled: every access runs once per split
+        in_fix = len(re.findall(r"\b(?:STL|LDL)\b", region))
+    else:
+        in_fix = body["STL"] + body["LDL"]
+    return ops["STL"] + ops["LDL"], in_fix
 
 
 def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:

@@ -137,6 +137,7 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
     scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
     frag = F.prepare_fragments(qweight)
     w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
+    gm = scales.t().contiguous().t()  # the same scales in group-major memory
     for i, m in enumerate((1, 9, 17, 40, 64, 100, 200, 333)):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
@@ -152,7 +153,6 @@ def test_wgmma_linear_matches_the_reference(dtype, n, k, group) -> None:
                 err = float((got.float() - want).norm() / want.norm())
                 assert err < 8e-3, (m, cfg, split, err)
                 # scales in group-major memory: the same arithmetic, the same bits
-                gm = scales.t().contiguous().t()
                 assert torch.equal(W.wgmma_linear(x, frag, gm, bias, group, cfg, split), got)
             if cfg.x_perm:  # x written in mma order by its producer: the same result
                 given = to_mma_order(x)

@@ -93,7 +93,7 @@ class ModelRunner:
         decoding steps. Asked per block, so a model quantized after this runner was built
         gets it too. A prompt's prefill runs the same blocks with or without speculation,
         so it keeps the fast kernel."""
-        # (exact attention is CPU-only: elsewhere skip the walk over the model's modules)
+        # (exact attention is CPU-only: elsewhere skip the check of the model's linears)
         if prefill or self.device.type != "cpu" or not quantizes_activations(self._linears):
             return self._fast_attn
         if self._exact_attn is None:

@@ -494,7 +494,7 @@ def frag_config(m: int, weights: int, grouped: bool = False) -> FragConfig | Non
 
 
 def max_m() -> int:
-    """The most tokens any layer runs on fragments by default (more: the canonical kernel)."""
+    """The most tokens any layer runs on fragments by default (more: another kernel)."""
     return max((b for table in (FRAG_CONFIGS, FRAG_CONFIGS_GROUPED)
                 for b, rows in table.items() if any(c for _, c in rows)), default=0)  # fmt: skip
 
@@ -563,6 +563,12 @@ def pdl_missing(device: torch.device) -> str:
     return f"compute capability {cap[0]}.{cap[1]}" if cap < (9, 0) else ""
 
 
+def group_major(scales: torch.Tensor) -> torch.Tensor:
+    """The same [N, G] scales as a view of group-major [G, N] memory (strides (1, N)), the
+    layout prepare_forward keeps for the kernels."""
+    return scales.t().contiguous().t()
+
+
 def scale_strides(scales: torch.Tensor, group: int) -> tuple[int, int]:
     """(stride along N, stride along the groups) of fp32 [N, G] scales as the W4A16 kernels
     read them: row-major [N, G] or a view of group-major [G, N] memory (Marlin's order,
@@ -629,7 +635,7 @@ def prepare_forward(
     FragForward)."""
     scales = None
     if group_major_scales and spec.group_size != -1:
-        scales = t["scales"].t().contiguous().t()  # [N, G] view, strides (1, N)
+        scales = group_major(t["scales"])
     return FragForward(prepare_fragments(t["qweight"]), spec, wgmma, scales, pdl)
 
 

@@ -366,9 +366,8 @@ WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
 }  # fmt: skip
 
 # Per layer shape (N, K), the buckets where one config beat its size class's pick on that
-# layer by 5% or more (wgmma_probe_a281c4d: W4A16-g128 at 32 and 64 tokens on an H200; the
-# 32 row above is that probe's too, with one warpgroup per program and K split until two
-# share each SM). The layers with few output tiles (8B qkv, o, down; 70B qkv) want smaller
+# layer by 5% or more (wgmma_probe_a281c4d: W4A16-g128 at 32 and 64 tokens on an H200).
+# The layers with few output tiles (8B qkv, o, down; 70B qkv) want smaller
 # or more programs than the larger layers of their size class; other shapes take the table.
 SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WgmmaConfig]] = {
     (6144, 4096): {64: _W(64, 128, 4, 3, 2, **_TWO)},  # Llama-3-8B qkv
