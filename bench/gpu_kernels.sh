@@ -8,6 +8,8 @@
 #   STAGE=measure  latency per linear and per layer chain with CONFIGS=<table> (or built-in);
 #                  HUMMING=1 adds humming-kernels (its wheel installed on PYTHONPATH);
 #                  KP_ARGS: more kernel_perf.py arguments, e.g. "--formats w4a16-g128,w4a16"
+#   STAGE=ws       bench/ws_probe.py: the warp-specialized wgmma W4A16 kernel checked and timed
+#                  against the layers' own wgmma picks (WS_ARGS="--ms 64 --models 8b")
 #   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
 #   STAGE=split    bench/split_probe.py: each linear's time per K split count (wgmma W4A16)
 #   STAGE=w4a8     bench/w4a8_probe.py: the W4A8 wgmma kernel checked, and timed against W4A8
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|measure|gather|split|w4a8|profile}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|ws|measure|gather|split|w4a8|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
@@ -43,6 +45,10 @@ measure)
   python bench/kernel_perf.py --out "$OUT" ${CONFIGS:+--configs "$CONFIGS"} ${HUMMING:+--humming} \
     ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}" --chain-budget-s "${CHAIN_BUDGET:-120}" \
     ${KP_ARGS:-}
+  ;;
+ws)
+  python bench/ws_probe.py --out "$OUT" --budget-s "${BUDGET:-300}" ${COMMIT:+--commit "$COMMIT"} \
+    ${WS_ARGS:-}
   ;;
 gather)
   python bench/gather_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"}

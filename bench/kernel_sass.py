@@ -99,6 +99,27 @@ def compile_wgmma_sass(
                              group_major=group_major)  # fmt: skip
 
 
+def compile_ws_sass(
+    bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 4,
+    maxnreg: int = 0, split_k: int = 1,
+) -> tuple[str, str]:  # fmt: skip
+    """(SASS, resource usage) of the warp-specialized wgmma W4A16 kernel (w4_wgmma_ws.py):
+    its TMA descriptors as the launcher builds them, group-major scales."""
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    lay = F.layouts(bn, bk, bm, warps)
+    descs = {"x_desc": f"tensordesc<bf16[{bm}, {bk}],{WS.x_layout(bm, bk)!r}>",
+             "w_desc": f"tensordesc<i16[{bn // 16}, {bk // 64}, 256],{WS.W_LAYOUT!r}>"}  # fmt: skip
+    pointers = {**descs, "s_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
+    consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
+                  WARPS=warps, STAGES=stages, WORDS=lay.words,
+                  WORDS_MMA=lay.words_mma)  # fmt: skip
+    return _compile_w4_gluon(WS._w4_wgmma_ws_kernel, consts, warps, arch, maxnreg,
+                             pointers=pointers, group_major=True)  # fmt: skip
+
+
 def compile_w4a8_wgmma_sass(
     bn: int,
     bk: int,
@@ -141,14 +162,20 @@ def _compile_w4_gluon(
     # W4A16 kernels take the scales' strides: row-major [N, G] has (G, 1), group-major
     # memory (1, N), and Triton specializes the 1 to a constant as at run time; W4A8 takes
     # its group count
-    scales = ("G",) if pointers else ("stride_sg",) if group_major else ("stride_sn",)
-    if not pointers:
+    w4a16 = "stride_sn" in fn.arg_names
+    scales = ("stride_sg",) if group_major else ("stride_sn",)
+    if w4a16:
         consts = {**consts, ("stride_sn" if group_major else "stride_sg"): 1}
-    sig.update({a: "i32" for a in ("M", "N", "K", *scales, "K_SPLIT", "stride_xm", "stride_om")})
+    else:
+        scales = ("G",)
+    ints = [a for a in ("M", "N", "K", *scales, "K_SPLIT", "stride_xm", "stride_om")
+            if a in fn.arg_names]  # fmt: skip
+    sig.update({a: "i32" for a in ints})
     sig.update({a: "constexpr" for a in consts})
-    aligned = [a for a in sig if a.endswith("_ptr")] + ["N", "K", "K_SPLIT", "stride_xm",
-                                                        "stride_om"]  # fmt: skip
-    aligned += ["stride_sg"] if group_major else []  # N, a multiple of 16
+    aligned = [a for a in sig if a.endswith("_ptr")] + [
+        a for a in ("N", "K", "K_SPLIT", "stride_xm", "stride_om") if a in sig
+    ]
+    aligned += ["stride_sg"] if group_major and w4a16 else []  # N, a multiple of 16
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
@@ -268,6 +295,25 @@ def loop_histogram(sass: str) -> collections.Counter[str]:
     return opcodes(lines[best[0] : best[1] + 1])
 
 
+def loop_with(sass: str, opcode: str) -> list[str]:
+    """The innermost loop (label ... backward branch to it) holding `opcode`: in a
+    warp-specialized kernel the longest loop is the partitions' dispatch, not a K loop."""
+    lines = sass.splitlines()
+    labels = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))
+    }
+    spans = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            span = lines[labels[m.group(1)] : i + 1]
+            if any(re.search(rf"\b{opcode}\b", x) for x in span):
+                spans.append(span)
+    if not spans:
+        raise RuntimeError(f"no loop holding {opcode} in the SASS")
+    return min(spans, key=len)
+
+
 def opcodes(lines: list[str], modifiers: bool = False) -> collections.Counter[str]:
     """How often each opcode occurs in these SASS lines (predicates dropped); with
     `modifiers`, as written (LDG.E.128, not LDG)."""
@@ -330,6 +376,25 @@ def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: 
     print(res)
 
 
+def _print_ws(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
+    """The consumer's K loop (the loop holding the wgmmas) per weight, its barriers and
+    local-memory accesses, and the producer's TMA copies per K tile."""
+    loop = loop_with(sass, "HGMMA")
+    ops = opcodes(loop)
+    total, per_thread = sum(ops.values()), weights / threads
+    print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
+          f"{per_thread:.0f} weights per thread, {total / per_thread:.2f} instructions per "
+          "weight")  # fmt: skip
+    print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    local = sum(1 for x in loop if re.search(r"\b(LDL|STL)\b", x))
+    named = sum(1 for x in loop if re.search(r"BAR\.SYNC\S* 0x0, 0x", x))
+    print(f"consumer loop: HGMMA {ops['HGMMA']}, WARPGROUP.DEPBAR {ops['WARPGROUP']}, "
+          f"CTA-wide BAR.SYNC {ops['BAR'] - named}, local memory {local} accesses")  # fmt: skip
+    producer = opcodes(loop_with(sass, "UTMALDG"))
+    print(f"producer loop: UTMALDG {producer['UTMALDG']}")
+    print(res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="w4a16-g128")
@@ -344,6 +409,9 @@ def main() -> None:
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
+    ap.add_argument("--ws", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
+                    "[,maxnreg]]: count the warp-specialized wgmma W4A16 kernel's consumer "
+                    "loop instead (group-major scales)")  # fmt: skip
     ap.add_argument("--w4a8-wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps,stages: "
                     "count the W4A8 wgmma kernel instead")  # fmt: skip
     ap.add_argument("--act-quant", default=None, help="PRE,KIND,K: count act_quant's row "
@@ -363,7 +431,7 @@ def main() -> None:
         _print_row(pre, kind, int(k), args.arch, args.pdl)
         return
     if args.split_k is None:
-        args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma else 2
+        args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma or args.ws else 2
     if args.group is None:
         args.group = 0 if args.w4a8_wgmma else 128
     if args.w4a8_wgmma:
@@ -374,6 +442,14 @@ def main() -> None:
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         ops = loop_histogram(sass)
         print(f"IGMMA {ops['IGMMA']}")
+        return
+    if args.ws:
+        given = [int(v) for v in args.ws.split(",")]
+        bn, bk, bm, warps, stages, maxnreg = (given + [4, 0][len(given) - 4 :])[:6]
+        sass, res = compile_ws_sass(bn, bk, bm, warps, args.group, args.arch, stages, maxnreg,
+                                    args.split_k)  # fmt: skip
+        _print_ws(sass, res, f"warp-specialized wgmma W4A16 group {args.group}, tile {args.ws}",
+                  bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
     if args.wgmma:
         given = [int(v) for v in args.wgmma.split(",")]

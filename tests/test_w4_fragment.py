@@ -354,11 +354,13 @@ def test_tile_table_picks_by_token_bucket_and_weight_size(monkeypatch) -> None:
 
 def test_layer_hands_mma_ordered_x_to_wgmma_without_a_copy(monkeypatch) -> None:
     """FragForward's dispatch (kernels stubbed, so it runs on the CPU): x that arrives in mma
-    order goes to a wgmma config with x_perm as it is (no copy back to feature order); every
-    other path gets feature order, restored once."""
+    order goes to a wgmma config with x_perm, or to a warp-specialized one, as it is (no copy
+    back to feature order); plain x reaches the warp-specialized launcher plain (it gathers);
+    every other path gets feature order, restored once."""
     from specquant.kernels import reference as R
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
     from specquant.quant.spec import get_format
 
     n, k = 4096, 8320  # past the smallest size class: the x_perm configs apply
@@ -375,23 +377,34 @@ def test_layer_hands_mma_ordered_x_to_wgmma_without_a_copy(monkeypatch) -> None:
         calls.append(("fragment", False))
         return torch.zeros(x.shape[0], n)
 
+    def ws_stub(x, frag, scales, bias, group, config, x_in_mma_order=False):
+        calls.append(("ws", x_in_mma_order))
+        return torch.zeros(x.shape[0], n)
+
     def counted(x):
         restored.append(x.shape)
         return from_mma(x)
 
     from_mma = R.from_mma_order
     monkeypatch.setattr(W, "wgmma_linear", wgmma_stub)
+    monkeypatch.setattr(WS, "wgmma_ws_linear", ws_stub)
     monkeypatch.setattr(F, "fragment_linear", frag_stub)
     monkeypatch.setattr(R, "from_mma_order", counted)
-    # the dispatch under test, not the probe's current picks: x_perm at 64 tokens only
+    # the dispatch under test, not the probes' current picks: warp-specialized at 17-32
+    # tokens, x_perm at 33-64 only
     plain, perm = W.WgmmaConfig(128, 128, 4, 3), W.WgmmaConfig(128, 128, 8, 3, x_perm=True)
     table = {16: W._table(plain, plain, plain, plain), 64: W._table(perm, perm, perm, perm)}
     monkeypatch.setattr(W, "WGMMA_CONFIGS", table)
+    ws = WS.WsConfig(64, 128, 4)
+    ws_table = {16: W._table(None, None, None, None), 32: W._table(ws, ws, ws, ws)}
+    monkeypatch.setattr(WS, "WS_CONFIGS", ws_table)
     live = {"scales": torch.ones(n, k // 128)}
     cases = [(64, True, ("wgmma", True), 0), (64, False, ("wgmma", False), 0),
+             (32, True, ("ws", True), 0), (32, False, ("ws", False), 0),
              (9, True, ("wgmma", False), 1), (1, True, ("fragment", False), 1)]  # fmt: skip
+    assert [layer.route(m) for m in (1, 9, 32, 64)] == ["fragment", "wgmma", "wgmma-ws", "wgmma"]
     for m, ordered, want, copies in cases:
-        assert layer.takes_mma_order(m) == (m == 64)
+        assert layer.takes_mma_order(m) == (m in (32, 64))
         x = torch.randn(m, k)
         layer(R.MmaOrderActivations(R.to_mma_order(x)) if ordered else x, live, None, None)
         assert calls.pop() == want and len(restored) == copies, (m, ordered)

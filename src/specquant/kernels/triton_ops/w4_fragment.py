@@ -642,8 +642,9 @@ def prepare_forward(
 class FragForward:
     """A W4A16 layer on fragment-order weights: token counts with a tuned fragment config
     (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED for group formats) run the fragment kernel, then with
-    `wgmma` (Hopper) those with a tuned w4_wgmma config (WGMMA_CONFIGS) the wgmma kernel on
-    the same fragments, others the canonical-layout kernel on the layer's own tensors. It
+    `wgmma` (Hopper) those with a warp-specialized config (w4_wgmma_ws.WS_CONFIGS) that kernel,
+    those with a synchronous one (w4_wgmma.WGMMA_CONFIGS) the wgmma kernel, all on the same
+    fragments, and others the canonical-layout kernel on the layer's own tensors. It
     takes activations in mma K order (MmaOrderActivations) where its wgmma config reads them
     so (`takes_mma_order`). With `pdl` (Hopper) its fragment configs launch with
     programmatic dependent launch: after a kernel that lets them start early (act_quant's
@@ -670,18 +671,25 @@ class FragForward:
         """(fragment config, wgmma config) for m tokens: at most one is set; neither means
         the canonical-layout kernel."""
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
+        from specquant.kernels.triton_ops.w4_wgmma_ws import ws_config
 
         cfg = frag_config(m, self.weights, self.group > 0)
         if cfg is not None and self.pdl:
             cfg = replace(cfg, pdl=True)
         if cfg is not None or not self.wgmma:
             return cfg, None
-        return None, wgmma_config(m, self.n, self.k)
+        return None, ws_config(m, self.n, self.k) or wgmma_config(m, self.n, self.k)
 
     def route(self, m: int) -> str:
-        """Which kernel runs m tokens: fragment, wgmma or canonical."""
+        """Which kernel runs m tokens: fragment, wgmma-ws, wgmma or canonical."""
+        from specquant.kernels.triton_ops.w4_wgmma_ws import WsConfig
+
         cfg, wcfg = self._route(m)
-        return "fragment" if cfg is not None else "wgmma" if wcfg is not None else "canonical"
+        if cfg is not None:
+            return "fragment"
+        if wcfg is None:
+            return "canonical"
+        return "wgmma-ws" if isinstance(wcfg, WsConfig) else "wgmma"
 
     def takes_mma_order(self, m: int) -> bool:
         wcfg = self._route(m)[1]
@@ -697,6 +705,7 @@ class FragForward:
         from specquant.kernels.reference import qlinear_reference
         from specquant.kernels.triton_ops.qlinear import qlinear
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_linear
+        from specquant.kernels.triton_ops.w4_wgmma_ws import WsConfig, wgmma_ws_linear
 
         values = x.values if isinstance(x, MmaOrderActivations) else x
 
@@ -711,6 +720,10 @@ class FragForward:
             return fragment_linear(plain(), self.frag, scales, bias, self.group, config=cfg)
         if wcfg is None:
             return qlinear(plain(), live, bias, self.spec)
+        ordered = isinstance(x, MmaOrderActivations)
+        if isinstance(wcfg, WsConfig):  # gathers plain x into mma order itself
+            return wgmma_ws_linear(values if ordered else x, self.frag, scales, bias, self.group,
+                                   wcfg, x_in_mma_order=ordered)  # fmt: skip
         if wcfg.x_perm and isinstance(x, MmaOrderActivations):  # as the producer wrote it
             return wgmma_linear(values, self.frag, scales, bias, self.group, config=wcfg,
                                 x_in_mma_order=True)  # fmt: skip

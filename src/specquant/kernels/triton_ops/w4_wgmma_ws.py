@@ -1,0 +1,261 @@
+"""W4A16 wgmma kernel, warp-specialized: one producer warp copies with TMA, the consumer
+warpgroups unpack and multiply. An experiment against `w4_wgmma.py`'s synchronous loop.
+
+`w4_wgmma._loop_sync` has every warp take part in the copies and meet at one CTA barrier per
+K tile; its profile's remaining stalls are that barrier, the cp.async wait and the wgmma
+wait (bench/results/kernel_profile_3e1ef5e.md). Here one producer warp issues two TMA copies
+per K tile (x [BM, BK] in mma K order, and the tile's fragment atoms) into a ring of
+shared-memory slots, each with a `ready` mbarrier that the copies' bytes complete. The
+consumer warps wait on that barrier alone, unpack, run a synchronous wgmma and release the
+slot through its `empty` mbarrier: no CTA barrier and no copy instructions in the K loop,
+and a slot is refilled as soon as its consumer is done with it. Group scales scale each
+tile's fp32 product, as in the synchronous loop, so the two give the same bits.
+
+x must come in mma K order (`reference.to_mma_order`; the launcher gathers it otherwise),
+since TMA copies whole rows. Rows past M and atoms past N are zero-filled by TMA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from specquant.kernels.reference import to_mma_order
+from specquant.kernels.triton_ops.w4_fragment import (
+    ATOM_K,
+    ATOM_N,
+    _finish,
+    _out_index,
+    _scale_ptrs,
+    _table,
+    _unpack,
+    _words,
+    as_rows,
+    bucket_of,
+    layouts,
+    lookup,
+    plan_grid,
+    scale_strides,
+)
+from specquant.kernels.triton_ops.w4_wgmma import token_tile
+
+# Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared, later versions
+# async_load (keeping the old name as an alias)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# and names the shared-memory view _reinterpret, later versions reinterpret
+_NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+PRODUCER_REGS = gl.constexpr(40)  # the copy warp's registers: scalars only
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
+              BK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The copy warp: K tile i goes to slot i % STAGES once its consumer released it."""
+    for i in range(tiles):
+        slot = i % STAGES
+        # a fresh barrier counts as having completed the phase before 0: round 0 passes
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        k = k_lo + i * BK
+        _tma_load(x_desc, [m0, k], bar, x_ring.index(slot))
+        _tma_load(w_desc, [n0 // 16, (k // 128) * 2, 0], bar, w_ring.index(slot))
+
+
+@gluon.jit
+def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles, stride_sn,
+              stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+              STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+              AL: gl.constexpr, W_SMEM: gl.constexpr):  # fmt: skip
+    """The wgmma warps: per K tile wait for its slot, unpack the weights to A registers,
+    multiply by the x tile in shared memory, release the slot."""
+    DTYPE: gl.constexpr = x_ring.dtype
+    for i in range(tiles):
+        slot = i % STAGES
+        if GROUP > 0:  # before the wait, which then hides the load
+            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
+                         mask=n_mask, other=0.0)  # fmt: skip
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        # the TMA box [BN/16, BK/64, 256] lands densely, as the row-major atoms [BN/16, *]
+        if _NEW_REINTERPRET:
+            wsm = w_ring.index(slot).reinterpret(gl.int16, [BN // 16, (BK // 128) * 512], W_SMEM)
+        else:
+            wsm = w_ring.index(slot)._reinterpret(gl.int16, [BN // 16, (BK // 128) * 512],
+                                                  W_SMEM)  # fmt: skip
+        a = _unpack(_words(wsm.load(WORDS), BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
+        if GROUP == 0:
+            acc = warpgroup_mma(a, b, acc)
+        else:
+            part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
+            acc += part * gs[:, None]
+        mbarrier.arrive(empty.index(slot), count=1)  # the synchronous wgmma read its x
+    return (acc,)
+
+
+@gluon.jit(do_not_specialize=["M"])
+def _w4_wgmma_ws_kernel(
+    x_desc,  # TMA over x [M, K] in mma K order, box [BM, BK]
+    w_desc,  # TMA over the atoms as int16 [N/16, K/64, 256], box [BN/16, BK/64, 256]
+    s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,  # as in w4_wgmma._w4_wgmma_kernel
+    M, N, K, stride_sn, stride_sg, K_SPLIT, stride_om,
+    GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+    BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
+    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+):  # fmt: skip
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
+    )
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    W_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BM
+    k_lo = gl.program_id(2) * K_SPLIT
+    tiles = K_SPLIT // BK
+    # (the JIT reads no starred lists)
+    x_shape: gl.constexpr = [STAGES] + x_desc.block_type.shape  # noqa: RUF005
+    w_shape: gl.constexpr = [STAGES] + w_desc.block_type.shape  # noqa: RUF005
+    x_ring = gl.allocate_shared_memory(x_desc.dtype, x_shape, x_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)  # the producer's expect; TMA adds the bytes
+        mbarrier.init(empty.index(s), count=1)  # one arrival of the consumer warps
+    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
+    acc = gl.zeros([BN, BM], gl.float32, acc_l)
+    # (the partitions' arguments inline: the JIT turns a tuple variable's layouts to tensors)
+    acc = gl.warp_specialize(
+        [
+            (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
+                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL,
+                         W_SMEM)),
+            (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
+                         STAGES)),
+        ],
+        [1],
+        [PRODUCER_REGS],
+    )[0]  # fmt: skip
+    _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+            stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ launcher
+@dataclass(frozen=True)
+class WsConfig:
+    block_n: int  # output features per program: 64 per consumer warpgroup, or a multiple
+    block_k: int  # multiple of 128
+    warps: int  # consumer warps: 4 or 8 (one or two warpgroups); one producer warp more
+    stages: int = 4  # ring slots (>= 2)
+    split_waves: int = 1  # split K until the grid has this many programs per SM
+    # registers per thread the kernel is compiled for; the producer gives most of its own
+    # to the consumers (0: Triton's default)
+    maxnreg: int = 0
+
+    @property
+    def x_perm(self) -> bool:
+        """Reads x in mma K order, as the wgmma configs with x_perm do (TMA copies rows)."""
+        return True
+
+
+_S = WsConfig
+# Per M bucket (its largest M) and weight-size class (w4_fragment.SIZE_CLASSES); None: the
+# synchronous wgmma table (w4_wgmma.wgmma_config) serves it. Picked on an H200 over the
+# Llama-3 8B/70B linears, W4A16-g128 on group-major scales and per channel together, against
+# the synchronous kernel's own picks in the same run (bench/results/ws_probe_d0192da.md:
+# least total time per class). Two 8-warp CTAs per SM (128 registers) won nearly everywhere;
+# block_k 256 applies per channel only (a g128 tile stays inside one group, at 128).
+WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
+    16: _table(None, None, _S(128, 128, 4, 4, 1, 128), _S(128, 128, 4, 4, 1, 128)),
+    32: _table(None, None, _S(128, 128, 4, 4, 1, 128), _S(128, 128, 4, 4, 1, 128)),
+    64: _table(_S(64, 256, 4, 2, 1, 128), _S(64, 128, 4, 4, 1, 128), _S(64, 128, 4, 4, 1, 128),
+               _S(128, 128, 4, 4, 1, 128)),
+    128: _table(_S(64, 256, 4, 2, 1, 128), _S(128, 128, 4, 3, 1, 128),
+                _S(128, 128, 4, 3, 1, 128), _S(64, 128, 4, 3, 2, 80)),
+}  # fmt: skip
+
+# Per layer shape (N, K), the buckets where another config beat its class's entry on that
+# layer by 5% or more in the same run (both formats summed).
+WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
+    (28672, 4096): {16: _S(128, 128, 4, 4, 1, 128), 32: _S(128, 128, 4, 4, 1, 128),
+                    64: _S(128, 128, 4, 3, 1, 128)},  # Llama-3-8B gate_up
+    (4096, 14336): {128: _S(64, 256, 4, 2, 1, 128)},  # Llama-3-8B down
+    (10240, 8192): {16: _S(64, 128, 4, 4, 2, 80), 32: _S(64, 128, 4, 3, 2, 80),
+                    64: _S(64, 128, 4, 3, 2, 80), 128: _S(64, 128, 4, 3, 2, 80)},  # 70B qkv
+    (8192, 8192): {128: _S(64, 128, 4, 4, 1, 128)},  # Llama-3-70B o
+}  # fmt: skip
+
+
+def ws_config(m: int, n: int, k: int) -> WsConfig | None:
+    """The warp-specialized config for `m` tokens and an [N, K] weight (WS_SHAPE_CONFIGS,
+    else the size class's in WS_CONFIGS), or None: another kernel."""
+    bucket = bucket_of(WS_CONFIGS, m)
+    if bucket is None:
+        return None
+    return WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) or lookup(WS_CONFIGS, m, n * k)
+
+
+def x_layout(bm: int, bk: int) -> gl.NVMMASharedLayout:
+    """The x tile's shared layout: 128-byte swizzle, as wgmma's B operand wants it."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+
+W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+
+
+def check_ws_config(cfg: WsConfig) -> None:
+    if cfg.warps not in (4, 8):
+        raise ValueError(f"warps must be 4 or 8 (one or two consumer warpgroups), not {cfg.warps}")
+    if cfg.block_n % (16 * cfg.warps) or cfg.block_n > 256:
+        raise ValueError(f"block_n {cfg.block_n} must be a multiple of 16 * warps "
+                         f"({16 * cfg.warps}) and at most 256")  # fmt: skip
+    if cfg.block_k % ATOM_K:
+        raise ValueError(f"block_k {cfg.block_k} is not a multiple of {ATOM_K}")
+    if cfg.stages < 2:
+        raise ValueError(f"stages must be >= 2 (one slot filling while one is read), not "
+                         f"{cfg.stages}")  # fmt: skip
+
+
+def wgmma_ws_linear(
+    x: torch.Tensor,  # [..., K] bf16 / fp16
+    frag: torch.Tensor,  # int16 [N/16, K/128, 512] (prepare_fragments)
+    scales: torch.Tensor,  # fp32 [N, G] (any strides scale_strides takes)
+    bias: torch.Tensor | None,
+    group: int,  # 0: per channel
+    config: WsConfig,
+    split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
+    x_in_mma_order: bool = False,  # x already in to_mma_order's order
+) -> torch.Tensor:  # [..., N]
+    check_ws_config(config)
+    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+    lead = x.shape[:-1]
+    a = as_rows(x, k)
+    m = a.shape[0]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out.view(*lead, n)
+    if not x_in_mma_order:
+        a = to_mma_order(a)
+    a = a.contiguous()  # TMA: rows 16-byte aligned, unit stride along K
+    bm = token_tile(m)
+    g = plan_grid(out, k, group, config.block_n, config.block_k, bm, config.split_waves, split_k)
+    lay = layouts(config.block_n, g.block_k, bm, config.warps)
+    x_desc = TensorDescriptor.from_tensor(a, [bm, g.block_k], x_layout(bm, g.block_k))
+    atoms = frag.view(frag.shape[0], frag.shape[1] * 2, 256)
+    w_desc = TensorDescriptor.from_tensor(
+        atoms, [config.block_n // 16, g.block_k // 64, 256], W_LAYOUT
+    )
+    _w4_wgmma_ws_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
+        x_desc, w_desc, scales, bias if bias is not None else scales, out, g.ws, g.locks,
+        m, n, k, *scale_strides(scales, group), g.k_split, out.stride(0),
+        GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
+        BN=config.block_n, BK=g.block_k, BM=bm, WARPS=config.warps, STAGES=config.stages,
+        WORDS=lay.words, WORDS_MMA=lay.words_mma,
+        num_warps=config.warps, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
+    )  # fmt: skip
+    return out.view(*lead, n)

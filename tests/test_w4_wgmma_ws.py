@@ -1,0 +1,139 @@
+"""The warp-specialized wgmma W4A16 kernel (w4_wgmma_ws.py): compiled offline for sm_90 on
+the CPU (a lean consumer loop with no CTA-wide barrier and no spills, TMA copies in the
+producer), its tile table and config checks, and on the GPU against a dequantize-and-matmul
+reference and, bit for bit, against the synchronous wgmma kernel with the same tiles."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import compiled_loop
+from specquant.kernels.reference import to_mma_order
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+@pytest.mark.parametrize(
+    ("tile", "group"),
+    [("64,128,64,4,4,128", 128), ("128,128,64,4,3,128", 0), ("64,256,64,4,2,128", 0),
+     ("128,128,16,4,4,128", 128), ("64,128,64,4,3,80", 128)],
+)  # fmt: skip
+def test_kernel_compiles_for_sm90_with_a_lean_consumer_loop(tile, group) -> None:
+    """Triton's compiler and ptxas, no GPU. The consumer's K loop: one wgmma per 16 k of
+    each 64 rows and one wait for them, no CTA-wide barrier (the consumer warps meet at a
+    named barrier of their own before releasing a slot), no local memory, under three
+    instructions per weight (the synchronous loop takes about four: it copies too). The
+    producer issues the TMA copies: one for the weights, one or two for x (a 128-byte
+    swizzle holds 64 columns of bf16 per copy)."""
+    out = compiled_loop(["--ws", tile, "--group", str(group)], 3.0)
+    bn, bk, _, warps, _, maxnreg = (int(v) for v in tile.split(","))
+    loop = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
+                     r"local memory (\d+)", out)  # fmt: skip
+    assert loop, out
+    assert int(loop.group(1)) == (bk // 16) * (bn // (16 * warps)), out
+    assert loop.group(3) == "0" and loop.group(4) == "0", out
+    copies = re.search(r"producer loop: UTMALDG (\d+)", out)
+    assert copies and int(copies.group(1)) == 1 + bk // 64, out
+    regs = re.search(r"REG:(\d+)", out)
+    assert regs and int(regs.group(1)) <= maxnreg, out
+
+
+def test_tile_table_and_bad_configs() -> None:
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    assert WS.ws_config(129, 4096, 4096) is None  # prefill: the synchronous table
+    assert WS.ws_config(16, 4096, 4096) is None  # smallest class at 16: synchronous
+    assert WS.ws_config(64, 4096, 4096) == WS.WS_CONFIGS[64][0][1]
+    qkv = WS.ws_config(64, 10240, 8192)  # Llama-3-70B qkv: its own pick
+    assert qkv == WS.WS_SHAPE_CONFIGS[(10240, 8192)][64] and qkv.x_perm
+    for cfg in {c for rows in WS.WS_CONFIGS.values() for _, c in rows if c} | {
+        c for per in WS.WS_SHAPE_CONFIGS.values() for c in per.values()
+    }:
+        WS.check_ws_config(cfg)
+    bad = [(WS.WsConfig(64, 128, 16), "warps must be 4 or 8"),
+           (WS.WsConfig(96, 128, 4), "block_n 96 must be a multiple of 16 \\* warps \\(64\\)"),
+           (WS.WsConfig(64, 192, 4), "block_k 192 is not a multiple of 128"),
+           (WS.WsConfig(64, 128, 4, 1), "stages must be >= 2")]  # fmt: skip
+    for cfg, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            WS.check_ws_config(cfg)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _layer(n: int, k: int, group: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random int4 codes, their fragments, fp32 scales [N, G] and the dequantized weight."""
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.quant.pack import dequantize
+    from specquant.quant.spec import get_format
+
+    g = 1 if group == 0 else k // group
+    qweight = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
+    w = dequantize({"qweight": qweight, "scales": scales}, get_format("w4a16"))
+    return F.prepare_fragments(qweight), scales, w
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "group"), [(272, 1024, 128), (48, 384, 0), (384, 2048, 256)])
+def test_ws_linear_matches_the_reference_and_the_synchronous_kernel(dtype, n, k, group) -> None:
+    """Odd N (not a multiple of BLOCK_N: TMA zero-fills the atoms past it), token counts
+    past each token tile and two of them (130), with and without split K and bias, plain x
+    (the launcher gathers) and x in mma order."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    frag, scales, w = _layer(n, k, group, gen)
+    gm = scales.t().contiguous().t()  # group-major, as the layers keep them
+    configs = [WS.WsConfig(64, 128, 4, 2), WS.WsConfig(128, 128, 4, 3, 1, 128),
+               WS.WsConfig(128, 256, 8, 3)]  # fmt: skip
+    for i, m in enumerate((9, 33, 64, 100, 130)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
+        want = x.float() @ w.T + (bias.float() if bias is not None else 0)
+        for cfg in configs:
+            for split in (None, 2):
+                got = WS.wgmma_ws_linear(x, frag, gm, bias, group, cfg, split)
+                err = float((got.float() - want).norm() / want.norm())
+                assert err < 8e-3, (m, cfg, split, err)
+                twin = W.WgmmaConfig(cfg.block_n, cfg.block_k, cfg.warps, 3, 1, True,
+                                     x_perm=True)  # fmt: skip
+                same = W.wgmma_linear(x, frag, gm, bias, group, twin, split)
+                assert torch.equal(got, same), (m, cfg, split)
+                ordered = WS.wgmma_ws_linear(to_mma_order(x), frag, gm, bias, group, cfg, split,
+                                             x_in_mma_order=True)  # fmt: skip
+                assert torch.equal(ordered, got), (m, cfg, split)
+
+
+@pytest.mark.cuda
+def test_every_table_config_matches_the_reference_at_its_bucket() -> None:
+    """Each distinct WS_CONFIGS and WS_SHAPE_CONFIGS entry at one token fewer than its
+    bucket, both formats on group-major scales, x in mma order as the model hands it."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    n, k = 384, 2048
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    picks = {(b, c) for b, rows in WS.WS_CONFIGS.items() for _, c in rows if c} | {
+        (b, c) for per in WS.WS_SHAPE_CONFIGS.values() for b, c in per.items()
+    }
+    for group in (128, 0):
+        frag, scales, w = _layer(n, k, group, gen)
+        gm = scales.t().contiguous().t()
+        for bucket, cfg in sorted(picks, key=str):
+            x = torch.randn(bucket - 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            want = x.float() @ w.T
+            got = WS.wgmma_ws_linear(to_mma_order(x), frag, gm, None, group, cfg,
+                                     x_in_mma_order=True).float()  # fmt: skip
+            err = float((got - want).norm() / want.norm())
+            assert err < 8e-3, (bucket, cfg, group, err)
