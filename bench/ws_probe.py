@@ -63,8 +63,8 @@ def check(gen: torch.Generator) -> list[dict[str, Any]]:
     return rows
 
 
-def timings(deadline: float, formats: list[str], models: list[str],
-            ms: list[int]) -> list[dict[str, Any]]:  # fmt: skip
+def timings(deadline: float, formats: list[str], models: list[str], ms: list[int],
+            candidates: list[WS.WsConfig]) -> list[dict[str, Any]]:  # fmt: skip
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
     for fmt in formats:
@@ -77,10 +77,20 @@ def timings(deadline: float, formats: list[str], models: list[str],
                 for m in ms:
                     if time.time() > deadline:
                         return rows
-                    xo = to_mma_order(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    xo = to_mma_order(x)
                     base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size, m=m)
+                    frag_cfg = F.frag_config(m, n * k, group > 0)
                     pick = W.wgmma_config(m, n, k)
-                    if pick is not None and pick.x_perm:
+                    if frag_cfg is not None:  # up to 8 tokens the layers run this kernel
+
+                        def frag_run(i: int, x=x, cfg=frag_cfg, fr=frags, ws=ws,
+                                     g=group) -> torch.Tensor:  # fmt: skip
+                            return F.fragment_linear(x, fr[i], ws[i]["scales"], None, g, cfg)
+
+                        rows.append(dict(base, kernel="table", config=str(frag_cfg),
+                                         us=time_graph(frag_run, len(ws))))  # fmt: skip
+                    elif pick is not None and pick.x_perm:
 
                         def table_run(i: int, xo=xo, cfg=pick, fr=frags, ws=ws,
                                       g=group) -> torch.Tensor:  # fmt: skip
@@ -89,7 +99,7 @@ def timings(deadline: float, formats: list[str], models: list[str],
 
                         rows.append(dict(base, kernel="table", config=list(astuple(pick)),
                                          us=time_graph(table_run, len(ws))))  # fmt: skip
-                    for cfg in CANDIDATES:
+                    for cfg in candidates:
 
                         def run(i: int, xo=xo, cfg=cfg, fr=frags, ws=ws, g=group) -> torch.Tensor:
                             return WS.wgmma_ws_linear(xo, fr[i], ws[i]["scales"], None, g, cfg,
@@ -140,7 +150,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
                "with the same tile and split.", ""]  # fmt: skip
     md += ["Microseconds summed over one decoder layer's four linears (median of CUDA-graph "
            "replays, weights rotated through HBM, x in mma order). `table`: the layers' own "
-           "wgmma picks; ws configs: [BLOCK_N, BLOCK_K, consumer warps, stages, split waves, "
+           "picks without this kernel (the fragment kernel up to 8 tokens, else wgmma); "
+           "ws configs: [BLOCK_N, BLOCK_K, consumer warps, stages, split waves, "
            "maxnreg].", ""]  # fmt: skip
     for key, cell in result["sums"].items():
         ranked = sorted(cell.items(), key=lambda kv: kv[1])
@@ -175,7 +186,13 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated")
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts to time")
+    ap.add_argument("--configs", default=None, help="';'-separated configs to time instead "
+                    "of CANDIDATES, each BLOCK_N,BLOCK_K,warps,stages,split_waves,"
+                    "maxnreg")  # fmt: skip
     args = ap.parse_args()
+    candidates = CANDIDATES
+    if args.configs:
+        candidates = [_C(*(int(v) for v in c.split(","))) for c in args.configs.split(";")]
     start = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     checks = [] if args.skip_check else check(gen)
@@ -184,7 +201,7 @@ def main() -> None:
         print(f"checks: {len(checks)}, worst {json.dumps(worst)}, bit-equal "
               f"{sum(r['same_bits'] for r in checks)}", flush=True)  # fmt: skip
     rows = timings(start + args.budget_s, args.formats.split(","), args.models.split(","),
-                   [int(m) for m in args.ms.split(",")])  # fmt: skip
+                   [int(m) for m in args.ms.split(",")], candidates)  # fmt: skip
     result = dict(gpu_run_meta(args.commit), checks=checks, timings=rows, sums=sums(rows))
     write_report(args.out / "ws_probe.json", result, markdown(result))
     print("\n".join(markdown(result)))
