@@ -19,7 +19,7 @@ pytest.importorskip("triton.experimental.gluon")
 @pytest.mark.parametrize(
     ("tile", "group"),
     [("64,128,64,4,4,128", 128), ("128,128,64,4,3,128", 0), ("64,256,64,4,2,128", 0),
-     ("128,128,16,4,4,128", 128), ("64,128,64,4,3,80", 128)],
+     ("128,128,16,4,4,128", 128), ("64,128,64,4,3,80", 128), ("64,128,8,4,6,64", 128)],
 )  # fmt: skip
 def test_kernel_compiles_for_sm90_with_a_lean_consumer_loop(tile, group) -> None:
     """Triton's compiler and ptxas, no GPU. The consumer's K loop: one wgmma per 16 k of
@@ -45,6 +45,9 @@ def test_tile_table_and_bad_configs() -> None:
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
 
     assert WS.ws_config(129, 4096, 4096) is None  # prefill: the synchronous table
+    assert WS.ws_config(4, 4096, 4096) is None  # up to 4 tokens: the fragment kernel
+    assert WS.ws_config(8, 4096, 4096) == WS.WS_CONFIGS[8][0][1]
+    assert WS.ws_config(8, 8192, 28672) is None  # 70B down at 8: the fragment kernel
     assert WS.ws_config(16, 4096, 4096) is None  # smallest class at 16: synchronous
     assert WS.ws_config(64, 4096, 4096) == WS.WS_CONFIGS[64][0][1]
     qkv = WS.ws_config(64, 10240, 8192)  # Llama-3-70B qkv: its own pick

@@ -641,10 +641,11 @@ def prepare_forward(
 
 class FragForward:
     """A W4A16 layer on fragment-order weights: token counts with a tuned fragment config
-    (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED for group formats) run the fragment kernel, then with
-    `wgmma` (Hopper) those with a warp-specialized config (w4_wgmma_ws.WS_CONFIGS) that kernel,
-    those with a synchronous one (w4_wgmma.WGMMA_CONFIGS) the wgmma kernel, all on the same
-    fragments, and others the canonical-layout kernel on the layer's own tensors. It
+    (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED for group formats) run the fragment kernel, unless
+    with `wgmma` (Hopper) a warp-specialized config (w4_wgmma_ws.WS_CONFIGS) serves them;
+    then with `wgmma` those with a warp-specialized config run that kernel, those with a
+    synchronous one (w4_wgmma.WGMMA_CONFIGS) the wgmma kernel, all on the same fragments,
+    and others the canonical-layout kernel on the layer's own tensors. It
     takes activations in mma K order (MmaOrderActivations) where its wgmma config reads them
     so (`takes_mma_order`). With `pdl` (Hopper) its fragment configs launch with
     programmatic dependent launch: after a kernel that lets them start early (act_quant's
@@ -673,12 +674,15 @@ class FragForward:
         from specquant.kernels.triton_ops.w4_wgmma import wgmma_config
         from specquant.kernels.triton_ops.w4_wgmma_ws import ws_config
 
+        ws = ws_config(m, self.n, self.k) if self.wgmma else None
+        if ws is not None:  # from 5 tokens where its table has a config
+            return None, ws
         cfg = frag_config(m, self.weights, self.group > 0)
         if cfg is not None and self.pdl:
             cfg = replace(cfg, pdl=True)
         if cfg is not None or not self.wgmma:
             return cfg, None
-        return None, ws_config(m, self.n, self.k) or wgmma_config(m, self.n, self.k)
+        return None, wgmma_config(m, self.n, self.k)
 
     def route(self, m: int) -> str:
         """Which kernel runs m tokens: fragment, wgmma-ws, wgmma or canonical."""

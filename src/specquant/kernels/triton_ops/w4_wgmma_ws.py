@@ -165,12 +165,17 @@ class WsConfig:
 
 _S = WsConfig
 # Per M bucket (its largest M) and weight-size class (w4_fragment.SIZE_CLASSES); None: the
-# synchronous wgmma table (w4_wgmma.wgmma_config) serves it. Picked on an H200 over the
-# Llama-3 8B/70B linears, W4A16-g128 on group-major scales and per channel together, against
-# the synchronous kernel's own picks in the same run (bench/results/ws_probe_d0192da.md:
-# least total time per class). Two 8-warp CTAs per SM (128 registers) won nearly everywhere;
-# block_k 256 applies per channel only (a g128 tile stays inside one group, at 128).
+# fragment kernel (up to 8 tokens) or the synchronous wgmma table (w4_wgmma.wgmma_config)
+# serves it. Picked on an H200 over the Llama-3 8B/70B linears, W4A16-g128 on group-major
+# scales and per channel together, against what the layers ran without this kernel in the
+# same run (least total time per class; bench/results/ws_probe_d0192da.md for 16-128
+# tokens, ws_probe_9e0ef41.md for 8). Two 8-warp CTAs per SM (128 registers) won from 16
+# tokens; at 8, six-slot rings split until two CTAs share each SM, at 64 registers, in the
+# two smaller classes (the fragment kernel keeps the larger ones and 1-4 tokens). block_k
+# 256 applies per channel only (a g128 tile stays inside one group, at 128).
 WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
+    4: _table(None, None, None, None),
+    8: _table(_S(64, 128, 4, 6, 2, 64), _S(64, 128, 4, 6, 2, 64), None, None),
     16: _table(None, None, _S(128, 128, 4, 4, 1, 128), _S(128, 128, 4, 4, 1, 128)),
     32: _table(None, None, _S(128, 128, 4, 4, 1, 128), _S(128, 128, 4, 4, 1, 128)),
     64: _table(_S(64, 256, 4, 2, 1, 128), _S(64, 128, 4, 4, 1, 128), _S(64, 128, 4, 4, 1, 128),
