@@ -322,7 +322,7 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     big = torch.empty(57344 // 16, 8192 // 128, 512, dtype=torch.int16)
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     routes = wide.token_routes()
-    assert routes == "1-8 fragment, 9+ wgmma", routes
+    assert routes == "1-8 fragment, 9-128 wgmma-ws, 129+ wgmma", routes
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=False)  # a GPU before Hopper
     assert wide.token_routes() == "1-8 fragment, 9+ canonical"
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)

@@ -350,7 +350,8 @@ _W = WgmmaConfig
 # share an SM won three classes, and beat the canonical kernel in the smallest one too
 # (37.0 against 38.0 us); 8-warp programs at 128 registers won the 256M class at 16 and 32.
 # At 64 and 128 tokens the picks stayed within 1.3% of each class's best.
-# Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS).
+# Up to 8 tokens the fragment kernel runs (FRAG_CONFIGS). Where the warp-specialized
+# kernel's table has a config (w4_wgmma_ws.WS_CONFIGS), that kernel runs instead of both.
 _TWO = dict(w_ring=True, x_perm=True, maxnreg=128)
 WGMMA_CONFIGS: dict[int, list[tuple[int, WgmmaConfig | None]]] = {
     16: _table(_W(64, 128, 4, 3, 2, **_TWO), _W(64, 128, 4, 3, 2, **_TWO),

@@ -1,5 +1,6 @@
 """W4A16 wgmma kernel, warp-specialized: one producer warp copies with TMA, the consumer
-warpgroups unpack and multiply. An experiment against `w4_wgmma.py`'s synchronous loop.
+warpgroups unpack and multiply. Layers run it where its table (WS_CONFIGS) has a config,
+ahead of the fragment kernel and `w4_wgmma.py`'s synchronous loop (FragForward._route).
 
 `w4_wgmma._loop_sync` has every warp take part in the copies and meet at one CTA barrier per
 K tile; its profile's remaining stalls are that barrier, the cp.async wait and the wgmma
