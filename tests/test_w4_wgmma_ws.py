@@ -140,3 +140,19 @@ def test_every_table_config_matches_the_reference_at_its_bucket() -> None:
                                      x_in_mma_order=True).float()  # fmt: skip
             err = float((got - want).norm() / want.norm())
             assert err < 8e-3, (bucket, cfg, group, err)
+
+
+def test_zero_tokens_give_an_empty_result_without_a_launch() -> None:
+    """Every fragment-order launcher starts from the same buffers (launch_buffers): x's
+    leading shape is kept, and no kernel runs for zero tokens (so this holds on the CPU)."""
+    from specquant.kernels.triton_ops import w4_fragment as F
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    frag = torch.zeros(48 // 16, 256 // 128, 512, dtype=torch.int16)
+    x = torch.zeros(2, 0, 256, dtype=torch.bfloat16)
+    scales = torch.ones(48, 2)
+    for y in (F.fragment_linear(x, frag, scales, None, 128),
+              W.wgmma_linear(x, frag, scales, None, 128),
+              WS.wgmma_ws_linear(x, frag, scales, None, 128, WS.WsConfig(64, 128, 4))):  # fmt: skip
+        assert y.shape == (2, 0, 48) and y.dtype == torch.bfloat16

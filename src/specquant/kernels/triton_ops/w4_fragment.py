@@ -512,6 +512,17 @@ def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return a
 
 
+def launch_buffers(
+    x: torch.Tensor,  # [..., K]
+    frag: torch.Tensor,  # [N/16, K/128, atom] fragment atoms
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """What every fragment-order launcher starts from: x as rows [M, K] (as_rows), the
+    output [M, N] in x's dtype, and x's leading shape (the result is out.view(*lead, N))."""
+    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
+    a = as_rows(x, k)
+    return a, torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device), tuple(x.shape[:-1])
+
+
 @dataclass(frozen=True)
 class Grid:
     """One launch of a fragment-order kernel: its tiles and the split-K workspace."""
@@ -588,11 +599,8 @@ def fragment_linear(
     config: FragConfig | None = None,
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
 ) -> torch.Tensor:  # [..., N]
-    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
-    lead = x.shape[:-1]
-    a = as_rows(x, k)
-    m = a.shape[0]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    a, out, lead = launch_buffers(x, frag)
+    (m, k), n = a.shape, out.shape[1]
     if m == 0:
         return out.view(*lead, n)
     cfg = config or frag_config(m, n * k, group > 0) or DEFAULT_CONFIG

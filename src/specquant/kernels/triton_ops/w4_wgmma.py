@@ -48,7 +48,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
-    ATOM_N,
     PREFILL,
     _async_load,
     _copy_tile,
@@ -60,8 +59,8 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _unpack,
     _weight_ptrs,
     _words,
-    as_rows,
     bucket_of,
+    launch_buffers,
     layouts,
     lookup,
     plan_grid,
@@ -429,11 +428,8 @@ def wgmma_linear(
     if x_in_mma_order and not cfg.x_perm:
         raise ValueError("x comes in mma K order, but the config reads it in feature order "
                          "(x_perm=False)")  # fmt: skip
-    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
-    lead = x.shape[:-1]
-    a = as_rows(x, k)
-    m = a.shape[0]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    a, out, lead = launch_buffers(x, frag)
+    (m, k), n = a.shape, out.shape[1]
     if m == 0:
         return out.view(*lead, n)
     if cfg.x_perm and not x_in_mma_order:  # each 128-column block in mma K order, as the

@@ -29,15 +29,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
-    ATOM_N,
     _finish,
     _out_index,
     _scale_ptrs,
     _table,
     _unpack,
     _words,
-    as_rows,
     bucket_of,
+    launch_buffers,
     layouts,
     lookup,
     plan_grid,
@@ -238,11 +237,8 @@ def wgmma_ws_linear(
     x_in_mma_order: bool = False,  # x already in to_mma_order's order
 ) -> torch.Tensor:  # [..., N]
     check_ws_config(config)
-    n, k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
-    lead = x.shape[:-1]
-    a = as_rows(x, k)
-    m = a.shape[0]
-    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    a, out, lead = launch_buffers(x, frag)
+    (m, k), n = a.shape, out.shape[1]
     if m == 0:
         return out.view(*lead, n)
     if not x_in_mma_order:
