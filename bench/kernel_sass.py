@@ -109,7 +109,7 @@ def compile_ws_sass(
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
 
     lay = F.layouts(bn, bk, bm, warps)
-    descs = {"x_desc": f"tensordesc<bf16[{bm}, {bk}],{WS.x_layout(bm, bk)!r}>",
+    descs = {"x_desc": f"tensordesc<bf16[{bm}, {bk}],{WS.X_LAYOUT!r}>",
              "w_desc": f"tensordesc<i16[{bn // 16}, {bk // 64}, 256],{WS.W_LAYOUT!r}>"}  # fmt: skip
     pointers = {**descs, "s_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16",
                 "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip

@@ -59,7 +59,8 @@ def test_tile_table_and_bad_configs() -> None:
     bad = [(WS.WsConfig(64, 128, 16), "warps must be 4 or 8"),
            (WS.WsConfig(96, 128, 4), "block_n 96 must be a multiple of 16 \\* warps \\(64\\)"),
            (WS.WsConfig(64, 192, 4), "block_k 192 is not a multiple of 128"),
-           (WS.WsConfig(64, 128, 4, 1), "stages must be >= 2")]  # fmt: skip
+           (WS.WsConfig(64, 128, 4, 1), "stages must be >= 2"),
+           (WS.WsConfig(64, 128, 4, 4, 1, 40), "maxnreg must be 0 .* not 40")]  # fmt: skip
     for cfg, msg in bad:
         with pytest.raises(ValueError, match=msg):
             WS.check_ws_config(cfg)
@@ -156,3 +157,6 @@ def test_zero_tokens_give_an_empty_result_without_a_launch() -> None:
               W.wgmma_linear(x, frag, scales, None, 128),
               WS.wgmma_ws_linear(x, frag, scales, None, 128, WS.WsConfig(64, 128, 4))):  # fmt: skip
         assert y.shape == (2, 0, 48) and y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"needs a Hopper GPU .* not a cpu device"):
+        WS.wgmma_ws_linear(torch.zeros(3, 256, dtype=torch.bfloat16), frag, scales, None, 128,
+                           WS.WsConfig(64, 128, 4))  # fmt: skip

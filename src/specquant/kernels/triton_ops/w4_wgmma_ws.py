@@ -5,7 +5,8 @@ ahead of the fragment kernel and `w4_wgmma.py`'s synchronous loop (FragForward._
 `w4_wgmma._loop_sync` has every warp take part in the copies and meet at one CTA barrier per
 K tile; its profile's remaining stalls are that barrier, the cp.async wait and the wgmma
 wait (bench/results/kernel_profile_3e1ef5e.md). Here one producer warp issues two TMA copies
-per K tile (x [BM, BK] in mma K order, and the tile's fragment atoms) into a ring of
+per K tile (x [BM, BK] in mma K order, in boxes of 64 columns, and the tile's fragment
+atoms) into a ring of
 shared-memory slots, each with a `ready` mbarrier that the copies' bytes complete. The
 consumer warps wait on that barrier alone, unpack, run a synchronous wgmma and release the
 slot through its `empty` mbarrier: no CTA barrier and no copy instructions in the K loop,
@@ -205,12 +206,11 @@ def ws_config(m: int, n: int, k: int) -> WsConfig | None:
     return WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) or lookup(WS_CONFIGS, m, n * k)
 
 
-def x_layout(bm: int, bk: int) -> gl.NVMMASharedLayout:
-    """The x tile's shared layout: 128-byte swizzle, as wgmma's B operand wants it."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-
-
+# the x tile's shared layout: 128-byte swizzle, as wgmma's B operand wants it (TMA fills it
+# in boxes of 64 bf16 columns); the atoms' unswizzled, so that they land row-major
+X_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+MIN_REGS = 64  # below this ptxas spills the consumer's unpacked operand
 
 
 def check_ws_config(cfg: WsConfig) -> None:
@@ -224,6 +224,17 @@ def check_ws_config(cfg: WsConfig) -> None:
     if cfg.stages < 2:
         raise ValueError(f"stages must be >= 2 (one slot filling while one is read), not "
                          f"{cfg.stages}")  # fmt: skip
+    if cfg.maxnreg and not (MIN_REGS <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0):
+        raise ValueError(f"maxnreg must be 0 (Triton decides) or a multiple of 8 in "
+                         f"[{MIN_REGS}, 255], not {cfg.maxnreg}")  # fmt: skip
+
+
+def hopper_missing(device: torch.device) -> str:
+    """Why `device` cannot run this kernel (TMA and wgmma: compute capability 9.x), or ""."""
+    if device.type != "cuda":
+        return f"a {device.type} device"
+    cap = torch.cuda.get_device_capability(device)
+    return "" if cap[0] == 9 else f"compute capability {cap[0]}.{cap[1]}"
 
 
 def wgmma_ws_linear(
@@ -241,13 +252,16 @@ def wgmma_ws_linear(
     (m, k), n = a.shape, out.shape[1]
     if m == 0:
         return out.view(*lead, n)
+    if missing := hopper_missing(a.device):
+        raise ValueError(f"the warp-specialized W4A16 kernel needs a Hopper GPU (compute "
+                         f"capability 9.x: TMA and wgmma), not {missing}")  # fmt: skip
     if not x_in_mma_order:
         a = to_mma_order(a)
     a = a.contiguous()  # TMA: rows 16-byte aligned, unit stride along K
     bm = token_tile(m)
     g = plan_grid(out, k, group, config.block_n, config.block_k, bm, config.split_waves, split_k)
     lay = layouts(config.block_n, g.block_k, bm, config.warps)
-    x_desc = TensorDescriptor.from_tensor(a, [bm, g.block_k], x_layout(bm, g.block_k))
+    x_desc = TensorDescriptor.from_tensor(a, [bm, g.block_k], X_LAYOUT)
     atoms = frag.view(frag.shape[0], frag.shape[1] * 2, 256)
     w_desc = TensorDescriptor.from_tensor(
         atoms, [config.block_n // 16, g.block_k // 64, 256], W_LAYOUT
