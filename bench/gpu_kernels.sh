@@ -13,7 +13,8 @@
 #   STAGE=gather   bench/gather_probe.py: ways to gather x into the wgmma kernel's mma K order
 #   STAGE=split    bench/split_probe.py: each linear's time per K split count (wgmma W4A16)
 #   STAGE=w4a8     bench/w4a8_probe.py: the W4A8 wgmma kernel checked, and timed against W4A8
-#                  on the canonical kernel and W4A16 (W4A8_ARGS="--formats w4a8,w4a8-g128")
+#                  on the canonical kernel and W4A16 (W4A8_ARGS="--formats w4a8,w4a8-g128";
+#                  add --ws for the warp-specialized twin next to the table's configs)
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.

@@ -101,12 +101,29 @@ def compile_wgmma_sass(
 
 def compile_ws_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 4,
-    maxnreg: int = 0, split_k: int = 1,
+    maxnreg: int = 0, split_k: int = 1, w4a8: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the warp-specialized wgmma W4A16 kernel (w4_wgmma_ws.py):
-    its TMA descriptors as the launcher builds them, group-major scales."""
+    its TMA descriptors as the launcher builds them, group-major scales; with `w4a8`, its
+    W4A8 twin (w4a8_wgmma_ws.py; `group` > 0: two-level scales)."""
     from specquant.kernels.triton_ops import w4_fragment as F
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    if w4a8:
+        from specquant.kernels.triton_ops import w4a8_wgmma as Q
+        from specquant.kernels.triton_ops import w4a8_wgmma_ws as QW
+
+        lay8 = Q.layouts(bn, bk, warps)
+        pointers = {"x_desc": f"tensordesc<i8[{bm}, {bk}],{QW.X_LAYOUT!r}>",
+                    "w_desc": f"tensordesc<i8[{bn // 16}, {bk // 32}, 256],{QW.W_LAYOUT!r}>",
+                    "xs_ptr": "*fp32", "s_ptr": "*i8" if group else "*fp32", "cs_ptr": "*fp32",
+                    "b_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*fp32",
+                    "lock_ptr": "*i32"}  # fmt: skip
+        consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
+                      WARPS=warps, STAGES=stages, BYTES=lay8.bytes,
+                      BYTES_MMA=lay8.bytes_mma)  # fmt: skip
+        return _compile_w4_gluon(QW._w4a8_wgmma_ws_kernel, consts, warps, arch, maxnreg,
+                                 pointers=pointers)  # fmt: skip
 
     lay = F.layouts(bn, bk, bm, warps)
     descs = {"x_desc": f"tensordesc<bf16[{bm}, {bk}],{WS.X_LAYOUT!r}>",
@@ -379,7 +396,7 @@ def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: 
 def _print_ws(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
     """The consumer's K loop (the loop holding the wgmmas) per weight, its barriers and
     local-memory accesses, and the producer's TMA copies per K tile."""
-    loop = loop_with(sass, "HGMMA")
+    loop = loop_with(sass, "HGMMA" if "HGMMA" in sass else "IGMMA")
     ops = opcodes(loop)
     total, per_thread = sum(ops.values()), weights / threads
     print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
@@ -388,7 +405,8 @@ def _print_ws(sass: str, res: str, what: str, weights: int, threads: int, arch: 
     print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
     local = sum(1 for x in loop if re.search(r"\b(LDL|STL)\b", x))
     named = sum(1 for x in loop if re.search(r"BAR\.SYNC\S* 0x0, 0x", x))
-    print(f"consumer loop: HGMMA {ops['HGMMA']}, WARPGROUP.DEPBAR {ops['WARPGROUP']}, "
+    print(f"consumer loop: HGMMA {ops['HGMMA'] + ops['IGMMA']}, WARPGROUP.DEPBAR "
+          f"{ops['WARPGROUP']}, "
           f"CTA-wide BAR.SYNC {ops['BAR'] - named}, local memory {local} accesses")  # fmt: skip
     producer = opcodes(loop_with(sass, "UTMALDG"))
     print(f"producer loop: UTMALDG {producer['UTMALDG']}")
@@ -412,6 +430,12 @@ def main() -> None:
     ap.add_argument("--ws", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,maxnreg]]: count the warp-specialized wgmma W4A16 kernel's consumer "
                     "loop instead (group-major scales)")  # fmt: skip
+    ap.add_argument(
+        "--a8",
+        action="store_true",
+        help="with --ws: the W4A8 twin "
+        "(w4a8_wgmma_ws.py; --group 128: two-level scales, default per channel)",
+    )
     ap.add_argument("--w4a8-wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps,stages: "
                     "count the W4A8 wgmma kernel instead")  # fmt: skip
     ap.add_argument("--act-quant", default=None, help="PRE,KIND,K: count act_quant's row "
@@ -433,7 +457,7 @@ def main() -> None:
     if args.split_k is None:
         args.split_k = 1 if args.fragment or args.wgmma or args.w4a8_wgmma or args.ws else 2
     if args.group is None:
-        args.group = 0 if args.w4a8_wgmma else 128
+        args.group = 0 if args.w4a8_wgmma or args.a8 else 128
     if args.w4a8_wgmma:
         bn, bk, bm, warps, stages = [int(v) for v in args.w4a8_wgmma.split(",")]
         sass, res = compile_w4a8_wgmma_sass(bn, bk, bm, warps, stages, args.arch, args.split_k,
@@ -447,8 +471,9 @@ def main() -> None:
         given = [int(v) for v in args.ws.split(",")]
         bn, bk, bm, warps, stages, maxnreg = (given + [4, 0][len(given) - 4 :])[:6]
         sass, res = compile_ws_sass(bn, bk, bm, warps, args.group, args.arch, stages, maxnreg,
-                                    args.split_k)  # fmt: skip
-        _print_ws(sass, res, f"warp-specialized wgmma W4A16 group {args.group}, tile {args.ws}",
+                                    args.split_k, args.a8)  # fmt: skip
+        what = "W4A8" if args.a8 else "W4A16"
+        _print_ws(sass, res, f"warp-specialized wgmma {what} group {args.group}, tile {args.ws}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip
         return
     if args.wgmma:

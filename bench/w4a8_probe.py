@@ -8,6 +8,10 @@ the model runs it (fragment / wgmma kernels, x in mma order). The kernel_perf go
 faster than W4A16 at M >= 32" asks whether the wgmma rows beat the W4A16 ones.
 
     python bench/w4a8_probe.py --out bench/results     # STAGE=w4a8 bench/gpu_kernels.sh
+    python bench/w4a8_probe.py --ws --formats w4a8,w4a8-g128 --ms 16,32,64,128
+
+With --ws the candidates are the warp-specialized twin's (w4a8_wgmma_ws.py) next to the
+synchronous configs that W4A8_CONFIGS picks, in the same run; both are checked first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from common import gpu_run_meta, gpu_run_text, write_report
 from kernel_perf import SHAPES, ours, time_graph
 from specquant.kernels.reference import qlinear_reference, quantize_per_token
+from specquant.kernels.triton_ops import w4_wgmma_ws as WS
 from specquant.kernels.triton_ops import w4a8_wgmma as Q
 from specquant.quant.rtn import quantize_rtn
 from specquant.quant.spec import get_format
@@ -31,10 +36,17 @@ from specquant.quant.spec import get_format
 _C = Q.W4A8WgmmaConfig
 CANDIDATES = [_C(128, 128, 8, 3), _C(128, 128, 8, 4), _C(64, 128, 4, 4), _C(128, 128, 4, 3),
               _C(256, 128, 16, 3), _C(128, 256, 8, 3)]  # fmt: skip
+# --ws: the twin's configs (WsConfig: BLOCK_N, BLOCK_K, consumer warps, stages, split waves,
+# maxnreg; two 8-warp CTAs per SM at 128 registers, as W4A16's won), then the synchronous
+# configs W4A8_CONFIGS holds, to compare in one run
+_W = WS.WsConfig
+WS_CANDIDATES = [_W(64, 128, 4, 4, 1, 128), _W(128, 128, 4, 4, 1, 128), _W(64, 256, 4, 3, 1, 128),
+                 _W(128, 256, 4, 3, 1, 128), _W(64, 128, 4, 4, 2, 80), _C(64, 128, 4, 4),
+                 _C(128, 128, 8, 4), _C(128, 128, 4, 3), _C(128, 256, 8, 3)]  # fmt: skip
 MS = (1, 16, 32, 64, 128)
 
 
-def check() -> list[dict[str, Any]]:
+def check(candidates: list[Any] = CANDIDATES) -> list[dict[str, Any]]:
     """Relative error against qlinear_reference (exact integer sums) on odd token counts."""
     spec = get_format("w4a8")
     gen = torch.Generator().manual_seed(0)
@@ -45,7 +57,7 @@ def check() -> list[dict[str, Any]]:
         for m in (1, 9, 20, 32, 33, 64, 100):
             qa = quantize_per_token(torch.randn(m, k, generator=gen).cuda().bfloat16(), "int8")
             want = qlinear_reference(qa, t, None, spec).float()
-            for cfg in CANDIDATES:
+            for cfg in candidates:
                 if n % cfg.block_n or k % cfg.block_k:
                     continue
                 y = Q.w4a8_wgmma_linear(qa.codes, qa.scales, frag, t["scales"], None,
@@ -60,7 +72,11 @@ TWIN = {"w4a8": "w4a16", "w4a8-g128": "w4a16-g128"}
 
 
 def timings(
-    deadline: float, formats: list[str], models: list[str], ms: tuple[int, ...] = MS
+    deadline: float,
+    formats: list[str],
+    models: list[str],
+    ms: tuple[int, ...] = MS,
+    candidates: list[Any] = CANDIDATES,
 ) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
@@ -81,14 +97,15 @@ def timings(
                 base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, m=m)
                 rows.append(dict(base, kernel="w4a8:gemm", us=time_graph(canonical(x), copies)))
                 rows.append(dict(base, kernel="w4a16", us=time_graph(w4a16(x), copies16)))
-                for cfg in CANDIDATES:
+                for cfg in candidates:
 
                     def run(i: int, cfg=cfg, qa=qa, fr=frags, ts=tensors, g=group) -> Any:
                         return Q.w4a8_wgmma_linear(qa.codes, qa.scales, fr[i], ts[i]["scales"],
                                                    None, torch.bfloat16, cfg, None, g,
                                                    ts[i].get("channel_scales"))  # fmt: skip
 
-                    row = dict(base, kernel="w4a8-wgmma", config=list(astuple(cfg)))
+                    kind = "w4a8-wgmma" if isinstance(cfg, _C) else "w4a8-wgmma-ws"
+                    row = dict(base, kernel=kind, config=list(astuple(cfg)))
                     try:
                         row["us"] = time_graph(run, copies)
                     except Exception as e:  # a config that does not fit (shared memory)
@@ -106,7 +123,9 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
           f"{worst:.1e}{f'; **{len(failed)} FAILED**' if failed else ''}.", "",
           "Microseconds summed over a decoder layer's four linears (median of CUDA-graph "
           "replays, weights rotated through HBM). W4A8 rows take pre-quantized activations; "
-          "wgmma configs: [BLOCK_N, BLOCK_K, warps, stages, split waves].", "",
+          "wgmma configs: [BLOCK_N, BLOCK_K, warps, stages, split waves]; `ws`: the "
+          "warp-specialized twin's, [BLOCK_N, BLOCK_K, consumer warps, stages, split waves, "
+          "maxnreg].", "",
           "| format | model | M | canonical (:gemm) | W4A16 twin | wgmma best per layer | "
           "best single config |",
           "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -119,14 +138,15 @@ def markdown(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict
                 continue  # the budget ran out inside this model
             total = {kind: sum(r["us"] for r in here if r["kernel"] == kind)
                      for kind in ("w4a8:gemm", "w4a16")}  # fmt: skip
-            wg = [r for r in here if r["kernel"] == "w4a8-wgmma"]
+            wg = [r for r in here if r["kernel"].startswith("w4a8-wgmma")]
             if {r["layer"] for r in wg} != layers:  # every config failed on some layer
                 best = float("nan")
             else:
                 best = sum(min(r["us"] for r in wg if r["layer"] == la) for la in layers)
             per_cfg: dict[str, list[float]] = {}
             for r in wg:
-                per_cfg.setdefault(str(r["config"]), []).append(r["us"])
+                name = str(r["config"]) + (" ws" if r["kernel"].endswith("-ws") else "")
+                per_cfg.setdefault(name, []).append(r["us"])
             whole = [(sum(v), c) for c, v in per_cfg.items() if len(v) == len(layers)]
             single = f"{min(whole)[0]:.1f} {min(whole)[1]}" if whole else "none ran on all"
             md.append(f"| {fmt} | {model} | {m} | {total['w4a8:gemm']:.1f} | "
@@ -146,7 +166,10 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)),
                     help="token counts, e.g. 128,256,512 for prefill sizes")  # fmt: skip
+    ap.add_argument("--ws", action="store_true", help="time the warp-specialized twin "
+                    "(WS_CANDIDATES) next to the synchronous table's configs")  # fmt: skip
     args = ap.parse_args()
+    candidates = WS_CANDIDATES if args.ws else CANDIDATES
     formats = args.formats.split(",")
     if any(f not in TWIN for f in formats):
         raise SystemExit(f"unknown formats in {formats}; known: {', '.join(TWIN)}")
@@ -154,12 +177,12 @@ def main() -> None:
         raise SystemExit("w4a8_probe needs a Hopper GPU (wgmma)")
     start = time.time()
     try:
-        checks = check()
+        checks = check(candidates)
     except Exception as e:  # keep going: the timings say whether it is worth fixing
         checks = [dict(error=repr(e)[:500], rel_err=float("nan"))]
     # the budget counts from here: the checks compile most configs first
     ms = tuple(int(m) for m in args.ms.split(","))
-    rows = timings(time.time() + args.budget_s, formats, args.models.split(","), ms)
+    rows = timings(time.time() + args.budget_s, formats, args.models.split(","), ms, candidates)
     meta = dict(gpu_run_meta(args.commit), seconds=time.time() - start)
     report = dict(meta=meta, checks=checks, timings=rows)
     out = args.out / "w4a8_probe.json"

@@ -160,3 +160,89 @@ def test_zero_tokens_give_an_empty_result_without_a_launch() -> None:
     with pytest.raises(ValueError, match=r"needs a Hopper GPU .* not a cpu device"):
         WS.wgmma_ws_linear(torch.zeros(3, 256, dtype=torch.bfloat16), frag, scales, None, 128,
                            WS.WsConfig(64, 128, 4))  # fmt: skip
+
+
+# ------------------------------------------------------------------------- the W4A8 twin
+@pytest.mark.parametrize(
+    ("tile", "group", "most"), [("64,128,64,4,4,128", 0, 1.2), ("128,128,64,4,3,128", 128, 2.5)]
+)
+def test_w4a8_twin_compiles_with_a_lean_consumer_loop(tile, group, most) -> None:
+    """The W4A8 twin (w4a8_wgmma_ws.py) offline: one int8 wgmma per 32 k of each 64 rows,
+    no CTA-wide barrier, no local memory, one TMA copy each for x's codes (128 bytes a
+    row: one swizzle row) and the atoms; fewer instructions per weight than the synchronous
+    W4A8 loop (1.70 per channel and 2.95 with g128 scales on Triton 3.6)."""
+    out = compiled_loop(["--ws", tile, "--a8", "--group", str(group)], most)
+    bn, bk, _, warps, _, _ = (int(v) for v in tile.split(","))
+    loop = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
+                     r"local memory (\d+)", out)  # fmt: skip
+    assert loop and int(loop.group(1)) == (bk // 32) * (bn // (16 * warps)), out
+    assert loop.group(3) == "0" and loop.group(4) == "0", out
+    assert re.search(r"producer loop: UTMALDG 2\b", out), out
+
+
+def test_w4a8_layers_route_to_the_twin_where_its_table_says(monkeypatch) -> None:
+    """W4A8Forward asks W4A8_WS_CONFIGS first (empty until the twin is timed), and the
+    launcher hands a WsConfig to the twin after its own checks."""
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+    from specquant.kernels.triton_ops import w4a8_wgmma as Q
+    from specquant.kernels.triton_ops import w4a8_wgmma_ws as QW
+
+    layer = Q.W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
+    assert layer.route(64) == "wgmma"  # the table is empty: the synchronous kernel
+    ws = WS.WsConfig(64, 128, 4)
+    none = Q._table(None, None, None, None)
+    monkeypatch.setattr(Q, "W4A8_WS_CONFIGS", {32: none, 64: Q._table(ws, ws, ws, ws)})
+    assert [layer.route(m) for m in (1, 64, 65, 600)] == ["canonical", "wgmma-ws", "wgmma",
+                                                          "canonical"]  # fmt: skip
+    launched = []
+    monkeypatch.setattr(QW, "launch_ws", lambda *a: launched.append(a))
+    codes = torch.zeros(64, 4096, dtype=torch.int8)
+    y = Q.w4a8_wgmma_linear(codes, torch.ones(64), layer.frag, torch.ones(4096), None,
+                            torch.bfloat16, ws)  # fmt: skip
+    assert y.shape == (64, 4096) and len(launched) == 1 and launched[0][9] is ws
+    with pytest.raises(ValueError, match="activation codes must be int8"):  # checks first
+        Q.w4a8_wgmma_linear(codes.float(), torch.ones(64), layer.frag, torch.ones(4096), None,
+                            torch.bfloat16, ws)  # fmt: skip
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"W4A8 kernel needs a Hopper GPU .* not a cpu device"):
+        Q.w4a8_wgmma_linear(codes, torch.ones(64), layer.frag, torch.ones(4096), None,
+                            torch.bfloat16, ws)  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
+@pytest.mark.parametrize(("n", "k"), [(272, 1152), (208, 384), (128, 1024)])
+def test_w4a8_twin_gives_the_synchronous_kernels_bits(fmt, n, k) -> None:
+    """Odd N, K splits, BLOCK_K 256 and its fallback, token tiles of 8-64 and two of them,
+    with and without bias: the same int32 sums in the same order as the synchronous W4A8
+    kernel with the same tiles (itself checked against the integer reference)."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.reference import quantize_per_token
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+    from specquant.kernels.triton_ops import w4a8_wgmma as Q
+    from specquant.quant.spec import get_format
+
+    spec = get_format(fmt)
+    gen = torch.Generator().manual_seed(n + k)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
+    group = 0 if spec.group_size == -1 else spec.group_size
+    cs = None
+    sw = (torch.rand(n, generator=gen) * 0.02 + 1e-3).cuda()
+    if group:
+        cs = sw * 0.01
+        sw = torch.randint(-128, 128, (n, k // group), generator=gen, dtype=torch.int8).cuda()
+    frag = Q.prepare_fragments_i8(qweight)
+    configs = [WS.WsConfig(64, 128, 4, 2), WS.WsConfig(128, 128, 4, 3, 1, 128),
+               WS.WsConfig(128, 256, 8, 3)]  # fmt: skip
+    for i, m in enumerate((9, 33, 64, 100, 130)):
+        x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+        qa = quantize_per_token(x, "int8")
+        bias = torch.randn(n, generator=gen).to("cuda", torch.bfloat16) if i % 2 else None
+        for cfg in configs:
+            twin = Q.W4A8WgmmaConfig(cfg.block_n, cfg.block_k, cfg.warps, cfg.stages)
+            for split in (None, 2):
+                args = (qa.codes, qa.scales, frag, sw, bias, torch.bfloat16)
+                y = Q.w4a8_wgmma_linear(*args, cfg, split, group, cs)
+                want = Q.w4a8_wgmma_linear(*args, twin, split, group, cs)
+                assert torch.equal(y, want), (m, cfg, split)

@@ -56,7 +56,10 @@ PRODUCER_REGS = gl.constexpr(40)  # the copy warp's registers: scalars only
 @gluon.jit
 def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
               BK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The copy warp: K tile i goes to slot i % STAGES once its consumer released it."""
+    """The copy warp: K tile i goes to slot i % STAGES once its consumer released it. The
+    atoms' descriptor views each 1024-byte atom as rows of 256 elements (2 for W4A16's
+    int16 atoms, 4 for W4A8's int8 ones)."""
+    rows: gl.constexpr = w_desc.block_type.shape[1] // (BK // 128)  # per atom
     for i in range(tiles):
         slot = i % STAGES
         # a fresh barrier counts as having completed the phase before 0: round 0 passes
@@ -65,7 +68,7 @@ def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
         mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
         k = k_lo + i * BK
         _tma_load(x_desc, [m0, k], bar, x_ring.index(slot))
-        _tma_load(w_desc, [n0 // 16, (k // 128) * 2, 0], bar, w_ring.index(slot))
+        _tma_load(w_desc, [n0 // 16, (k // 128) * rows, 0], bar, w_ring.index(slot))
 
 
 @gluon.jit
@@ -99,6 +102,24 @@ def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
     return (acc,)
 
 
+@gluon.jit
+def _ring(x_desc, w_desc, STAGES: gl.constexpr):
+    """The copy ring, shared by the warp-specialized kernels: STAGES slots of x and of
+    atoms shaped as the descriptors' boxes, and a fresh `ready` and `empty` mbarrier per
+    slot."""
+    # (the JIT reads no starred lists)
+    x_shape: gl.constexpr = [STAGES] + x_desc.block_type.shape  # noqa: RUF005
+    w_shape: gl.constexpr = [STAGES] + w_desc.block_type.shape  # noqa: RUF005
+    x_ring = gl.allocate_shared_memory(x_desc.dtype, x_shape, x_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)  # the producer's expect; TMA adds the bytes
+        mbarrier.init(empty.index(s), count=1)  # one arrival of the consumer warps
+    return x_ring, w_ring, ready, empty
+
+
 @gluon.jit(do_not_specialize=["M"])
 def _w4_wgmma_ws_kernel(
     x_desc,  # TMA over x [M, K] in mma K order, box [BM, BK]
@@ -118,16 +139,7 @@ def _w4_wgmma_ws_kernel(
     m0 = gl.program_id(1) * BM
     k_lo = gl.program_id(2) * K_SPLIT
     tiles = K_SPLIT // BK
-    # (the JIT reads no starred lists)
-    x_shape: gl.constexpr = [STAGES] + x_desc.block_type.shape  # noqa: RUF005
-    w_shape: gl.constexpr = [STAGES] + w_desc.block_type.shape  # noqa: RUF005
-    x_ring = gl.allocate_shared_memory(x_desc.dtype, x_shape, x_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, w_shape, w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)  # the producer's expect; TMA adds the bytes
-        mbarrier.init(empty.index(s), count=1)  # one arrival of the consumer warps
+    x_ring, w_ring, ready, empty = _ring(x_desc, w_desc, STAGES)
     rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
     acc = gl.zeros([BN, BM], gl.float32, acc_l)
     # (the partitions' arguments inline: the JIT turns a tuple variable's layouts to tensors)

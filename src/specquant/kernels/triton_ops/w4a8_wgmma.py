@@ -227,6 +227,16 @@ def _w4a8_wgmma_kernel(
             gs = gl.load(s_ptr + rn * G + (k_lo + kb) // GROUP, mask=n_mask, other=0)
             acc += part.to(gl.float32) * gs.to(gl.float32)[:, None]
     async_copy.wait_group(0)  # no copy may land in shared memory after the loop
+    _finish_a8(acc, rn, rm, n_mask, m_mask, xs_ptr, s_ptr, cs_ptr, b_ptr, out_ptr, ws_ptr,
+               lock_ptr, M, N, stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
+
+
+@gluon.jit
+def _finish_a8(acc, rn, rm, n_mask, m_mask, xs_ptr, s_ptr, cs_ptr, b_ptr, out_ptr, ws_ptr,
+               lock_ptr, M, N, stride_om, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr,
+               SPLIT_K: gl.constexpr):  # fmt: skip
+    """The int32 (or, with group scales, fp32) sums [BN, BM] times the per-channel and the
+    per-token scales, then written (split K: added up) as _finish does."""
     c_ptr = cs_ptr if GROUP > 0 else s_ptr  # the per-channel level
     sw = gl.load(c_ptr + rn, mask=n_mask, other=0.0) * (1.0 / 16.0)  # the codes were x 16
     sx = gl.load(xs_ptr + rm, mask=m_mask, other=0.0)
@@ -279,9 +289,16 @@ W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
 }  # fmt: skip
 
 
-def w4a8_config(m: int, weights: int) -> W4A8WgmmaConfig | None:
-    """The tile config for `m` tokens and an N * K weight, or None: the canonical kernel."""
-    return lookup(W4A8_CONFIGS, m, weights)
+# The warp-specialized twin's picks (w4a8_wgmma_ws.py, w4_wgmma_ws.WsConfig), in the same
+# form, ahead of W4A8_CONFIGS. Empty until bench/w4a8_probe.py times it on a GPU: it is
+# checked there and by the GPU tests, not yet measured.
+W4A8_WS_CONFIGS: dict[int, list[tuple[int, Any]]] = {}
+
+
+def w4a8_config(m: int, weights: int) -> Any:
+    """The tile config for `m` tokens and an N * K weight: a warp-specialized one
+    (W4A8_WS_CONFIGS), else a W4A8WgmmaConfig, or None: the canonical kernel."""
+    return lookup(W4A8_WS_CONFIGS, m, weights) or lookup(W4A8_CONFIGS, m, weights)
 
 
 def w4a8_wgmma_linear(
@@ -291,13 +308,14 @@ def w4a8_wgmma_linear(
     scales: torch.Tensor,  # fp32 [N] or [N, 1] per channel; int8 [N, K/group] with `group`
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    config: W4A8WgmmaConfig | None = None,
+    config: Any = None,  # W4A8WgmmaConfig, or w4_wgmma_ws.WsConfig: the warp-specialized twin
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
     group: int = 0,  # > 0: two-level scales (int8 per group of `group` k, fp32 per channel)
     channel_scales: torch.Tensor | None = None,  # fp32 [N], with `group`
 ) -> torch.Tensor:  # [..., N] out_dtype
     cfg = config or W4A8WgmmaConfig()
-    check_config(cfg)
+    if isinstance(cfg, W4A8WgmmaConfig):  # a warp-specialized one is checked where it launches
+        check_config(cfg)
     if codes.dtype != torch.int8:
         raise ValueError(f"activation codes must be int8, not {codes.dtype}")
     if frag.dtype != torch.int8 or frag.dim() != 3 or frag.shape[2] != ATOM_BYTES:
@@ -336,6 +354,11 @@ def w4a8_wgmma_linear(
         sw, cs = scales.contiguous(), channel_scales.reshape(n).float().contiguous()
     else:
         sw = cs = scales.reshape(n).float().contiguous()
+    if not isinstance(cfg, W4A8WgmmaConfig):  # w4_wgmma_ws.WsConfig
+        from specquant.kernels.triton_ops.w4a8_wgmma_ws import launch_ws
+
+        launch_ws(a, xs, frag, sw, cs, bias, out, g, bm, cfg, group)
+        return out.view(*lead, n)
     _w4a8_wgmma_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
         a, xs, frag, sw, cs, bias if bias is not None else cs, out, g.ws, g.locks,
         m, n, k, sw.shape[-1] if group else 1, g.k_split, a.stride(0), out.stride(0),
@@ -361,12 +384,15 @@ class W4A8Forward:
     def prepare(cls, t: dict[str, torch.Tensor]) -> W4A8Forward:
         return cls(prepare_fragments_i8(t["qweight"]))
 
-    def config(self, m: int) -> W4A8WgmmaConfig | None:
+    def config(self, m: int) -> Any:
         return w4a8_config(m, self.weights)
 
     def route(self, m: int) -> str:
-        """Which kernel runs m tokens: wgmma or canonical."""
-        return "canonical" if self.config(m) is None else "wgmma"
+        """Which kernel runs m tokens: wgmma-ws, wgmma or canonical."""
+        cfg = self.config(m)
+        if cfg is None:
+            return "canonical"
+        return "wgmma" if isinstance(cfg, W4A8WgmmaConfig) else "wgmma-ws"
 
     def __call__(
         self,
