@@ -1,13 +1,15 @@
 """The warp-specialized wgmma W4A16 kernel (kernels/triton_ops/w4_wgmma_ws.py) on the GPU:
 checked against the reference and, bit for bit, against the synchronous wgmma kernel with
-the same tiles; then timed on the Llama-3 8B/70B linears next to the layers' own picks
-(`w4_wgmma.wgmma_config`) in the same run.
+the same tiles; then timed on the Llama-3 8B/70B linears next to what the layers run
+without it (`table`: the fragment kernel's pick up to 8 tokens, `w4_wgmma.wgmma_config`'s
+above) in the same run.
 
     python bench/ws_probe.py --out bench/results --ms 16,32,64,128
+    python bench/ws_probe.py --skip-check --ms 8 --configs "64,128,4,6,2,64;64,128,4,4,1,128"
 
 Writes ws_probe.json (every timing and check) and ws_probe.md (per model and M: the sum
-over the four linears of the table's pick, each warp-specialized config, and the best of
-them per layer).
+over the four linears of `table`, each warp-specialized config, and the best of them per
+layer).
 """
 
 from __future__ import annotations

@@ -648,17 +648,17 @@ def prepare_forward(
 
 
 class FragForward:
-    """A W4A16 layer on fragment-order weights: token counts with a tuned fragment config
-    (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED for group formats) run the fragment kernel, unless
-    with `wgmma` (Hopper) a warp-specialized config (w4_wgmma_ws.WS_CONFIGS) serves them;
-    then with `wgmma` those with a warp-specialized config run that kernel, those with a
-    synchronous one (w4_wgmma.WGMMA_CONFIGS) the wgmma kernel, all on the same fragments,
-    and others the canonical-layout kernel on the layer's own tensors. It
-    takes activations in mma K order (MmaOrderActivations) where its wgmma config reads them
-    so (`takes_mma_order`). With `pdl` (Hopper) its fragment configs launch with
-    programmatic dependent launch: after a kernel that lets them start early (act_quant's
-    rmsnorm / silu_mul with launch_dependents), they copy their first weight tiles while it
-    runs. An experiment (bench/kernel_perf.py's `:pdl` chains), not a default."""
+    """A W4A16 layer on fragment-order weights. Per token count it runs the first kernel
+    whose table has a config for it: with `wgmma` (Hopper) the warp-specialized kernel
+    (w4_wgmma_ws.WS_CONFIGS), then the fragment kernel (FRAG_CONFIGS; FRAG_CONFIGS_GROUPED
+    for group formats), then with `wgmma` the synchronous wgmma kernel
+    (w4_wgmma.WGMMA_CONFIGS), all on the same fragments; else the canonical-layout kernel
+    on the layer's own tensors. It takes activations in mma K order (MmaOrderActivations)
+    where its wgmma config reads them so (`takes_mma_order`). With `pdl` (Hopper) its
+    fragment configs launch with programmatic dependent launch: after a kernel that lets
+    them start early (act_quant's rmsnorm / silu_mul with launch_dependents), they copy
+    their first weight tiles while it runs. An experiment (bench/kernel_perf.py's `:pdl`
+    chains), not a default."""
 
     def __init__(
         self,
