@@ -294,27 +294,8 @@ def _disassemble(cubin: bytes) -> str:
     return out.stdout
 
 
-def loop_histogram(sass: str) -> collections.Counter[str]:
-    """Opcode counts of the longest loop (label ... backward branch to it)."""
-    lines = sass.splitlines()
-    labels = {
-        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))
-    }
-    best: tuple[int, int] | None = None
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), i) < i:
-            cand = (labels[m.group(1)], i)
-            if best is None or cand[1] - cand[0] > best[1] - best[0]:
-                best = cand
-    if best is None:
-        raise RuntimeError("no loop found in the SASS")
-    return opcodes(lines[best[0] : best[1] + 1])
-
-
-def loop_with(sass: str, opcode: str) -> list[str]:
-    """The innermost loop (label ... backward branch to it) holding `opcode`: in a
-    warp-specialized kernel the longest loop is the partitions' dispatch, not a K loop."""
+def _loops(sass: str) -> list[list[str]]:
+    """Every loop's SASS lines: a label through the backward branch to it."""
     lines = sass.splitlines()
     labels = {
         m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))
@@ -323,9 +304,22 @@ def loop_with(sass: str, opcode: str) -> list[str]:
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
-            span = lines[labels[m.group(1)] : i + 1]
-            if any(re.search(rf"\b{opcode}\b", x) for x in span):
-                spans.append(span)
+            spans.append(lines[labels[m.group(1)] : i + 1])
+    return spans
+
+
+def loop_histogram(sass: str) -> collections.Counter[str]:
+    """Opcode counts of the longest loop (label ... backward branch to it)."""
+    spans = _loops(sass)
+    if not spans:
+        raise RuntimeError("no loop found in the SASS")
+    return opcodes(max(spans, key=len))
+
+
+def loop_with(sass: str, opcode: str) -> list[str]:
+    """The innermost loop (label ... backward branch to it) holding `opcode`: in a
+    warp-specialized kernel the longest loop is the partitions' dispatch, not a K loop."""
+    spans = [s for s in _loops(sass) if any(re.search(rf"\b{opcode}\b", x) for x in s)]
     if not spans:
         raise RuntimeError(f"no loop holding {opcode} in the SASS")
     return min(spans, key=len)
@@ -375,15 +369,20 @@ def loop_spills(sass: str) -> tuple[int, int]:
     return ops["STL"] + ops["LDL"], in_fix
 
 
-def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
-    """The K loop's instruction count per weight, its opcodes, the split-K fix-up's loads
-    per L2 round trip, local-memory accesses in the loops, and the resource line."""
-    ops = loop_histogram(sass)
+def _print_per_weight(ops: collections.Counter[str], what: str, weights: int, threads: int,
+                      arch: int) -> None:  # fmt: skip
+    """A K loop's instruction count per weight, and its opcodes."""
     total, per_thread = sum(ops.values()), weights / threads
     print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
           f"{per_thread:.0f} weights per thread, {total / per_thread:.2f} instructions per "
           "weight")  # fmt: skip
     print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
+
+
+def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
+    """The K loop's instruction count per weight, its opcodes, the split-K fix-up's loads
+    per L2 round trip, local-memory accesses in the loops, and the resource line."""
+    _print_per_weight(loop_histogram(sass), what, weights, threads, arch)
     per_trip, looped = fix_up_loads(sass)
     if per_trip:
         how = "per trip of its loop" if looped else "unrolled, all at once"
@@ -394,20 +393,17 @@ def _print_w4(sass: str, res: str, what: str, weights: int, threads: int, arch: 
 
 
 def _print_ws(sass: str, res: str, what: str, weights: int, threads: int, arch: int) -> None:
-    """The consumer's K loop (the loop holding the wgmmas) per weight, its barriers and
-    local-memory accesses, and the producer's TMA copies per K tile."""
+    """The consumer's K loop (the loop holding the wgmmas: HGMMA for W4A16, IGMMA for W4A8)
+    per weight, its waits, barriers and local-memory accesses, and the producer's TMA copies
+    per K tile."""
     loop = loop_with(sass, "HGMMA" if "HGMMA" in sass else "IGMMA")
     ops = opcodes(loop)
-    total, per_thread = sum(ops.values()), weights / threads
-    print(f"triton {triton.__version__}, sm_{arch}, {what}: {total} instructions per K step, "
-          f"{per_thread:.0f} weights per thread, {total / per_thread:.2f} instructions per "
-          "weight")  # fmt: skip
-    print(", ".join(f"{op} {n}" for op, n in ops.most_common()))
-    local = sum(1 for x in loop if re.search(r"\b(LDL|STL)\b", x))
+    _print_per_weight(ops, what, weights, threads, arch)
     named = sum(1 for x in loop if re.search(r"BAR\.SYNC\S* 0x0, 0x", x))
-    print(f"consumer loop: HGMMA {ops['HGMMA'] + ops['IGMMA']}, WARPGROUP.DEPBAR "
-          f"{ops['WARPGROUP']}, "
-          f"CTA-wide BAR.SYNC {ops['BAR'] - named}, local memory {local} accesses")  # fmt: skip
+    waits = sum(1 for x in loop if "WARPGROUP.DEPBAR" in x)
+    print(f"consumer loop: wgmma {ops['HGMMA'] + ops['IGMMA']}, WARPGROUP.DEPBAR {waits}, "
+          f"CTA-wide BAR.SYNC {ops['BAR'] - named}, local memory "
+          f"{ops['LDL'] + ops['STL']} accesses")  # fmt: skip
     producer = opcodes(loop_with(sass, "UTMALDG"))
     print(f"producer loop: UTMALDG {producer['UTMALDG']}")
     print(res)

@@ -30,10 +30,11 @@ def test_kernel_compiles_for_sm90_with_a_lean_consumer_loop(tile, group) -> None
     swizzle holds 64 columns of bf16 per copy)."""
     out = compiled_loop(["--ws", tile, "--group", str(group)], 3.0)
     bn, bk, _, warps, _, maxnreg = (int(v) for v in tile.split(","))
-    loop = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
+    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
                      r"local memory (\d+)", out)  # fmt: skip
     assert loop, out
     assert int(loop.group(1)) == (bk // 16) * (bn // (16 * warps)), out
+    assert loop.group(2) == "1", out  # one wait per K tile: the wgmmas run synchronously
     assert loop.group(3) == "0" and loop.group(4) == "0", out
     copies = re.search(r"producer loop: UTMALDG (\d+)", out)
     assert copies and int(copies.group(1)) == 1 + bk // 64, out
@@ -173,9 +174,10 @@ def test_w4a8_twin_compiles_with_a_lean_consumer_loop(tile, group, most) -> None
     W4A8 loop (1.70 per channel and 2.95 with g128 scales on Triton 3.6)."""
     out = compiled_loop(["--ws", tile, "--a8", "--group", str(group)], most)
     bn, bk, _, warps, _, _ = (int(v) for v in tile.split(","))
-    loop = re.search(r"HGMMA (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
+    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
                      r"local memory (\d+)", out)  # fmt: skip
     assert loop and int(loop.group(1)) == (bk // 32) * (bn // (16 * warps)), out
+    assert loop.group(2) == "1", out  # one wait per K tile: the wgmmas run synchronously
     assert loop.group(3) == "0" and loop.group(4) == "0", out
     assert re.search(r"producer loop: UTMALDG 2\b", out), out
 

@@ -72,10 +72,23 @@ def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
 
 
 @gluon.jit
+def _atoms(w_ring, slot, BN: gl.constexpr, BK: gl.constexpr):
+    """Ring slot `slot` as the row-major atoms [BN/16, (BK/128) * atom elements] the
+    consumers load from: the TMA box [BN/16, rows per atom * BK/128, 256] lands densely,
+    unswizzled, so the same bytes read as the atoms' own layout."""
+    cols: gl.constexpr = (BK // 128) * (8192 // w_ring.dtype.primitive_bitwidth)
+    W_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    if _NEW_REINTERPRET:
+        return w_ring.index(slot).reinterpret(w_ring.dtype, [BN // 16, cols], W_SMEM)
+    else:
+        return w_ring.index(slot)._reinterpret(w_ring.dtype, [BN // 16, cols], W_SMEM)
+
+
+@gluon.jit
 def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles, stride_sn,
               stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
               STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
-              AL: gl.constexpr, W_SMEM: gl.constexpr):  # fmt: skip
+              AL: gl.constexpr):  # fmt: skip
     """The wgmma warps: per K tile wait for its slot, unpack the weights to A registers,
     multiply by the x tile in shared memory, release the slot."""
     DTYPE: gl.constexpr = x_ring.dtype
@@ -85,13 +98,8 @@ def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
             gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
                          mask=n_mask, other=0.0)  # fmt: skip
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        # the TMA box [BN/16, BK/64, 256] lands densely, as the row-major atoms [BN/16, *]
-        if _NEW_REINTERPRET:
-            wsm = w_ring.index(slot).reinterpret(gl.int16, [BN // 16, (BK // 128) * 512], W_SMEM)
-        else:
-            wsm = w_ring.index(slot)._reinterpret(gl.int16, [BN // 16, (BK // 128) * 512],
-                                                  W_SMEM)  # fmt: skip
-        a = _unpack(_words(wsm.load(WORDS), BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+        words = _atoms(w_ring, slot, BN, BK).load(WORDS)
+        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
         b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
         if GROUP == 0:
             acc = warpgroup_mma(a, b, acc)
@@ -134,7 +142,6 @@ def _w4_wgmma_ws_kernel(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    W_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
     k_lo = gl.program_id(2) * K_SPLIT
@@ -146,8 +153,7 @@ def _w4_wgmma_ws_kernel(
     acc = gl.warp_specialize(
         [
             (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
-                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL,
-                         W_SMEM)),
+                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL)),
             (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
                          STAGES)),
         ],
@@ -269,7 +275,8 @@ def wgmma_ws_linear(
                          f"capability 9.x: TMA and wgmma), not {missing}")  # fmt: skip
     if not x_in_mma_order:
         a = to_mma_order(a)
-    a = a.contiguous()  # TMA: rows 16-byte aligned, unit stride along K
+    if a.data_ptr() % 16:  # TMA also needs an aligned base (as_rows aligned the rows)
+        a = a.clone(memory_format=torch.contiguous_format)
     bm = token_tile(m)
     g = plan_grid(out, k, group, config.block_n, config.block_k, bm, config.split_waves, split_k)
     lay = layouts(config.block_n, g.block_k, bm, config.warps)

@@ -349,7 +349,6 @@ def w4a8_wgmma_linear(
         return out.view(*lead, n)
     bm = token_tile(m)
     g = plan_grid(out, k, group, cfg.block_n, cfg.block_k, bm, cfg.split_waves, split_k)
-    lay = layouts(cfg.block_n, g.block_k, cfg.warps)
     if group:
         sw, cs = scales.contiguous(), channel_scales.reshape(n).float().contiguous()
     else:
@@ -359,6 +358,7 @@ def w4a8_wgmma_linear(
 
         launch_ws(a, xs, frag, sw, cs, bias, out, g, bm, cfg, group)
         return out.view(*lead, n)
+    lay = layouts(cfg.block_n, g.block_k, cfg.warps)
     _w4a8_wgmma_kernel[(g.n_tiles, g.m_tiles, g.split_k)](
         a, xs, frag, sw, cs, bias if bias is not None else cs, out, g.ws, g.locks,
         m, n, k, sw.shape[-1] if group else 1, g.k_split, a.stride(0), out.stride(0),

@@ -20,9 +20,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from specquant.kernels.triton_ops.w4_fragment import Grid, _out_index
 from specquant.kernels.triton_ops.w4_wgmma_ws import (
-    _NEW_REINTERPRET,
     PRODUCER_REGS,
     WsConfig,
+    _atoms,
     _producer,
     _ring,
     check_ws_config,
@@ -39,7 +39,7 @@ W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=3
 def _consumer_i8(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, G, k_lo, tiles,
                  GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                  STAGES: gl.constexpr, BYTES: gl.constexpr, BYTES_MMA: gl.constexpr,
-                 AL: gl.constexpr, W_SMEM: gl.constexpr):  # fmt: skip
+                 AL: gl.constexpr):  # fmt: skip
     """The wgmma warps: per K tile wait for its slot, unpack the codes to int8 A registers,
     multiply by the x codes in shared memory, release the slot."""
     for i in range(tiles):
@@ -47,13 +47,7 @@ def _consumer_i8(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, G, k_lo, 
         if GROUP > 0:  # before the wait, which then hides the load
             gs = gl.load(s_ptr + rn * G + (k_lo + i * BK) // GROUP, mask=n_mask, other=0)
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        # the TMA box [BN/16, BK/32, 256] lands densely, as the row-major atoms [BN/16, *]
-        if _NEW_REINTERPRET:
-            wsm = w_ring.index(slot).reinterpret(gl.int8, [BN // 16, (BK // 128) * 1024], W_SMEM)
-        else:
-            wsm = w_ring.index(slot)._reinterpret(gl.int8, [BN // 16, (BK // 128) * 1024],
-                                                  W_SMEM)  # fmt: skip
-        a = _operand_i8(wsm.load(BYTES), BN, BK, BYTES_MMA, AL)
+        a = _operand_i8(_atoms(w_ring, slot, BN, BK).load(BYTES), BN, BK, BYTES_MMA, AL)
         b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
         if GROUP == 0:
             acc = warpgroup_mma(a, b, acc)
@@ -78,7 +72,6 @@ def _w4a8_wgmma_ws_kernel(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 32]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=4)
-    W_SMEM: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     n0 = gl.program_id(0) * BN
     m0 = gl.program_id(1) * BM
     k_lo = gl.program_id(2) * K_SPLIT
@@ -92,7 +85,7 @@ def _w4a8_wgmma_ws_kernel(
     acc = gl.warp_specialize(
         [
             (_consumer_i8, (acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, G, k_lo,
-                            tiles, GROUP, BN, BK, BM, STAGES, BYTES, BYTES_MMA, AL, W_SMEM)),
+                            tiles, GROUP, BN, BK, BM, STAGES, BYTES, BYTES_MMA, AL)),
             (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
                          STAGES)),
         ],
