@@ -27,7 +27,7 @@ case "${STAGE:?set STAGE=test|tune|frag|wgmma|ws|measure|gather|split|w4a8|profi
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
-    tests/test_w4a8_wgmma.py \
+    tests/test_w4a8_wgmma.py tests/test_w4_wgmma_ws.py \
     tests/test_humming_backend.py tests/test_cuda.py -p no:cacheprovider
   ;;
 tune)
