@@ -183,14 +183,14 @@ def test_w4a8_twin_compiles_with_a_lean_consumer_loop(tile, group, most) -> None
 
 
 def test_w4a8_layers_route_to_the_twin_where_its_table_says(monkeypatch) -> None:
-    """W4A8Forward asks W4A8_WS_CONFIGS first (empty until the twin is timed), and the
+    """W4A8Forward asks W4A8_WS_CONFIGS first (here a made-up one), and the
     launcher hands a WsConfig to the twin after its own checks."""
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
     from specquant.kernels.triton_ops import w4a8_wgmma as Q
     from specquant.kernels.triton_ops import w4a8_wgmma_ws as QW
 
     layer = Q.W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
-    assert layer.route(64) == "wgmma"  # the table is empty: the synchronous kernel
+    assert layer.route(64) == "wgmma"  # the table leaves the smallest class at 64 tokens
     ws = WS.WsConfig(64, 128, 4)
     none = Q._table(None, None, None, None)
     monkeypatch.setattr(Q, "W4A8_WS_CONFIGS", {32: none, 64: Q._table(ws, ws, ws, ws)})
@@ -248,3 +248,34 @@ def test_w4a8_twin_gives_the_synchronous_kernels_bits(fmt, n, k) -> None:
                 y = Q.w4a8_wgmma_linear(*args, cfg, split, group, cs)
                 want = Q.w4a8_wgmma_linear(*args, twin, split, group, cs)
                 assert torch.equal(y, want), (m, cfg, split)
+
+
+@pytest.mark.cuda
+def test_every_w4a8_table_config_gives_the_synchronous_kernels_bits() -> None:
+    """Each distinct W4A8_WS_CONFIGS entry, at one token fewer than its bucket, per channel
+    and g128: the bits of the synchronous kernel with the same tiles and split."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.reference import quantize_per_token
+    from specquant.kernels.triton_ops import w4a8_wgmma as Q
+
+    n, k = 384, 2048
+    gen = torch.Generator().manual_seed(23)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
+    frag = Q.prepare_fragments_i8(qweight)
+    sc = (torch.rand(n, generator=gen) * 0.02 + 1e-3).cuda()
+    picks = {(b, c) for b, rows in Q.W4A8_WS_CONFIGS.items() for _, c in rows if c}
+    assert picks, "the table is empty"
+    for group in (0, 128):
+        sw = torch.randint(-128, 128, (n, k // 128), generator=gen, dtype=torch.int8).cuda()
+        args = (frag, sw, None, torch.bfloat16) if group else (frag, sc, None, torch.bfloat16)
+        for bucket, cfg in sorted(picks, key=str):
+            qa = quantize_per_token(torch.randn(bucket - 1, k, generator=gen).cuda().bfloat16(),
+                                    "int8")  # fmt: skip
+            # the same split waves: both launchers plan the same K split
+            twin = Q.W4A8WgmmaConfig(cfg.block_n, cfg.block_k, cfg.warps, cfg.stages,
+                                     cfg.split_waves)  # fmt: skip
+            cs = sc * 0.01 if group else None
+            y = Q.w4a8_wgmma_linear(qa.codes, qa.scales, *args, cfg, None, group, cs)
+            want = Q.w4a8_wgmma_linear(qa.codes, qa.scales, *args, twin, None, group, cs)
+            assert torch.equal(y, want), (bucket, cfg, group)

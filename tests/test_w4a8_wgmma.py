@@ -202,17 +202,29 @@ def test_registered_above_the_canonical_kernel_and_rejected_off_hopper() -> None
 
 def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> None:
     from specquant.kernels.triton_ops.w4_fragment import SIZE_CLASSES
-    from specquant.kernels.triton_ops.w4a8_wgmma import W4A8_CONFIGS, check_config, w4a8_config
+    from specquant.kernels.triton_ops.w4_wgmma_ws import WsConfig, check_ws_config
+    from specquant.kernels.triton_ops.w4a8_wgmma import (
+        W4A8_CONFIGS,
+        W4A8_WS_CONFIGS,
+        W4A8WgmmaConfig,
+        check_config,
+        w4a8_config,
+    )
 
-    for bucket, row in W4A8_CONFIGS.items():
-        assert [bound for bound, _ in row] == [bound for _, bound in SIZE_CLASSES], bucket
-        for _, cfg in row:
-            if cfg is not None:
-                check_config(cfg)
+    for table, kind, check in ((W4A8_CONFIGS, W4A8WgmmaConfig, check_config),
+                               (W4A8_WS_CONFIGS, WsConfig, check_ws_config)):  # fmt: skip
+        for bucket, row in table.items():
+            assert [bound for bound, _ in row] == [bound for _, bound in SIZE_CLASSES], bucket
+            for _, cfg in row:
+                if cfg is not None:
+                    assert isinstance(cfg, kind), (bucket, cfg)
+                    check(cfg)
     small, large = 4096 * 4096, 57344 * 8192  # the 8B o_proj, the 70B gate_up
     assert w4a8_config(1, small) is None and w4a8_config(16, small) is None
-    assert w4a8_config(1, large) == W4A8_CONFIGS[16][-1][1] is not None
-    assert w4a8_config(17, small) == W4A8_CONFIGS[32][0][1] is not None
+    # the warp-specialized table first; where it holds None, the synchronous one
+    assert w4a8_config(1, large) == w4a8_config(8, large) == W4A8_CONFIGS[16][-1][1] is not None
+    assert w4a8_config(17, small) == W4A8_WS_CONFIGS[32][0][1] is not None
+    assert w4a8_config(64, small) == W4A8_CONFIGS[64][0][1] is not None
     # prefill chunks up to 512 tokens; past them the canonical kernel's taller tiles win
     assert w4a8_config(129, large) == w4a8_config(512, large) == W4A8_CONFIGS[512][-1][1]
     assert w4a8_config(513, large) is None
@@ -250,9 +262,11 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt
     else:
         live = {"scales": torch.ones(n)}
     bias = torch.zeros(n)
-    for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma"), (128, "wgmma"),
-                     (129, "wgmma"), (512, "wgmma"), (513, "canonical")]:  # fmt: skip
+    for m, route in [(1, "canonical"), (16, "canonical"), (17, "wgmma-ws"), (33, "wgmma"),
+                     (64, "wgmma"), (65, "wgmma-ws"), (128, "wgmma-ws"), (129, "wgmma"),
+                     (512, "wgmma"), (513, "canonical")]:  # fmt: skip
         assert layer.route(m) == route, m
+        route = route.removesuffix("-ws")  # the twin launches through w4a8_wgmma_linear
         x = torch.randn(m, k)
         for given in (reference.quantize_per_token(x, "int8"), x):
             calls.clear()
@@ -318,7 +332,11 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     assert small.token_routes() is None  # the CPU kernel runs every count
     # the forwards a CUDA device would get (only their tables matter here)
     small.qkernel = W4A8Forward(torch.empty(4096 // 16, 4096 // 128, 1024, dtype=torch.int8))
-    assert small.token_routes() == "1-16 canonical, 17-512 wgmma, 513+ canonical"
+    w4a8_routes = (
+        "1-16 canonical, 17-32 wgmma-ws, 33-64 wgmma, 65-128 wgmma-ws, 129-512 wgmma, "
+        "513+ canonical"
+    )
+    assert small.token_routes() == w4a8_routes
     big = torch.empty(57344 // 16, 8192 // 128, 512, dtype=torch.int16)
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     routes = wide.token_routes()
@@ -328,6 +346,6 @@ def test_info_names_the_kernel_of_each_token_count_per_weight_shape() -> None:
     wide.qkernel = FragForward(big, get_format("w4a16"), wgmma=True)
     report = kernel_report(nn.Sequential(small, wide), torch.device("cpu"), torch.float32)
     assert report["linear_kernels_by_token_count"] == {
-        "w4a8 64x256": "1-16 canonical, 17-512 wgmma, 513+ canonical",
+        "w4a8 64x256": w4a8_routes,
         "w4a16 64x256": routes,
     }

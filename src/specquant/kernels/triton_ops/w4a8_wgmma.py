@@ -25,7 +25,8 @@ is copied as it is.
 Registered as `triton-w4a8-wgmma` above the canonical kernel on Hopper: `W4A8Forward`
 runs it for the token counts and weight sizes of `W4A8_CONFIGS` (picked on an H200 by
 bench/w4a8_probe.py: 17-512 tokens everywhere, from one token on all but the smallest
-layers) and hands the rest to the canonical kernel.
+layers) and hands the rest to the canonical kernel. Where `W4A8_WS_CONFIGS` holds a
+config (16-128 tokens), the warp-specialized twin (w4a8_wgmma_ws.py) runs instead.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     plan_grid,
 )
 from specquant.kernels.triton_ops.w4_wgmma import _copy, _ring_step, _x_tile, token_tile
+from specquant.kernels.triton_ops.w4_wgmma_ws import WsConfig
 from specquant.quant.pack import pack_int4, unpack_int4
 
 ATOM_BYTES = ATOM_N * ATOM_K // 2  # 1024
@@ -290,12 +292,25 @@ W4A8_CONFIGS: dict[int, list[tuple[int, W4A8WgmmaConfig | None]]] = {
 
 
 # The warp-specialized twin's picks (w4a8_wgmma_ws.py, w4_wgmma_ws.WsConfig), in the same
-# form, ahead of W4A8_CONFIGS. Empty until bench/w4a8_probe.py times it on a GPU: it is
-# checked there and by the GPU tests, not yet measured.
-W4A8_WS_CONFIGS: dict[int, list[tuple[int, Any]]] = {}
+# form, asked before W4A8_CONFIGS; None hands the class over to W4A8_CONFIGS. Picked on an
+# H200 by `bench/w4a8_probe.py --ws` (bench/results/w4a8_probe_ws_0c513f0.json: least total
+# time per class over both formats, against W4A8_CONFIGS' own picks in the same run; a pick
+# had to save 2% and lose at most 1% in either format). The picks take 0.89-0.97 of the
+# synchronous picks' time; where the twin is left out, its best came to 0.99-1.06 of them.
+# Up to 8 tokens and past 128 it was not timed.
+_S = WsConfig
+W4A8_WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
+    8: _table(None, None, None, None),
+    16: _table(None, _S(128, 128, 4, 4, 1, 128), _S(128, 128, 4, 4, 1, 128), None),
+    32: _table(_S(64, 128, 4, 4, 1, 128), _S(64, 128, 4, 4, 1, 128), None, None),
+    64: _table(None, _S(64, 256, 4, 3, 1, 128), _S(64, 256, 4, 3, 1, 128),
+               _S(128, 256, 4, 3, 1, 128)),
+    128: _table(_S(64, 256, 4, 3, 1, 128), None, _S(64, 256, 4, 3, 1, 128),
+                _S(64, 128, 4, 4, 2, 80)),
+}  # fmt: skip
 
 
-def w4a8_config(m: int, weights: int) -> Any:
+def w4a8_config(m: int, weights: int) -> W4A8WgmmaConfig | WsConfig | None:
     """The tile config for `m` tokens and an N * K weight: a warp-specialized one
     (W4A8_WS_CONFIGS), else a W4A8WgmmaConfig, or None: the canonical kernel."""
     return lookup(W4A8_WS_CONFIGS, m, weights) or lookup(W4A8_CONFIGS, m, weights)
@@ -308,7 +323,7 @@ def w4a8_wgmma_linear(
     scales: torch.Tensor,  # fp32 [N] or [N, 1] per channel; int8 [N, K/group] with `group`
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    config: Any = None,  # W4A8WgmmaConfig, or w4_wgmma_ws.WsConfig: the warp-specialized twin
+    config: W4A8WgmmaConfig | WsConfig | None = None,  # WsConfig: the warp-specialized twin
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
     group: int = 0,  # > 0: two-level scales (int8 per group of `group` k, fp32 per channel)
     channel_scales: torch.Tensor | None = None,  # fp32 [N], with `group`
@@ -353,7 +368,7 @@ def w4a8_wgmma_linear(
         sw, cs = scales.contiguous(), channel_scales.reshape(n).float().contiguous()
     else:
         sw = cs = scales.reshape(n).float().contiguous()
-    if not isinstance(cfg, W4A8WgmmaConfig):  # w4_wgmma_ws.WsConfig
+    if isinstance(cfg, WsConfig):
         from specquant.kernels.triton_ops.w4a8_wgmma_ws import launch_ws
 
         launch_ws(a, xs, frag, sw, cs, bias, out, g, bm, cfg, group)
