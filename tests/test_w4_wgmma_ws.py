@@ -252,8 +252,9 @@ def test_w4a8_twin_gives_the_synchronous_kernels_bits(fmt, n, k) -> None:
 
 @pytest.mark.cuda
 def test_every_w4a8_table_config_gives_the_synchronous_kernels_bits() -> None:
-    """Each distinct W4A8_WS_CONFIGS entry, at one token fewer than its bucket, per channel
-    and g128: the bits of the synchronous kernel with the same tiles and split."""
+    """Each distinct W4A8_WS_CONFIGS and W4A8_WS_SHAPE_CONFIGS entry, at one token fewer
+    than its bucket, per channel and g128: the bits of the synchronous kernel with the same
+    tiles and split."""
     if not _hopper():
         pytest.skip("wgmma and TMA need a Hopper GPU")
     from specquant.kernels.reference import quantize_per_token
@@ -264,7 +265,9 @@ def test_every_w4a8_table_config_gives_the_synchronous_kernels_bits() -> None:
     qweight = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda()
     frag = Q.prepare_fragments_i8(qweight)
     sc = (torch.rand(n, generator=gen) * 0.02 + 1e-3).cuda()
-    picks = {(b, c) for b, rows in Q.W4A8_WS_CONFIGS.items() for _, c in rows if c}
+    picks = {(b, c) for b, rows in Q.W4A8_WS_CONFIGS.items() for _, c in rows if c} | {
+        (b, c) for per in Q.W4A8_WS_SHAPE_CONFIGS.values() for b, c in per.items()
+    }
     assert picks, "the table is empty"
     for group in (0, 128):
         sw = torch.randint(-128, 128, (n, k // 128), generator=gen, dtype=torch.int8).cuda()

@@ -206,6 +206,7 @@ def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> N
     from specquant.kernels.triton_ops.w4a8_wgmma import (
         W4A8_CONFIGS,
         W4A8_WS_CONFIGS,
+        W4A8_WS_SHAPE_CONFIGS,
         W4A8WgmmaConfig,
         check_config,
         w4a8_config,
@@ -219,15 +220,24 @@ def test_its_table_holds_a_valid_config_or_none_per_bucket_and_size_class() -> N
                 if cfg is not None:
                     assert isinstance(cfg, kind), (bucket, cfg)
                     check(cfg)
-    small, large = 4096 * 4096, 57344 * 8192  # the 8B o_proj, the 70B gate_up
-    assert w4a8_config(1, small) is None and w4a8_config(16, small) is None
+    for shape, per in W4A8_WS_SHAPE_CONFIGS.items():
+        assert set(per) <= set(W4A8_WS_CONFIGS), shape
+        for cfg in per.values():
+            check_ws_config(cfg)
+    small, large = (4096, 4096), (57344, 8192)  # the 8B o_proj, the 70B gate_up
+    assert w4a8_config(1, *small) is None and w4a8_config(16, *small) is None
     # the warp-specialized table first; where it holds None, the synchronous one
-    assert w4a8_config(1, large) == w4a8_config(8, large) == W4A8_CONFIGS[16][-1][1] is not None
-    assert w4a8_config(17, small) == W4A8_WS_CONFIGS[32][0][1] is not None
-    assert w4a8_config(64, small) == W4A8_CONFIGS[64][0][1] is not None
+    assert w4a8_config(1, *large) == w4a8_config(8, *large) == W4A8_CONFIGS[16][-1][1]
+    assert W4A8_CONFIGS[16][-1][1] is not None
+    assert w4a8_config(17, *small) == W4A8_WS_CONFIGS[32][0][1] is not None
+    assert w4a8_config(64, *small) == W4A8_CONFIGS[64][0][1] is not None
+    # a layer shape's own pick comes before its size class's
+    gate_up = (28672, 4096)
+    assert w4a8_config(32, *gate_up) == W4A8_WS_SHAPE_CONFIGS[gate_up][32]
+    assert w4a8_config(32, *gate_up) != w4a8_config(32, 4096, 14336)  # same class, 8B down
     # prefill chunks up to 512 tokens; past them the canonical kernel's taller tiles win
-    assert w4a8_config(129, large) == w4a8_config(512, large) == W4A8_CONFIGS[512][-1][1]
-    assert w4a8_config(513, large) is None
+    assert w4a8_config(129, *large) == w4a8_config(512, *large) == W4A8_CONFIGS[512][-1][1]
+    assert w4a8_config(513, *large) is None
 
 
 @pytest.mark.parametrize("fmt", ["w4a8", "w4a8-g128"])
@@ -279,7 +289,7 @@ def test_the_layer_forward_routes_each_token_count_by_the_table(monkeypatch, fmt
                 continue
             qa = given if isinstance(given, reference.QuantizedActivations) else made[0]
             assert args[:7] == (qa.codes, qa.scales, layer.frag, live["scales"], bias, x.dtype,
-                                w4a8_wgmma.w4a8_config(m, n * k)), m  # fmt: skip
+                                w4a8_wgmma.w4a8_config(m, n, k)), m  # fmt: skip
             assert kw["group"] == (128 if spec.two_level else 0), m
             assert kw["channel_scales"] is live.get("channel_scales"), m
 

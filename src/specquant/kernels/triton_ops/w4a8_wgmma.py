@@ -49,6 +49,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _out_index,
     _table,
     _weight_ptrs,
+    bucket_of,
     lookup,
     plan_grid,
 )
@@ -309,11 +310,24 @@ W4A8_WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
                 _S(64, 128, 4, 4, 2, 80)),
 }  # fmt: skip
 
+# Per layer shape (N, K), the buckets where another twin config beat the tables' pick on that
+# layer by 5% or more in the same run (both formats summed; w4a8_probe_ws_0c513f0.json).
+W4A8_WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
+    (28672, 4096): {32: _S(128, 128, 4, 4, 1, 128), 64: _S(128, 256, 4, 3, 1, 128)},  # 8B gate_up
+    (4096, 14336): {16: _S(64, 128, 4, 4, 1, 128), 128: _S(64, 256, 4, 3, 1, 128)},  # 8B down
+    (10240, 8192): {16: _S(64, 128, 4, 4, 2, 80), 32: _S(64, 128, 4, 4, 2, 80),
+                    128: _S(64, 128, 4, 4, 2, 80)},  # Llama-3-70B qkv
+    (8192, 8192): {128: _S(64, 256, 4, 3, 1, 128)},  # Llama-3-70B o
+}  # fmt: skip
 
-def w4a8_config(m: int, weights: int) -> W4A8WgmmaConfig | WsConfig | None:
-    """The tile config for `m` tokens and an N * K weight: a warp-specialized one
-    (W4A8_WS_CONFIGS), else a W4A8WgmmaConfig, or None: the canonical kernel."""
-    return lookup(W4A8_WS_CONFIGS, m, weights) or lookup(W4A8_CONFIGS, m, weights)
+
+def w4a8_config(m: int, n: int, k: int) -> W4A8WgmmaConfig | WsConfig | None:
+    """The tile config for `m` tokens and an [N, K] weight: a warp-specialized one (its
+    shape's in W4A8_WS_SHAPE_CONFIGS, else its size class's in W4A8_WS_CONFIGS), else a
+    W4A8WgmmaConfig (W4A8_CONFIGS), or None: the canonical kernel."""
+    bucket = bucket_of(W4A8_WS_CONFIGS, m)
+    shaped = W4A8_WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) if bucket else None
+    return shaped or lookup(W4A8_WS_CONFIGS, m, n * k) or lookup(W4A8_CONFIGS, m, n * k)
 
 
 def w4a8_wgmma_linear(
@@ -388,19 +402,20 @@ def w4a8_wgmma_linear(
 class W4A8Forward:
     """A W4A8 layer (per channel, or two-level groups) on int8 fragments: QLinear's kernel
     when the registry's `triton-w4a8-wgmma` is chosen. Token counts with a config in
-    W4A8_CONFIGS run this kernel, the rest the canonical one on the layer's own tensors. It
+    W4A8_CONFIGS run this kernel (or its warp-specialized twin, where w4a8_config says), the
+    rest the canonical one on the layer's own tensors. It
     takes the per-token codes the RMSNorm before it hands over, or quantizes x itself."""
 
     def __init__(self, frag: torch.Tensor):
         self.frag = frag
-        self.weights = frag.shape[0] * ATOM_N * frag.shape[1] * ATOM_K
+        self.n, self.k = frag.shape[0] * ATOM_N, frag.shape[1] * ATOM_K
 
     @classmethod
     def prepare(cls, t: dict[str, torch.Tensor]) -> W4A8Forward:
         return cls(prepare_fragments_i8(t["qweight"]))
 
     def config(self, m: int) -> Any:
-        return w4a8_config(m, self.weights)
+        return w4a8_config(m, self.n, self.k)
 
     def route(self, m: int) -> str:
         """Which kernel runs m tokens: wgmma-ws, wgmma or canonical."""
