@@ -223,7 +223,7 @@ def compile_row_sass(
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "codes_ptr": code, "scales_ptr": "*fp32",
            "eps": "fp32"}  # fmt: skip
     consts: dict[str, Any] = dict(PRE=ROW_PRE[pre], QUANT=kind != "none", FP8=kind == "fp8",
-                                  MMA_ORDER=False, BLOCK=block, RINT=True,
+                                  MMA_ORDER=False, BLOCK=block, RINT=True, FAST_DIV=True,
                                   LAUNCH_DEPENDENTS=pdl)  # fmt: skip
     aligned = ["x_ptr", "w_ptr", "codes_ptr", "scales_ptr"]
     ints = {"K": k, "stride_xm": 2 * k if pre == "silu_mul" else k, "stride_cm": k}
