@@ -918,7 +918,10 @@ def main() -> None:
     errors = precompile(jobs, args.workers)
     print(f"precompiled in {time.time() - start:.0f}s; errors: {errors[:5]}", flush=True)
     bw = copy_bandwidth_gbs()
-    baselines = [b for b in args.baselines.split(",") if b] + (HUMMING if args.humming else [])
+    # once each: --humming with humming also among --baselines timed it twice, and a model's
+    # sums (four linears per M) then dropped it
+    baselines = list(dict.fromkeys([b for b in args.baselines.split(",") if b]
+                                   + (HUMMING if args.humming else [])))  # fmt: skip
     partial = args.out / "kernel_perf_rows.json"
     rows = measure(models, ms, start + args.budget_s, partial, baselines, formats)
     summary = summarize(rows, bw)
