@@ -101,7 +101,7 @@ def compile_wgmma_sass(
 
 def compile_ws_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 4,
-    maxnreg: int = 0, split_k: int = 1, w4a8: bool = False,
+    maxnreg: int = 0, split_k: int = 1, w4a8: bool = False, async_mma: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the warp-specialized wgmma W4A16 kernel (w4_wgmma_ws.py):
     its TMA descriptors as the launcher builds them, group-major scales; with `w4a8`, its
@@ -132,7 +132,7 @@ def compile_ws_sass(
                 "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, STAGES=stages, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma)  # fmt: skip
+                  WORDS_MMA=lay.words_mma, ASYNC=async_mma)  # fmt: skip
     return _compile_w4_gluon(WS._w4_wgmma_ws_kernel, consts, warps, arch, maxnreg,
                              pointers=pointers, group_major=True)  # fmt: skip
 
@@ -401,9 +401,11 @@ def _print_ws(sass: str, res: str, what: str, weights: int, threads: int, arch: 
     _print_per_weight(ops, what, weights, threads, arch)
     named = sum(1 for x in loop if re.search(r"BAR\.SYNC\S* 0x0, 0x", x))
     waits = sum(1 for x in loop if "WARPGROUP.DEPBAR" in x)
-    print(f"consumer loop: wgmma {ops['HGMMA'] + ops['IGMMA']}, WARPGROUP.DEPBAR {waits}, "
-          f"CTA-wide BAR.SYNC {ops['BAR'] - named}, local memory "
-          f"{ops['LDL'] + ops['STL']} accesses")  # fmt: skip
+    # LE 0x1: the wait lets the newest wgmma run on (async_mma)
+    running = sum(1 for x in loop if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x)
+    print(f"consumer loop: wgmma {ops['HGMMA'] + ops['IGMMA']}, WARPGROUP.DEPBAR {waits} "
+          f"({running} leaving one running), CTA-wide BAR.SYNC {ops['BAR'] - named}, local "
+          f"memory {ops['LDL'] + ops['STL']} accesses")  # fmt: skip
     producer = opcodes(loop_with(sass, "UTMALDG"))
     print(f"producer loop: UTMALDG {producer['UTMALDG']}")
     print(res)
@@ -424,8 +426,8 @@ def main() -> None:
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
     ap.add_argument("--ws", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
-                    "[,maxnreg]]: count the warp-specialized wgmma W4A16 kernel's consumer "
-                    "loop instead (group-major scales)")  # fmt: skip
+                    "[,maxnreg[,async 0/1]]]: count the warp-specialized wgmma W4A16 kernel's "
+                    "consumer loop instead (group-major scales)")  # fmt: skip
     ap.add_argument(
         "--a8",
         action="store_true",
@@ -465,12 +467,13 @@ def main() -> None:
         return
     if args.ws:
         given = [int(v) for v in args.ws.split(",")]
-        bn, bk, bm, warps, stages, maxnreg = (given + [4, 0][len(given) - 4 :])[:6]
+        bn, bk, bm, warps, stages, maxnreg, async_mma = (given + [4, 0, 0][len(given) - 4 :])[:7]
         sass, res = compile_ws_sass(bn, bk, bm, warps, args.group, args.arch, stages, maxnreg,
-                                    args.split_k, args.a8)  # fmt: skip
+                                    args.split_k, args.a8, bool(async_mma))  # fmt: skip
         what = "W4A8" if args.a8 else "W4A16"
+        # async_mma's loop takes two K tiles a turn
         _print_ws(sass, res, f"warp-specialized wgmma {what} group {args.group}, tile {args.ws}",
-                  bn * bk, 32 * warps, args.arch)  # fmt: skip
+                  bn * bk * (2 if async_mma else 1), 32 * warps, args.arch)  # fmt: skip
         return
     if args.wgmma:
         given = [int(v) for v in args.wgmma.split(",")]

@@ -30,16 +30,29 @@ def test_kernel_compiles_for_sm90_with_a_lean_consumer_loop(tile, group) -> None
     swizzle holds 64 columns of bf16 per copy)."""
     out = compiled_loop(["--ws", tile, "--group", str(group)], 3.0)
     bn, bk, _, warps, _, maxnreg = (int(v) for v in tile.split(","))
-    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
-                     r"local memory (\d+)", out)  # fmt: skip
+    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+) \(\d+ leaving one running\), "
+                     r"CTA-wide BAR.SYNC (\d+), local memory (\d+)", out)  # fmt: skip
     assert loop, out
     assert int(loop.group(1)) == (bk // 16) * (bn // (16 * warps)), out
     assert loop.group(2) == "1", out  # one wait per K tile: the wgmmas run synchronously
     assert loop.group(3) == "0" and loop.group(4) == "0", out
+    assert "(0 leaving one running)" in out, out
     copies = re.search(r"producer loop: UTMALDG (\d+)", out)
     assert copies and int(copies.group(1)) == 1 + bk // 64, out
     regs = re.search(r"REG:(\d+)", out)
     assert regs and int(regs.group(1)) <= maxnreg, out
+
+
+def test_async_mma_compiles_to_two_tiles_a_turn_with_one_wgmma_left_running() -> None:
+    """async_mma offline: the loop takes two K tiles, each with its own A registers, and
+    both waits let the newest wgmma run on (ptxas serializes none of them); no spills."""
+    out = compiled_loop(["--ws", "64,128,64,4,4,128,1", "--group", "0"], 3.0)
+    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+) \((\d+) leaving one running\), "
+                     r"CTA-wide BAR.SYNC (\d+), local memory (\d+)", out)  # fmt: skip
+    assert loop, out
+    assert loop.groups() == ("16", "2", "2", "0", "0"), out
+    regs = re.search(r"REG:(\d+)", out)
+    assert regs and int(regs.group(1)) <= 128, out
 
 
 def test_tile_table_and_bad_configs() -> None:
@@ -61,10 +74,21 @@ def test_tile_table_and_bad_configs() -> None:
            (WS.WsConfig(96, 128, 4), "block_n 96 must be a multiple of 16 \\* warps \\(64\\)"),
            (WS.WsConfig(64, 192, 4), "block_k 192 is not a multiple of 128"),
            (WS.WsConfig(64, 128, 4, 1), "stages must be >= 2"),
-           (WS.WsConfig(64, 128, 4, 4, 1, 40), "maxnreg must be 0 .* not 40")]  # fmt: skip
+           (WS.WsConfig(64, 128, 4, 4, 1, 40), "maxnreg must be 0 .* not 40"),
+           (WS.WsConfig(128, 128, 4, async_mma=True),
+            "async_mma needs block_n == 16 \\* warps .* not block_n 128 with 4 warps")]  # fmt: skip
     for cfg, msg in bad:
         with pytest.raises(ValueError, match=msg):
             WS.check_ws_config(cfg)
+    with pytest.raises(ValueError, match="async_mma is for per-channel scales; a g128 tile"):
+        WS.check_ws_config(WS.WsConfig(64, 128, 4, async_mma=True), group=128)
+    from specquant.kernels.triton_ops import w4a8_wgmma as Q
+
+    with pytest.raises(ValueError, match="async_mma is a W4A16 option"):
+        Q.w4a8_wgmma_linear(torch.zeros(2, 256, dtype=torch.int8), torch.ones(2),
+                            Q.prepare_fragments_i8(torch.zeros(64, 128, dtype=torch.uint8)),
+                            torch.ones(64), None, torch.bfloat16,
+                            WS.WsConfig(64, 128, 4, async_mma=True))  # fmt: skip
 
 
 def _hopper() -> bool:
@@ -174,8 +198,8 @@ def test_w4a8_twin_compiles_with_a_lean_consumer_loop(tile, group, most) -> None
     W4A8 loop (1.70 per channel and 2.95 with g128 scales on Triton 3.6)."""
     out = compiled_loop(["--ws", tile, "--a8", "--group", str(group)], most)
     bn, bk, _, warps, _, _ = (int(v) for v in tile.split(","))
-    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+), CTA-wide BAR.SYNC (\d+), "
-                     r"local memory (\d+)", out)  # fmt: skip
+    loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+) \(\d+ leaving one running\), "
+                     r"CTA-wide BAR.SYNC (\d+), local memory (\d+)", out)  # fmt: skip
     assert loop and int(loop.group(1)) == (bk // 32) * (bn // (16 * warps)), out
     assert loop.group(2) == "1", out  # one wait per K tile: the wgmmas run synchronously
     assert loop.group(3) == "0" and loop.group(4) == "0", out
@@ -282,3 +306,27 @@ def test_every_w4a8_table_config_gives_the_synchronous_kernels_bits() -> None:
             y = Q.w4a8_wgmma_linear(qa.codes, qa.scales, *args, cfg, None, group, cs)
             want = Q.w4a8_wgmma_linear(qa.codes, qa.scales, *args, twin, None, group, cs)
             assert torch.equal(y, want), (bucket, cfg, group)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("n", "k"), [(272, 1024), (64, 1152), (384, 2048)])
+def test_async_mma_gives_the_synchronous_bits(n, k) -> None:
+    """Per channel: even and odd K tile counts per split (the odd one takes the last tile
+    alone), split K, a short ring (stages 2: a slot is released only after the next wgmma
+    was issued), 8 consumer warps: the same bits as the synchronous consumer."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    frag, scales, _ = _layer(n, k, 0, gen)
+    for m in (5, 64, 100):
+        x = to_mma_order(torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen))
+        for fields in ((64, 128, 4, 2), (64, 128, 4, 4, 1, 128), (128, 128, 8, 3)):
+            for split in (None, 1, 3):
+                sync = WS.wgmma_ws_linear(x, frag, scales, None, 0, WS.WsConfig(*fields),
+                                          split, x_in_mma_order=True)  # fmt: skip
+                got = WS.wgmma_ws_linear(x, frag, scales, None, 0,
+                                         WS.WsConfig(*fields, async_mma=True), split,
+                                         x_in_mma_order=True)  # fmt: skip
+                assert torch.equal(got, sync), (m, fields, split)

@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from specquant.kernels.reference import to_mma_order
@@ -85,28 +90,63 @@ def _atoms(w_ring, slot, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
+def _tile_operands(x_ring, w_ring, ready, i, BN: gl.constexpr, BK: gl.constexpr,
+                   STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+                   AL: gl.constexpr):  # fmt: skip
+    """K tile i's operands once its slot is ready: the unpacked weights (A registers) and
+    x^T [BK, BM] in shared memory."""
+    slot = i % STAGES
+    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+    words = _atoms(w_ring, slot, BN, BK).load(WORDS)
+    a = _unpack(_words(words, BN, BK, WORDS_MMA), x_ring.dtype, BN, BK, AL)
+    return a, x_ring.index(slot).permute((1, 0))
+
+
+@gluon.jit
 def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles, stride_sn,
               stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
               STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
-              AL: gl.constexpr):  # fmt: skip
+              AL: gl.constexpr, ASYNC: gl.constexpr):  # fmt: skip
     """The wgmma warps: per K tile wait for its slot, unpack the weights to A registers,
-    multiply by the x tile in shared memory, release the slot."""
-    DTYPE: gl.constexpr = x_ring.dtype
-    for i in range(tiles):
-        slot = i % STAGES
-        if GROUP > 0:  # before the wait, which then hides the load
-            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
-                         mask=n_mask, other=0.0)  # fmt: skip
-        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        words = _atoms(w_ring, slot, BN, BK).load(WORDS)
-        a = _unpack(_words(words, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
-        b = x_ring.index(slot).permute((1, 0))  # x^T [BK, BM]
-        if GROUP == 0:
+    multiply by the x tile in shared memory, release the slot.
+
+    ASYNC (per channel only): each wgmma runs while the warps unpack the next tile. A wgmma
+    reads its A registers while it runs, and nothing may write them until it is waited for,
+    so the loop takes two tiles a turn with two sets of A registers: each wait (for all but
+    the newest wgmma) frees the other set and the other tile's slot."""
+    if ASYNC:
+        for j in range(tiles // 2):
+            i = 2 * j
+            a, b = _tile_operands(x_ring, w_ring, ready, i, BN, BK, STAGES, WORDS,
+                                  WORDS_MMA, AL)  # fmt: skip
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if j > 0:  # tile i - 1's wgmma is done
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
+            a2, b2 = _tile_operands(x_ring, w_ring, ready, i + 1, BN, BK, STAGES, WORDS,
+                                    WORDS_MMA, AL)  # fmt: skip
+            acc = warpgroup_mma(a2, b2, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            mbarrier.arrive(empty.index(i % STAGES), count=1)  # tile i's wgmma is done
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        if tiles % 2:  # the last tile alone (no slot release: nothing is copied after it)
+            a, b = _tile_operands(x_ring, w_ring, ready, tiles - 1, BN, BK, STAGES, WORDS,
+                                  WORDS_MMA, AL)  # fmt: skip
             acc = warpgroup_mma(a, b, acc)
-        else:
-            part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
-            acc += part * gs[:, None]
-        mbarrier.arrive(empty.index(slot), count=1)  # the synchronous wgmma read its x
+    else:
+        for i in range(tiles):
+            if GROUP > 0:  # before the wait, which then hides the load
+                gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
+                             mask=n_mask, other=0.0)  # fmt: skip
+            a, b = _tile_operands(x_ring, w_ring, ready, i, BN, BK, STAGES, WORDS,
+                                  WORDS_MMA, AL)  # fmt: skip
+            if GROUP == 0:
+                acc = warpgroup_mma(a, b, acc)
+            else:
+                part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
+                acc += part * gs[:, None]
+            # the synchronous wgmma read its x
+            mbarrier.arrive(empty.index(i % STAGES), count=1)
     return (acc,)
 
 
@@ -136,7 +176,7 @@ def _w4_wgmma_ws_kernel(
     M, N, K, stride_sn, stride_sg, K_SPLIT, stride_om,
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
-    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
+    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, ASYNC: gl.constexpr,
 ):  # fmt: skip
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
@@ -153,7 +193,8 @@ def _w4_wgmma_ws_kernel(
     acc = gl.warp_specialize(
         [
             (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
-                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL)),
+                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL,
+                         ASYNC)),
             (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
                          STAGES)),
         ],
@@ -175,6 +216,8 @@ class WsConfig:
     # registers per thread the kernel is compiled for; the producer gives most of its own
     # to the consumers (0: Triton's default)
     maxnreg: int = 0
+    # per channel only: asynchronous wgmma, one in flight while the next tile is unpacked
+    async_mma: bool = False
 
     @property
     def x_perm(self) -> bool:
@@ -231,7 +274,7 @@ W_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=
 MIN_REGS = 64  # below this ptxas spills the consumer's unpacked operand
 
 
-def check_ws_config(cfg: WsConfig) -> None:
+def check_ws_config(cfg: WsConfig, group: int = 0) -> None:
     if cfg.warps not in (4, 8):
         raise ValueError(f"warps must be 4 or 8 (one or two consumer warpgroups), not {cfg.warps}")
     if cfg.block_n % (16 * cfg.warps) or cfg.block_n > 256:
@@ -242,6 +285,14 @@ def check_ws_config(cfg: WsConfig) -> None:
     if cfg.stages < 2:
         raise ValueError(f"stages must be >= 2 (one slot filling while one is read), not "
                          f"{cfg.stages}")  # fmt: skip
+    if cfg.async_mma and group:
+        raise ValueError(f"async_mma is for per-channel scales; a g{group} tile's product "
+                         "is scaled once done, which needs the synchronous wgmma")  # fmt: skip
+    if cfg.async_mma and cfg.block_n != 16 * cfg.warps:
+        # two sets of A registers and a taller accumulator do not fit: ptxas then waits
+        # after every wgmma
+        raise ValueError(f"async_mma needs block_n == 16 * warps (64 rows per warpgroup), "
+                         f"not block_n {cfg.block_n} with {cfg.warps} warps")  # fmt: skip
     if cfg.maxnreg and not (MIN_REGS <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0):
         raise ValueError(f"maxnreg must be 0 (Triton decides) or a multiple of 8 in "
                          f"[{MIN_REGS}, 255], not {cfg.maxnreg}")  # fmt: skip
@@ -265,7 +316,7 @@ def wgmma_ws_linear(
     split_k: int | None = None,  # default: choose_split_k; lowered to divide the K tiles
     x_in_mma_order: bool = False,  # x already in to_mma_order's order
 ) -> torch.Tensor:  # [..., N]
-    check_ws_config(config)
+    check_ws_config(config, group)
     a, out, lead = launch_buffers(x, frag)
     (m, k), n = a.shape, out.shape[1]
     if m == 0:
@@ -290,7 +341,7 @@ def wgmma_ws_linear(
         m, n, k, *scale_strides(scales, group), g.k_split, out.stride(0),
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=config.block_n, BK=g.block_k, BM=bm, WARPS=config.warps, STAGES=config.stages,
-        WORDS=lay.words, WORDS_MMA=lay.words_mma,
+        WORDS=lay.words, WORDS_MMA=lay.words_mma, ASYNC=config.async_mma,
         num_warps=config.warps, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )  # fmt: skip
     return out.view(*lead, n)

@@ -111,6 +111,9 @@ def launch_ws(
 ) -> None:
     """The warp-specialized launch of w4a8_wgmma_linear, once it has checked its inputs."""
     check_ws_config(cfg)
+    if cfg.async_mma:
+        raise ValueError(f"async_mma is a W4A16 option; the W4A8 twin runs synchronous wgmma, "
+                         f"so {cfg} cannot run it")  # fmt: skip
     if missing := hopper_missing(a.device):
         raise ValueError(f"the warp-specialized W4A8 kernel needs a Hopper GPU (compute "
                          f"capability 9.x: TMA and wgmma), not {missing}")  # fmt: skip
