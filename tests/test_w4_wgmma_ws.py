@@ -66,10 +66,16 @@ def test_tile_table_and_bad_configs() -> None:
     assert WS.ws_config(64, 4096, 4096) == WS.WS_CONFIGS[64][0][1]
     qkv = WS.ws_config(64, 10240, 8192)  # Llama-3-70B qkv: its own pick
     assert qkv == WS.WS_SHAPE_CONFIGS[(10240, 8192)][64] and qkv.x_perm
+    down = (8192, 28672)  # Llama-3-70B down at 64 tokens: per channel, the async consumer
+    assert WS.ws_config(64, *down, group=0).async_mma
+    assert WS.ws_config(64, *down, group=128) == WS.lookup(WS.WS_CONFIGS, 64, 8192 * 28672)
     for cfg in {c for rows in WS.WS_CONFIGS.values() for _, c in rows if c} | {
         c for per in WS.WS_SHAPE_CONFIGS.values() for c in per.values()
     }:
-        WS.check_ws_config(cfg)
+        WS.check_ws_config(cfg, group=128)  # the shared tables serve group scales too
+    for per in WS.WS_CHANNEL_SHAPE_CONFIGS.values():
+        for cfg in per.values():
+            WS.check_ws_config(cfg)
     bad = [(WS.WsConfig(64, 128, 16), "warps must be 4 or 8"),
            (WS.WsConfig(96, 128, 4), "block_n 96 must be a multiple of 16 \\* warps \\(64\\)"),
            (WS.WsConfig(64, 192, 4), "block_k 192 is not a multiple of 128"),
@@ -145,8 +151,9 @@ def test_ws_linear_matches_the_reference_and_the_synchronous_kernel(dtype, n, k,
 
 @pytest.mark.cuda
 def test_every_table_config_matches_the_reference_at_its_bucket() -> None:
-    """Each distinct WS_CONFIGS and WS_SHAPE_CONFIGS entry at one token fewer than its
-    bucket, both formats on group-major scales, x in mma order as the model hands it."""
+    """Each distinct WS_CONFIGS and WS_SHAPE_CONFIGS entry (and, per channel,
+    WS_CHANNEL_SHAPE_CONFIGS') at one token fewer than its bucket, both formats on
+    group-major scales, x in mma order as the model hands it."""
     if not _hopper():
         pytest.skip("wgmma and TMA need a Hopper GPU")
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
@@ -156,10 +163,11 @@ def test_every_table_config_matches_the_reference_at_its_bucket() -> None:
     picks = {(b, c) for b, rows in WS.WS_CONFIGS.items() for _, c in rows if c} | {
         (b, c) for per in WS.WS_SHAPE_CONFIGS.values() for b, c in per.items()
     }
+    channel = {(b, c) for per in WS.WS_CHANNEL_SHAPE_CONFIGS.values() for b, c in per.items()}
     for group in (128, 0):
         frag, scales, w = _layer(n, k, group, gen)
         gm = scales.t().contiguous().t()
-        for bucket, cfg in sorted(picks, key=str):
+        for bucket, cfg in sorted(picks | (set() if group else channel), key=str):
             x = torch.randn(bucket - 1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             want = x.float() @ w.T
             got = WS.wgmma_ws_linear(to_mma_order(x), frag, gm, None, group, cfg,

@@ -258,12 +258,24 @@ WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
 }  # fmt: skip
 
 
-def ws_config(m: int, n: int, k: int) -> WsConfig | None:
-    """The warp-specialized config for `m` tokens and an [N, K] weight (WS_SHAPE_CONFIGS,
-    else the size class's in WS_CONFIGS), or None: another kernel."""
+# Per channel only, ahead of the tables above: where the asynchronous consumer (async_mma)
+# beat every synchronous config on a layer by 5% or more in the same run
+# (bench/results/ws_probe_async_605d441.md, per channel at 32-128 tokens). Elsewhere it came
+# within 0.97-1.17 of the best synchronous one.
+WS_CHANNEL_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
+    (8192, 28672): {64: _S(64, 128, 4, 4, 1, 128, async_mma=True)},  # Llama-3-70B down
+}
+
+
+def ws_config(m: int, n: int, k: int, group: int = 0) -> WsConfig | None:
+    """The warp-specialized config for `m` tokens and an [N, K] weight with `group` scales
+    (0: per channel, which asks WS_CHANNEL_SHAPE_CONFIGS first; then WS_SHAPE_CONFIGS, else
+    the size class's in WS_CONFIGS), or None: another kernel."""
     bucket = bucket_of(WS_CONFIGS, m)
     if bucket is None:
         return None
+    if group == 0 and (pick := WS_CHANNEL_SHAPE_CONFIGS.get((n, k), {}).get(bucket)):
+        return pick
     return WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) or lookup(WS_CONFIGS, m, n * k)
 
 
