@@ -12,11 +12,16 @@ import torch
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, or "unknown" where there is no git checkout (the GPU machine)."""
+    """Short hash of HEAD, "+modified" where tracked files differ from it (the GPU machine's
+    copy of the tree can carry a stale HEAD: pass the commit there), or "unknown" without
+    a git checkout."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                          text=True).strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+modified" if changed else "")
 
 
 def cpu_run_meta() -> dict[str, str]:
