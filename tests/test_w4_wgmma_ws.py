@@ -43,10 +43,12 @@ def test_kernel_compiles_for_sm90_with_a_lean_consumer_loop(tile, group) -> None
     assert regs and int(regs.group(1)) <= maxnreg, out
 
 
-def test_async_mma_compiles_to_two_tiles_a_turn_with_one_wgmma_left_running() -> None:
+@pytest.mark.parametrize("group", [0, 128])
+def test_async_mma_compiles_to_two_tiles_a_turn_with_one_wgmma_left_running(group) -> None:
     """async_mma offline: the loop takes two K tiles, each with its own A registers, and
-    both waits let the newest wgmma run on (ptxas serializes none of them); no spills."""
-    out = compiled_loop(["--ws", "64,128,64,4,4,128,1", "--group", "0"], 3.0)
+    both waits let the newest wgmma run on (ptxas serializes none of them, group scales
+    included: they scale A, so no accumulator is read inside the pipeline); no spills."""
+    out = compiled_loop(["--ws", "64,128,64,4,4,128,1", "--group", str(group)], 3.0)
     loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+) \((\d+) leaving one running\), "
                      r"CTA-wide BAR.SYNC (\d+), local memory (\d+)", out)  # fmt: skip
     assert loop, out
@@ -86,8 +88,6 @@ def test_tile_table_and_bad_configs() -> None:
     for cfg, msg in bad:
         with pytest.raises(ValueError, match=msg):
             WS.check_ws_config(cfg)
-    with pytest.raises(ValueError, match="async_mma is for per-channel scales; a g128 tile"):
-        WS.check_ws_config(WS.WsConfig(64, 128, 4, async_mma=True), group=128)
     from specquant.kernels.triton_ops import w4a8_wgmma as Q
 
     with pytest.raises(ValueError, match="async_mma is a W4A16 option"):
@@ -338,3 +338,32 @@ def test_async_mma_gives_the_synchronous_bits(n, k) -> None:
                                          WS.WsConfig(*fields, async_mma=True), split,
                                          x_in_mma_order=True)  # fmt: skip
                 assert torch.equal(got, sync), (m, fields, split)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("n", "k"), [(272, 1024), (64, 1152)])
+def test_async_mma_with_group_scales_gives_the_overlap_kernels_bits(n, k) -> None:
+    """g128 with async_mma scales A in bf16, as w4_wgmma's overlap path does, and chains
+    the tiles in K order into one accumulator: the same bits as that kernel with the same
+    tiles and split (odd and even tile counts), and close to dequantize-and-matmul."""
+    if not _hopper():
+        pytest.skip("wgmma and TMA need a Hopper GPU")
+    from specquant.kernels.triton_ops import w4_wgmma as W
+    from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+
+    gen = torch.Generator(device="cuda").manual_seed(n * k)
+    frag, scales, w = _layer(n, k, 128, gen)
+    gm = scales.t().contiguous().t()
+    for m in (5, 64, 100):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        xo = to_mma_order(x)
+        for split in (1, 3):
+            got = WS.wgmma_ws_linear(xo, frag, gm, None, 128, WS.WsConfig(64, 128, 4, 4,
+                                     async_mma=True), split, x_in_mma_order=True)  # fmt: skip
+            want = W.wgmma_linear(xo, frag, gm, None, 128, W.WgmmaConfig(64, 128, 4, 3,
+                                  overlap=True, x_perm=True), split,
+                                  x_in_mma_order=True)  # fmt: skip
+            assert torch.equal(got, want), (m, split)
+            ref = x.float() @ w.T
+            err = float((got.float() - ref).norm() / ref.norm())
+            assert err < 8e-3, (m, split, err)

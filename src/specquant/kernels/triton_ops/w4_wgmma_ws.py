@@ -39,8 +39,6 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _out_index,
     _scale_ptrs,
     _table,
-    _unpack,
-    _words,
     bucket_of,
     launch_buffers,
     layouts,
@@ -48,7 +46,7 @@ from specquant.kernels.triton_ops.w4_fragment import (
     plan_grid,
     scale_strides,
 )
-from specquant.kernels.triton_ops.w4_wgmma import token_tile
+from specquant.kernels.triton_ops.w4_wgmma import _operand, token_tile
 
 # Triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared, later versions
 # async_load (keeping the old name as an alias)
@@ -90,56 +88,69 @@ def _atoms(w_ring, slot, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _tile_operands(x_ring, w_ring, ready, i, BN: gl.constexpr, BK: gl.constexpr,
+def _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg, k0,
+                   GROUP_A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
                    AL: gl.constexpr):  # fmt: skip
-    """K tile i's operands once its slot is ready: the unpacked weights (A registers) and
-    x^T [BK, BM] in shared memory."""
+    """K tile i's operands once its slot is ready: the unpacked weights (A registers; times
+    the tile's group scales, rounded to x's dtype, when GROUP_A > 0) and x^T [BK, BM] in
+    shared memory."""
     slot = i % STAGES
     mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
     words = _atoms(w_ring, slot, BN, BK).load(WORDS)
-    a = _unpack(_words(words, BN, BK, WORDS_MMA), x_ring.dtype, BN, BK, AL)
+    a = _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0, True, GROUP_A, BN, BK,
+                 WORDS_MMA, AL, x_ring.dtype)  # fmt: skip
     return a, x_ring.index(slot).permute((1, 0))
 
 
 @gluon.jit
-def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles, stride_sn,
-              stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo, tiles,
+              stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
               STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
               AL: gl.constexpr, ASYNC: gl.constexpr):  # fmt: skip
     """The wgmma warps: per K tile wait for its slot, unpack the weights to A registers,
     multiply by the x tile in shared memory, release the slot.
 
-    ASYNC (per channel only): each wgmma runs while the warps unpack the next tile. A wgmma
-    reads its A registers while it runs, and nothing may write them until it is waited for,
-    so the loop takes two tiles a turn with two sets of A registers: each wait (for all but
-    the newest wgmma) frees the other set and the other tile's slot."""
+    ASYNC: each wgmma runs while the warps unpack the next tile. A wgmma reads its A
+    registers while it runs, and nothing may write them until it is waited for, so the loop
+    takes two tiles a turn with two sets of A registers: each wait (for all but the newest
+    wgmma) frees the other set and the other tile's slot. Group scales then multiply A
+    (rounded to x's dtype, as Marlin and w4_wgmma's overlap path do) so that every tile
+    chains into one accumulator: scaling each tile's product in fp32 reads an accumulator
+    inside the wgmma pipeline, and ptxas then serializes every wgmma (its C7514)."""
     if ASYNC:
         for j in range(tiles // 2):
             i = 2 * j
-            a, b = _tile_operands(x_ring, w_ring, ready, i, BN, BK, STAGES, WORDS,
-                                  WORDS_MMA, AL)  # fmt: skip
+            a, b = _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg,
+                                  k_lo + i * BK, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA,
+                                  AL)  # fmt: skip
             acc = warpgroup_mma(a, b, acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
             if j > 0:  # tile i - 1's wgmma is done
                 mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1)
-            a2, b2 = _tile_operands(x_ring, w_ring, ready, i + 1, BN, BK, STAGES, WORDS,
-                                    WORDS_MMA, AL)  # fmt: skip
+            a2, b2 = _tile_operands(x_ring, w_ring, ready, i + 1, s_ptr, n0, N, stride_sn,
+                                    stride_sg, k_lo + i * BK + BK, GROUP, BN, BK, STAGES,
+                                    WORDS, WORDS_MMA, AL)  # fmt: skip
             acc = warpgroup_mma(a2, b2, acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=[acc])
             mbarrier.arrive(empty.index(i % STAGES), count=1)  # tile i's wgmma is done
         acc = warpgroup_mma_wait(0, deps=[acc])
         if tiles % 2:  # the last tile alone (no slot release: nothing is copied after it)
-            a, b = _tile_operands(x_ring, w_ring, ready, tiles - 1, BN, BK, STAGES, WORDS,
-                                  WORDS_MMA, AL)  # fmt: skip
+            a, b = _tile_operands(x_ring, w_ring, ready, tiles - 1, s_ptr, n0, N, stride_sn,
+                                  stride_sg, k_lo + tiles * BK - BK, GROUP, BN, BK, STAGES,
+                                  WORDS, WORDS_MMA, AL)  # fmt: skip
             acc = warpgroup_mma(a, b, acc)
+        # an fp32 operation before the epilogue's first read: w4_wgmma._loop_overlap found
+        # ptxas serializing the loop when that read was a conversion to bf16
+        acc = acc + 0.0
     else:
         for i in range(tiles):
             if GROUP > 0:  # before the wait, which then hides the load
                 gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
                              mask=n_mask, other=0.0)  # fmt: skip
-            a, b = _tile_operands(x_ring, w_ring, ready, i, BN, BK, STAGES, WORDS,
-                                  WORDS_MMA, AL)  # fmt: skip
+            a, b = _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg,
+                                  k_lo + i * BK, 0, BN, BK, STAGES, WORDS, WORDS_MMA,
+                                  AL)  # fmt: skip
             if GROUP == 0:
                 acc = warpgroup_mma(a, b, acc)
             else:
@@ -192,7 +203,7 @@ def _w4_wgmma_ws_kernel(
     # (the partitions' arguments inline: the JIT turns a tuple variable's layouts to tensors)
     acc = gl.warp_specialize(
         [
-            (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, rn, n_mask, k_lo, tiles,
+            (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo, tiles,
                          stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL,
                          ASYNC)),
             (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
@@ -216,7 +227,8 @@ class WsConfig:
     # registers per thread the kernel is compiled for; the producer gives most of its own
     # to the consumers (0: Triton's default)
     maxnreg: int = 0
-    # per channel only: asynchronous wgmma, one in flight while the next tile is unpacked
+    # asynchronous wgmma, one in flight while the next tile is unpacked; group scales then
+    # multiply A in bf16/fp16 (as WgmmaConfig.overlap does), not each tile's product in fp32
     async_mma: bool = False
 
     @property
@@ -297,9 +309,6 @@ def check_ws_config(cfg: WsConfig, group: int = 0) -> None:
     if cfg.stages < 2:
         raise ValueError(f"stages must be >= 2 (one slot filling while one is read), not "
                          f"{cfg.stages}")  # fmt: skip
-    if cfg.async_mma and group:
-        raise ValueError(f"async_mma is for per-channel scales; a g{group} tile's product "
-                         "is scaled once done, which needs the synchronous wgmma")  # fmt: skip
     if cfg.async_mma and cfg.block_n != 16 * cfg.warps:
         # two sets of A registers and a taller accumulator do not fit: ptxas then waits
         # after every wgmma
