@@ -228,7 +228,9 @@ class WsConfig:
     # to the consumers (0: Triton's default)
     maxnreg: int = 0
     # asynchronous wgmma, one in flight while the next tile is unpacked; group scales then
-    # multiply A in bf16/fp16 (as WgmmaConfig.overlap does), not each tile's product in fp32
+    # multiply A in bf16/fp16 (as WgmmaConfig.overlap does), not each tile's product in fp32,
+    # which lost on an H200 (bench/results/ws_probe_async_g128_333e121.md): no table uses it
+    # with group scales
     async_mma: bool = False
 
     @property
