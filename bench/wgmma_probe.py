@@ -27,7 +27,7 @@ import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
 from frag_probe import (
-    GROUP_MAJOR,
+    FORMATS,  # g128 on group-major scales and per channel, as the layers run them
     base_format,
     check_cases,
     config_table_md,
@@ -73,7 +73,6 @@ CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 8, 3), _C(128, 256, 8, 4, 1, True), _
            _C(64, 128, 4, 3, 1, False, True), _C(128, 256, 4, 4, 1, True, True),
            _C(256, 128, 16, 3, 1, True), _C(128, 128, 8, 3, 1, True, False, True),
            _C(128, 128, 8, 4, 2, True, maxnreg=128)]  # fmt: skip
-FORMATS = [GROUP_MAJOR, "w4a16"]  # as the layers run them (frag_probe.FORMATS)
 GATHER = "x_perm gather"  # the gather of x into mma order, timed on its own (not in x_perm rows)
 MS = [16, 32, 64, 128]  # each the bucket of the token counts up to it
 

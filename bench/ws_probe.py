@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from common import gpu_run_meta, gpu_run_text, write_report
-from frag_probe import GROUP_MAJOR, base_format, check_cases, rel_err, weights
+from frag_probe import (
+    FORMATS,  # g128 on group-major scales and per channel, as the layers run them
+    base_format,
+    check_cases,
+    rel_err,
+    weights,
+)
 from kernel_perf import SHAPES, time_graph
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
@@ -43,7 +49,6 @@ CANDIDATES = [_C(64, 128, 4, 4, 1, 128), _C(64, 128, 4, 3, 2, 80), _C(64, 128, 4
               _C(128, 128, 8, 4, 1, 80)]  # fmt: skip
 CHECKED = [_C(64, 128, 4, 2), _C(128, 128, 4, 3), _C(128, 128, 8, 4, 1, 80),
            _C(256, 128, 8, 3)]  # fmt: skip
-FORMATS = [GROUP_MAJOR, "w4a16"]
 MS = [16, 32, 64, 128]
 
 

@@ -59,6 +59,7 @@ def test_async_mma_compiles_to_two_tiles_a_turn_with_one_wgmma_left_running(grou
 
 def test_tile_table_and_bad_configs() -> None:
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
+    from specquant.kernels.triton_ops.w4_fragment import lookup
 
     assert WS.ws_config(129, 4096, 4096) is None  # prefill: the synchronous table
     assert WS.ws_config(4, 4096, 4096) is None  # up to 4 tokens: the fragment kernel
@@ -70,7 +71,7 @@ def test_tile_table_and_bad_configs() -> None:
     assert qkv == WS.WS_SHAPE_CONFIGS[(10240, 8192)][64] and qkv.x_perm
     down = (8192, 28672)  # Llama-3-70B down at 64 tokens: per channel, the async consumer
     assert WS.ws_config(64, *down, group=0).async_mma
-    assert WS.ws_config(64, *down, group=128) == WS.lookup(WS.WS_CONFIGS, 64, 8192 * 28672)
+    assert WS.ws_config(64, *down, group=128) == lookup(WS.WS_CONFIGS, 64, 8192 * 28672)
     for cfg in {c for rows in WS.WS_CONFIGS.values() for _, c in rows if c} | {
         c for per in WS.WS_SHAPE_CONFIGS.values() for c in per.values()
     }:

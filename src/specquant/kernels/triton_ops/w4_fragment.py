@@ -36,6 +36,7 @@ Split-K uses the fixed-order fix-up of qlinear.py (results do not depend on timi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -487,6 +488,23 @@ def lookup(table: dict[int, list[tuple[int, Any]]], m: int, weights: int) -> Any
     return next((cfg for max_w, cfg in table[bucket] if weights <= max_w), None)
 
 
+def shaped_lookup(
+    table: dict[int, list[tuple[int, Any]]],
+    m: int,
+    n: int,
+    k: int,
+    *shapes: dict[tuple[int, int], dict[int, Any]],
+) -> Any:
+    """The entry for `m` tokens and an [N, K] weight: the first of the per-shape tables
+    `shapes` holding (N, K) at m's bucket of `table`, else lookup(table, m, N * K); None past
+    `table`'s last bucket."""
+    bucket = bucket_of(table, m)
+    if bucket is None:
+        return None
+    per_shape = (s[(n, k)][bucket] for s in shapes if bucket in s.get((n, k), {}))
+    return next(per_shape, None) or lookup(table, m, n * k)
+
+
 def frag_config(m: int, weights: int, grouped: bool = False) -> FragConfig | None:
     """The tile config for `m` tokens and an N * K weight (`grouped`: a group format), or
     None: another kernel."""
@@ -566,12 +584,18 @@ def plan_grid(
 PDL_NEEDS = "programmatic dependent launch: a CUDA GPU of compute capability >= 9.0 (Hopper)"
 
 
-def pdl_missing(device: torch.device) -> str:
-    """Why `device` cannot launch with programmatic dependent launch ("" where it can)."""
+def capability_missing(device: torch.device, fits: Callable[[tuple[int, int]], bool]) -> str:
+    """Why `device` lacks a feature whose compute capabilities `fits` accepts (its type or
+    its capability, for an error message), or "" where it has it."""
     if device.type != "cuda":
         return f"a {device.type} device"
     cap = torch.cuda.get_device_capability(device)
-    return f"compute capability {cap[0]}.{cap[1]}" if cap < (9, 0) else ""
+    return "" if fits(cap) else f"compute capability {cap[0]}.{cap[1]}"
+
+
+def pdl_missing(device: torch.device) -> str:
+    """Why `device` cannot launch with programmatic dependent launch ("" where it can)."""
+    return capability_missing(device, lambda cap: cap >= (9, 0))
 
 
 def group_major(scales: torch.Tensor) -> torch.Tensor:

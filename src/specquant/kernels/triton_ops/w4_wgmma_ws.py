@@ -39,12 +39,12 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _out_index,
     _scale_ptrs,
     _table,
-    bucket_of,
+    capability_missing,
     launch_buffers,
     layouts,
-    lookup,
     plan_grid,
     scale_strides,
+    shaped_lookup,
 )
 from specquant.kernels.triton_ops.w4_wgmma import _operand, token_tile
 
@@ -285,12 +285,8 @@ def ws_config(m: int, n: int, k: int, group: int = 0) -> WsConfig | None:
     """The warp-specialized config for `m` tokens and an [N, K] weight with `group` scales
     (0: per channel, which asks WS_CHANNEL_SHAPE_CONFIGS first; then WS_SHAPE_CONFIGS, else
     the size class's in WS_CONFIGS), or None: another kernel."""
-    bucket = bucket_of(WS_CONFIGS, m)
-    if bucket is None:
-        return None
-    if group == 0 and (pick := WS_CHANNEL_SHAPE_CONFIGS.get((n, k), {}).get(bucket)):
-        return pick
-    return WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) or lookup(WS_CONFIGS, m, n * k)
+    shapes = (WS_CHANNEL_SHAPE_CONFIGS, WS_SHAPE_CONFIGS) if group == 0 else (WS_SHAPE_CONFIGS,)
+    return shaped_lookup(WS_CONFIGS, m, n, k, *shapes)
 
 
 # the x tile's shared layout: 128-byte swizzle, as wgmma's B operand wants it (TMA fills it
@@ -321,12 +317,12 @@ def check_ws_config(cfg: WsConfig, group: int = 0) -> None:
                          f"[{MIN_REGS}, 255], not {cfg.maxnreg}")  # fmt: skip
 
 
-def hopper_missing(device: torch.device) -> str:
-    """Why `device` cannot run this kernel (TMA and wgmma: compute capability 9.x), or ""."""
-    if device.type != "cuda":
-        return f"a {device.type} device"
-    cap = torch.cuda.get_device_capability(device)
-    return "" if cap[0] == 9 else f"compute capability {cap[0]}.{cap[1]}"
+def require_hopper(device: torch.device, kernel: str) -> None:
+    """Raise, naming what `device` is, unless it can run `kernel` (TMA and wgmma: compute
+    capability 9.x)."""
+    if missing := capability_missing(device, lambda cap: cap[0] == 9):
+        raise ValueError(f"the {kernel} kernel needs a Hopper GPU (compute capability 9.x: "
+                         f"TMA and wgmma), not {missing}")  # fmt: skip
 
 
 def wgmma_ws_linear(
@@ -344,9 +340,7 @@ def wgmma_ws_linear(
     (m, k), n = a.shape, out.shape[1]
     if m == 0:
         return out.view(*lead, n)
-    if missing := hopper_missing(a.device):
-        raise ValueError(f"the warp-specialized W4A16 kernel needs a Hopper GPU (compute "
-                         f"capability 9.x: TMA and wgmma), not {missing}")  # fmt: skip
+    require_hopper(a.device, "warp-specialized W4A16")
     if not x_in_mma_order:
         a = to_mma_order(a)
     if a.data_ptr() % 16:  # TMA also needs an aligned base (as_rows aligned the rows)

@@ -49,9 +49,9 @@ from specquant.kernels.triton_ops.w4_fragment import (
     _out_index,
     _table,
     _weight_ptrs,
-    bucket_of,
     lookup,
     plan_grid,
+    shaped_lookup,
 )
 from specquant.kernels.triton_ops.w4_wgmma import _copy, _ring_step, _x_tile, token_tile
 from specquant.kernels.triton_ops.w4_wgmma_ws import WsConfig
@@ -325,9 +325,8 @@ def w4a8_config(m: int, n: int, k: int) -> W4A8WgmmaConfig | WsConfig | None:
     """The tile config for `m` tokens and an [N, K] weight: a warp-specialized one (its
     shape's in W4A8_WS_SHAPE_CONFIGS, else its size class's in W4A8_WS_CONFIGS), else a
     W4A8WgmmaConfig (W4A8_CONFIGS), or None: the canonical kernel."""
-    bucket = bucket_of(W4A8_WS_CONFIGS, m)
-    shaped = W4A8_WS_SHAPE_CONFIGS.get((n, k), {}).get(bucket) if bucket else None
-    return shaped or lookup(W4A8_WS_CONFIGS, m, n * k) or lookup(W4A8_CONFIGS, m, n * k)
+    ws = shaped_lookup(W4A8_WS_CONFIGS, m, n, k, W4A8_WS_SHAPE_CONFIGS)
+    return ws or lookup(W4A8_CONFIGS, m, n * k)
 
 
 def w4a8_wgmma_linear(
@@ -403,8 +402,8 @@ class W4A8Forward:
     """A W4A8 layer (per channel, or two-level groups) on int8 fragments: QLinear's kernel
     when the registry's `triton-w4a8-wgmma` is chosen. Token counts with a config in
     W4A8_CONFIGS run this kernel (or its warp-specialized twin, where w4a8_config says), the
-    rest the canonical one on the layer's own tensors. It
-    takes the per-token codes the RMSNorm before it hands over, or quantizes x itself."""
+    rest the canonical one on the layer's own tensors. It takes the per-token codes the
+    RMSNorm before it hands over, or quantizes x itself."""
 
     def __init__(self, frag: torch.Tensor):
         self.frag = frag
@@ -414,7 +413,7 @@ class W4A8Forward:
     def prepare(cls, t: dict[str, torch.Tensor]) -> W4A8Forward:
         return cls(prepare_fragments_i8(t["qweight"]))
 
-    def config(self, m: int) -> Any:
+    def config(self, m: int) -> W4A8WgmmaConfig | WsConfig | None:
         return w4a8_config(m, self.n, self.k)
 
     def route(self, m: int) -> str:

@@ -26,7 +26,7 @@ from specquant.kernels.triton_ops.w4_wgmma_ws import (
     _producer,
     _ring,
     check_ws_config,
-    hopper_missing,
+    require_hopper,
 )
 from specquant.kernels.triton_ops.w4a8_wgmma import _finish_a8, _operand_i8, layouts
 
@@ -114,9 +114,7 @@ def launch_ws(
     if cfg.async_mma:
         raise ValueError(f"async_mma is a W4A16 option; the W4A8 twin runs synchronous wgmma, "
                          f"so {cfg} cannot run it")  # fmt: skip
-    if missing := hopper_missing(a.device):
-        raise ValueError(f"the warp-specialized W4A8 kernel needs a Hopper GPU (compute "
-                         f"capability 9.x: TMA and wgmma), not {missing}")  # fmt: skip
+    require_hopper(a.device, "warp-specialized W4A8")
     (m, k), n = a.shape, out.shape[1]
     lay = layouts(cfg.block_n, g.block_k, cfg.warps)
     x_desc = TensorDescriptor.from_tensor(a, [bm, g.block_k], X_LAYOUT)
