@@ -120,8 +120,9 @@ def _layer(n: int, k: int, group: int, gen: torch.Generator) -> tuple[torch.Tens
 @pytest.mark.parametrize(("n", "k", "group"), [(272, 1024, 128), (48, 384, 0), (384, 2048, 256)])
 def test_ws_linear_matches_the_reference_and_the_synchronous_kernel(dtype, n, k, group) -> None:
     """Odd N (not a multiple of BLOCK_N: TMA zero-fills the atoms past it), token counts
-    past each token tile and two of them (130), with and without split K and bias, plain x
-    (the launcher gathers) and x in mma order."""
+    from one (TMA zero-fills the x rows past it) past each token tile and two of them (130),
+    with and without split K and bias, plain x (the launcher gathers) and x in mma
+    order."""
     if not _hopper():
         pytest.skip("wgmma and TMA need a Hopper GPU")
     from specquant.kernels.triton_ops import w4_wgmma as W
@@ -132,7 +133,7 @@ def test_ws_linear_matches_the_reference_and_the_synchronous_kernel(dtype, n, k,
     gm = scales.t().contiguous().t()  # group-major, as the layers keep them
     configs = [WS.WsConfig(64, 128, 4, 2), WS.WsConfig(128, 128, 4, 3, 1, 128),
                WS.WsConfig(128, 256, 8, 3)]  # fmt: skip
-    for i, m in enumerate((9, 33, 64, 100, 130)):
+    for i, m in enumerate((1, 4, 9, 33, 64, 100, 130)):
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         bias = torch.randn(n, device="cuda", dtype=dtype) if i % 2 else None
         want = x.float() @ w.T + (bias.float() if bias is not None else 0)
