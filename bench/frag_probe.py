@@ -58,7 +58,9 @@ CANDIDATES: dict[int, list[F.FragConfig]] = {
 }  # fmt: skip
 CHECKED = [None, _C(32, 128, 1, 4), _C(128, 256, 4), _C(64, 128, 2, 1, 4, 3), _C(128, 128, 4, 2, 2),
            _C(128, 256, 4, 4, 1, 4), _C(32, 128, 1, 2, 1, 2), _C(128, 128, 4, 2, 1, 3, True),
-           _C(128, 128, 4, 4, 1, 1, True)]  # fmt: skip
+           _C(128, 128, 4, 4, 1, 1, True),
+           # one-warp and unsplit programs with deep rings (one token)
+           _C(16, 128, 1, 1, 1, 4), _C(16, 256, 1, 1, 1, 6), _C(64, 128, 4, 1, 1, 8)]  # fmt: skip
 # g128 on group-major scales ([G, N], Marlin's order), as prepare_forward keeps them for the
 # layers, and per channel: what the tile tables serve. "w4a16-g128" (on request) passes the
 # scales row-major, as a caller of fragment_linear may.
@@ -160,10 +162,15 @@ def size_class(n: int, k: int) -> str:
 
 
 def tune(
-    gen: torch.Generator, buckets: list[int], formats: list[str], deadline: float
+    gen: torch.Generator,
+    buckets: list[int],
+    formats: list[str],
+    deadline: float,
+    configs: list[F.FragConfig] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every candidate of each bucket on every Llama linear, in each format (stops at the
-    deadline; best_by_size only ranks configs timed on every layer of a class)."""
+    """Every candidate of each bucket (or `configs` in every bucket) on every Llama linear,
+    in each format (stops at the deadline; best_by_size only ranks configs timed on every
+    layer of a class)."""
     rows = []
     for fmt in formats:
         group = get_format(base_format(fmt)).group_size
@@ -174,7 +181,7 @@ def tune(
                 frags = [F.prepare_fragments(w["qweight"]) for w in ws]
                 for bucket in buckets:
                     x = torch.randn(timed_m(bucket), k, device="cuda", dtype=torch.bfloat16)
-                    for cfg in CANDIDATES[bucket]:
+                    for cfg in configs or CANDIDATES[bucket]:
                         if time.time() > deadline:
                             return rows
                         row = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size,
@@ -330,6 +337,9 @@ def main() -> None:
                          "configs by their total time over these")  # fmt: skip
     ap.add_argument("--compare-ms", default=",".join(map(str, MS)),
                     help="token counts of the fragment vs canonical comparison")  # fmt: skip
+    ap.add_argument("--configs", default=None,
+                    help="';'-separated configs to tune instead of CANDIDATES, each BLOCK_N,"
+                         "BLOCK_K,warps,split_waves,warps_m,stages[,pdl]")  # fmt: skip
     ap.add_argument("--previous", type=Path, default=None,
                     help="an earlier frag_probe.json whose checks and tuning rows this run "
                          "keeps (rows of buckets tuned again are replaced)")  # fmt: skip
@@ -358,7 +368,12 @@ def main() -> None:
              or r.get("bucket", 8) not in buckets]  # fmt: skip
     if "tune" in stages:
         frac = 0.6 if "compare" in stages else 1.0
-        tuned += tune(gen, buckets, formats, start + args.budget_s * frac)
+        configs = None
+        if args.configs:
+            configs = [
+                F.FragConfig(*(int(v) for v in c.split(","))) for c in args.configs.split(";")
+            ]
+        tuned += tune(gen, buckets, formats, start + args.budget_s * frac, configs)
     best = best_by_size(tuned)
     print("best:", json.dumps(best), flush=True)
     ms = [int(m) for m in args.compare_ms.split(",")]
