@@ -62,7 +62,10 @@ def test_tile_table_and_bad_configs() -> None:
     from specquant.kernels.triton_ops.w4_fragment import lookup
 
     assert WS.ws_config(129, 4096, 4096) is None  # prefill: the synchronous table
-    assert WS.ws_config(4, 4096, 4096) is None  # up to 4 tokens: the fragment kernel
+    assert WS.ws_config(4, 4096, 1024) is None  # up to 4 tokens: the fragment kernel,
+    assert WS.ws_config(1, 4096, 4096) == WS.WS_SHAPE_CONFIGS[(4096, 4096)][4]  # but 8B's o
+    assert WS.ws_config(1, 10240, 8192, group=128) is None  # 70B g128: the fragment kernel,
+    assert WS.ws_config(1, 10240, 8192, group=0).block_n == 64  # per channel its own pick
     assert WS.ws_config(8, 4096, 4096) == WS.WS_CONFIGS[8][0][1]
     assert WS.ws_config(8, 8192, 28672) is None  # 70B down at 8: the fragment kernel
     assert WS.ws_config(16, 4096, 4096) is None  # smallest class at 16: synchronous

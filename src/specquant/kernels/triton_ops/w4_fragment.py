@@ -707,7 +707,7 @@ class FragForward:
         from specquant.kernels.triton_ops.w4_wgmma_ws import ws_config
 
         ws = ws_config(m, self.n, self.k, self.group) if self.wgmma else None
-        if ws is not None:  # from 5 tokens where its table has a config
+        if ws is not None:  # where its tables have a config (some layers from one token)
             return None, ws
         cfg = frag_config(m, self.weights, self.group > 0)
         if cfg is not None and self.pdl:

@@ -247,8 +247,10 @@ _S = WsConfig
 # same run (least total time per class; bench/results/ws_probe_d0192da.md for 16-128
 # tokens, ws_probe_9e0ef41.md for 8). Two 8-warp CTAs per SM (128 registers) won from 16
 # tokens; at 8, six-slot rings split until two CTAs share each SM, at 64 registers, in the
-# two smaller classes (the fragment kernel keeps the larger ones and 1-4 tokens). block_k
-# 256 applies per channel only (a g128 tile stays inside one group, at 128).
+# two smaller classes (the fragment kernel keeps the larger ones). At 1-4 tokens no config
+# won a whole class in both formats (ws_probe_small_m_5076c08.md): the per-shape tables
+# below name the layers where it did. block_k 256 applies per channel only (a g128 tile
+# stays inside one group, at 128).
 WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
     4: _table(None, None, None, None),
     8: _table(_S(64, 128, 4, 6, 2, 64), _S(64, 128, 4, 6, 2, 64), None, None),
@@ -261,11 +263,18 @@ WS_CONFIGS: dict[int, list[tuple[int, WsConfig | None]]] = {
 }  # fmt: skip
 
 # Per layer shape (N, K), the buckets where another config beat its class's entry on that
-# layer by 5% or more in the same run (both formats summed).
+# layer by 5% or more in the same run (both formats summed). Bucket 4 (1-4 tokens,
+# ws_probe_small_m_5076c08.md): the 8B layers, where a config beat the fragment kernel in
+# both formats at one and four tokens (8B g128 57.4 -> 55.3 us at one token, per channel
+# 55.2 -> 50.3); on 70B g128 the fragment kernel stays faster.
 WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
-    (28672, 4096): {16: _S(128, 128, 4, 4, 1, 128), 32: _S(128, 128, 4, 4, 1, 128),
+    (6144, 4096): {4: _S(64, 128, 4, 4, 2, 80)},  # Llama-3-8B qkv
+    (4096, 4096): {4: _S(64, 128, 4, 6, 2, 64)},  # Llama-3-8B o
+    (28672, 4096): {4: _S(128, 128, 4, 4, 1, 128), 16: _S(128, 128, 4, 4, 1, 128),
+                    32: _S(128, 128, 4, 4, 1, 128),
                     64: _S(128, 128, 4, 3, 1, 128)},  # Llama-3-8B gate_up
-    (4096, 14336): {128: _S(64, 256, 4, 2, 1, 128)},  # Llama-3-8B down
+    (4096, 14336): {4: _S(128, 128, 4, 4, 1, 128),
+                    128: _S(64, 256, 4, 2, 1, 128)},  # Llama-3-8B down
     (10240, 8192): {16: _S(64, 128, 4, 4, 2, 80), 32: _S(64, 128, 4, 3, 2, 80),
                     64: _S(64, 128, 4, 3, 2, 80), 128: _S(64, 128, 4, 3, 2, 80)},  # 70B qkv
     (8192, 8192): {128: _S(64, 128, 4, 4, 1, 128)},  # Llama-3-70B o
@@ -274,11 +283,16 @@ WS_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
 
 # Per channel only, ahead of the tables above: where the asynchronous consumer (async_mma)
 # beat every synchronous config on a layer by 5% or more in the same run
-# (bench/results/ws_probe_async_605d441.md, per channel at 32-128 tokens). Elsewhere it came
-# within 0.97-1.17 of the best synchronous one.
+# (bench/results/ws_probe_async_605d441.md, per channel at 32-128 tokens; elsewhere it came
+# within 0.97-1.17 of the best synchronous one); and at 1-4 tokens the 70B layers where a
+# config beat the fragment kernel by 4% or more at one and four tokens
+# (ws_probe_small_m_5076c08.md; g128 there loses 3-14%, and gate_up per channel gained 1.5%).
 WS_CHANNEL_SHAPE_CONFIGS: dict[tuple[int, int], dict[int, WsConfig]] = {
-    (8192, 28672): {64: _S(64, 128, 4, 4, 1, 128, async_mma=True)},  # Llama-3-70B down
-}
+    (10240, 8192): {4: _S(64, 128, 4, 4, 2, 80)},  # Llama-3-70B qkv
+    (8192, 8192): {4: _S(128, 128, 4, 4, 1, 128)},  # Llama-3-70B o
+    (8192, 28672): {4: _S(128, 128, 4, 4, 1, 128),
+                    64: _S(64, 128, 4, 4, 1, 128, async_mma=True)},  # Llama-3-70B down
+}  # fmt: skip
 
 
 def ws_config(m: int, n: int, k: int, group: int = 0) -> WsConfig | None:
