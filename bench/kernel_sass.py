@@ -67,19 +67,16 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
     stages: int = 1, split_k: int = 1, pdl: bool = False, group_major: bool = True,
-    scale_ahead: bool = False,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py); with
     `pdl`, also where it waits for the kernel before (programmatic dependent launch); scales
-    in group-major memory as the layers keep them, or row-major unless `group_major`;
-    `scale_ahead`: group scales loaded one K tile early (FragConfig.scale_ahead)."""
+    in group-major memory as the layers keep them, or row-major unless `group_major`."""
     from specquant.kernels.triton_ops import w4_fragment as F
 
     lay = F.layouts(bn, bk, bm, warps, warps_m)
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl,
-                  SCALE_AHEAD=scale_ahead)  # fmt: skip
+                  WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl)  # fmt: skip
     return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch, pdl=pdl,
                              group_major=group_major)  # fmt: skip
 
@@ -424,8 +421,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
-                    "[,stages[,scale_ahead 0/1]]]: count the fragment-order W4A16 kernel "
-                    "instead")  # fmt: skip
+                    "[,stages]]: count the fragment-order W4A16 kernel instead")  # fmt: skip
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
@@ -496,11 +492,11 @@ def main() -> None:
               f"{ahead} leaving one wgmma group in flight")  # fmt: skip
         return
     if args.fragment:
-        given = [int(v) for v in args.fragment.split(",")]
-        bn, bk, bm, warps, warps_m, stages, ahead = given + [1, 1, 0][len(given) - 4 :]
+        bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
+                                              + [1, 1])[:6]  # fmt: skip
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
-                                          stages, args.split_k, args.pdl, not args.row_major,
-                                          bool(ahead))  # fmt: skip
+                                          stages, args.split_k, args.pdl,
+                                          not args.row_major)  # fmt: skip
         gm = ", row-major scales" if args.row_major else ""
         _print_w4(sass, res, f"fragment W4A16 group {args.group}{gm}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip

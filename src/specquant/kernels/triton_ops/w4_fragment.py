@@ -330,7 +330,6 @@ def _w4_fragment_kernel(
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     WARPS_M: gl.constexpr, STAGES: gl.constexpr,
     WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr, PDL: gl.constexpr,
-    SCALE_AHEAD: gl.constexpr,
 ):  # fmt: skip
     if PDL:  # the next layer's kernel may launch and fetch its weights while this one runs
         _gdc_launch_dependents()
@@ -380,16 +379,8 @@ def _w4_fragment_kernel(
                            k_lo, s * BK, K_SPLIT)  # fmt: skip
     elif PDL:
         _gdc_wait()  # nothing is read or written before the kernel before has finished
-    # SCALE_AHEAD: each K tile's group scales are loaded one tile early, so the fma that
-    # applies them does not wait a memory round trip (the top stall of the one-token profile)
-    if GROUP != 0 and SCALE_AHEAD:
-        gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo, GROUP), mask=n_mask,
-                     other=0.0)  # fmt: skip
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
-        if GROUP != 0 and SCALE_AHEAD:
-            gs_next = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0 + BK, GROUP),
-                              mask=n_mask & (kb + BK < K_SPLIT), other=0.0)  # fmt: skip
         if STAGES > 1:
             i = kb // BK
             nxt = (i + STAGES - 1) % STAGES
@@ -407,13 +398,9 @@ def _w4_fragment_kernel(
             acc = gl.nvidia.ampere.mma_v2(a, b, acc)
         else:
             part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
-            if SCALE_AHEAD:
-                acc += part * gs[:, None]
-                gs = gs_next
-            else:
-                gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP),
-                             mask=n_mask, other=0.0)  # fmt: skip
-                acc += part * gs[:, None]
+            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
+                         other=0.0)  # fmt: skip
+            acc += part * gs[:, None]
 
     if STAGES > 1:
         # the ring's last STAGES - 1 copies are masked off past K_SPLIT, and a masked cp.async
@@ -438,8 +425,6 @@ class FragConfig:
     # for x. The weights must not be written by the kernel before (they never are in a
     # model: they are read-only once prepared). An experiment; no table picks it yet.
     pdl: bool = False
-    # group formats: load each K tile's scales one tile ahead (no effect per channel)
-    scale_ahead: bool = False
 
 
 BLOCK_M_MAX = 64  # more tokens run as several token tiles
@@ -659,7 +644,7 @@ def fragment_linear(
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
         STAGES=cfg.stages if g.k_split > g.block_k else 1,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x, PDL=cfg.pdl,
-        SCALE_AHEAD=bool(cfg.scale_ahead), num_warps=cfg.warps * warps_m, launch_pdl=cfg.pdl,
+        num_warps=cfg.warps * warps_m, launch_pdl=cfg.pdl,
     )  # fmt: skip
     return out.view(*lead, n)
 
