@@ -8,11 +8,16 @@ The W4A16 goal ">= 70% of the 4-bit roofline at M=1" sums four linears; if four
 read-only kernels cannot reach it, no W4A16 kernel launched once per linear can.
 
     python bench/read_floor.py --out bench/results
+    python bench/read_floor.py --render bench/results/read_floor.json   # figure only, no GPU
+
+Writes read_floor.json, read_floor.md and read_floor.png (per layer: the roofline, the
+read-only kernel and our kernel, in microseconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -172,18 +177,60 @@ def markdown(result: dict[str, Any]) -> list[str]:
     return md
 
 
+def plot(result: dict[str, Any], out: Path) -> None:
+    """Per model, bars per layer: the roofline, the read-only kernel and our one-token
+    kernel (the first format of the run, W4A16-g128 by default)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    fmt = result["summary"][0]["fmt"]
+    runs = [s for s in result["summary"] if s["fmt"] == fmt]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    bars = [("roofline_us", "4-bit roofline"), ("read_us", "read-only kernel"),
+            ("table_us", "our one-token kernel")]  # fmt: skip
+    for ax, s in zip(axes[0], runs, strict=True):
+        names = [r["layer"] for r in s["layers"]] + ["sum / 4"]
+        for i, (key, label) in enumerate(bars):
+            vals = [r[key] for r in s["layers"]] + [s[key] / 4]
+            pos = [j + (i - 1) * 0.27 for j in range(len(names))]
+            ax.bar(pos, vals, width=0.27, label=label)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("microseconds per linear, one token")
+        ax.set_title(f"Llama-3-{s['model'].upper()}: read-only {s['read_pct']:.0f}%, "
+                     f"ours {s['table_pct']:.0f}% of the roofline")  # fmt: skip
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"{fmt} at one token: {meta['card']}, {meta['date']}, commit {meta['commit']} "
+                 f"(bench/read_floor.py; empty kernel {result['empty_us']:.2f} us)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--budget-s", type=float, default=200)
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only draw the figure of an existing read_floor.json")  # fmt: skip
     args = ap.parse_args()
+    if args.render:
+        plot(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+        return
     bw = copy_bandwidth_gbs()
     rows = measure(time.time() + args.budget_s)
     empty = next(r["us"] for r in rows if r["kind"] == "empty")
     result = dict(meta=gpu_run_meta(args.commit), bw_gbs=bw, empty_us=empty,
                   summary=summarize(rows, bw), rows=rows)  # fmt: skip
     write_report(args.out / "read_floor.json", result, markdown(result))
+    plot(result, args.out / "read_floor.png")
 
 
 if __name__ == "__main__":
