@@ -1,5 +1,6 @@
 """bench/kernel_perf.py --merge (one report from runs that each finished part of the models),
-its goal lines, kernel_profile.py's argument checks, and wgmma_probe's table and report."""
+its goal lines, kernel_profile.py's argument checks, wgmma_probe's table and report, and
+read_floor.py's summary, report and figure."""
 
 from __future__ import annotations
 
@@ -295,3 +296,54 @@ def test_cpu_spec_quant_report_compares_each_target_with_its_own_and_the_dense_a
     lines = C.markdown(report)
     assert "| dense | sps | 15.0 | 0.50x | 0.50x | 2.00 | yes |" in lines
     assert "| w8a8 | eagle2 | 50.0 | 1.25x | 1.67x | 2.00 | NO |" in lines
+
+
+def _floor_rows() -> list[dict]:
+    """read_floor.py's rows for both models and formats: a read-only kernel at two configs
+    (the faster one must be taken) and the one-token table kernel, per layer."""
+    import read_floor as RF
+
+    rows: list[dict] = [dict(kind="empty", us=1.0)]
+    for fmt in RF.FORMATS:
+        for model, shapes in KP.SHAPES.items():
+            for layer, (k, n) in shapes.items():
+                base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=n * k // 2)
+                mb = n * k / 2e6
+                rows.append(dict(base, kind="table", config="cfg", us=2 + mb / 2000))
+                rows.append(dict(base, kind="read", config=[8, 2048, 8], us=1 + mb / 4000))
+                rows.append(dict(base, kind="read", config=[1, 2048, 4], us=5 + mb / 1000))
+    return rows
+
+
+def test_read_floor_summarizes_the_fastest_reader_and_draws_it(tmp_path) -> None:
+    pytest.importorskip("triton")
+    import read_floor as RF
+
+    summary = RF.summarize(_floor_rows(), 4000.0)
+    assert [(s["fmt"], s["model"]) for s in summary] == [
+        (f, m) for f in RF.FORMATS for m in KP.SHAPES
+    ]
+    s = summary[0]
+    assert all(r["read_config"] == [8, 2048, 8] for r in s["layers"])  # the faster reader
+    layer = s["layers"][0]
+    assert layer["roofline_us"] == pytest.approx(
+        (layer["bytes"] + 2 * sum(KP.SHAPES[s["model"]][layer["layer"]])) / 4e6
+    )
+    assert s["read_pct"] == pytest.approx(100 * s["roofline_us"] / s["read_us"])
+    assert s["table_pct"] < s["read_pct"]  # the synthetic table kernel is the slower one
+    meta = dict(card="H200", date="2026-11-29", commit="abc", torch="t")
+    result = dict(meta=meta, bw_gbs=4000.0, empty_us=1.0, summary=summary, rows=[])
+    md = "\n".join(RF.markdown(result))
+    assert "An empty kernel: 1.00 us" in md and "| w4a16 | 70b |" in md
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "read_floor.png"
+    RF.plot(result, out)
+    assert out.stat().st_size > 10_000
+
+
+def test_read_floor_leaves_out_a_model_the_run_did_not_finish() -> None:
+    pytest.importorskip("triton")
+    import read_floor as RF
+
+    rows = [r for r in _floor_rows() if not (r.get("model") == "70b" and r.get("layer") == "down")]
+    assert {s["model"] for s in RF.summarize(rows, 4000.0)} == {"8b"}
