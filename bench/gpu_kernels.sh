@@ -15,6 +15,8 @@
 #   STAGE=w4a8     bench/w4a8_probe.py: the W4A8 wgmma kernel checked, and timed against W4A8
 #                  on the canonical kernel and W4A16 (W4A8_ARGS="--formats w4a8,w4a8-g128";
 #                  add --ws for the warp-specialized twin next to the table's configs)
+#   STAGE=floor    bench/read_floor.py: an empty kernel, read-only kernels and the one-token
+#                  fragment kernel (and its data path alone) on each linear's bytes
 #   STAGE=profile  Nsight Compute on one launch of each PROFILE_CASES entry (kernel_profile.py
 #                  arguments, ';'-separated): where the warps wait -> $OUT/profile_<i>.txt
 # Results go to $OUT (default bench/results); COMMIT names the checkout in the reports.
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-case "${STAGE:?set STAGE=test|tune|frag|wgmma|ws|measure|gather|split|w4a8|profile}" in
+case "${STAGE:?set STAGE=test|tune|frag|wgmma|ws|measure|gather|split|w4a8|floor|profile}" in
 test)
   python tests/test_triton_kernels.py --warm-gpu
   python -m pytest -q -m cuda tests/test_triton_kernels.py tests/test_w4_fragment.py tests/test_w4_wgmma.py \
@@ -60,6 +62,9 @@ split)
 w4a8)
   python bench/w4a8_probe.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-240}" \
     ${W4A8_ARGS:-}
+  ;;
+floor)
+  python bench/read_floor.py --out "$OUT" ${COMMIT:+--commit "$COMMIT"} --budget-s "${BUDGET:-200}"
   ;;
 profile)
   # --clock-control none: leave the clocks as they are (the device notes ask for it).

@@ -21,6 +21,7 @@ import collections
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,9 @@ def main() -> None:
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
+    ap.add_argument("--ring-read", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps,stages: "
+                    "count bench/ring_read.py's kernel (the fragment kernel's copies and ring "
+                    "without its math) instead")  # fmt: skip
     ap.add_argument("--ws", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,maxnreg[,async 0/1]]]: count the warp-specialized wgmma W4A16 kernel's "
                     "consumer loop instead (group-major scales)")  # fmt: skip
@@ -490,6 +494,19 @@ def main() -> None:
         ahead = len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1\b", sass))  # one left running
         print(f"HGMMA {ops['HGMMA']}, WARPGROUP.DEPBAR {sass.count('WARPGROUP.DEPBAR')} in all, "
               f"{ahead} leaving one wgmma group in flight")  # fmt: skip
+        return
+    if args.ring_read:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from ring_read import _ring_read_kernel
+        from specquant.kernels.triton_ops import w4_fragment as F
+
+        bn, bk, bm, warps, stages = (int(v) for v in args.ring_read.split(","))
+        lay = F.layouts(bn, bk, bm, warps)
+        consts = dict(BN=bn, BK=bk, BM=bm, STAGES=stages, WORDS=lay.words, XL=lay.x)
+        pointers = {"x_ptr": "*bf16", "w_ptr": "*i16", "out_ptr": "*i32"}
+        sass, res = _compile_w4_gluon(_ring_read_kernel, consts, warps, args.arch,
+                                      pointers=pointers)  # fmt: skip
+        _print_w4(sass, res, f"ring read, tile {args.ring_read}", bn * bk, 32 * warps, args.arch)
         return
     if args.fragment:
         bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]

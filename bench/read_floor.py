@@ -2,7 +2,9 @@
 empty kernel, and of a kernel that only reads a layer's 4-bit weight bytes (the best of
 several grid and block shapes), both as CUDA-graph replays with the buffers rotated
 through HBM exactly as kernel_perf.time_graph times the linears. Next to them, in the same
-run, the W4A16 layers' own one-token kernel (the table's pick) on the same byte counts.
+run, the fragment kernel with its one-token pick (w4_fragment.frag_config) on the same
+byte counts, and that kernel's data path alone (bench/ring_read.py: its grid and cp.async
+ring, without the unpacking and the mma).
 
 The W4A16 goal ">= 70% of the 4-bit roofline at M=1" sums four linears; if four
 read-only kernels cannot reach it, no W4A16 kernel launched once per linear can.
@@ -29,6 +31,7 @@ import triton.language as tl
 from common import copy_bandwidth_gbs, gpu_run_meta, write_report
 from frag_probe import GROUP_MAJOR, base_format, weights
 from kernel_perf import SHAPES, copies_for, time_graph
+from ring_read import ring_read
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.quant.spec import get_format
 
@@ -77,8 +80,9 @@ def time_read(size: int, reader: tuple[int, int, int]) -> float:
     return time_graph(run, len(bufs))
 
 
-def time_table(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[float, int, str]:
-    """The layer's one-token kernel (w4_fragment.frag_config's pick), its bytes, its config."""
+def time_layer(fmt: str, n: int, k: int, gen: torch.Generator) -> dict[str, Any]:
+    """The layer's one-token fragment kernel (frag_config's pick) and, where that pick has
+    a ring, its data path alone: microseconds, the bytes, the config."""
     spec = get_format(base_format(fmt))
     group = 0 if spec.group_size == -1 else spec.group_size
     ws, size = weights(fmt, n, k, gen)
@@ -89,7 +93,10 @@ def time_table(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[float, i
     def run(i: int) -> torch.Tensor:
         return F.fragment_linear(x, frags[i], ws[i]["scales"], None, group, config=cfg)
 
-    return time_graph(run, len(ws)), size, str(cfg)
+    out = dict(table_us=time_graph(run, len(ws)), bytes=size, config=str(cfg))
+    if cfg.stages > 1:
+        out["ring_us"] = time_graph(lambda i: ring_read(x, frags[i], cfg), len(ws))
+    return out
 
 
 def measure(deadline: float) -> list[dict[str, Any]]:
@@ -100,19 +107,22 @@ def measure(deadline: float) -> list[dict[str, Any]]:
             for layer, (k, n) in shapes.items():
                 if time.time() > deadline:
                     return rows
-                us, size, cfg = time_table(fmt, n, k, gen)
-                base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=size)
-                rows.append(dict(base, kind="table", config=cfg, us=us))
+                got = time_layer(fmt, n, k, gen)
+                base = dict(fmt=fmt, model=model, layer=layer, n=n, k=k, bytes=got["bytes"])
+                rows.append(dict(base, kind="table", config=got["config"], us=got["table_us"]))
+                if "ring_us" in got:
+                    rows.append(dict(base, kind="ring", config=got["config"], us=got["ring_us"]))
                 for reader in READERS:
                     rows.append(dict(base, kind="read", config=list(reader),
-                                     us=time_read(size, reader)))  # fmt: skip
+                                     us=time_read(got["bytes"], reader)))  # fmt: skip
                 torch.cuda.empty_cache()
                 print(f"timed {fmt} {model} {layer} at {time.time():.0f}", flush=True)
     return rows
 
 
 def summarize(rows: list[dict[str, Any]], bw_gbs: float) -> list[dict[str, Any]]:
-    """Per format and model: the four layers' table time, best read time and roofline."""
+    """Per format and model: the four layers' table time, best read time, roofline and (where
+    every layer has one) the table kernel's data path alone."""
     out = []
     for fmt in FORMATS:
         for model, shapes in SHAPES.items():
@@ -125,18 +135,25 @@ def summarize(rows: list[dict[str, Any]], bw_gbs: float) -> list[dict[str, Any]]
                 if table is None or not reads:
                     break
                 best = min(reads, key=lambda r: r["us"])
+                ring = next((r["us"] for r in mine if r["kind"] == "ring"), None)
                 roof = (table["bytes"] + 2 * (table["k"] + table["n"])) / (bw_gbs * 1e3)
                 layers.append(dict(layer=layer, bytes=table["bytes"], roofline_us=roof,
                                    table_us=table["us"], read_us=best["us"],
-                                   read_config=best["config"]))  # fmt: skip
+                                   read_config=best["config"], ring_us=ring))  # fmt: skip
             if len(layers) == len(shapes):
                 roof = sum(r["roofline_us"] for r in layers)
                 table = sum(r["table_us"] for r in layers)
                 read = sum(r["read_us"] for r in layers)
+                rings = [r["ring_us"] for r in layers]
+                ring = None if None in rings else sum(rings)
                 out.append(dict(fmt=fmt, model=model, layers=layers, roofline_us=roof,
                                 table_us=table, read_us=read, table_pct=100 * roof / table,
-                                read_pct=100 * roof / read))  # fmt: skip
+                                read_pct=100 * roof / read, ring_us=ring))  # fmt: skip
     return out
+
+
+def _us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
@@ -151,35 +168,39 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "Microseconds per kernel, median of CUDA-graph replays with the buffers rotated "
         "through HBM (kernel_perf.time_graph). `read`: the fastest of "
         f"{len(READERS)} grid/block shapes of a kernel that only reads the layer's weight "
-        "bytes (scales included) once; `table`: the layer's own one-token W4A16 kernel. "
-        "% roofline as kernel_perf reports it: bytes (+ bf16 x and y) over the copy "
-        "bandwidth, summed over the four linears.",
+        "bytes (scales included) once; `table`: the fragment kernel with its one-token pick "
+        "(frag_config); `ring`: that pick's grid and cp.async ring without the unpacking and "
+        "the mma (bench/ring_read.py; `-` where the pick has no ring). % roofline as "
+        "kernel_perf reports it: bytes (+ bf16 x and y) over the copy bandwidth, summed over "
+        "the four linears.",
         "",
         f"An empty kernel: {result['empty_us']:.2f} us per launch in the graph.",
         "",
-        "| format | model | roofline | read-only kernels | table | read % roofline | "
-        "table % roofline |",
-        "|---|---|---|---|---|---|---|",
+        "| format | model | roofline | read-only kernels | table's ring alone | table | "
+        "read % roofline | table % roofline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         md.append(
             f"| {s['fmt']} | {s['model']} | {s['roofline_us']:.1f} | {s['read_us']:.1f} | "
-            f"{s['table_us']:.1f} | {s['read_pct']:.0f}% | {s['table_pct']:.0f}% |"
+            f"{_us(s.get('ring_us'))} | {s['table_us']:.1f} | {s['read_pct']:.0f}% | "
+            f"{s['table_pct']:.0f}% |"
         )
     md += ["", "Per layer (us):", "",
            "| format | model | layer | MB | roofline | read | read config [per SM, words, "
-           "warps] | table |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "warps] | ring | table |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in result["summary"]:
         for r in s["layers"]:
             md.append(f"| {s['fmt']} | {s['model']} | {r['layer']} | {r['bytes'] / 1e6:.1f} | "
                       f"{r['roofline_us']:.1f} | {r['read_us']:.1f} | {r['read_config']} | "
-                      f"{r['table_us']:.1f} |")  # fmt: skip
+                      f"{_us(r.get('ring_us'))} | {r['table_us']:.1f} |")  # fmt: skip
     return md
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
-    """Per model, bars per layer: the roofline, the read-only kernel and our one-token
-    kernel (the first format of the run, W4A16-g128 by default)."""
+    """Per model, bars per layer: the roofline, the read-only kernel, our one-token kernel
+    and, where the run has it, that kernel's data path alone (the first format of the run,
+    W4A16-g128 by default)."""
     try:
         import matplotlib
 
@@ -191,13 +212,16 @@ def plot(result: dict[str, Any], out: Path) -> None:
     runs = [s for s in result["summary"] if s["fmt"] == fmt]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     bars = [("roofline_us", "4-bit roofline"), ("read_us", "read-only kernel"),
+            ("ring_us", "our kernel's data path alone"),
             ("table_us", "our one-token kernel")]  # fmt: skip
+    bars = [(key, label) for key, label in bars if all(s.get(key) is not None for s in runs)]
+    width = 0.8 / len(bars)
     for ax, s in zip(axes[0], runs, strict=True):
         names = [r["layer"] for r in s["layers"]] + ["sum / 4"]
         for i, (key, label) in enumerate(bars):
             vals = [r[key] for r in s["layers"]] + [s[key] / 4]
-            pos = [j + (i - 1) * 0.27 for j in range(len(names))]
-            ax.bar(pos, vals, width=0.27, label=label)
+            pos = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(names))]
+            ax.bar(pos, vals, width=width, label=label)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("microseconds per linear, one token")
         ax.set_title(f"Llama-3-{s['model'].upper()}: read-only {s['read_pct']:.0f}%, "

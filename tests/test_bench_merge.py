@@ -300,7 +300,8 @@ def test_cpu_spec_quant_report_compares_each_target_with_its_own_and_the_dense_a
 
 def _floor_rows() -> list[dict]:
     """read_floor.py's rows for both models and formats: a read-only kernel at two configs
-    (the faster one must be taken) and the one-token table kernel, per layer."""
+    (the faster one must be taken) and the one-token table kernel, per layer; the table's
+    ring alone for the first format only (the other's picks have no ring)."""
     import read_floor as RF
 
     rows: list[dict] = [dict(kind="empty", us=1.0)]
@@ -312,6 +313,8 @@ def _floor_rows() -> list[dict]:
                 rows.append(dict(base, kind="table", config="cfg", us=2 + mb / 2000))
                 rows.append(dict(base, kind="read", config=[8, 2048, 8], us=1 + mb / 4000))
                 rows.append(dict(base, kind="read", config=[1, 2048, 4], us=5 + mb / 1000))
+                if fmt == RF.FORMATS[0]:
+                    rows.append(dict(base, kind="ring", config="cfg", us=1.5 + mb / 3000))
     return rows
 
 
@@ -331,10 +334,13 @@ def test_read_floor_summarizes_the_fastest_reader_and_draws_it(tmp_path) -> None
     )
     assert s["read_pct"] == pytest.approx(100 * s["roofline_us"] / s["read_us"])
     assert s["table_pct"] < s["read_pct"]  # the synthetic table kernel is the slower one
+    assert s["ring_us"] == pytest.approx(sum(r["ring_us"] for r in s["layers"]))
+    assert summary[-1]["ring_us"] is None  # a format whose picks have no ring
     meta = dict(card="H200", date="2026-11-29", commit="abc", torch="t")
     result = dict(meta=meta, bw_gbs=4000.0, empty_us=1.0, summary=summary, rows=[])
     md = "\n".join(RF.markdown(result))
     assert "An empty kernel: 1.00 us" in md and "| w4a16 | 70b |" in md
+    assert f"| {summary[-1]['read_us']:.1f} | - | {summary[-1]['table_us']:.1f} |" in md
     pytest.importorskip("matplotlib")
     out = tmp_path / "read_floor.png"
     RF.plot(result, out)

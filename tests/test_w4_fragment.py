@@ -409,3 +409,19 @@ def test_layer_hands_mma_ordered_x_to_wgmma_without_a_copy(monkeypatch) -> None:
         layer(R.MmaOrderActivations(R.to_mma_order(x)) if ordered else x, live, None, None)
         assert calls.pop() == want and len(restored) == copies, (m, ordered)
         restored.clear()
+
+
+def test_ring_read_keeps_the_fragment_kernels_copies_and_drops_its_math() -> None:
+    """bench/ring_read.py (read_floor's `ring`) issues the same cp.async copies per K tile
+    as the fragment kernel with the same tile and ring, in under half its instructions."""
+    ring = compiled_loop(["--ring-read", "128,128,8,4,3"], 1.2)
+    frag = compiled_loop(["--fragment", "128,128,8,4,1,3", "--split-k", "2"], 2.5)
+
+    def count(out: str, what: str) -> int:
+        found = re.search(rf"\b{what} (\d+)", out)
+        return int(found.group(1)) if found else 0
+
+    assert count(ring, "LDGSTS") == count(frag, "LDGSTS") > 0, (ring, frag)
+    assert count(ring, "HMMA") == 0 and count(frag, "HMMA") > 0
+    steps = [int(re.search(r"(\d+) instructions per K step", o).group(1)) for o in (ring, frag)]
+    assert 2 * steps[0] < steps[1], steps
