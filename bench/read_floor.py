@@ -13,7 +13,7 @@ read-only kernels cannot reach it, no W4A16 kernel launched once per linear can.
     python bench/read_floor.py --render bench/results/read_floor.json   # figure only, no GPU
 
 Writes read_floor.json, read_floor.md and read_floor.png (per layer: the roofline, the
-read-only kernel and our kernel, in microseconds).
+read-only kernel, our kernel's data path alone and our kernel, in microseconds).
 """
 
 from __future__ import annotations
