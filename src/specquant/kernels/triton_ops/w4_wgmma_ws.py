@@ -179,6 +179,20 @@ def _ring(x_desc, w_desc, STAGES: gl.constexpr):
     return x_ring, w_ring, ready, empty
 
 
+@gluon.jit
+def _ws_program(x_desc, w_desc, M, N, K_SPLIT, BN: gl.constexpr, BK: gl.constexpr,
+                BM: gl.constexpr, STAGES: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+    """What both warp-specialized kernels start from: the program's first output row n0,
+    first token m0, K range start k_lo and its count of K tiles, the copy ring (_ring), and
+    its output rows and tokens in the accumulator layout ACC with their masks."""
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BM
+    k_lo = gl.program_id(2) * K_SPLIT
+    x_ring, w_ring, ready, empty = _ring(x_desc, w_desc, STAGES)
+    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, ACC)
+    return n0, m0, k_lo, K_SPLIT // BK, x_ring, w_ring, ready, empty, rn, rm, n_mask, m_mask
+
+
 @gluon.jit(do_not_specialize=["M"])
 def _w4_wgmma_ws_kernel(
     x_desc,  # TMA over x [M, K] in mma K order, box [BM, BK]
@@ -193,12 +207,9 @@ def _w4_wgmma_ws_kernel(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * BM
-    k_lo = gl.program_id(2) * K_SPLIT
-    tiles = K_SPLIT // BK
-    x_ring, w_ring, ready, empty = _ring(x_desc, w_desc, STAGES)
-    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
+    n0, m0, k_lo, tiles, x_ring, w_ring, ready, empty, rn, rm, n_mask, m_mask = _ws_program(
+        x_desc, w_desc, M, N, K_SPLIT, BN, BK, BM, STAGES, acc_l
+    )
     acc = gl.zeros([BN, BM], gl.float32, acc_l)
     # (the partitions' arguments inline: the JIT turns a tuple variable's layouts to tensors)
     acc = gl.warp_specialize(

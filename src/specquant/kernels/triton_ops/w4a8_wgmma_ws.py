@@ -18,13 +18,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from specquant.kernels.triton_ops.w4_fragment import Grid, _out_index
+from specquant.kernels.triton_ops.w4_fragment import Grid
 from specquant.kernels.triton_ops.w4_wgmma_ws import (
     PRODUCER_REGS,
     WsConfig,
     _atoms,
     _producer,
-    _ring,
+    _ws_program,
     check_ws_config,
     require_hopper,
 )
@@ -72,12 +72,9 @@ def _w4a8_wgmma_ws_kernel(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 32]
     )
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=4)
-    n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * BM
-    k_lo = gl.program_id(2) * K_SPLIT
-    tiles = K_SPLIT // BK
-    x_ring, w_ring, ready, empty = _ring(x_desc, w_desc, STAGES)
-    rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, acc_l)
+    n0, m0, k_lo, tiles, x_ring, w_ring, ready, empty, rn, rm, n_mask, m_mask = _ws_program(
+        x_desc, w_desc, M, N, K_SPLIT, BN, BK, BM, STAGES, acc_l
+    )
     # per channel one int32 sum; with group scales each K tile's int32 sum is scaled by its
     # group's int8 scale and added in fp32, as the synchronous kernel does
     acc = gl.zeros([BN, BM], gl.float32 if GROUP > 0 else gl.int32, acc_l)
