@@ -2,10 +2,10 @@
 
 `ring_read` launches the grid of `w4_fragment.fragment_linear` for a FragConfig (same tiles,
 same K split) and streams the layer's fragment atoms and x through the same cp.async ring
-(`w4_fragment._copy_tile`), then folds what it loaded into one integer per program instead
-of unpacking and multiplying it, and skips the split-K fix-up. If it takes about as long as
-the fragment kernel, the data path sets the kernel's time; if it takes about as long as a
-plain read of the same bytes, the math and its latency do.
+(w4_fragment's `_rings`, `_copy_tile` and `_ring_step`), then folds what it loaded into one
+integer per program instead of unpacking and multiplying it, and skips the split-K fix-up.
+If it takes about as long as the fragment kernel, the data path sets the kernel's time; if
+it takes about as long as a plain read of the same bytes, the math and its latency do.
 """
 
 from __future__ import annotations
@@ -26,18 +26,11 @@ def _ring_read_kernel(
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
     WORDS: gl.constexpr, XL: gl.constexpr,
 ):  # fmt: skip
-    # the fragment kernel's ring: each thread reads back what it copied, no barrier
-    W_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    X_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1])
     pid_k = gl.program_id(2)
     w_ptrs, w_mask = F._weight_ptrs(w_ptr, gl.program_id(0) * BN, N, K, BN, BK, WORDS)
-    rc = gl.arange(0, BK, layout=gl.SliceLayout(1, XL))
-    rmx = gl.arange(0, BM, layout=gl.SliceLayout(0, XL))
-    x_ptrs = x_ptr + rmx.to(gl.int64)[None, :] * stride_xm + rc[:, None]  # x^T [BK, BM]
-    x_mask = (rmx < M)[None, :]
+    x_ptrs, x_mask = F._x_ptrs(x_ptr, 0, M, stride_xm, BK, BM, XL)  # x^T [BK, BM]
     k_lo = pid_k * K_SPLIT
-    w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_RING)
-    x_ring = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, BK, BM], X_RING)
+    w_ring, x_ring = F._rings(x_ptr.dtype.element_ty, BN, BK, BM, STAGES)
     for s in gl.static_range(STAGES - 1):
         F._copy_tile(w_ring.index(s), x_ring.index(s), w_ptrs, w_mask, x_ptrs, x_mask, k_lo,
                      s * BK, K_SPLIT)  # fmt: skip
@@ -45,13 +38,10 @@ def _ring_read_kernel(
     acc = gl.zeros([BN // 16, (BK // 128) * 512], gl.int16, WORDS)
     xacc = gl.zeros([BK, BM], x_ptr.dtype.element_ty, XL)
     for kb in range(0, K_SPLIT, BK):
-        i = kb // BK
-        nxt = (i + STAGES - 1) % STAGES
-        F._copy_tile(w_ring.index(nxt), x_ring.index(nxt), w_ptrs, w_mask, x_ptrs, x_mask,
-                     k_lo, kb + (STAGES - 1) * BK, K_SPLIT)  # fmt: skip
-        F.async_copy.wait_group(STAGES - 1)  # this thread's copies of tile i have landed
-        acc = acc ^ w_ring.index(i % STAGES).load(WORDS)
-        xacc = xacc + x_ring.index(i % STAGES).load(XL)
+        loaded, xt = F._ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb,
+                                  K_SPLIT, BK, STAGES, WORDS, XL)  # fmt: skip
+        acc = acc ^ loaded
+        xacc = xacc + xt
     F.async_copy.wait_group(0)
     folded = gl.sum(gl.sum(acc.to(gl.int32), axis=1), axis=0)
     total = folded + gl.sum(gl.sum(xacc.to(gl.float32), axis=1), axis=0).to(gl.int32)

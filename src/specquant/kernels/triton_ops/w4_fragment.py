@@ -256,6 +256,43 @@ def _copy_tile(w_dst, x_dst, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT):
 
 
 @gluon.jit
+def _x_ptrs(x_ptr, m0, M, stride_xm, BK: gl.constexpr, BM: gl.constexpr, XL: gl.constexpr):
+    """Pointers to x^T [BK, BM] of tokens m0.. in the first K tile (add k for the tile at
+    k), in layout XL, and the mask of tokens inside M."""
+    rc = gl.arange(0, BK, layout=gl.SliceLayout(1, XL))
+    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, XL))
+    return x_ptr + rmx.to(gl.int64)[None, :] * stride_xm + rc[:, None], (rmx < M)[None, :]
+
+
+@gluon.jit
+def _rings(DTYPE: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
+           STAGES: gl.constexpr):  # fmt: skip
+    """The shared-memory rings of STAGES weight tiles and x tiles. Each thread reads back
+    exactly what it copied, so no swizzle (the 16-byte runs of a warp are contiguous) and
+    no barrier."""
+    W_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    X_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1])
+    w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_RING)
+    x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BK, BM], X_RING)
+    return w_ring, x_ring
+
+
+@gluon.jit
+def _ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT,
+               BK: gl.constexpr, STAGES: gl.constexpr, WORDS: gl.constexpr,
+               XL: gl.constexpr):  # fmt: skip
+    """One turn of the ring at K offset kb of the split: copy the tile STAGES - 1 ahead
+    into the free slot, wait for this thread's copies of tile kb, and return its weight
+    words (layout WORDS) and x^T (layout XL)."""
+    i = kb // BK
+    nxt = (i + STAGES - 1) % STAGES
+    _copy_tile(w_ring.index(nxt), x_ring.index(nxt), w_ptrs, w_mask, x_ptrs, x_mask,
+               k_lo, kb + (STAGES - 1) * BK, K_SPLIT)  # fmt: skip
+    async_copy.wait_group(STAGES - 1)  # this thread's copies of tile i have landed
+    return w_ring.index(i % STAGES).load(WORDS), x_ring.index(i % STAGES).load(XL)
+
+
+@gluon.jit
 def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
     """acc [BN, BM] = y^T -> out[m, n] with per-channel scales and bias applied."""
@@ -339,10 +376,6 @@ def _w4_fragment_kernel(
     AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
-    # each thread reads back what it copied, so no swizzle (the 16-byte runs of a warp are
-    # contiguous) and no barrier
-    W_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    X_RING: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0, 1])
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
@@ -350,17 +383,13 @@ def _w4_fragment_kernel(
     m0 = pid_m * BM
 
     w_ptrs, w_mask = _weight_ptrs(w_ptr, n0, N, K, BN, BK, WORDS)
-    rc = gl.arange(0, BK, layout=gl.SliceLayout(1, XL))
-    rmx = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, XL))
-    x_ptrs = x_ptr + rmx.to(gl.int64)[None, :] * stride_xm + rc[:, None]  # x^T [BK, BM]
-    x_mask = (rmx < M)[None, :]
+    x_ptrs, x_mask = _x_ptrs(x_ptr, m0, M, stride_xm, BK, BM, XL)  # x^T [BK, BM]
 
     rn, rm, n_mask, m_mask = _out_index(n0, m0, N, M, BN, BM, mma)
     acc = gl.zeros([BN, BM], gl.float32, mma)
     k_lo = pid_k * K_SPLIT
     if STAGES > 1:  # rings of weight and x tiles in shared memory, STAGES - 1 tiles ahead
-        w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BN // 16, (BK // 128) * 512], W_RING)
-        x_ring = gl.allocate_shared_memory(DTYPE, [STAGES, BK, BM], X_RING)
+        w_ring, x_ring = _rings(DTYPE, BN, BK, BM, STAGES)
         if PDL:
             # Launched before the kernel that writes x has finished: copy the first tiles'
             # weights (read-only) meanwhile, wait, then x. Tile 0's commit group holds those
@@ -382,13 +411,8 @@ def _w4_fragment_kernel(
     for kb in range(0, K_SPLIT, BK):
         k0 = k_lo + kb
         if STAGES > 1:
-            i = kb // BK
-            nxt = (i + STAGES - 1) % STAGES
-            _copy_tile(w_ring.index(nxt), x_ring.index(nxt), w_ptrs, w_mask, x_ptrs, x_mask,
-                       k_lo, kb + (STAGES - 1) * BK, K_SPLIT)  # fmt: skip
-            async_copy.wait_group(STAGES - 1)  # this thread's copies of tile i have landed
-            loaded = w_ring.index(i % STAGES).load(WORDS)
-            xt = x_ring.index(i % STAGES).load(XL)
+            loaded, xt = _ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb,
+                                    K_SPLIT, BK, STAGES, WORDS, XL)  # fmt: skip
         else:
             loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
             xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
