@@ -30,7 +30,8 @@ from specquant.quant.pack import dequantize
 from specquant.quant.spec import get_format
 
 # Tile configs tried per M bucket (timed at the bucket's largest M; bucket 8 at M = 1, decode):
-# FragConfig(BLOCK_N, BLOCK_K, warps along N, split waves, warps along M, stages, pdl)
+# FragConfig(BLOCK_N, BLOCK_K, warps along N, split waves, warps along M, stages, pdl,
+# prefetch)
 _C = F.FragConfig
 CANDIDATES: dict[int, list[F.FragConfig]] = {
     8: [_C(128, 128, 4, w, 1, s) for w in (2, 4) for s in (1, 3, 4)]
@@ -157,6 +158,13 @@ def time_frag(x: torch.Tensor, frags: list[Any], ws: list[Any], group: int, cfg:
     return time_graph(run, len(ws))
 
 
+def parse_config(text: str) -> F.FragConfig:
+    """A --configs entry: FragConfig's fields in order, as integers (pdl, prefetch: 0 / 1)."""
+    values = [int(v) for v in text.split(",")]
+    flags = [bool(v) for v in values[6:]]  # pdl, prefetch
+    return F.FragConfig(*values[:6], *flags)
+
+
 def size_class(n: int, k: int) -> str:
     return next(name for name, bound in F.SIZE_CLASSES if n * k <= bound)
 
@@ -167,15 +175,18 @@ def tune(
     formats: list[str],
     deadline: float,
     configs: list[F.FragConfig] | None = None,
+    models: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every candidate of each bucket (or `configs` in every bucket) on every Llama linear,
-    in each format (stops at the deadline; best_by_size only ranks configs timed on every
-    layer of a class)."""
+    """Every candidate of each bucket (or `configs` in every bucket) on every Llama linear
+    (of `models`, default all), in each format (stops at the deadline; best_by_size only
+    ranks configs timed on every layer of a class)."""
     rows = []
     for fmt in formats:
         group = get_format(base_format(fmt)).group_size
         group = 0 if group == -1 else group
         for model, layers in SHAPES.items():
+            if models and model not in models:
+                continue
             for layer, (k, n) in layers.items():
                 ws, size = weights(fmt, n, k, gen)
                 frags = [F.prepare_fragments(w["qweight"]) for w in ws]
@@ -339,7 +350,9 @@ def main() -> None:
                     help="token counts of the fragment vs canonical comparison")  # fmt: skip
     ap.add_argument("--configs", default=None,
                     help="';'-separated configs to tune instead of CANDIDATES, each BLOCK_N,"
-                         "BLOCK_K,warps,split_waves,warps_m,stages[,pdl]")  # fmt: skip
+                         "BLOCK_K,warps,split_waves,warps_m,stages[,pdl[,prefetch]]]")  # fmt: skip
+    ap.add_argument("--models", default=",".join(SHAPES),
+                    help=f"comma-separated, of {list(SHAPES)}: the layers to tune")  # fmt: skip
     ap.add_argument("--previous", type=Path, default=None,
                     help="an earlier frag_probe.json whose checks and tuning rows this run "
                          "keeps (rows of buckets tuned again are replaced)")  # fmt: skip
@@ -370,10 +383,9 @@ def main() -> None:
         frac = 0.6 if "compare" in stages else 1.0
         configs = None
         if args.configs:
-            configs = [
-                F.FragConfig(*(int(v) for v in c.split(","))) for c in args.configs.split(";")
-            ]
-        tuned += tune(gen, buckets, formats, start + args.budget_s * frac, configs)
+            configs = [parse_config(c) for c in args.configs.split(";")]
+        tuned += tune(gen, buckets, formats, start + args.budget_s * frac, configs,
+                      args.models.split(","))  # fmt: skip
     best = best_by_size(tuned)
     print("best:", json.dumps(best), flush=True)
     ms = [int(m) for m in args.compare_ms.split(",")]

@@ -68,6 +68,7 @@ def compile_sass(fmt: str, tile: Q.TileConfig, split_k: int, arch: int) -> tuple
 def compile_fragment_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, warps_m: int = 1,
     stages: int = 1, split_k: int = 1, pdl: bool = False, group_major: bool = True,
+    prefetch: int = 0,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the fragment-order W4A16 kernel (w4_fragment.py); with
     `pdl`, also where it waits for the kernel before (programmatic dependent launch); scales
@@ -77,7 +78,8 @@ def compile_fragment_sass(
     lay = F.layouts(bn, bk, bm, warps, warps_m)
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, WARPS_M=warps_m, STAGES=stages, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl)  # fmt: skip
+                  WORDS_MMA=lay.words_mma, XL=lay.x, PDL=pdl, PREFETCH=prefetch,
+                  WORDS32=lay.words32)  # fmt: skip
     return _compile_w4_gluon(F._w4_fragment_kernel, consts, warps * warps_m, arch, pdl=pdl,
                              group_major=group_major)  # fmt: skip
 
@@ -422,7 +424,8 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper)")
     ap.add_argument("--ttgir", type=Path, default=None, help="also write the TTGIR here")
     ap.add_argument("--fragment", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,warps_m"
-                    "[,stages]]: count the fragment-order W4A16 kernel instead")  # fmt: skip
+                    "[,stages[,prefetch 0/1]]]: count the fragment-order W4A16 kernel "
+                    "instead")  # fmt: skip
     ap.add_argument("--wgmma", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
                     "[,w_ring 0/1[,overlap 0/1[,x_perm 0/1[,maxnreg]]]]]: count the wgmma W4A16 "
                     "kernel instead")  # fmt: skip
@@ -509,11 +512,11 @@ def main() -> None:
         _print_w4(sass, res, f"ring read, tile {args.ring_read}", bn * bk, 32 * warps, args.arch)
         return
     if args.fragment:
-        bn, bk, bm, warps, warps_m, stages = ([int(v) for v in args.fragment.split(",")]
-                                              + [1, 1])[:6]  # fmt: skip
+        given = [int(v) for v in args.fragment.split(",")]
+        bn, bk, bm, warps, warps_m, stages, prefetch = given + [0, 0, 0, 0, 1, 1, 0][len(given):]
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
-                                          stages, args.split_k, args.pdl,
-                                          not args.row_major)  # fmt: skip
+                                          stages, args.split_k, args.pdl, not args.row_major,
+                                          prefetch)  # fmt: skip
         gm = ", row-major scales" if args.row_major else ""
         _print_w4(sass, res, f"fragment W4A16 group {args.group}{gm}, tile {args.fragment}",
                   bn * bk, 32 * warps, args.arch)  # fmt: skip

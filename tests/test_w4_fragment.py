@@ -191,6 +191,9 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
         (FragConfig(32, 128, 2, warps_m=4, stages=3), 2),
         (FragConfig(64, 128, 4, warps_m=2, stages=4), 1),
         (FragConfig(32, 128, 1, stages=2), 1),
+        (FragConfig(64, 128, 2, prefetch=True), 2),
+        (FragConfig(128, 128, 4, prefetch=True), 1),
+        (FragConfig(32, 256, 1, prefetch=True), 3),
     ]
     if torch.cuda.get_device_capability()[0] >= 9:  # programmatic dependent launch
         configs += [(FragConfig(32, 128, 2, stages=3, pdl=True), 2),

@@ -102,6 +102,7 @@ def _bits(n: int) -> list[int]:
 @dataclass(frozen=True)
 class Layouts:
     words: Any  # int16 [BN/16, (BK/128) * 512] as loaded (memory order)
+    words32: Any  # the same registers as int32 [BN/16, (BK/128) * 256] (two int16 each)
     words_mma: Any  # int16 [BN, BK/4] in mma order (the A operand minus the k8, k16 bits)
     x: Any  # x^T [BK, BM] by physical column, as loaded
 
@@ -142,12 +143,23 @@ def layouts(bn: int, bk: int, bm: int, warps: int, warps_m: int = 1) -> Layouts:
             return [0, 512 * (k // 128)]
         return [0, {1: 1, 2: 8, 4: 16, 32: 4, 64: 256}[k]]
 
+    regs = [col(8, 0)] + [col(0, k) for k in k_hi] + [col(n, 0) for n in rep_n]
+    lanes = [col(0, 2), col(0, 4), col(1, 0), col(2, 0), col(4, 0)]
+    warps_nm = [[0, 0] for _ in warp_m] + [col(n, 0) for n in warp_n]
     words = gl.DistributedLinearLayout(
-        reg_bases=[col(0, 1), col(8, 0)] + [col(0, k) for k in k_hi] + [col(n, 0) for n in rep_n],
-        lane_bases=[col(0, 2), col(0, 4), col(1, 0), col(2, 0), col(4, 0)],
-        warp_bases=[[0, 0] for _ in warp_m] + [col(n, 0) for n in warp_n],
+        reg_bases=[col(0, 1), *regs],
+        lane_bases=lanes,
+        warp_bases=warps_nm,
         block_bases=[],
         shape=[bn // 16, (bk // 128) * 512],
+    )
+    # col(0, 1) is the neighbouring int16 (k + 1): as int32, every other column is halved
+    words32 = gl.DistributedLinearLayout(
+        reg_bases=[[r, c // 2] for r, c in regs],
+        lane_bases=[[r, c // 2] for r, c in lanes],
+        warp_bases=[[r, c // 2] for r, c in warps_nm],
+        block_bases=[],
+        shape=[bn // 16, (bk // 128) * 256],
     )
     x_regs = [[pi(k) if k < 128 else k, 0] for k in [1, 8, 16, *k_hi]]
     x = gl.DistributedLinearLayout(
@@ -157,7 +169,7 @@ def layouts(bn: int, bk: int, bm: int, warps: int, warps_m: int = 1) -> Layouts:
         block_bases=[],
         shape=[bk, bm],
     )
-    return Layouts(words, words_mma, x)
+    return Layouts(words, words32, words_mma, x)
 
 
 # ------------------------------------------------------------------------------ kernel
@@ -178,6 +190,16 @@ def _words(loaded, BN: gl.constexpr, BK: gl.constexpr, WORDS_MMA: gl.constexpr):
     t = gl.reshape(loaded, [BN // 16, BK // 128, 2, 8, 4, 2, 2, 2])  # nb kb k64 g t k32 n8 k1
     t = gl.permute(t, [0, 6, 3, 1, 2, 5, 4, 7])  # n: nb n8 g | word: kb k64 k32 t k1
     return gl.convert_layout(gl.reshape(t, [BN, BK // 4]), WORDS_MMA, assert_trivial=True)
+
+
+@gluon.jit
+def _halves(w32, WORDS: gl.constexpr):
+    """int32 [R, C/2] in layout words32 -> its int16 [R, C] (low half first) in WORDS: the
+    same registers, so no data moves. Values carried from one loop turn to the next stay
+    int32: carried as int16, each was repacked with a PRMT per turn."""
+    t = gl.join(w32.to(gl.int16), (w32 >> 16).to(gl.int16))
+    return gl.convert_layout(gl.reshape(t, [w32.shape[0], 2 * w32.shape[1]]), WORDS,
+                             assert_trivial=True)  # fmt: skip
 
 
 @gluon.jit
@@ -293,6 +315,53 @@ def _ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb, K_SPLIT
 
 
 @gluon.jit
+def _tile_scales(s_ptr, rn, n_mask, stride_sn, stride_sg, k0, live, GROUP: gl.constexpr):
+    """fp32 [BN]: the g128 scales of rows rn in the K tile at k0 (zeros where not `live`);
+    per channel zeros, which nothing reads (the epilogue scales) and the compiler drops."""
+    if GROUP > 0:
+        gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP),
+                     mask=n_mask & live, other=0.0)  # fmt: skip
+    else:
+        gs = gl.zeros_like(rn).to(gl.float32)
+    return gs
+
+
+@gluon.jit
+def _direct_tile(w32_ptrs, w_mask, x_ptrs, x_mask, s_ptr, rn, n_mask, stride_sn, stride_sg,
+                 k_lo, kb, K_SPLIT, GROUP: gl.constexpr):  # fmt: skip
+    """Plain loads (no shared memory) of the K tile at k_lo + kb into registers: its weight
+    words as int32 (layout words32), x^T and its g128 scales; nothing past K_SPLIT. Issued
+    a tile before their use (FragConfig.prefetch), they stay in flight while the tile
+    before is multiplied: a load stalls a thread only at its first use."""
+    live = kb < K_SPLIT
+    k0 = k_lo + kb
+    w = gl.load(w32_ptrs + (k0 // 128) * 256, mask=w_mask & live, other=0)
+    xt = gl.load(x_ptrs + k0, mask=x_mask & live, other=0.0)
+    return w, xt, _tile_scales(s_ptr, rn, n_mask, stride_sn, stride_sg, k0, live, GROUP)
+
+
+@gluon.jit
+def _tile_mma(acc, loaded, xt, gs, s_ptrs, n_mask, mma: gl.constexpr, DTYPE: gl.constexpr,
+              GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
+              WORDS_MMA: gl.constexpr):  # fmt: skip
+    """acc [BN, BM] += one K tile's W x^T: `loaded` int16 words (layout WORDS), x^T [BK, BM]
+    (layout XL) and, for group formats, the tile's scales: gs [BN] if loaded already (else
+    None), else loaded here from s_ptrs after the mma is issued."""
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    a = _unpack(_words(loaded, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
+    b = _x_operand(xt, BK, BM, BL)
+    if GROUP == 0:
+        acc = gl.nvidia.ampere.mma_v2(a, b, acc)
+    else:
+        part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
+        if gs is None:
+            gs = gl.load(s_ptrs, mask=n_mask, other=0.0)
+        acc += part * gs[:, None]
+    return acc
+
+
+@gluon.jit
 def _epilogue(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, stride_om,
               GROUP: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
     """acc [BN, BM] = y^T -> out[m, n] with per-channel scales and bias applied."""
@@ -367,14 +436,13 @@ def _w4_fragment_kernel(
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     WARPS_M: gl.constexpr, STAGES: gl.constexpr,
     WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, XL: gl.constexpr, PDL: gl.constexpr,
+    PREFETCH: gl.constexpr, WORDS32: gl.constexpr,
 ):  # fmt: skip
     if PDL:  # the next layer's kernel may launch and fetch its weights while this one runs
         _gdc_launch_dependents()
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[2, 0], warps_per_cta=[WARPS, WARPS_M], instr_shape=[16, 8]
     )
-    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -408,23 +476,34 @@ def _w4_fragment_kernel(
                            k_lo, s * BK, K_SPLIT)  # fmt: skip
     elif PDL:
         _gdc_wait()  # nothing is read or written before the kernel before has finished
-    for kb in range(0, K_SPLIT, BK):
-        k0 = k_lo + kb
-        if STAGES > 1:
-            loaded, xt = _ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo, kb,
-                                    K_SPLIT, BK, STAGES, WORDS, XL)  # fmt: skip
-        else:
-            loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
-            xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-        a = _unpack(_words(loaded, BN, BK, WORDS_MMA), DTYPE, BN, BK, AL)
-        b = _x_operand(xt, BK, BM, BL)
-        if GROUP == 0:
-            acc = gl.nvidia.ampere.mma_v2(a, b, acc)
-        else:
-            part = gl.nvidia.ampere.mma_v2(a, b, gl.zeros([BN, BM], gl.float32, mma))
-            gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, GROUP), mask=n_mask,
-                         other=0.0)  # fmt: skip
-            acc += part * gs[:, None]
+    if PREFETCH:
+        # Two register buffers, a and b, and two K tiles per turn: b's loads go out before
+        # a's math, the next a's after it, so one tile is always in flight. Unrolled, no
+        # buffer is copied into another at the end of a turn. A split of an odd number of
+        # tiles multiplies a last, zero tile (its loads are masked off).
+        w32_ptrs, w32_mask = _weight_ptrs(w_ptr.to(gl.pointer_type(gl.int32)), n0, N, K, BN,
+                                          BK, WORDS32)  # fmt: skip
+        tile = (w32_ptrs, w32_mask, x_ptrs, x_mask, s_ptr, rn, n_mask, stride_sn, stride_sg)
+        wa, xa, sa = _direct_tile(*tile, k_lo, 0, K_SPLIT, GROUP)
+        for kb in range(0, K_SPLIT, 2 * BK):
+            wb, xb, sb = _direct_tile(*tile, k_lo, kb + BK, K_SPLIT, GROUP)
+            acc = _tile_mma(acc, _halves(wa, WORDS), xa, sa, None, n_mask, mma, DTYPE, GROUP,
+                            BN, BK, BM, WORDS_MMA)  # fmt: skip
+            wa, xa, sa = _direct_tile(*tile, k_lo, kb + 2 * BK, K_SPLIT, GROUP)
+            acc = _tile_mma(acc, _halves(wb, WORDS), xb, sb, None, n_mask, mma, DTYPE, GROUP,
+                            BN, BK, BM, WORDS_MMA)  # fmt: skip
+    else:
+        for kb in range(0, K_SPLIT, BK):
+            k0 = k_lo + kb
+            if STAGES > 1:
+                loaded, xt = _ring_step(w_ring, x_ring, w_ptrs, w_mask, x_ptrs, x_mask, k_lo,
+                                        kb, K_SPLIT, BK, STAGES, WORDS, XL)  # fmt: skip
+            else:
+                loaded = gl.load(w_ptrs + (k0 // 128) * 512, mask=w_mask, other=0)
+                xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            s_ptrs = _scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k0, max(GROUP, 1))
+            acc = _tile_mma(acc, loaded, xt, None, s_ptrs, n_mask, mma, DTYPE, GROUP, BN, BK, BM,
+                            WORDS_MMA)  # fmt: skip
 
     if STAGES > 1:
         # the ring's last STAGES - 1 copies are masked off past K_SPLIT, and a masked cp.async
@@ -449,6 +528,15 @@ class FragConfig:
     # for x. The weights must not be written by the kernel before (they never are in a
     # model: they are read-only once prepared). An experiment; no table picks it yet.
     pdl: bool = False
+    # without a ring: the next K tile's plain loads (weights, x, g128 scales) go out into
+    # registers before a tile's math, so that they are in flight while it runs; without
+    # it, each tile's loads are waited for where they are issued
+    prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch and self.stages > 1:
+            raise ValueError(f"FragConfig: prefetch loads into registers, a ring (stages="
+                             f"{self.stages}) into shared memory; pick one")  # fmt: skip
 
 
 BLOCK_M_MAX = 64  # more tokens run as several token tiles
@@ -668,6 +756,7 @@ def fragment_linear(
         BN=cfg.block_n, BK=g.block_k, BM=bm, WARPS=cfg.warps, WARPS_M=warps_m,
         STAGES=cfg.stages if g.k_split > g.block_k else 1,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, XL=lay.x, PDL=cfg.pdl,
+        PREFETCH=cfg.prefetch and g.k_split > g.block_k, WORDS32=lay.words32,
         num_warps=cfg.warps * warps_m, launch_pdl=cfg.pdl,
     )  # fmt: skip
     return out.view(*lead, n)
