@@ -215,6 +215,32 @@ def test_fragment_linear_matches_the_reference(dtype, n, k, group) -> None:
 
 
 @pytest.mark.cuda
+def test_every_tile_table_entry_matches_the_reference() -> None:
+    """Each config of FRAG_CONFIGS (per channel) and FRAG_CONFIGS_GROUPED (g128, group-major
+    scales as the layers keep them) on a 4096 x 4096 layer at 1, 5 and 8 tokens, with the
+    split its table would choose there (so the register prefetch and the ring run over
+    several K tiles)."""
+    from specquant.kernels.triton_ops import w4_fragment as F
+
+    n = k = 4096
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randint(0, 256, (n, k // 2), device="cuda", generator=gen, dtype=torch.uint8)
+    frag = F.prepare_fragments(q)
+    for table, group in ((F.FRAG_CONFIGS, 0), (F.FRAG_CONFIGS_GROUPED, 128)):
+        g = 1 if group == 0 else k // group
+        scales = torch.rand(n, g, device="cuda", generator=gen) * 0.02 + 1e-3
+        kept = F.group_major(scales) if group else scales
+        configs = {cfg for rows in table.values() for _, cfg in rows if cfg is not None}
+        for cfg in sorted(configs, key=repr):
+            for m in (1, 5, 8):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                y = F.fragment_linear(x, frag, kept, None, group, config=cfg)
+                want = _reference(x, q, scales)
+                err = float((y.float() - want).norm() / want.norm())
+                assert err < 8e-3, (cfg, group, m, err)
+
+
+@pytest.mark.cuda
 def test_programmatic_dependent_launch_chain_reads_what_the_kernel_before_wrote() -> None:
     """Three layers, each fed the one before's output, every launch under programmatic
     dependent launch (so each may start while the one before still writes its x), eagerly

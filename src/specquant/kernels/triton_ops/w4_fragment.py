@@ -558,23 +558,27 @@ def _table(*configs: Any) -> list[tuple[int, Any]]:
 # one launch overlaps the one before, which a model's norm or attention kernel never lets
 # it). Buckets 16, 32 and 64 were tuned too and lost to the canonical kernel (its wgmma
 # tiles), so more than 8 tokens take another kernel: on Hopper the wgmma one (w4_wgmma.py),
-# elsewhere the canonical one. Per channel: frag_tune_a281c4d.json.
+# elsewhere the canonical one. Per channel: frag_tune_a281c4d.json; the register prefetch
+# (plain loads one K tile ahead, no ring) won every class, timed in one run with the
+# earlier picks (frag_tune_prefetch_f38d181.md: 2-9% per class).
 FRAG_CONFIGS: dict[int, list[tuple[int, FragConfig | None]]] = {
     8: _table(  # timed at M = 1
-        FragConfig(128, 128, 4, 4, stages=3),
-        FragConfig(128, 128, 4, 2, stages=3),
-        FragConfig(128, 128, 4, 2, stages=3),
-        FragConfig(128, 256, 4, 4),
+        FragConfig(128, 128, 8, 4, prefetch=True),
+        FragConfig(128, 256, 4, 2, prefetch=True),
+        FragConfig(128, 256, 4, 2, prefetch=True),
+        FragConfig(128, 256, 4, 4, prefetch=True),
     ),
 }
-# Group formats, on the group-major scales the layers keep (prepare_forward): a ring of
-# three tiles in every class, where row-major scales had wanted none in the mid classes
+# Group formats, on the group-major scales the layers keep (prepare_forward): the register
+# prefetch in the three smaller classes (2-6% over the rings there), a ring of three tiles
+# for the largest (70B gate_up: 70.6 us against 74.8 for the best prefetch;
+# frag_tune_prefetch_f38d181.md). Row-major scales had wanted no ring in the mid classes
 # (frag_tune_group_major_9765d40.json, both layouts in one run).
 FRAG_CONFIGS_GROUPED: dict[int, list[tuple[int, FragConfig | None]]] = {
     8: _table(  # timed at M = 1
-        FragConfig(128, 128, 4, 4, stages=3),
-        FragConfig(128, 128, 4, 2, stages=3),
-        FragConfig(128, 128, 4, 2, stages=3),
+        FragConfig(128, 128, 8, 4, prefetch=True),
+        FragConfig(64, 128, 2, 4, prefetch=True),
+        FragConfig(64, 128, 2, 4, prefetch=True),
         FragConfig(128, 128, 4, 4, stages=3),
     ),
 }
