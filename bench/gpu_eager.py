@@ -50,6 +50,18 @@ LLAMA3_8B = {
 }
 
 
+def random_model(cfg: ModelConfig) -> LlamaModel:
+    """A model of `cfg` on the GPU in bf16 with N(0, 0.02) weights, built without a CPU copy."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.to_empty(device="cuda")
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval().requires_grad_(False)
+
+
 def ours_tok_s(gen: Generator, ids: list[int], n: int, runs: int) -> tuple[float, list[int]]:
     rates, tokens = [], []
     for _ in range(runs):
@@ -114,14 +126,7 @@ def llama8b_section(n: int, runs: int) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = ModelConfig.from_hf(LLAMA3_8B)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-    model.to_empty(device="cuda")
-    model.to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.eval().requires_grad_(False)
+    model = random_model(cfg)
     model.prepare_kernels()
     gen = Generator(LoadedModel(model, cfg, None, Path("random-llama3-8b")))
     ids = list(range(100, 164))

@@ -513,7 +513,7 @@ def main() -> None:
         return
     if args.fragment:
         given = [int(v) for v in args.fragment.split(",")]
-        bn, bk, bm, warps, warps_m, stages, prefetch = given + [0, 0, 0, 0, 1, 1, 0][len(given):]
+        bn, bk, bm, warps, warps_m, stages, prefetch = given + [0, 0, 0, 0, 1, 1, 0][len(given) :]
         sass, res = compile_fragment_sass(bn, bk, bm, warps, args.group, args.arch, warps_m,
                                           stages, args.split_k, args.pdl, not args.row_major,
                                           prefetch)  # fmt: skip

@@ -41,6 +41,7 @@ def load(
     device: str = EngineConfig.device,
     dtype: str = EngineConfig.dtype,
     max_seq_len: int = EngineConfig.max_seq_len,
+    cuda_graphs: bool = EngineConfig.cuda_graphs,
     spec: SpecConfig | None = None,
 ) -> Generator:
     """Load a model (HF directory, .gguf file, or the embedded SmolLM2 default when None)
@@ -50,7 +51,9 @@ def load(
     from specquant.io.loader import load_checkpoint
     from specquant.spec.factory import build_generator
 
-    engine = EngineConfig(device=device, dtype=dtype, max_seq_len=max_seq_len)
+    engine = EngineConfig(
+        device=device, dtype=dtype, max_seq_len=max_seq_len, cuda_graphs=cuda_graphs
+    )
     spec = spec or SpecConfig()
     dev = resolve_device(engine.device)
     loaded = load_checkpoint(model, dev, resolve_dtype(engine.dtype, dev))

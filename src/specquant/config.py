@@ -296,6 +296,10 @@ class EngineConfig:
     max_seq_len: int = field(
         default=4096, metadata=_doc("KV cache length (capped by the model's context)")
     )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata=_doc("replay one-token decoding steps from CUDA graphs (CUDA only)"),
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

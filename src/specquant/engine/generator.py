@@ -101,7 +101,9 @@ class Generator:
         param = self.model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(engine.max_seq_len, self.config.max_position_embeddings)
-        self.runner = ModelRunner(self.model, self.max_seq_len, features=features)
+        self.runner = ModelRunner(
+            self.model, self.max_seq_len, features=features, cuda_graphs=engine.cuda_graphs
+        )
         self.drafter = drafter
         self.stop_token_ids = self._default_stop_ids()
 

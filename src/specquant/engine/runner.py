@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 
 from specquant.config import ConfigError, ModelConfig
+from specquant.engine.cuda_graph import GraphedDecoder
 from specquant.layers.attention import AttentionFn, AttnMetadata, select_attention
 from specquant.layers.linear import QLinear, quantizes_activations
 from specquant.layers.rope import RopeTable
-from specquant.models.llama import LlamaModel
+from specquant.models.llama import LlamaModel, ModelOutput
 
 PREFILL_CHUNK = 1024
 FeatureSpec = str | tuple[int, ...] | None
@@ -59,7 +60,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, max_seq_len: int, features: FeatureSpec = None):
+    def __init__(
+        self,
+        model: LlamaModel,
+        max_seq_len: int,
+        features: FeatureSpec = None,
+        *,
+        cuda_graphs: bool = False,
+    ):
         self.model = model
         self.config: ModelConfig = model.config
         param = model.embed_tokens.weight
@@ -80,6 +88,11 @@ class ModelRunner:
                 raise ValueError(f"features must be None, 'final' or a tuple; got {features!r}")
             width = self.config.hidden_size * (1 if features == "final" else len(features))
             self.feats = torch.zeros(max_seq_len, width, device=self.device, dtype=self.dtype)
+        # one-token steps (plain decoding, chain drafts) replayed from CUDA graphs; on other
+        # devices the flag is ignored
+        self.graphs: GraphedDecoder | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = GraphedDecoder(self)
 
     @property
     def length(self) -> int:
@@ -116,6 +129,9 @@ class ModelRunner:
             raise ValueError(
                 f"sequence of {n + t} tokens exceeds the context of {self.max_seq_len}"
             )
+        one_step = t == 1 and block_mask is None and depth is None and not prefill
+        if self.graphs is not None and one_step:
+            return self.graphs.step(tokens, n)
         positions = None if depth is None else n + depth
         meta = AttnMetadata.plan(
             self.rope,
@@ -136,8 +152,15 @@ class ModelRunner:
             return_hidden=True,
             hidden_layers=layers,
         )
+        return self.outputs(out)
+
+    def outputs(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's (logits [T, V], features [T, F]) from the model's output (batch row 0):
+        the features this runner keeps (the final hidden states, or its layers' inputs side
+        by side)."""
         assert out.logits is not None and out.hidden is not None
-        if layers:
+        if isinstance(self.features, tuple):
+            layers = self.features
             return out.logits[0], torch.cat([out.layer_hidden[i][0] for i in layers], dim=-1)
         return out.logits[0], out.hidden[0]
 

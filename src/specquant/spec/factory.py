@@ -148,7 +148,7 @@ def build_generator(
     if spec.method == "sps":
         draft = _draft_model(shipped_drafter("draft", loaded, spec.draft), loaded, "sps draft")
         gen = Generator(loaded, engine)
-        runner = ModelRunner(draft, gen.max_seq_len + 1)
+        runner = ModelRunner(draft, gen.max_seq_len + 1, cuda_graphs=engine.cuda_graphs)
         gen.drafter = DraftModelDrafter(runner, spec.draft_length)
         return gen
     if spec.method == "eagle2":
@@ -187,7 +187,9 @@ def build_generator(
     gen = Generator(loaded, engine)
     margin = spec.min_draft_length + spec.hier_depth + spec.hier_tree_size + 2
     features = head_features(head, inter.config.num_layers)
-    m_runner = ModelRunner(inter, gen.max_seq_len + margin, features=features)
+    m_runner = ModelRunner(
+        inter, gen.max_seq_len + margin, features=features, cuda_graphs=engine.cuda_graphs
+    )
     eagle = EagleDrafter(
         head, m_runner, depth=spec.hier_depth, topk=spec.hier_topk, tree_size=spec.hier_tree_size
     )
