@@ -1,0 +1,113 @@
+"""Where one decoding step's GPU time goes, Llama-3-8B shape with random weights, batch 1.
+
+Per format: the time of one graphed step (CUDA events over replays of the step a 128-token
+prefix needs), and torch.profiler's GPU time per kernel over a few eager steps at the same
+position, grouped by kernel name (top entries), next to the format's HBM roofline per step.
+
+    python bench/gpu_step_profile.py --out bench/results [--formats w4a16-g128,bf16]
+
+Writes gpu_step_profile.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import copy_bandwidth_gbs, gpu_run_meta, write_report
+from gpu_decode import step_bytes
+from gpu_eager import LLAMA3_8B, random_model
+from specquant.config import ModelConfig
+from specquant.engine.runner import ModelRunner
+from specquant.quant.model import quantize_model
+from specquant.quant.spec import get_format
+
+STEPS = 5
+
+
+def profile(fmt: str, bw_gbs: float) -> dict[str, Any]:
+    cfg = ModelConfig.from_hf(LLAMA3_8B)
+    model = random_model(cfg)
+    if fmt != "bf16":
+        quantize_model(model, get_format(fmt))
+    model.prepare_kernels()
+    runner = ModelRunner(model, 1024, cuda_graphs=True)
+    runner.sync(list(range(100, 228)))
+    token = torch.tensor([5], device="cuda")
+    n = runner.length
+    assert runner.graphs is not None
+    for _ in range(3):
+        runner.graphs.step(token, n)  # capture, warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        runner.graphs.step(token, n)
+    end.record()
+    torch.cuda.synchronize()
+    graphed_ms = start.elapsed_time(end) / 50
+    runner.graphs = None  # eager steps from here on
+    for _ in range(2):
+        runner.run(token)
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(STEPS):
+            runner.run(token)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name][0] += e.device_time / 1e3 / STEPS  # ms per step
+            per_kernel[e.name][1] += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    gpu_ms = sum(v[0] for v in per_kernel.values())
+    roof_ms = step_bytes(model) / (bw_gbs * 1e6)
+    del runner, model
+    torch.cuda.empty_cache()
+    return dict(
+        format=fmt, graphed_ms=graphed_ms, eager_gpu_ms=gpu_ms, roofline_ms=roof_ms,
+        kernels=[dict(name=k[:90], ms=v[0], launches=v[1] // STEPS) for k, v in top[:15]],
+    )  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> list[str]:
+    m = report["meta"]
+    md = [
+        "# One decoding step's GPU time: Llama-3-8B shape, random weights, batch 1",
+        "",
+        f"Card: {m['card']}; date {m['date']}; commit {m['commit']}; torch {m['torch']}; copy "
+        f"bandwidth {report['bw_gbs']:.0f} GB/s. The step at position 128. `graphed`: CUDA "
+        f"events over 50 replays; kernels: torch.profiler over {STEPS} eager steps, GPU time "
+        "per step. Reproduce: `python bench/gpu_step_profile.py`.",
+    ]
+    for r in report["rows"]:
+        md += [
+            "",
+            f"## {r['format']}: graphed step {r['graphed_ms']:.3f} ms, kernels' GPU time "
+            f"{r['eager_gpu_ms']:.3f} ms, roofline {r['roofline_ms']:.3f} ms",
+            "",
+            "| kernel | ms per step | launches per step |",
+            "|---|---|---|",
+        ]
+        md += [f"| `{k['name']}` | {k['ms']:.3f} | {k['launches']} |" for k in r["kernels"]]
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--formats", default="w4a16-g128,bf16")
+    ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    args = ap.parse_args()
+    report: dict[str, Any] = dict(meta=gpu_run_meta(args.commit), bw_gbs=copy_bandwidth_gbs(),
+                                  rows=[])  # fmt: skip
+    for fmt in args.formats.split(","):
+        report["rows"].append(profile(fmt, report["bw_gbs"]))
+        write_report(args.out / "gpu_step_profile.json", report, markdown(report))
+
+
+if __name__ == "__main__":
+    main()
