@@ -19,6 +19,7 @@ from specquant.kernels.reference import (
     silu_mul_reference,
 )
 from specquant.kernels.registry import KernelContext, KernelImpl, register
+from specquant.layers.rope import rope_qk_reference
 
 
 def _always(ctx: KernelContext) -> tuple[bool, str]:
@@ -176,6 +177,7 @@ register(
 )
 register("silu_mul", KernelImpl("reference", 0, silu_mul_reference, _always, is_reference=True))
 register("rmsnorm", KernelImpl("reference", 0, rmsnorm_reference, _always, is_reference=True))
+register("rope", KernelImpl("reference", 0, rope_qk_reference, _always, is_reference=True))
 register(
     "rmsnorm_mma", KernelImpl("reference", 0, rmsnorm_mma_reference, _always, is_reference=True)
 )

@@ -54,3 +54,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_qk_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, T, D] and k [B, Hkv, T, D] rotated (apply_rope): the "rope" op's reference
+    and CPU path."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

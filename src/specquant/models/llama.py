@@ -11,6 +11,7 @@ Parameter names follow HF except for two fused projections (see `PACKED_MODULES`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,12 @@ from torch import nn
 from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.kernels.reference import MmaOrderActivations, QuantizedActivations
+from specquant.kernels.registry import KernelContext, select
 from specquant.layers.activation import SiluMul
 from specquant.layers.attention import AttnMetadata, merge_heads_for
 from specquant.layers.linear import QLinear, prepare_linears
 from specquant.layers.norm import RMSNorm, norm_for
-from specquant.layers.rope import apply_rope
+from specquant.layers.rope import rope_qk_reference
 
 # fused parameter -> the HF parameters stacked (in order) along dim 0
 PACKED_MODULES: dict[str, tuple[str, ...]] = {
@@ -50,6 +52,18 @@ class Attention(nn.Module):
         self.qkv_proj = QLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = QLinear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        self._rope_kernels: dict[tuple[torch.device, torch.dtype], Any] = {}
+
+    def _rope(self, q: torch.Tensor) -> Any:
+        """The "rope" kernel for q's device and dtype (the registry's pick, once); the
+        reference where autograd needs a backward (training)."""
+        if torch.is_grad_enabled() and q.requires_grad:
+            return rope_qk_reference
+        key = (q.device, q.dtype)
+        fn = self._rope_kernels.get(key)
+        if fn is None:
+            fn = self._rope_kernels[key] = select("rope", KernelContext(q.device, q.dtype)).fn
+        return fn
 
     def forward(
         self,
@@ -62,8 +76,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, meta.cos, meta.sin)
-        k = apply_rope(k, meta.cos, meta.sin)
+        q, k = self._rope(q)(q, k, meta.cos, meta.sin)  # [B, H, T, D] each, contiguous
         cache.write(self.layer, meta.cache_len, k, v)
         keys, values = cache.view(self.layer, meta.cache_len + t)
         o = meta.attn_fn(q, keys, values, meta.mask)  # [B, Hq, T, D]

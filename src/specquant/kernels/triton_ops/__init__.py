@@ -22,6 +22,7 @@ use.
 | triton          | rmsnorm_quant | RMSNorm + per-token quantization in one kernel             |
 | triton          | silu_mul      | silu(gate) * up of the gated MLP in one kernel             |
 | triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
+| triton          | rope          | rotary embeddings of q and k in one kernel (`rope.py`)      |
 """
 
 from __future__ import annotations
@@ -299,3 +300,19 @@ register("rmsnorm_mma", KernelImpl("triton", PRIORITY, partial(rmsnorm_triton, m
 register("silu_mul_mma", KernelImpl("triton", PRIORITY, partial(silu_mul_triton, mma_order=True),
                                     _silu_check))  # fmt: skip
 register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))
+
+
+def _rope_check(ctx: KernelContext) -> tuple[bool, str]:
+    why = _common_reason(ctx)
+    return (False, why) if why is not None else (True, "Triton: q and k rotated in one kernel")
+
+
+def rope_triton(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from specquant.kernels.triton_ops.rope import rope_qk
+
+    return rope_qk(q, k, cos, sin)
+
+
+register("rope", KernelImpl("triton", PRIORITY, rope_triton, _rope_check))

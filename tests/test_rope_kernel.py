@@ -1,0 +1,81 @@
+"""The "rope" op's Triton kernel (kernels/triton_ops/rope.py) against its reference
+(layers/rope.rope_qk_reference): on the CPU under TRITON_INTERPRET=1 for small shapes (a
+subprocess, since the variable is read when Triton is imported), on the GPU for Llama-3's
+head layout. In 16-bit dtypes the kernel rounds where the reference's eager ops round, so
+the two must agree bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _case(b: int, hq: int, hk: int, t: int, d: int, dtype: torch.dtype, device: str) -> str:
+    """Run the kernel on q, k as the model hands them over (views of one qkv row block) and
+    compare: "" when it matches, else what differs."""
+    from specquant.kernels.triton_ops.rope import rope_qk
+    from specquant.layers.rope import rope_qk_reference
+
+    gen = torch.Generator(device=device).manual_seed(b * 100 + t)
+    qkv = torch.randn(b, t, (hq + 2 * hk) * d, generator=gen, device=device).to(dtype)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q = q.view(b, t, hq, d).transpose(1, 2)
+    k = k.view(b, t, hk, d).transpose(1, 2)
+    angles = torch.rand(t, d // 2, generator=gen, device=device) * 6.3
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    got = rope_qk(q, k, cos, sin)
+    want = rope_qk_reference(q, k, cos, sin)
+    for g, w, name in zip(got, want, "qk", strict=True):
+        if g.shape != w.shape or not g.is_contiguous():
+            return f"{name}: shape {tuple(g.shape)} contiguous {g.is_contiguous()}"
+        if dtype == torch.float32:
+            same = torch.allclose(g, w, atol=1e-6)
+        elif dtype == torch.bfloat16 and device == "cpu":
+            # the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even,
+            # at each of three roundings: within a few bf16 steps there, bit for bit on the
+            # GPU
+            same = torch.allclose(g.float(), w.float(), rtol=2**-5, atol=2**-6)
+        else:
+            same = torch.equal(g, w)
+        if not same:
+            return f"{name}: max |diff| {float((g.float() - w.float()).abs().max()):.3g}"
+    return ""
+
+
+INTERPRET_CASES = [
+    (1, 4, 2, 3, 8, torch.float32),
+    (2, 2, 2, 1, 16, torch.float16),
+    (1, 3, 1, 2, 6, torch.bfloat16),  # D / 2 = 3: a masked block
+]
+
+
+def test_rope_kernel_interpreted_on_the_cpu() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines() == ["ok"] * len(INTERPRET_CASES), proc.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rope_kernel_on_the_gpu(dtype: torch.dtype) -> None:
+    for b, t in ((1, 1), (1, 7), (2, 64)):
+        assert _case(b, 32, 8, t, 128, dtype, "cuda") == "", (b, t, dtype)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
+    for case in INTERPRET_CASES:
+        print(_case(*case, "cpu") or "ok")
