@@ -10,8 +10,9 @@ instead of Python ints:
 
     token [1], position [1]   written before each replay
     K/V                       written at slot `position` (index_copy_), read over a fixed
-                              window of slots [0, width) with the mask key <= position
-                              (and inside the sliding window, if the model has one)
+                              window of slots [0, width) of which [0, position] are live
+                              (and inside the sliding window, if the model has one): the
+                              "decode_attention" op reads that length on the device
 
 One graph per window width (powers of two from MIN_WIDTH up to the cache length): a step at
 position p replays the narrowest graph whose window holds p + 1 keys, so attention reads at
@@ -24,11 +25,12 @@ Drafting and verification blocks (several tokens, tree masks) still run eagerly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from specquant.cache.static_kv import StaticKVCache
+from specquant.kernels.registry import KernelContext, select
 from specquant.layers.attention import AttnMetadata
 
 if TYPE_CHECKING:
@@ -84,7 +86,10 @@ class GraphedDecoder:
         dev = runner.device
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.long, device=dev)
-        self.keys = torch.arange(runner.max_seq_len, device=dev)
+        # one query over the window, its live length a device tensor (registry
+        # "decode_attention": a Triton kernel on CUDA in 16-bit, else masked SDPA)
+        ctx = KernelContext(dev, runner.dtype)
+        self.attend = select("decode_attention", ctx).fn
         self.graphs: dict[int, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -93,13 +98,14 @@ class GraphedDecoder:
         [1, F]) as ModelRunner.run returns them."""
         r = self.runner
         pos = self.position
-        keys = self.keys[:width]
-        mask = keys <= pos
         window = r.config.sliding_window
-        if window is not None:
-            mask = mask & (keys > pos - window)
+        attend, length = self.attend, pos + 1
+
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _mask: None) -> Any:
+            return attend(q, k, v, length, window)  # keys [0, length) of the window live
+
         cos, sin = r.rope.gather(pos)
-        meta = AttnMetadata(0, pos, cos, sin, mask[None, :], r.attention(), window)
+        meta = AttnMetadata(0, pos, cos, sin, None, attention, window)
         layers = r.features if isinstance(r.features, tuple) else ()
         out = r.model(
             self.token[None],

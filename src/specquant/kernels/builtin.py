@@ -70,6 +70,22 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def decode_attention_reference(
+    q: torch.Tensor,  # [B, Hq, 1, D]
+    k: torch.Tensor,  # [B, Hkv, W, D]
+    v: torch.Tensor,  # [B, Hkv, W, D]
+    length: torch.Tensor,  # [1] on the device: keys 0 .. length - 1 are live
+    window: int | None = None,  # sliding window, if any
+) -> torch.Tensor:  # [B, Hq, 1, D]
+    """One query token over a window of W cache slots whose live length is a device tensor
+    (a CUDA-graphed decoding step): SDPA with the mask that length makes."""
+    keys = torch.arange(k.shape[2], device=k.device)
+    mask = keys < length
+    if window is not None:
+        mask = mask & (keys > length - 1 - window)
+    return attention_sdpa(q, k, v, mask[None, :])
+
+
 def _sdpa_ok(ctx: KernelContext) -> tuple[bool, str]:
     return True, "torch SDPA handles every device and dtype"
 
@@ -119,6 +135,10 @@ register(
 )
 register("attention", KernelImpl("sdpa", 10, attention_sdpa, _sdpa_ok))
 register("attention", KernelImpl("float64", 20, attention_float64, _float64_ok))
+register(
+    "decode_attention",
+    KernelImpl("reference", 0, decode_attention_reference, _always, is_reference=True),
+)
 
 
 # ------------------------------------------------------------------------------- linear

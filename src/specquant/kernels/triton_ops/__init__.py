@@ -23,6 +23,7 @@ use.
 | triton          | silu_mul      | silu(gate) * up of the gated MLP in one kernel             |
 | triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
 | triton          | rope          | rotary embeddings of q and k in one kernel (`rope.py`)      |
+| triton          | decode_attention | one query over a cache window, its length on the device |
 """
 
 from __future__ import annotations
@@ -316,3 +317,24 @@ def rope_triton(
 
 
 register("rope", KernelImpl("triton", PRIORITY, rope_triton, _rope_check))
+
+
+def _decode_attention_check(ctx: KernelContext) -> tuple[bool, str]:
+    why = _common_reason(ctx)
+    if why is not None:
+        return False, why
+    return True, "Triton split-K decoding attention, the live length read on the device"
+
+
+def decode_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    from specquant.kernels.triton_ops.decode_attention import decode_attention
+
+    return decode_attention(q, k, v, length, window)
+
+
+register(
+    "decode_attention",
+    KernelImpl("triton", PRIORITY, decode_attention_triton, _decode_attention_check),
+)

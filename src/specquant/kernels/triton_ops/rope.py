@@ -5,11 +5,11 @@ a concatenation and a sum, each for q and for k): 0.9 of the 4.2 ms of a graphed
 W4A16 decoding step on an H200 (bench/results/gpu_step_profile_3f56a8f.md). Here one program
 rotates one (token, head) row of q or k and writes it contiguous, [B, H, T, D].
 
-The arithmetic is the reference's, rounding where its eager ops round: x * cos and
-rotate_half(x) * sin each rounded to the activation dtype, then their sum. So in bf16 and
-fp16 the result is the reference's bit for bit (a product of two 16-bit values is exact in
-fp32 before its rounding); in fp32 the compiler may fuse a product into the sum (one
-rounding less).
+The arithmetic is the reference's: x * cos and rotate_half(x) * sin, each rounded to the
+activation dtype, then their sum. The GPU compiler may fuse a product into the sum (one
+rounding less), so a value can differ from the reference's by a step of the dtype
+(tests/test_rope_kernel.py). Every row is computed alone, so a token's rotation does not
+depend on how many tokens run together (decoding and verification agree).
 """
 
 from __future__ import annotations
