@@ -103,3 +103,17 @@ def compiled_loop(args: list[str], most: float) -> str:
     assert float(match.group(1)) < most, out.stdout
     assert "LOCAL:0" in out.stdout, out.stdout
     return out.stdout
+
+
+def run_interpreted(script: str) -> list[str]:
+    """Run `script` (a test file's `--interpret` entry point) with TRITON_INTERPRET=1 in a
+    subprocess, since Triton reads the variable when it is imported: its output lines."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT / "tests")])
+    proc = subprocess.run(
+        [sys.executable, script, "--interpret"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()

@@ -6,15 +6,12 @@ several splits, the whole window, and a sliding window."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_interpreted
 
 
 def _case(hq: int, hk: int, w: int, d: int, length: int, window: int | None, dtype: torch.dtype,
@@ -44,15 +41,25 @@ INTERPRET_CASES = [
 
 
 def test_decode_attention_interpreted_on_the_cpu() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines() == ["ok"] * len(INTERPRET_CASES), proc.stdout
+    lines = run_interpreted(__file__)
+    assert lines == ["ok"] * len(INTERPRET_CASES), lines
+
+
+def test_shapes_the_kernel_cannot_take_are_named() -> None:
+    """The launcher names what it cannot take (the registered op then runs the reference)."""
+    from specquant.kernels.triton_ops.decode_attention import decode_attention, unsupported
+
+    k = torch.zeros(1, 2, 64, 80)
+    assert unsupported(torch.zeros(1, 4, 1, 80), k, k) == (
+        "a power-of-two head size of at least 16, not 80"
+    )
+    k = torch.zeros(1, 3, 64, 64)
+    assert "query heads (4) a multiple of the kv heads (3)" in unsupported(
+        torch.zeros(1, 4, 1, 64), k, k
+    )
+    assert unsupported(torch.zeros(1, 3, 2, 64), k, k) == "one query token, not 2"
+    with pytest.raises(ValueError, match="one query token, not 2"):
+        decode_attention(torch.zeros(1, 3, 2, 64), k, k, torch.tensor([3]))
 
 
 @pytest.mark.cuda

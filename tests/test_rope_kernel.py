@@ -6,15 +6,12 @@ within a step of the activation dtype (the compiler may fuse a product into its 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_interpreted
 
 
 def _case(b: int, hq: int, hk: int, t: int, d: int, dtype: torch.dtype, device: str) -> str:
@@ -56,15 +53,8 @@ INTERPRET_CASES = [
 
 
 def test_rope_kernel_interpreted_on_the_cpu() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines() == ["ok"] * len(INTERPRET_CASES), proc.stdout
+    lines = run_interpreted(__file__)
+    assert lines == ["ok"] * len(INTERPRET_CASES), lines
 
 
 @pytest.mark.cuda

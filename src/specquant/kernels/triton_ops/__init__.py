@@ -329,8 +329,11 @@ def _decode_attention_check(ctx: KernelContext) -> tuple[bool, str]:
 def decode_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor, window: int | None
 ) -> torch.Tensor:
-    from specquant.kernels.triton_ops.decode_attention import decode_attention
+    from specquant.kernels.builtin import decode_attention_reference
+    from specquant.kernels.triton_ops.decode_attention import decode_attention, unsupported
 
+    if unsupported(q, k, v):  # e.g. a head size that is not a power of two: masked SDPA
+        return decode_attention_reference(q, k, v, length, window)
     return decode_attention(q, k, v, length, window)
 
 

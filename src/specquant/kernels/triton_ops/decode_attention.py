@@ -21,7 +21,7 @@ import triton.language as tl
 
 BLOCK_S = 32  # keys per block
 MAX_SPLITS = 32  # splits of the window per kv head
-NEG = -1.0e30  # finite "minus infinity": a split with no live key stays NaN-free
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a split with no live key stays NaN-free
 
 
 @triton.jit
@@ -89,6 +89,20 @@ def _combine_kernel(
     tl.store(o_ptr + bq * D + dims, o.to(o_ptr.dtype.element_ty))
 
 
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Why the kernel cannot take these shapes ("" where it can)."""
+    d = q.shape[-1]
+    if q.shape[2] != 1:
+        return f"one query token, not {q.shape[2]}"
+    if q.shape[1] % k.shape[1]:
+        return f"query heads ({q.shape[1]}) a multiple of the kv heads ({k.shape[1]})"
+    if d & (d - 1) or d < 16:
+        return f"a power-of-two head size of at least 16, not {d}"
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "K/V rows with unit stride"
+    return ""
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, 1, D]
     k: torch.Tensor,  # [B, Hkv, W, D] (a window of the cache: unit stride along D)
@@ -96,14 +110,10 @@ def decode_attention(
     length: torch.Tensor,  # [1] int64 on the device: keys 0 .. length - 1 are live
     window: int | None = None,  # sliding window of the model, if any
 ) -> torch.Tensor:  # [B, Hq, 1, D]
-    b, hq, t, d = q.shape
+    b, hq, _, d = q.shape
     hk, w = k.shape[1], k.shape[2]
-    if t != 1 or hq % hk or d & (d - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError(
-            f"decode_attention takes one query token, heads a multiple of the kv heads, a "
-            f"power-of-two head size and unit-stride K/V rows; got q {tuple(q.shape)}, k "
-            f"{tuple(k.shape)} strides {k.stride()}"
-        )
+    if why := unsupported(q, k, v):
+        raise ValueError(f"decode_attention needs {why} (q {tuple(q.shape)}, k {tuple(k.shape)})")
     q = q.contiguous()
     g = hq // hk
     gp = max(16, triton.next_power_of_2(g))
