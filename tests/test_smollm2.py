@@ -103,6 +103,7 @@ def test_load_public_api_defaults() -> None:
         "device": "auto",
         "dtype": "auto",
         "max_seq_len": 4096,
+        "cuda_graphs": True,
         "spec": None,
     }
 
