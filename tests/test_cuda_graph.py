@@ -70,6 +70,25 @@ def test_capture_needs_a_cuda_device(tmp_path: Path) -> None:
     assert ModelRunner(runner.model, 32, cuda_graphs=True).graphs is None
 
 
+def test_runner_decodes_eagerly_when_a_capture_fails(tmp_path: Path) -> None:
+    """A step that cannot be captured warns once and the runner decodes eagerly: the same
+    logits as a runner without graphs, and no graphs afterwards."""
+    from specquant.engine.cuda_graph import GraphCaptureError
+
+    class Failing:
+        def step(self, token: torch.Tensor, position: int) -> None:
+            raise GraphCaptureError("capturing the 256-key step failed: sync during capture")
+
+    model = _loaded(tmp_path, "llama").model
+    plain, runner = ModelRunner(model, 32), ModelRunner(model, 32)
+    runner.graphs = Failing()  # as a CUDA runner whose capture fails
+    token = torch.tensor([5])
+    want, _ = plain.run(token)
+    with pytest.warns(UserWarning, match="sync during capture; decoding without CUDA graphs"):
+        got, _ = runner.run(token)
+    assert torch.equal(got, want) and runner.graphs is None
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_graphed_steps_match_eager_steps_and_generation(tmp_path: Path, dtype, tol) -> None:

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 MIN_WIDTH = 256  # narrowest key window: below it the graphs would only multiply
 
 
+class GraphCaptureError(RuntimeError):
+    """A step could not be captured (an op that synchronizes with the host, or one CUDA
+    graphs do not support); the runner then decodes eagerly."""
+
+
 def window_width(keys: int, max_len: int) -> int:
     """The key window of the graph that serves a step needing `keys` keys."""
     if not 1 <= keys <= max_len:
@@ -127,8 +132,11 @@ class GraphedDecoder:
             self._step(width)  # writes this step's own K/V: the replay writes the same
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits, hidden = self._step(width)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits, hidden = self._step(width)
+        except RuntimeError as e:
+            raise GraphCaptureError(f"capturing the {width}-key step failed: {e}") from e
         return _Graph(graph, logits, hidden, cache_k)
 
     def step(self, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,12 +16,13 @@ runner hold a given token sequence, reusing the longest common prefix.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from specquant.config import ConfigError, ModelConfig
-from specquant.engine.cuda_graph import GraphedDecoder
+from specquant.engine.cuda_graph import GraphCaptureError, GraphedDecoder
 from specquant.layers.attention import AttentionFn, AttnMetadata, select_attention
 from specquant.layers.linear import QLinear, quantizes_activations
 from specquant.layers.rope import RopeTable
@@ -131,7 +132,11 @@ class ModelRunner:
             )
         one_step = t == 1 and block_mask is None and depth is None and not prefill
         if self.graphs is not None and one_step:
-            return self.graphs.step(tokens, n)
+            try:
+                return self.graphs.step(tokens, n)
+            except GraphCaptureError as e:  # keep decoding, eagerly, and say why once
+                warnings.warn(f"{e}; decoding without CUDA graphs from here on", stacklevel=2)
+                self.graphs = None
         positions = None if depth is None else n + depth
         meta = AttnMetadata.plan(
             self.rope,
