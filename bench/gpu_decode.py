@@ -8,9 +8,10 @@ the embedding table, of which a step reads one row) over the measured copy bandw
 --hf, transformers `generate` with its static cache (compiled) on the bf16 model, last.
 
     python bench/gpu_decode.py --out bench/results [--hf]
+    python bench/gpu_decode.py --render bench/results/gpu_decode.json   # figure only, no GPU
 
-Writes gpu_decode.json and gpu_decode.md (rewritten after each format, so a run cut short
-keeps what it measured).
+Writes gpu_decode.json, gpu_decode.md and gpu_decode.png (rewritten after each format, so a
+run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -95,6 +96,39 @@ def markdown(report: dict[str, Any]) -> list[str]:
     return md
 
 
+def plot(report: dict[str, Any], out: Path) -> None:
+    """Bars per format: eager, CUDA graphs and the HBM roofline (tokens/s), and transformers'
+    static-cache generate where the run has it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    rows = report["rows"]
+    bars = [("eager_tok_s", "specquant eager"), ("graphs_tok_s", "specquant, CUDA graphs"),
+            ("roofline_tok_s", "HBM roofline")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        pos = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(pos, [r[key] for r in rows], width=width, label=label)
+    if "hf_static_tok_s" in report:
+        ax.axhline(report["hf_static_tok_s"], color="k", ls="--", lw=1,
+                   label="transformers static cache (bf16)")  # fmt: skip
+    ax.set_xticks(range(len(rows)), [r["format"] for r in rows])
+    ax.set_ylabel("decode tokens/s, batch 1")
+    m = report["meta"]
+    ax.set_title(f"Llama-3-8B shape, random weights: {m['card']}, {m['date']}, "
+                 f"{str(m['commit'])[:7]}", fontsize=9)  # fmt: skip
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -103,7 +137,12 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--hf", action="store_true", help="also time transformers (static cache)")
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only draw the figure of an existing gpu_decode.json")  # fmt: skip
     args = ap.parse_args()
+    if args.render:
+        plot(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+        return
     cfg = ModelConfig.from_hf(LLAMA3_8B)
     ids = list(range(100, 164))
     report: dict[str, Any] = dict(
@@ -132,6 +171,7 @@ def main() -> None:
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
         write_report(out, report, markdown(report))
+        plot(report, out.with_suffix(".png"))
         del loaded, model
         torch.cuda.empty_cache()
     if args.hf:
@@ -150,6 +190,7 @@ def main() -> None:
             hf, ids, args.new_tokens, args.runs, cache_implementation="static"
         )
         write_report(out, report, markdown(report))
+        plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
