@@ -81,8 +81,8 @@ class _Graph:
 
 class GraphedDecoder:
     """One-token steps of a ModelRunner as CUDA-graph replays (see the module docstring).
-    With `capture=False` the same step runs eagerly, with the same window and mask: what
-    the CPU tests check against the runner's own step."""
+    With `capture=False` the same step runs eagerly, over the same window and live length:
+    what the CPU tests check against the runner's own step."""
 
     def __init__(self, runner: ModelRunner, capture: bool = True):
         if capture and runner.device.type != "cuda":
