@@ -54,10 +54,27 @@ def gpu_run_meta(commit: str | None = None) -> dict[str, str]:
     }
 
 
+def gpu_run_where(meta: dict[str, Any]) -> str:
+    """Card, date, commit and torch of a GPU run (gpu_run_meta's keys), as reports open."""
+    return (f"Card: {meta['card']}; date {meta['date']}; commit {meta['commit']}; torch "
+            f"{meta['torch']}")  # fmt: skip
+
+
 def gpu_run_text(meta: dict[str, Any], stage: str) -> str:
     """The report's first words for a `bench/gpu_kernels.sh` stage (gpu_run_meta's keys)."""
-    return (f"Card: {meta['card']}; date {meta['date']}; commit {meta['commit']}; torch "
-            f"{meta['torch']}. Reproduce: `STAGE={stage} bench/gpu_kernels.sh`.")  # fmt: skip
+    return f"{gpu_run_where(meta)}. Reproduce: `STAGE={stage} bench/gpu_kernels.sh`."
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or an exit that says how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    return plt
 
 
 def write_report(out: Path, report: dict[str, Any], md: list[str]) -> None:

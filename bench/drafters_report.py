@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common import pyplot
+
 TARGETS = {"eagle2": 3.5, "sps": 2.5, "hierspec": 4.0}
 LABELS = {
     "eagle2": "EAGLE-2 (depth 6, top-k 10, tree 60)",
@@ -173,13 +175,7 @@ def markdown(results: Path, title: str, plot: Path | None) -> str:
 
 
 def plot_curve(results: Path, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    plt = pyplot()
     points = curve_points(results)
     if not points:
         raise SystemExit(f"no learning-curve points (curve_*.json) in {results}")

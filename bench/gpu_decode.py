@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from common import copy_bandwidth_gbs, gpu_run_meta, write_report
+from common import copy_bandwidth_gbs, gpu_run_meta, gpu_run_where, pyplot, write_report
 from gpu_eager import LLAMA3_8B, hf_tok_s, random_model
 from specquant.config import EngineConfig, GenerationConfig, ModelConfig
 from specquant.engine.generator import Generator
@@ -65,10 +65,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
     md = [
         "# Decoding with CUDA graphs: Llama-3-8B shape, random weights, batch 1",
         "",
-        f"Card: {m['card']}; date {m['date']}; commit {m['commit']}; torch {m['torch']}; copy "
-        f"bandwidth {report['bw_gbs']:.0f} GB/s (read + write). {report['new_tokens']} new "
-        f"tokens after a {report['prompt_tokens']}-token prompt, greedy, median of "
-        f"{report['runs']} runs after a warm-up. Reproduce: `python bench/gpu_decode.py`.",
+        f"{gpu_run_where(m)}; copy bandwidth {report['bw_gbs']:.0f} GB/s (read + write). "
+        f"{report['new_tokens']} new tokens after a {report['prompt_tokens']}-token prompt, "
+        f"greedy, median of {report['runs']} runs after a warm-up. Reproduce: "
+        "`python bench/gpu_decode.py`.",
         "",
         "| format | GB per step | roofline tok/s | eager tok/s | CUDA graphs tok/s | graphs / "
         "eager | graphs % roofline | leading tokens equal |",
@@ -99,13 +99,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
 def plot(report: dict[str, Any], out: Path) -> None:
     """Bars per format: eager, CUDA graphs and the HBM roofline (tokens/s), and transformers'
     static-cache generate where the run has it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    plt = pyplot()
     rows = report["rows"]
     bars = [("eager_tok_s", "specquant eager"), ("graphs_tok_s", "specquant, CUDA graphs"),
             ("roofline_tok_s", "HBM roofline")]  # fmt: skip

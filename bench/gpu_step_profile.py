@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from common import copy_bandwidth_gbs, gpu_run_meta, write_report
+from common import copy_bandwidth_gbs, gpu_run_meta, gpu_run_where, write_report
 from gpu_decode import step_bytes
 from gpu_eager import LLAMA3_8B, random_model
 from specquant.config import ModelConfig
@@ -87,11 +87,10 @@ def markdown(report: dict[str, Any]) -> list[str]:
     md = [
         "# One decoding step's GPU time: Llama-3-8B shape, random weights, batch 1",
         "",
-        f"Card: {m['card']}; date {m['date']}; commit {m['commit']}; torch {m['torch']}; copy "
-        f"bandwidth {report['bw_gbs']:.0f} GB/s. The step at position 128. `graphed`: CUDA "
-        f"events over 50 replays; kernels: torch.profiler over {STEPS} steps, GPU time per "
-        "step (a graphed step's kernels are traced inside its replays). Reproduce: "
-        "`python bench/gpu_step_profile.py`.",
+        f"{gpu_run_where(m)}; copy bandwidth {report['bw_gbs']:.0f} GB/s. The step at position "
+        f"128. `graphed`: CUDA events over 50 replays; kernels: torch.profiler over {STEPS} "
+        "steps, GPU time per step (a graphed step's kernels are traced inside its replays). "
+        "Reproduce: `python bench/gpu_step_profile.py`.",
     ]
     for r in report["rows"]:
         md += [

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common import pyplot
+
 # what each panel shows, in legend order (absent ones are skipped)
 CHAIN = ["bf16", "w8a8", "fp8", "w4a16-g128", "w4a16", "w4a8-g128", "w4a8"]
 RATIO = ["bf16-cublas", "w8a8", "fp8", "w4a16-g128", "w4a16", "w4a8-g128", "w4a8",
@@ -46,13 +48,7 @@ def ratio_series(report: dict[str, Any], model: str) -> Series:
 
 
 def plot(report: dict[str, Any], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    plt = pyplot()
     models = [m for m in report["summary"] if chain_series(report, m) or ratio_series(report, m)]
     if not models:
         raise SystemExit("the report has no per-model timings (summary / chains)")

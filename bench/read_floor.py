@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import copy_bandwidth_gbs, gpu_run_meta, write_report
+from common import copy_bandwidth_gbs, gpu_run_meta, gpu_run_where, pyplot, write_report
 from frag_probe import GROUP_MAJOR, base_format, weights
 from kernel_perf import SHAPES, copies_for, time_graph
 from ring_read import ring_read
@@ -168,8 +168,7 @@ def markdown(result: dict[str, Any]) -> list[str]:
     md = [
         "# One token: what a single kernel per linear can reach in kernel_perf's harness",
         "",
-        f"Card: {meta['card']}; date {meta['date']}; commit {meta['commit']}; torch "
-        f"{meta['torch']}; copy bandwidth {result['bw_gbs']:.0f} GB/s (read + write). "
+        f"{gpu_run_where(meta)}; copy bandwidth {result['bw_gbs']:.0f} GB/s (read + write). "
         "Reproduce: `python bench/read_floor.py`.",
         "",
         "Microseconds per kernel, median of CUDA-graph replays with the buffers rotated "
@@ -208,13 +207,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     """Per model, bars per layer: the roofline, the read-only kernel, our one-token kernel
     and, where the run has it, that kernel's data path alone (the first format of the run,
     W4A16-g128 by default)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("the plot needs matplotlib: pip install 'specquant[bench]'") from None
+    plt = pyplot()
     fmt = result["summary"][0]["fmt"]
     runs = [s for s in result["summary"] if s["fmt"] == fmt]
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
