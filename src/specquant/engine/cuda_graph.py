@@ -147,11 +147,9 @@ class GraphedDecoder:
         self.position.fill_(position)
         g = self.graphs.get(width)
         if g is None or g.cache_k is not self.runner.cache.k:
-            g = self.graphs[width] = self._capture(width)
-            if g.graph is None:
-                return g.logits.clone(), g.hidden.clone()
-        if g.graph is None:
+            g = self.graphs[width] = self._capture(width)  # eagerly: this step already ran
+        elif g.graph is None:
             g.logits, g.hidden = self._step(width)
-        else:
+        if g.graph is not None:  # a capture does not run the step: replay it
             g.graph.replay()
         return g.logits.clone(), g.hidden.clone()
