@@ -80,7 +80,8 @@ profile)
     if ncu --clock-control none --kernel-name 'regex:_w4_|_qlinear_kernel' --launch-skip 2 --launch-count 1 \
       --section LaunchStats --section Occupancy --section SpeedOfLight --section SchedulerStats \
       --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
-      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -f -o "$rep" \
+      --section ComputeWorkloadAnalysis \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio|sm__pipe_.*tensor.*_cycles_active\.avg\.pct_of_peak_sustained_active|sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active' -f -o "$rep" \
       python bench/kernel_profile.py $c >> "$OUT/profile_$i.txt" 2>&1; then
       ncu -i "$rep.ncu-rep" --print-details all >> "$OUT/profile_$i.txt" 2>&1
       ncu -i "$rep.ncu-rep" --page source --print-source sass --csv > "$OUT/profile_${i}_sass.csv" 2>&1 || true

@@ -27,12 +27,14 @@ import torch
 
 from frag_probe import GROUP_MAJOR, weights
 from kernel_perf import SHAPES
+from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops import w4_fragment as F
 from specquant.kernels.triton_ops import w4_wgmma as W
+from specquant.kernels.triton_ops import w4_wgmma_ws as WS
 from specquant.kernels.triton_ops.qlinear import qlinear
 from specquant.quant.spec import get_format
 
-KERNELS = ("wgmma", "frag", "canonical")
+KERNELS = ("wgmma", "ws", "frag", "canonical")
 
 
 def launcher(kernel: str, fmt: str, n: int, k: int, m: int, config: str | None):
@@ -51,6 +53,14 @@ def launcher(kernel: str, fmt: str, n: int, k: int, m: int, config: str | None):
     if kernel == "frag":
         cfg = F.FragConfig(*fields) if fields else F.frag_config(m, n * k, group > 0)
         return lambda: F.fragment_linear(x, frag, t["scales"], None, group, config=cfg)
+    if kernel == "ws":
+        # x in mma K order, as the model's norm and silu * up hand it to this kernel
+        xm = to_mma_order(x)
+        wcfg = WS.WsConfig(*fields) if fields else WS.ws_config(m, n, k, group)
+        if wcfg is None:
+            raise SystemExit(f"the ws tables have no config for M={m}, [{n}, {k}]; pass --config")
+        return lambda: WS.wgmma_ws_linear(xm, frag, t["scales"], None, group, wcfg,
+                                          x_in_mma_order=True)  # fmt: skip
     cfg = W.WgmmaConfig(*fields) if fields else W.wgmma_config(m, n, k)
     if cfg is None:
         raise SystemExit(f"WGMMA_CONFIGS has no config for M={m}, N*K={n * k}; pass --config")
