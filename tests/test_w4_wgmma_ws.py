@@ -62,7 +62,7 @@ def test_several_consumer_warpgroups_compile_without_serialized_wgmmas(consumers
     """consumers > 1 offline: each consumer warpgroup's loop (the default partition's and
     the workers') keeps one wait per K tile and no local memory, at the registers its
     config gives it (the launch takes what fits the CTA: 65536 over its threads)."""
-    out = compiled_loop(["--ws", f"64,128,64,4,4,{regs},0,{consumers}", "--group", "128"],
+    out = compiled_loop(["--ws", f"64,128,64,4,6,{regs},0,{consumers}", "--group", "128"],
                         3.0)  # fmt: skip
     loop = re.search(r"wgmma (\d+), WARPGROUP.DEPBAR (\d+) \(\d+ leaving one running\), "
                      r"CTA-wide BAR.SYNC (\d+), local memory (\d+)", out)  # fmt: skip
@@ -103,6 +103,8 @@ def test_tile_table_and_bad_configs() -> None:
            (WS.WsConfig(128, 128, 4, async_mma=True),
             "async_mma needs block_n == 16 \\* warps .* not block_n 128 with 4 warps"),
            (WS.WsConfig(64, 128, 4, consumers=4), "consumers must be 1, 2 or 3 .* not 4"),
+           (WS.WsConfig(64, 128, 4, 4, consumers=3), "stages 4 must be a multiple of "
+            "consumers \\(3\\)"),
            (WS.WsConfig(64, 128, 4, async_mma=True, consumers=2),
             "consumers > 1 needs the synchronous consumer .* async_mma True"),
            (WS.WsConfig(128, 128, 8, consumers=3),
@@ -173,12 +175,16 @@ def test_ws_linear_matches_the_reference_and_the_synchronous_kernel(dtype, n, k,
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(("n", "k", "group"), [(272, 1024, 128), (48, 256, 0), (200, 1536, 128)])
+@pytest.mark.parametrize(
+    ("n", "k", "group"),
+    [(272, 1024, 128), (48, 256, 0), (208, 1536, 128), (10240, 8192, 128)],
+)
 def test_several_consumer_warpgroups_match_the_reference(n, k, group) -> None:
     """consumers 2 and 3: each warpgroup sums every consumers-th K tile, and the first adds
     the others' sums from shared memory, so the result matches the reference (not the
     synchronous kernel's bits: the sums run in another order). Two K tiles for three
-    warpgroups leave one with none; split K gives each split fewer."""
+    warpgroups leave one with none; split K gives each split fewer. Llama-3-70B's qkv
+    (160 programs, 64 K tiles each) is where a ring shared by the consumers went wrong."""
     if not _hopper():
         pytest.skip("wgmma and TMA need a Hopper GPU")
     from specquant.kernels.triton_ops import w4_wgmma_ws as WS
@@ -187,7 +193,7 @@ def test_several_consumer_warpgroups_match_the_reference(n, k, group) -> None:
     frag, scales, w = _layer(n, k, group, gen)
     gm = scales.t().contiguous().t()
     for cfg in (WS.WsConfig(64, 128, 4, 4, 1, 208, consumers=2),
-                WS.WsConfig(64, 128, 4, 4, 1, 152, consumers=3),
+                WS.WsConfig(64, 128, 4, 6, 1, 152, consumers=3),
                 WS.WsConfig(128, 128, 4, 6, 1, 0, consumers=3)):  # fmt: skip
         for m in (1, 17, 64, 100):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -61,16 +61,35 @@ PART_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase
 
 
 @gluon.jit
+def _slot(i, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """K tile i's ring slot and the round of its use there. One consumer warpgroup takes
+    the tiles in order: slot i % STAGES. Several each own STAGES / CONSUMERS slots that only
+    their own tiles use, since a parity wait tells apart only two consecutive rounds of a
+    slot: consumers running at their own pace through one shared ring reach a slot two
+    rounds ahead of its copies (on an H200 that gave wrong sums, then a fault)."""
+    if CONSUMERS == 1:
+        slot = i % STAGES
+        rnd = i // STAGES
+    else:
+        per: gl.constexpr = STAGES // CONSUMERS
+        j = i // CONSUMERS  # the tile's place among its consumer's own
+        slot = (i % CONSUMERS) * per + j % per
+        rnd = j // per
+    return slot, rnd
+
+
+@gluon.jit
 def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
-              BK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The copy warp: K tile i goes to slot i % STAGES once its consumer released it. The
+              BK: gl.constexpr, STAGES: gl.constexpr,
+              CONSUMERS: gl.constexpr = 1):  # fmt: skip
+    """The copy warp: K tile i goes to its slot (_slot) once its consumer released it. The
     atoms' descriptor views each 1024-byte atom as rows of 256 elements (2 for W4A16's
     int16 atoms, 4 for W4A8's int8 ones)."""
     rows: gl.constexpr = w_desc.block_type.shape[1] // (BK // 128)  # per atom
     for i in range(tiles):
-        slot = i % STAGES
+        slot, rnd = _slot(i, STAGES, CONSUMERS)
         # a fresh barrier counts as having completed the phase before 0: round 0 passes
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        mbarrier.wait(empty.index(slot), (rnd & 1) ^ 1)
         bar = ready.index(slot)
         mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
         k = k_lo + i * BK
@@ -95,12 +114,12 @@ def _atoms(w_ring, slot, BN: gl.constexpr, BK: gl.constexpr):
 def _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg, k0,
                    GROUP_A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
-                   AL: gl.constexpr):  # fmt: skip
+                   AL: gl.constexpr, CONSUMERS: gl.constexpr = 1):  # fmt: skip
     """K tile i's operands once its slot is ready: the unpacked weights (A registers; times
     the tile's group scales, rounded to x's dtype, when GROUP_A > 0) and x^T [BK, BM] in
     shared memory."""
-    slot = i % STAGES
-    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+    slot, rnd = _slot(i, STAGES, CONSUMERS)
+    mbarrier.wait(ready.index(slot), rnd & 1)
     words = _atoms(w_ring, slot, BN, BK).load(WORDS)
     a = _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0, True, GROUP_A, BN, BK,
                  WORDS_MMA, AL, x_ring.dtype)  # fmt: skip
@@ -156,14 +175,14 @@ def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo,
                              mask=n_mask, other=0.0)  # fmt: skip
             a, b = _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg,
                                   k_lo + i * BK, 0, BN, BK, STAGES, WORDS, WORDS_MMA,
-                                  AL)  # fmt: skip
+                                  AL, STEP)  # fmt: skip
             if GROUP == 0:
                 acc = warpgroup_mma(a, b, acc)
             else:
                 part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
                 acc += part * gs[:, None]
             # the synchronous wgmma read its x
-            mbarrier.arrive(empty.index(i % STAGES), count=1)
+            mbarrier.arrive(empty.index(_slot(i, STAGES, STEP)[0]), count=1)
     return (acc,)
 
 
@@ -283,7 +302,7 @@ def _w4_wgmma_ws_kernel(
                                       k_lo, tiles, stride_sn, stride_sg, GROUP, BN, BK, BM,
                                       STAGES, WORDS, WORDS_MMA, AL, acc_l, 1, 2)),
                     (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo,
-                                 tiles, BK, STAGES)),
+                                 tiles, BK, STAGES, 2)),
                 ],
                 [WARPS, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -301,7 +320,7 @@ def _w4_wgmma_ws_kernel(
                                       k_lo, tiles, stride_sn, stride_sg, GROUP, BN, BK, BM,
                                       STAGES, WORDS, WORDS_MMA, AL, acc_l, 2, 3)),
                     (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo,
-                                 tiles, BK, STAGES)),
+                                 tiles, BK, STAGES, 3)),
                 ],
                 [WARPS, WARPS, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -445,6 +464,10 @@ def check_ws_config(cfg: WsConfig, group: int = 0) -> None:
                          f"not block_n {cfg.block_n} with {cfg.warps} warps")  # fmt: skip
     if cfg.consumers not in (1, 2, 3):
         raise ValueError(f"consumers must be 1, 2 or 3 consumer warpgroups, not {cfg.consumers}")
+    if cfg.stages % cfg.consumers:
+        raise ValueError(f"stages {cfg.stages} must be a multiple of consumers "
+                         f"({cfg.consumers}): each consumer warpgroup owns as many ring "
+                         f"slots")  # fmt: skip
     if cfg.consumers > 1 and (cfg.async_mma or cfg.warps != 4):
         raise ValueError(f"consumers > 1 needs the synchronous consumer of one warpgroup "
                          f"(warps 4, async_mma False), not warps {cfg.warps} with async_mma "
