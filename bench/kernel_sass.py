@@ -105,7 +105,6 @@ def compile_wgmma_sass(
 def compile_ws_sass(
     bn: int, bk: int, bm: int, warps: int, group: int, arch: int, stages: int = 4,
     maxnreg: int = 0, split_k: int = 1, w4a8: bool = False, async_mma: bool = False,
-    consumers: int = 1,
 ) -> tuple[str, str]:  # fmt: skip
     """(SASS, resource usage) of the warp-specialized wgmma W4A16 kernel (w4_wgmma_ws.py):
     its TMA descriptors as the launcher builds them, group-major scales; with `w4a8`, its
@@ -136,11 +135,8 @@ def compile_ws_sass(
                 "ws_ptr": "*fp32", "lock_ptr": "*i32"}  # fmt: skip
     consts = dict(GROUP=group, HAS_BIAS=False, SPLIT_K=split_k, BN=bn, BK=bk, BM=bm,
                   WARPS=warps, STAGES=stages, WORDS=lay.words,
-                  WORDS_MMA=lay.words_mma, ASYNC=async_mma, CONSUMERS=consumers,
-                  CONSUMER_REGS=maxnreg or 128)  # fmt: skip
-    # with several consumer warpgroups maxnreg is theirs, and the launch takes what fits
-    launch_regs = maxnreg if consumers == 1 else 0
-    return _compile_w4_gluon(WS._w4_wgmma_ws_kernel, consts, warps, arch, launch_regs,
+                  WORDS_MMA=lay.words_mma, ASYNC=async_mma)  # fmt: skip
+    return _compile_w4_gluon(WS._w4_wgmma_ws_kernel, consts, warps, arch, maxnreg,
                              pointers=pointers, group_major=True)  # fmt: skip
 
 
@@ -437,8 +433,8 @@ def main() -> None:
                     "count bench/ring_read.py's kernel (the fragment kernel's copies and ring "
                     "without its math) instead")  # fmt: skip
     ap.add_argument("--ws", default=None, help="BLOCK_N,BLOCK_K,BLOCK_M,warps[,stages"
-                    "[,maxnreg[,async 0/1[,consumers]]]]: count the warp-specialized wgmma "
-                    "W4A16 kernel's consumer loop instead (group-major scales)")  # fmt: skip
+                    "[,maxnreg[,async 0/1]]]: count the warp-specialized wgmma W4A16 kernel's "
+                    "consumer loop instead (group-major scales)")  # fmt: skip
     ap.add_argument(
         "--a8",
         action="store_true",
@@ -478,11 +474,9 @@ def main() -> None:
         return
     if args.ws:
         given = [int(v) for v in args.ws.split(",")]
-        fields = (given + [4, 0, 0, 1][len(given) - 4 :])[:8]
-        bn, bk, bm, warps, stages, maxnreg, async_mma, consumers = fields
+        bn, bk, bm, warps, stages, maxnreg, async_mma = (given + [4, 0, 0][len(given) - 4 :])[:7]
         sass, res = compile_ws_sass(bn, bk, bm, warps, args.group, args.arch, stages, maxnreg,
-                                    args.split_k, args.a8, bool(async_mma),
-                                    consumers)  # fmt: skip
+                                    args.split_k, args.a8, bool(async_mma))  # fmt: skip
         what = "W4A8" if args.a8 else "W4A16"
         # async_mma's loop takes two K tiles a turn
         _print_ws(sass, res, f"warp-specialized wgmma {what} group {args.group}, tile {args.ws}",

@@ -35,7 +35,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from specquant.kernels.reference import to_mma_order
 from specquant.kernels.triton_ops.w4_fragment import (
     ATOM_K,
-    _cta_barrier,
     _finish,
     _out_index,
     _scale_ptrs,
@@ -55,41 +54,19 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 # and names the shared-memory view _reinterpret, later versions reinterpret
 _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 PRODUCER_REGS = gl.constexpr(40)  # the copy warp's registers: scalars only
-# the consumer warpgroups' partial sums (WsConfig.consumers > 1), each thread storing and
-# loading its own accumulator registers
-PART_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-
-
-@gluon.jit
-def _slot(i, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-    """K tile i's ring slot and the round of its use there. One consumer warpgroup takes
-    the tiles in order: slot i % STAGES. Several each own STAGES / CONSUMERS slots that only
-    their own tiles use, since a parity wait tells apart only two consecutive rounds of a
-    slot: consumers running at their own pace through one shared ring reach a slot two
-    rounds ahead of its copies (on an H200 that gave wrong sums, then a fault)."""
-    if CONSUMERS == 1:
-        slot = i % STAGES
-        rnd = i // STAGES
-    else:
-        per: gl.constexpr = STAGES // CONSUMERS
-        j = i // CONSUMERS  # the tile's place among its consumer's own
-        slot = (i % CONSUMERS) * per + j % per
-        rnd = j // per
-    return slot, rnd
 
 
 @gluon.jit
 def _producer(x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
-              BK: gl.constexpr, STAGES: gl.constexpr,
-              CONSUMERS: gl.constexpr = 1):  # fmt: skip
-    """The copy warp: K tile i goes to its slot (_slot) once its consumer released it. The
+              BK: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The copy warp: K tile i goes to slot i % STAGES once its consumer released it. The
     atoms' descriptor views each 1024-byte atom as rows of 256 elements (2 for W4A16's
     int16 atoms, 4 for W4A8's int8 ones)."""
     rows: gl.constexpr = w_desc.block_type.shape[1] // (BK // 128)  # per atom
     for i in range(tiles):
-        slot, rnd = _slot(i, STAGES, CONSUMERS)
+        slot = i % STAGES
         # a fresh barrier counts as having completed the phase before 0: round 0 passes
-        mbarrier.wait(empty.index(slot), (rnd & 1) ^ 1)
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
         bar = ready.index(slot)
         mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
         k = k_lo + i * BK
@@ -114,12 +91,12 @@ def _atoms(w_ring, slot, BN: gl.constexpr, BK: gl.constexpr):
 def _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg, k0,
                    GROUP_A: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                    STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
-                   AL: gl.constexpr, CONSUMERS: gl.constexpr = 1):  # fmt: skip
+                   AL: gl.constexpr):  # fmt: skip
     """K tile i's operands once its slot is ready: the unpacked weights (A registers; times
     the tile's group scales, rounded to x's dtype, when GROUP_A > 0) and x^T [BK, BM] in
     shared memory."""
-    slot, rnd = _slot(i, STAGES, CONSUMERS)
-    mbarrier.wait(ready.index(slot), rnd & 1)
+    slot = i % STAGES
+    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
     words = _atoms(w_ring, slot, BN, BK).load(WORDS)
     a = _operand(words, s_ptr, n0, N, stride_sn, stride_sg, k0, True, GROUP_A, BN, BK,
                  WORDS_MMA, AL, x_ring.dtype)  # fmt: skip
@@ -130,11 +107,9 @@ def _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg,
 def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo, tiles,
               stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
               STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr,
-              AL: gl.constexpr, ASYNC: gl.constexpr, FIRST: gl.constexpr = 0,
-              STEP: gl.constexpr = 1):  # fmt: skip
+              AL: gl.constexpr, ASYNC: gl.constexpr):  # fmt: skip
     """The wgmma warps: per K tile wait for its slot, unpack the weights to A registers,
-    multiply by the x tile in shared memory, release the slot. Synchronously, a warpgroup
-    takes the K tiles FIRST, FIRST + STEP, ... (STEP consumer warpgroups share the tiles).
+    multiply by the x tile in shared memory, release the slot.
 
     ASYNC: each wgmma runs while the warps unpack the next tile. A wgmma reads its A
     registers while it runs, and nothing may write them until it is waited for, so the loop
@@ -169,57 +144,21 @@ def _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo,
         # ptxas serializing the loop when that read was a conversion to bf16
         acc = acc + 0.0
     else:
-        for i in range(FIRST, tiles, STEP):
+        for i in range(tiles):
             if GROUP > 0:  # before the wait, which then hides the load
                 gs = gl.load(_scale_ptrs(s_ptr, rn, stride_sn, stride_sg, k_lo + i * BK, GROUP),
                              mask=n_mask, other=0.0)  # fmt: skip
             a, b = _tile_operands(x_ring, w_ring, ready, i, s_ptr, n0, N, stride_sn, stride_sg,
                                   k_lo + i * BK, 0, BN, BK, STAGES, WORDS, WORDS_MMA,
-                                  AL, STEP)  # fmt: skip
+                                  AL)  # fmt: skip
             if GROUP == 0:
                 acc = warpgroup_mma(a, b, acc)
             else:
                 part = warpgroup_mma(a, b, gl.zeros_like(acc), use_acc=False)
                 acc += part * gs[:, None]
             # the synchronous wgmma read its x
-            mbarrier.arrive(empty.index(_slot(i, STAGES, STEP)[0]), count=1)
+            mbarrier.arrive(empty.index(i % STAGES), count=1)
     return (acc,)
-
-
-@gluon.jit
-def _consumer_lead(x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N, rn, n_mask, k_lo,
-                   tiles, stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr,
-                   BK: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                   WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr,
-                   ACC: gl.constexpr, STEP: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup 0 of STEP (the default partition): its K tiles, then the other
-    warpgroups' partial sums from shared memory once they have all arrived at `done`."""
-    acc = gl.zeros([BN, BM], gl.float32, ACC)
-    acc = _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo, tiles,
-                    stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL, False,
-                    0, STEP)[0]  # fmt: skip
-    mbarrier.wait(done, 0)
-    for c in gl.static_range(STEP - 1):
-        acc += parts.index(c).load(ACC)
-    return (acc,)
-
-
-@gluon.jit
-def _consumer_part(x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N, k_lo, tiles,
-                   stride_sn, stride_sg, GROUP: gl.constexpr, BN: gl.constexpr,
-                   BK: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                   WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, AL: gl.constexpr,
-                   ACC: gl.constexpr, FIRST: gl.constexpr, STEP: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup FIRST > 0 of STEP (a worker partition): its K tiles into its own
-    accumulator, left in shared memory for warpgroup 0."""
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, ACC))
-    acc = gl.zeros([BN, BM], gl.float32, ACC)
-    acc = _consumer(acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, rn < N, k_lo, tiles,
-                    stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL, False,
-                    FIRST, STEP)[0]  # fmt: skip
-    parts.index(FIRST - 1).store(acc)
-    _cta_barrier()  # the warpgroup's stores, before its one arrival (its own barrier)
-    mbarrier.arrive(done, count=1)
 
 
 @gluon.jit
@@ -263,7 +202,6 @@ def _w4_wgmma_ws_kernel(
     GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
     BN: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, WARPS: gl.constexpr,
     STAGES: gl.constexpr, WORDS: gl.constexpr, WORDS_MMA: gl.constexpr, ASYNC: gl.constexpr,
-    CONSUMERS: gl.constexpr = 1, CONSUMER_REGS: gl.constexpr = 128,
 ):  # fmt: skip
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BM, 16]
@@ -272,78 +210,21 @@ def _w4_wgmma_ws_kernel(
     n0, m0, k_lo, tiles, x_ring, w_ring, ready, empty, rn, rm, n_mask, m_mask = _ws_program(
         x_desc, w_desc, M, N, K_SPLIT, BN, BK, BM, STAGES, acc_l
     )
+    acc = gl.zeros([BN, BM], gl.float32, acc_l)
     # (the partitions' arguments inline: the JIT turns a tuple variable's layouts to tensors)
-    # fmt: off
-    if CONSUMERS == 1:
-        acc = gl.zeros([BN, BM], gl.float32, acc_l)
-        acc = gl.warp_specialize(
-            [
-                (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo,
-                             tiles, stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS,
-                             WORDS_MMA, AL, ASYNC)),
-                (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles,
-                             BK, STAGES)),
-            ],
-            [1],
-            [PRODUCER_REGS],
-        )[0]
-    else:
-        # the other warpgroups' partial sums, and their arrivals once stored
-        parts = gl.allocate_shared_memory(gl.float32, [CONSUMERS - 1, BN, BM], PART_LAYOUT)
-        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(done, count=CONSUMERS - 1)
-        if CONSUMERS == 2:
-            acc = gl.warp_specialize(
-                [
-                    (_consumer_lead, (x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N,
-                                      rn, n_mask, k_lo, tiles, stride_sn, stride_sg, GROUP, BN,
-                                      BK, BM, STAGES, WORDS, WORDS_MMA, AL, acc_l, 2)),
-                    (_consumer_part, (x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N,
-                                      k_lo, tiles, stride_sn, stride_sg, GROUP, BN, BK, BM,
-                                      STAGES, WORDS, WORDS_MMA, AL, acc_l, 1, 2)),
-                    (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo,
-                                 tiles, BK, STAGES, 2)),
-                ],
-                [WARPS, 1],
-                [CONSUMER_REGS, PRODUCER_REGS],
-            )[0]
-        else:
-            acc = gl.warp_specialize(
-                [
-                    (_consumer_lead, (x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N,
-                                      rn, n_mask, k_lo, tiles, stride_sn, stride_sg, GROUP, BN,
-                                      BK, BM, STAGES, WORDS, WORDS_MMA, AL, acc_l, 3)),
-                    (_consumer_part, (x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N,
-                                      k_lo, tiles, stride_sn, stride_sg, GROUP, BN, BK, BM,
-                                      STAGES, WORDS, WORDS_MMA, AL, acc_l, 1, 3)),
-                    (_consumer_part, (x_ring, w_ring, ready, empty, parts, done, s_ptr, n0, N,
-                                      k_lo, tiles, stride_sn, stride_sg, GROUP, BN, BK, BM,
-                                      STAGES, WORDS, WORDS_MMA, AL, acc_l, 2, 3)),
-                    (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo,
-                                 tiles, BK, STAGES, 3)),
-                ],
-                [WARPS, WARPS, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
-            )[0]
-    # fmt: on
-    _finish(
-        acc,
-        rn,
-        rm,
-        n_mask,
-        m_mask,
-        s_ptr,
-        b_ptr,
-        out_ptr,
-        ws_ptr,
-        lock_ptr,
-        M,
-        N,
-        stride_om,
-        GROUP,
-        HAS_BIAS,
-        SPLIT_K,
-    )  # fmt: skip
+    acc = gl.warp_specialize(
+        [
+            (_consumer, (acc, x_ring, w_ring, ready, empty, s_ptr, n0, N, rn, n_mask, k_lo, tiles,
+                         stride_sn, stride_sg, GROUP, BN, BK, STAGES, WORDS, WORDS_MMA, AL,
+                         ASYNC)),
+            (_producer, (x_desc, w_desc, x_ring, w_ring, ready, empty, n0, m0, k_lo, tiles, BK,
+                         STAGES)),
+        ],
+        [1],
+        [PRODUCER_REGS],
+    )[0]  # fmt: skip
+    _finish(acc, rn, rm, n_mask, m_mask, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+            stride_om, GROUP, HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -355,19 +236,13 @@ class WsConfig:
     stages: int = 4  # ring slots (>= 2)
     split_waves: int = 1  # split K until the grid has this many programs per SM
     # registers per thread the kernel is compiled for; the producer gives most of its own
-    # to the consumers (0: Triton's default). With consumers > 1: the registers of each
-    # consumer warpgroup but the first, which gets what the others leave
+    # to the consumers (0: Triton's default)
     maxnreg: int = 0
     # asynchronous wgmma, one in flight while the next tile is unpacked; group scales then
     # multiply A in bf16/fp16 (as WgmmaConfig.overlap does), not each tile's product in fp32,
     # which lost on an H200 (bench/results/ws_probe_async_g128_333e121.md): no table uses it
     # with group scales
     async_mma: bool = False
-    # consumer warpgroups, each of `warps` warps, taking every consumers-th K tile into its
-    # own accumulator (summed through shared memory at the end): more of them per SM unpack
-    # while another's wgmma runs (bench/results/kernel_profile_ws_e06e884.md: one consumer
-    # warpgroup per CTA keeps the tensor pipe about 60% busy at 64 tokens)
-    consumers: int = 1
 
     @property
     def x_perm(self) -> bool:
@@ -462,16 +337,6 @@ def check_ws_config(cfg: WsConfig, group: int = 0) -> None:
         # after every wgmma
         raise ValueError(f"async_mma needs block_n == 16 * warps (64 rows per warpgroup), "
                          f"not block_n {cfg.block_n} with {cfg.warps} warps")  # fmt: skip
-    if cfg.consumers not in (1, 2, 3):
-        raise ValueError(f"consumers must be 1, 2 or 3 consumer warpgroups, not {cfg.consumers}")
-    if cfg.stages % cfg.consumers:
-        raise ValueError(f"stages {cfg.stages} must be a multiple of consumers "
-                         f"({cfg.consumers}): each consumer warpgroup owns as many ring "
-                         f"slots")  # fmt: skip
-    if cfg.consumers > 1 and (cfg.async_mma or cfg.warps != 4):
-        raise ValueError(f"consumers > 1 needs the synchronous consumer of one warpgroup "
-                         f"(warps 4, async_mma False), not warps {cfg.warps} with async_mma "
-                         f"{cfg.async_mma}")  # fmt: skip
     if cfg.maxnreg and not (MIN_REGS <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0):
         raise ValueError(f"maxnreg must be 0 (Triton decides) or a multiple of 8 in "
                          f"[{MIN_REGS}, 255], not {cfg.maxnreg}")  # fmt: skip
@@ -519,7 +384,6 @@ def wgmma_ws_linear(
         GROUP=group, HAS_BIAS=bias is not None, SPLIT_K=g.split_k,
         BN=config.block_n, BK=g.block_k, BM=bm, WARPS=config.warps, STAGES=config.stages,
         WORDS=lay.words, WORDS_MMA=lay.words_mma, ASYNC=config.async_mma,
-        CONSUMERS=config.consumers, CONSUMER_REGS=config.maxnreg or 128, num_warps=config.warps,
-        **({"maxnreg": config.maxnreg} if config.maxnreg and config.consumers == 1 else {}),
+        num_warps=config.warps, **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )  # fmt: skip
     return out.view(*lead, n)
