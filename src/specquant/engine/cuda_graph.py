@@ -1,4 +1,4 @@
-"""One-token decoding steps replayed from CUDA graphs.
+"""Decoding steps and speculative blocks replayed from CUDA graphs.
 
 At batch 1 a decoding step launches a few hundred small kernels (norms, rope, attention,
 four linears per layer); eagerly, the CPU's launch time exceeds the GPU's work on any model
@@ -19,11 +19,25 @@ position p replays the narrowest graph whose window holds p + 1 keys, so attenti
 most twice the live prefix. Graphs are captured on first use (a warm-up step first compiles
 the kernels and fills their caches) and share one memory pool.
 
-Drafting and verification blocks (several tokens, tree masks) still run eagerly.
+Blocks of several tokens (a verification tree or chain, a draft model catching up) replay
+graphs too, one per (padded token count, window width):
+
+    tokens [P], positions [P]  the block's T tokens and their rope positions, then P - T
+                               padding tokens (P: T rounded up to a power of two, so a
+                               few graphs serve every tree size)
+    slots [P]                  K/V land at slots [start, start + P): the block's own at
+                               [start, start + T), as eagerly; the padding's after them,
+                               never committed
+    mask [P, width]            the block's rows: the prefix, the tree mask, nothing past the
+                               block; a padding row sees only its own key
+
+and attention is the runner's own masked kernel over the window. Only the first T rows of
+logits and features are returned. The EAGLE head's drafting passes still run eagerly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +45,25 @@ import torch
 
 from specquant.cache.static_kv import StaticKVCache
 from specquant.kernels.registry import KernelContext, select
-from specquant.layers.attention import AttnMetadata
+from specquant.layers.attention import AttnMetadata, block_keys_mask
 
 if TYPE_CHECKING:
     from specquant.engine.runner import ModelRunner
 
 MIN_WIDTH = 256  # narrowest key window: below it the graphs would only multiply
+MAX_BLOCK = 128  # longer blocks (prompt chunks) run eagerly: compute-bound, and varied
 
 
 class GraphCaptureError(RuntimeError):
     """A step could not be captured (an op that synchronizes with the host, or one CUDA
     graphs do not support); the runner then decodes eagerly."""
+
+
+def block_tokens(t: int) -> int:
+    """The padded token count of the graph that serves a block of `t` tokens."""
+    if not 2 <= t <= MAX_BLOCK:
+        raise ValueError(f"a graphed block holds 2..{MAX_BLOCK} tokens, not {t}")
+    return 1 << (t - 1).bit_length()
 
 
 def window_width(keys: int, max_len: int) -> int:
@@ -56,16 +78,16 @@ def window_width(keys: int, max_len: int) -> int:
 
 class WindowKV:
     """The KV cache as a captured step sees it (implements the model's KVCache protocol):
-    the new K/V go to the slot held in `slot` [1] (the int `start` the model passes is a
+    the new K/V go to the slots held in `slots` [T] (the int `start` the model passes is a
     placeholder), and attention reads slots [0, width)."""
 
-    def __init__(self, cache: StaticKVCache, slot: torch.Tensor, width: int):
-        self.cache, self.slot, self.width = cache, slot, width
+    def __init__(self, cache: StaticKVCache, slots: torch.Tensor, width: int):
+        self.cache, self.slots, self.width = cache, slots, width
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v [B, Hkv, 1, D] -> slot `slot` of `layer`
-        self.cache.k[layer].index_copy_(2, self.slot, k)
-        self.cache.v[layer].index_copy_(2, self.slot, v)
+        # k, v [B, Hkv, T, D] -> slots `slots` of `layer`
+        self.cache.k[layer].index_copy_(2, self.slots, k)
+        self.cache.v[layer].index_copy_(2, self.slots, v)
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.k[layer, :, :, : self.width], self.cache.v[layer, :, :, : self.width]
@@ -77,6 +99,17 @@ class _Graph:
     logits: torch.Tensor  # [1, V] the step's outputs, overwritten by each replay
     hidden: torch.Tensor  # [1, F]
     cache_k: torch.Tensor  # the cache tensor captured (a new one needs a new graph)
+
+
+@dataclass
+class _Block:
+    """A graphed block's inputs (filled before each replay) and outputs."""
+
+    tokens: torch.Tensor  # [P]
+    positions: torch.Tensor  # [P]
+    slots: torch.Tensor  # [P]
+    mask: torch.Tensor  # [P, width] bool
+    run: _Graph | None = None
 
 
 class GraphedDecoder:
@@ -96,6 +129,7 @@ class GraphedDecoder:
         ctx = KernelContext(dev, runner.dtype)
         self.attend = select("decode_attention", ctx).fn
         self.graphs: dict[int, _Graph] = {}
+        self.blocks: dict[tuple[int, int], _Block] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def _step(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,23 +155,55 @@ class GraphedDecoder:
         )
         return r.outputs(out)
 
-    def _capture(self, width: int) -> _Graph:
+    def _block_step(self, b: _Block, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model on a block's padded tokens, keys [0, width) under its mask: (logits
+        [P, V], features [P, F])."""
+        r = self.runner
+        cos, sin = r.rope.gather(b.positions)
+        meta = AttnMetadata(
+            0, b.positions, cos, sin, b.mask, r.attention(), r.config.sliding_window
+        )
+        layers = r.features if isinstance(r.features, tuple) else ()
+        out = r.model(
+            b.tokens[None],
+            WindowKV(r.cache, b.slots, width),
+            meta,
+            return_hidden=True,
+            hidden_layers=layers,
+        )
+        return r.outputs(out)
+
+    def _capture(self, width: int, step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 what: str) -> _Graph:  # fmt: skip
         cache_k = self.runner.cache.k
         if not self.capture:
-            logits, hidden = self._step(width)
+            logits, hidden = step()
             return _Graph(None, logits, hidden, cache_k)
         side = torch.cuda.Stream(self.runner.device)
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(side):  # compile the kernels, fill their caches
-            self._step(width)  # writes this step's own K/V: the replay writes the same
+            step()  # writes this step's own K/V: the replay writes the same
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                logits, hidden = self._step(width)
+                logits, hidden = step()
         except RuntimeError as e:
-            raise GraphCaptureError(f"capturing the {width}-key step failed: {e}") from e
+            raise GraphCaptureError(f"capturing the {what} over {width} keys failed: {e}") from e
         return _Graph(graph, logits, hidden, cache_k)
+
+    def _replay(self, g: _Graph | None, width: int,
+                step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                what: str) -> _Graph:  # fmt: skip
+        """Run a step through its graph: captured on first use (or when the cache tensor
+        changed), eagerly with capture=False."""
+        if g is None or g.cache_k is not self.runner.cache.k:
+            g = self._capture(width, step, what)  # eagerly: this step already ran
+        elif g.graph is None:
+            g.logits, g.hidden = step()
+        if g.graph is not None:  # a capture does not run the step: replay it
+            g.graph.replay()
+        return g
 
     def step(self, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `token` [1] at `position` (its K/V land in that slot, not committed):
@@ -145,11 +211,56 @@ class GraphedDecoder:
         width = window_width(position + 1, self.runner.max_seq_len)
         self.token.copy_(token)
         self.position.fill_(position)
-        g = self.graphs.get(width)
-        if g is None or g.cache_k is not self.runner.cache.k:
-            g = self.graphs[width] = self._capture(width)  # eagerly: this step already ran
-        elif g.graph is None:
-            g.logits, g.hidden = self._step(width)
-        if g.graph is not None:  # a capture does not run the step: replay it
-            g.graph.replay()
+        g = self.graphs[width] = self._replay(
+            self.graphs.get(width), width, lambda: self._step(width), "one-token step"
+        )
         return g.logits.clone(), g.hidden.clone()
+
+    def fits_block(self, t: int, start: int) -> bool:
+        """Whether a block of `t` tokens after `start` committed ones can replay a graph
+        (2..MAX_BLOCK tokens, and room in the cache for its padding)."""
+        return 2 <= t <= MAX_BLOCK and start + block_tokens(t) <= self.runner.max_seq_len
+
+    def block(
+        self,
+        tokens: torch.Tensor,  # [T] int64
+        start: int,  # committed tokens before the block
+        block_mask: torch.Tensor | None,  # [T, W] bool over the last W keys; None = causal
+        depth: torch.Tensor | None,  # [T] offsets from `start`; None = arange(T)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T, V], features [T, F]
+        """Run a block of T tokens (fits_block) as ModelRunner.run does, its K/V written at
+        slots [start, start + T), not committed; fresh tensors the next block does not
+        overwrite."""
+        r, t = self.runner, tokens.shape[0]
+        if not self.fits_block(t, start):
+            raise ValueError(
+                f"a block of {t} tokens after {start} does not fit a graph "
+                f"(2..{MAX_BLOCK} tokens, padded within {r.max_seq_len} slots)"
+            )
+        p = block_tokens(t)
+        width = window_width(start + p, r.max_seq_len)
+        b = self.blocks.get((p, width))
+        if b is None:
+            dev = r.device
+            b = self.blocks[(p, width)] = _Block(
+                torch.zeros(p, dtype=torch.long, device=dev),
+                torch.zeros(p, dtype=torch.long, device=dev),
+                torch.zeros(p, dtype=torch.long, device=dev),
+                torch.zeros(p, width, dtype=torch.bool, device=dev),
+            )
+        # inputs, in place (the graph reads these addresses)
+        ar = torch.arange(p, device=r.device)
+        b.tokens.zero_()
+        b.tokens[:t].copy_(tokens)
+        torch.add(ar, start, out=b.slots)
+        b.positions.copy_(b.slots)  # the padding's positions follow the block's slots
+        if depth is not None:
+            torch.add(depth, start, out=b.positions[:t])
+        keys = block_keys_mask(start, b.positions[:t], block_mask, r.config.sliding_window)
+        assert keys is not None  # (None only for a single token)
+        b.mask.zero_()
+        b.mask[:t, : start + t] = keys
+        pad = ar[t:]
+        b.mask[pad, start + pad] = True  # a padding row sees only its own key
+        b.run = self._replay(b.run, width, lambda: self._block_step(b, width), f"{p}-token block")
+        return b.run.logits[:t].clone(), b.run.hidden[:t].clone()

@@ -29,6 +29,9 @@ from specquant.layers.rope import RopeTable
 from specquant.models.llama import LlamaModel, ModelOutput
 
 PREFILL_CHUNK = 1024
+# prompt chunks up to this many tokens replay graphs (a drafter syncing to the target's
+# last tokens each step); longer ones run eagerly
+MAX_PREFILL_GRAPH = 16
 FeatureSpec = str | tuple[int, ...] | None
 
 
@@ -89,8 +92,8 @@ class ModelRunner:
                 raise ValueError(f"features must be None, 'final' or a tuple; got {features!r}")
             width = self.config.hidden_size * (1 if features == "final" else len(features))
             self.feats = torch.zeros(max_seq_len, width, device=self.device, dtype=self.dtype)
-        # one-token steps (plain decoding, chain drafts) replayed from CUDA graphs; on other
-        # devices the flag is ignored
+        # one-token steps and speculative blocks replayed from CUDA graphs; on other devices
+        # the flag is ignored
         self.graphs: GraphedDecoder | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = GraphedDecoder(self)
@@ -130,13 +133,16 @@ class ModelRunner:
             raise ValueError(
                 f"sequence of {n + t} tokens exceeds the context of {self.max_seq_len}"
             )
-        one_step = t == 1 and block_mask is None and depth is None and not prefill
-        if self.graphs is not None and one_step:
+        if self.graphs is not None:
             try:
-                return self.graphs.step(tokens, n)
+                graphed = self._graphed(tokens, n, block_mask, depth, prefill)
             except GraphCaptureError as e:  # keep decoding, eagerly, and say why once
                 warnings.warn(f"{e}; decoding without CUDA graphs from here on", stacklevel=2)
                 self.graphs = None
+                graphed = None
+            if graphed is not None:
+                logits, hidden = graphed
+                return (logits[-1:] if last_only else logits), hidden
         positions = None if depth is None else n + depth
         meta = AttnMetadata.plan(
             self.rope,
@@ -158,6 +164,26 @@ class ModelRunner:
             hidden_layers=layers,
         )
         return self.outputs(out)
+
+    def _graphed(
+        self,
+        tokens: torch.Tensor,  # [T]
+        n: int,
+        block_mask: torch.Tensor | None,
+        depth: torch.Tensor | None,
+        prefill: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block through a CUDA graph where one serves it: one-token steps, and blocks
+        of up to MAX_BLOCK tokens (verification, a drafter catching up) but for prompt
+        chunks longer than MAX_PREFILL_GRAPH, which vary too much to be worth a graph each.
+        None: run it eagerly."""
+        assert self.graphs is not None
+        t = tokens.shape[0]
+        if t == 1 and block_mask is None and depth is None:
+            return self.graphs.step(tokens, n)
+        if (prefill and t > MAX_PREFILL_GRAPH) or not self.graphs.fits_block(t, n):
+            return None
+        return self.graphs.block(tokens, n, block_mask, depth)
 
     def outputs(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """A block's (logits [T, V], features [T, F]) from the model's output (batch row 0):

@@ -57,34 +57,48 @@ class AttnMetadata:
             raise ValueError(
                 f"position {int(positions.max())} exceeds the rope table ({rope.max_len})"
             )
-        total = cache_len + num_tokens
-        mask: torch.Tensor | None
-        if block_mask is None and num_tokens == 1:
-            mask = None  # one query sees the whole prefix
-        else:
-            if block_mask is None:
-                block_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
-                block_mask = block_mask.tril()
-            width = block_mask.shape[-1]
-            if block_mask.dim() != 2 or block_mask.shape[0] != num_tokens or width < num_tokens:
-                raise ValueError(
-                    f"block_mask must be [{num_tokens}, W] with {num_tokens} <= W <= {total}, "
-                    f"got {tuple(block_mask.shape)}"
-                )
-            if width > total:
-                raise ValueError(f"block_mask covers {width} keys but only {total} exist")
-            # The mask covers the last W keys (a tree drafted over several forward passes
-            # keeps its earlier levels there); keys before them are the committed prefix.
-            prefix = torch.ones(num_tokens, total - width, dtype=torch.bool, device=device)
-            mask = torch.cat([prefix, block_mask.to(device=device, dtype=torch.bool)], dim=1)
-        if sliding_window is not None and total > sliding_window:
-            key_pos = torch.cat([torch.arange(cache_len, device=device), positions])
-            in_window = (positions[:, None] - key_pos[None, :]) < sliding_window
-            mask = in_window if mask is None else mask & in_window
+        mask = block_keys_mask(cache_len, positions, block_mask, sliding_window)
         cos, sin = rope.gather(positions)
         if attn_fn is None:
             attn_fn = select_attention(device, rope.cos.dtype)
         return cls(cache_len, positions, cos, sin, mask, attn_fn, sliding_window)
+
+
+def block_keys_mask(
+    cache_len: int,
+    positions: torch.Tensor,  # [T] int64 rope positions of the new tokens
+    block_mask: torch.Tensor | None,  # [T, W>=T] bool over the last W keys; None = causal
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:  # [T, cache_len + T] bool, True = may attend; None = all
+    """What each of T new tokens after a committed prefix of `cache_len` may attend to: the
+    whole prefix, `block_mask` over the last W keys (a tree drafted over several forward
+    passes keeps its earlier levels there), and only keys inside the sliding window. None
+    where one token sees every key."""
+    num_tokens = int(positions.shape[0])
+    device = positions.device
+    total = cache_len + num_tokens
+    mask: torch.Tensor | None
+    if block_mask is None and num_tokens == 1:
+        mask = None  # one query sees the whole prefix
+    else:
+        if block_mask is None:
+            block_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+            block_mask = block_mask.tril()
+        width = block_mask.shape[-1]
+        if block_mask.dim() != 2 or block_mask.shape[0] != num_tokens or width < num_tokens:
+            raise ValueError(
+                f"block_mask must be [{num_tokens}, W] with {num_tokens} <= W <= {total}, "
+                f"got {tuple(block_mask.shape)}"
+            )
+        if width > total:
+            raise ValueError(f"block_mask covers {width} keys but only {total} exist")
+        prefix = torch.ones(num_tokens, total - width, dtype=torch.bool, device=device)
+        mask = torch.cat([prefix, block_mask.to(device=device, dtype=torch.bool)], dim=1)
+    if sliding_window is not None and total > sliding_window:
+        key_pos = torch.cat([torch.arange(cache_len, device=device), positions])
+        in_window = (positions[:, None] - key_pos[None, :]) < sliding_window
+        mask = in_window if mask is None else mask & in_window
+    return mask
 
 
 def select_attention(
