@@ -5,6 +5,7 @@ prefix needs), and torch.profiler's GPU time per kernel over a few eager steps a
 position, grouped by kernel name (top entries), next to the format's HBM roofline per step.
 
     python bench/gpu_step_profile.py --out bench/results [--formats w4a16-g128,bf16]
+    python bench/gpu_step_profile.py --tokens 2   # a graphed 2-token block (a verification)
 
 Writes gpu_step_profile.json and .md.
 """
@@ -29,7 +30,7 @@ from specquant.quant.spec import get_format
 STEPS = 5
 
 
-def profile(fmt: str, bw_gbs: float) -> dict[str, Any]:
+def profile(fmt: str, bw_gbs: float, tokens: int = 1) -> dict[str, Any]:
     cfg = ModelConfig.from_hf(LLAMA3_8B)
     model = random_model(cfg)
     if fmt != "bf16":
@@ -37,20 +38,26 @@ def profile(fmt: str, bw_gbs: float) -> dict[str, Any]:
     model.prepare_kernels()
     runner = ModelRunner(model, 1024, cuda_graphs=True)
     runner.sync(list(range(100, 228)))
-    token = torch.tensor([5], device="cuda")
+    token = torch.arange(5, 5 + tokens, device="cuda")
     n = runner.length
     assert runner.graphs is not None
+    graphs, run = runner.graphs, runner.run
+
+    def graphed_step() -> Any:
+        if tokens == 1:
+            return graphs.step(token, n)
+        return graphs.block(token, n, None, None)
+
     for _ in range(3):
-        runner.graphs.step(token, n)  # capture, warm
+        graphed_step()  # capture, warm
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(50):
-        runner.graphs.step(token, n)
+        graphed_step()
     end.record()
     torch.cuda.synchronize()
     graphed_ms = start.elapsed_time(end) / 50
-    graphs, run = runner.graphs, runner.run
-    graphed = kernel_times(lambda: graphs.step(token, n))
+    graphed = kernel_times(graphed_step)
     runner.graphs = None  # eager steps from here on
     for _ in range(2):
         run(token)
@@ -59,7 +66,8 @@ def profile(fmt: str, bw_gbs: float) -> dict[str, Any]:
     del runner, model
     torch.cuda.empty_cache()
     return dict(
-        format=fmt, graphed_ms=graphed_ms, graphed_gpu_ms=sum(k["ms"] for k in graphed),
+        format=fmt, tokens=tokens, graphed_ms=graphed_ms,
+        graphed_gpu_ms=sum(k["ms"] for k in graphed),
         eager_gpu_ms=sum(k["ms"] for k in eager), roofline_ms=roof_ms,
         kernels=graphed[:15], eager_kernels=eager[:15],
     )  # fmt: skip
@@ -95,7 +103,8 @@ def markdown(report: dict[str, Any]) -> list[str]:
     for r in report["rows"]:
         md += [
             "",
-            f"## {r['format']}: graphed step {r['graphed_ms']:.3f} ms (its kernels "
+            f"## {r['format']}, {r.get('tokens', 1)} token(s): graphed step "
+            f"{r['graphed_ms']:.3f} ms (its kernels "
             f"{r['graphed_gpu_ms']:.3f} ms), eager step's kernels {r['eager_gpu_ms']:.3f} ms, "
             f"roofline {r['roofline_ms']:.3f} ms",
         ]
@@ -110,12 +119,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--formats", default="w4a16-g128,bf16")
+    ap.add_argument("--tokens", default="1", help="comma-separated block sizes: 1 is a "
+                    "decoding step, more a graphed block (verification)")  # fmt: skip
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
     args = ap.parse_args()
     report: dict[str, Any] = dict(meta=gpu_run_meta(args.commit), bw_gbs=copy_bandwidth_gbs(),
                                   rows=[])  # fmt: skip
     for fmt in args.formats.split(","):
-        report["rows"].append(profile(fmt, report["bw_gbs"]))
+        for t in (int(v) for v in args.tokens.split(",")):
+            report["rows"].append(profile(fmt, report["bw_gbs"], t))
         write_report(args.out / "gpu_step_profile.json", report, markdown(report))
 
 
