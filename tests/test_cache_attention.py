@@ -266,3 +266,18 @@ def test_exact_attention_is_chosen_for_activation_quantized_targets_on_the_cpu()
     reasons = {name: (ok, why) for name, ok, why in explain("attention", ctx)}
     assert reasons["float64"] == (False, "float64 math is for the CPU, not cuda")
     assert "quantizes activations" in explain("attention", KernelContext(cpu, torch.float32))[0][2]
+
+
+def test_attention_takes_an_additive_float_mask_as_its_bool_mask() -> None:
+    """Every attention kernel reads a 0 / -inf float mask (what a graphed block builds once)
+    as the bool mask it stands for, GQA folding included."""
+    from specquant.kernels.builtin import attention_float64
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 5, 8, generator=gen)
+    k, v = torch.randn(2, 1, 2, 9, 8, generator=gen)
+    mask = torch.rand(5, 9, generator=gen) > 0.4
+    mask[:, 0] = True  # every row sees a key
+    bias = torch.zeros(5, 9).masked_fill(~mask, float("-inf"))
+    for fn in (attention_reference, attention_sdpa, attention_float64):
+        torch.testing.assert_close(fn(q, k, v, bias), fn(q, k, v, mask), rtol=1e-6, atol=1e-6)

@@ -109,6 +109,7 @@ class _Block:
     positions: torch.Tensor  # [P]
     slots: torch.Tensor  # [P]
     mask: torch.Tensor  # [P, width] bool
+    eye: torch.Tensor  # [P, P] bool: the padding rows' own keys
     run: _Graph | None = None
 
 
@@ -160,9 +161,10 @@ class GraphedDecoder:
         [P, V], features [P, F])."""
         r = self.runner
         cos, sin = r.rope.gather(b.positions)
-        meta = AttnMetadata(
-            0, b.positions, cos, sin, b.mask, r.attention(), r.config.sliding_window
-        )
+        # additive, once per block: SDPA would convert a bool mask again in every layer
+        bias = torch.zeros(b.mask.shape, dtype=r.dtype, device=r.device)
+        bias.masked_fill_(~b.mask, float("-inf"))
+        meta = AttnMetadata(0, b.positions, cos, sin, bias, r.attention(), r.config.sliding_window)
         layers = r.features if isinstance(r.features, tuple) else ()
         out = r.model(
             b.tokens[None],
@@ -247,6 +249,7 @@ class GraphedDecoder:
                 torch.zeros(p, dtype=torch.long, device=dev),
                 torch.zeros(p, dtype=torch.long, device=dev),
                 torch.zeros(p, width, dtype=torch.bool, device=dev),
+                torch.eye(p, dtype=torch.bool, device=dev),
             )
         # inputs, in place (the graph reads these addresses)
         ar = torch.arange(p, device=r.device)
@@ -260,7 +263,8 @@ class GraphedDecoder:
         assert keys is not None  # (None only for a single token)
         b.mask.zero_()
         b.mask[:t, : start + t] = keys
-        pad = ar[t:]
-        b.mask[pad, start + pad] = True  # a padding row sees only its own key
+        # a padding row sees only its own key (copied: no value from the host, which would
+        # wait for the device)
+        b.mask[t:, start + t : start + p].copy_(b.eye[: p - t, : p - t])
         b.run = self._replay(b.run, width, lambda: self._block_step(b, width), f"{p}-token block")
         return b.run.logits[:t].clone(), b.run.hidden[:t].clone()

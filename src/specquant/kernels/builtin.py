@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from specquant.kernels.reference import (
     attention_reference,
+    masked_scores,
     qlinear_reference,
     quantize_per_token,
     rmsnorm_mma_reference,
@@ -38,7 +39,8 @@ def attention_sdpa(
     q: torch.Tensor,  # [B, Hq, T, D]
     k: torch.Tensor,  # [B, Hkv, S, D]
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor | None,  # [T, S] or per-sequence [B, 1, T, S] bool, or None
+    # [T, S] or per-sequence [B, 1, T, S], bool or additive float (0 / -inf), or None
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     global _cudnn_sdp_off
     if q.is_cuda and not _cudnn_sdp_off:
@@ -94,7 +96,7 @@ def attention_float64(
     q: torch.Tensor,  # [B, Hq, T, D]
     k: torch.Tensor,  # [B, Hkv, S, D]
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor | None,  # [T, S] or [B, 1, T, S] bool, or None
+    mask: torch.Tensor | None,  # [T, S] or [B, 1, T, S] bool or additive float, or None
 ) -> torch.Tensor:  # [B, Hq, T, D] in q's dtype
     """Softmax attention computed in float64 and rounded to q's dtype once.
 
@@ -110,8 +112,7 @@ def attention_float64(
     would still have to move an activation code to change anything."""
     folded, mask = _fold_groups(q, k.shape[1], mask)
     scores = torch.matmul(folded.double(), k.double().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = masked_scores(scores, mask)
     out = torch.matmul(scores.softmax(-1), v.double())
     return out.to(q.dtype).reshape(q.shape)
 

@@ -20,16 +20,27 @@ def attention_reference(
     q: torch.Tensor,  # [B, Hq, T, D]
     k: torch.Tensor,  # [B, Hkv, S, D]   S = committed prefix + T new keys
     v: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor | None,  # [T, S] or [B, 1, T, S] bool, True = may attend; None = all
+    # [T, S] or [B, 1, T, S]: bool, True = may attend, or additive float (0 / -inf); None = all
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:  # [B, Hq, T, D]
     """Softmax attention with grouped KV heads, computed in fp32."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1).float()
     v = v.repeat_interleave(groups, dim=1).float()
     scores = q.float() @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)  # [B, Hq, T, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = masked_scores(scores, mask)
     return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention scores with `mask` applied: a bool mask (True = may attend) or an additive
+    float one (0 where allowed, -inf elsewhere: a graphed block converts its mask once
+    instead of every layer's SDPA converting it again)."""
+    if mask is None:
+        return scores
+    if mask.is_floating_point():
+        return scores + mask.to(scores.dtype)
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 def kv_compact_reference(
