@@ -31,8 +31,9 @@ graphs too, one per (padded token count, window width):
     mask [P, width]            the block's rows: the prefix, the tree mask, nothing past the
                                block; a padding row sees only its own key
 
-and attention is the runner's own masked kernel over the window. Only the first T rows of
-logits and features are returned. The EAGLE head's drafting passes still run eagerly.
+and attention reads the window under that mask (the "block_attention" op: split-K over the
+keys on CUDA). Only the first T rows of logits and features are returned. The EAGLE head's
+drafting passes still run eagerly.
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ class GraphedDecoder:
         # "decode_attention": a Triton kernel on CUDA in 16-bit, else masked SDPA)
         ctx = KernelContext(dev, runner.dtype)
         self.attend = select("decode_attention", ctx).fn
+        # a block's tokens under its mask (registry "block_attention": a Triton kernel on
+        # CUDA in 16-bit, else SDPA); on the CPU the runner's own attention, which is exact
+        # for models that quantize activations (so blocks verify as their steps decode)
+        self.attend_block = select("block_attention", ctx).fn if dev.type == "cuda" else None
         self.graphs: dict[int, _Graph] = {}
         self.blocks: dict[tuple[int, int], _Block] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -164,7 +169,8 @@ class GraphedDecoder:
         # additive, once per block: SDPA would convert a bool mask again in every layer
         bias = torch.zeros(b.mask.shape, dtype=r.dtype, device=r.device)
         bias.masked_fill_(~b.mask, float("-inf"))
-        meta = AttnMetadata(0, b.positions, cos, sin, bias, r.attention(), r.config.sliding_window)
+        attend = self.attend_block or r.attention()
+        meta = AttnMetadata(0, b.positions, cos, sin, bias, attend, r.config.sliding_window)
         layers = r.features if isinstance(r.features, tuple) else ()
         out = r.model(
             b.tokens[None],

@@ -140,6 +140,12 @@ register(
     "decode_attention",
     KernelImpl("reference", 0, decode_attention_reference, _always, is_reference=True),
 )
+# a graphed block's tokens over a cache window under an additive [T, W] mask (engine/
+# cuda_graph.py): on CUDA a split-K Triton kernel, here SDPA with that mask
+register(
+    "block_attention",
+    KernelImpl("reference", 0, attention_sdpa, _always, is_reference=True),
+)
 
 
 # ------------------------------------------------------------------------------- linear

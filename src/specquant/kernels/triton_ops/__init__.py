@@ -24,6 +24,7 @@ use.
 | triton          | silu_mul_quant| silu(gate) * up + per-token quantization in one kernel     |
 | triton          | rope          | rotary embeddings of q and k in one kernel (`rope.py`)      |
 | triton          | decode_attention | one query over a cache window, its length on the device |
+| triton          | block_attention | a block's tokens over a cache window, additive mask     |
 """
 
 from __future__ import annotations
@@ -340,4 +341,28 @@ def decode_attention_triton(
 register(
     "decode_attention",
     KernelImpl("triton", PRIORITY, decode_attention_triton, _decode_attention_check),
+)
+
+
+def _block_attention_check(ctx: KernelContext) -> tuple[bool, str]:
+    why = _common_reason(ctx)
+    if why is not None:
+        return False, why
+    return True, "Triton split-K attention of a block's tokens under its mask"
+
+
+def block_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    from specquant.kernels.builtin import attention_sdpa
+    from specquant.kernels.triton_ops.block_attention import block_attention, unsupported
+
+    if bias is None or unsupported(q, k, v, bias):  # e.g. an odd head size: masked SDPA
+        return attention_sdpa(q, k, v, bias)
+    return block_attention(q, k, v, bias)
+
+
+register(
+    "block_attention",
+    KernelImpl("triton", PRIORITY, block_attention_triton, _block_attention_check),
 )
