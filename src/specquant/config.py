@@ -298,7 +298,7 @@ class EngineConfig:
     )
     cuda_graphs: bool = field(
         default=True,
-        metadata=_doc("replay one-token decoding steps from CUDA graphs (CUDA only)"),
+        metadata=_doc("replay decoding steps and verification blocks from CUDA graphs (CUDA only)"),
     )
 
     def __post_init__(self) -> None:
