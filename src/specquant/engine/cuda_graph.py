@@ -94,6 +94,27 @@ class WindowKV:
         return self.cache.k[layer, :, :, : self.width], self.cache.v[layer, :, :, : self.width]
 
 
+def capture(
+    fn: Callable[[], tuple[torch.Tensor, ...]], device: torch.device, pool: Any, what: str
+) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+    """`fn` captured into a CUDA graph (in memory pool `pool`), after one eager run on a side
+    stream that compiles its kernels and fills their caches, and the tensors it returns,
+    which each replay overwrites. The capture itself does not run `fn`: replay it. `fn` may
+    only read device buffers that its caller fills before each replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()  # (a step writes its own K/V here: the replay writes the same)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except RuntimeError as e:
+        raise GraphCaptureError(f"capturing {what} failed: {e}") from e
+    return graph, out
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph | None  # None: run eagerly (CPU, or capture=False)
@@ -187,17 +208,8 @@ class GraphedDecoder:
         if not self.capture:
             logits, hidden = step()
             return _Graph(None, logits, hidden, cache_k)
-        side = torch.cuda.Stream(self.runner.device)
-        side.wait_stream(torch.cuda.current_stream(self.runner.device))
-        with torch.cuda.stream(side):  # compile the kernels, fill their caches
-            step()  # writes this step's own K/V: the replay writes the same
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits, hidden = step()
-        except RuntimeError as e:
-            raise GraphCaptureError(f"capturing the {what} over {width} keys failed: {e}") from e
+        graph, (logits, hidden) = capture(step, self.runner.device, self.pool,
+                                          f"the {what} over {width} keys")  # fmt: skip
         return _Graph(graph, logits, hidden, cache_k)
 
     def _replay(self, g: _Graph | None, width: int,

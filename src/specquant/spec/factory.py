@@ -175,6 +175,7 @@ def build_generator(
             topk=topk,
             tree_size=tree_size,
             vocab_ids=vocab,
+            cuda_graphs=engine.cuda_graphs,
         )
         return gen
     assert spec.method == "hierspec"
@@ -191,7 +192,12 @@ def build_generator(
         inter, gen.max_seq_len + margin, features=features, cuda_graphs=engine.cuda_graphs
     )
     eagle = EagleDrafter(
-        head, m_runner, depth=spec.hier_depth, topk=spec.hier_topk, tree_size=spec.hier_tree_size
+        head,
+        m_runner,
+        depth=spec.hier_depth,
+        topk=spec.hier_topk,
+        tree_size=spec.hier_tree_size,
+        cuda_graphs=engine.cuda_graphs,
     )
     gen.drafter = HierSpecDrafter(m_runner, eagle, spec.min_draft_length)
     return gen

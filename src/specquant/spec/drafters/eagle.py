@@ -16,8 +16,11 @@ All of it stays on the device; the tree-level KV entries are dropped afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from specquant.cache.static_kv import KVCache
 from specquant.engine.runner import (
     PREFILL_CHUNK,
     FeatureSpec,
@@ -31,7 +34,14 @@ from specquant.layers.rope import RopeTable
 from specquant.models.eagle import Eagle3Head, EagleHead
 from specquant.models.llama import lm_head_rows
 from specquant.spec.drafters.base import DraftRequest, DraftStats
+from specquant.spec.drafters.tree_graphs import TreeGraphs
 from specquant.spec.tree import MAX_TREE_SIZE, DraftTree
+
+# (level, frontier tokens [k], their features [k, H], their ancestors' mask [k, level * k])
+# -> the head's (hidden [k, H], log-probs [k, V_draft]) for that level
+LevelRun = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def validate_tree_params(depth: int, topk: int, tree_size: int, vocab: int) -> None:
@@ -70,6 +80,7 @@ class EagleDrafter:
         topk: int,
         tree_size: int,
         vocab_ids: torch.Tensor | None = None,  # [V_draft] FR-Spec drafting vocabulary
+        cuda_graphs: bool = False,  # replay the tree expansion from CUDA graphs (CUDA only)
     ):
         want = head_features(head, base.config.num_layers)
         if base.features != want:
@@ -102,6 +113,9 @@ class EagleDrafter:
         self.attn_fn = select_attention(w.device, w.dtype)
         self.context: list[int] = []  # tokens whose pairs fill the committed cache rows
         self.stats = DraftStats()
+        self.graphs: TreeGraphs | None = None
+        if cuda_graphs and w.device.type == "cuda":
+            self.graphs = TreeGraphs(self)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -124,13 +138,19 @@ class EagleDrafter:
             block_mask=block_mask,
             attn_fn=self.attn_fn,
         )
+        return self._head(tokens, feats, self.cache, meta)
+
+    def _head(
+        self, tokens: torch.Tensor, feats: torch.Tensor, cache: KVCache, meta: AttnMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # hidden [T, H], log-probs [T, V_draft]
+        """The head on tokens [T] and their features [T, H] under `meta`, K/V into `cache`."""
         base = self.base.model
         head = self.head
         if isinstance(head, Eagle3Head):
             embed = head.embed_tokens if head.embed_tokens is not None else base.embed_tokens
-            h = head(embed(tokens)[None], feats[None], self.cache, meta)[0]
+            h = head(embed(tokens)[None], feats[None], cache, meta)[0]
             return h, torch.log_softmax(head.draft_logits(h).float(), dim=-1)
-        h = head(base.embed_tokens(tokens)[None], feats[None], self.cache, meta)[0]
+        h = head(base.embed_tokens(tokens)[None], feats[None], cache, meta)[0]
         logits = base.logits(h) if self.draft_lm_head is None else self.draft_lm_head(h)
         return h, torch.log_softmax(logits.float(), dim=-1)
 
@@ -169,12 +189,37 @@ class EagleDrafter:
         assert req.target is self.base, "an EAGLE drafter drafts for the model it was built on"
         context = [*req.target.ids, req.root]
         last_h, last_logp = self._sync(context)
-        k = self.topk
         n = min(self.tree_size, req.max_nodes)
-        root_pos = len(context) - 1
-        committed = self.cache.length
-        device = last_h.device
+        committed, root_pos = self.cache.length, len(context) - 1
+        k, device = self.topk, last_h.device
+        if self.graphs is not None and n == self.tree_size:
+            tokens, parents = self.graphs.tree(last_h, last_logp, committed, root_pos, req.root)
+        else:
 
+            def level_run(level: int, tokens: torch.Tensor, feats: torch.Tensor,
+                          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                positions = torch.full((k,), root_pos + level - 1, device=device)
+                return self._run(tokens, feats, committed + (level - 1) * k, positions, mask)
+
+            root = torch.full((1,), req.root, device=device)
+            tokens, parents = self.expand(last_h, last_logp, root, n, level_run)
+        self.cache.truncate(committed)  # drop the tree-level rows
+        return DraftTree.from_parents(tokens, parents)
+
+    def expand(
+        self,
+        last_h: torch.Tensor,  # [H] the head's output at the root's row
+        last_logp: torch.Tensor,  # [V_draft] its log-probabilities
+        root: torch.Tensor,  # [1] the root token
+        n: int,  # nodes in the tree, root included
+        level_run: LevelRun,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [n], parents [n] (root first)
+        """Expand and rerank (steps 2-3 of the module docstring) with device ops of fixed
+        shapes only, so that a CUDA graph can replay it: `level_run(level, tokens [k],
+        features [k, H], mask [k, level * k])` runs level `level`'s frontier after the
+        committed rows and the levels before it."""
+        k = self.topk
+        device = last_h.device
         scores, toks = self._topk(last_logp, k)  # [k]
         hist_scores, hist_tokens = [scores], [toks]
         hist_parents = [torch.full((k,), -1, device=device)]
@@ -185,14 +230,7 @@ class EagleDrafter:
         n_hist = k
         depth = min(self.depth, n - 1)  # an n-node tree is at most n-1 deep
         for level in range(1, depth):
-            positions = torch.full((k,), root_pos + level - 1, device=device)
-            h, logp = self._run(
-                frontier_tokens,
-                frontier_h,
-                committed + (level - 1) * k,
-                positions,
-                frontier_mask,
-            )
+            h, logp = level_run(level, frontier_tokens, frontier_h, frontier_mask)
             child_scores, child_tokens = self._topk(logp, k)  # [k, k]
             child_scores = child_scores + frontier_scores[:, None]
             hist_scores.append(child_scores.flatten())
@@ -207,7 +245,6 @@ class EagleDrafter:
             eye = torch.eye(k, dtype=torch.bool, device=device)
             frontier_mask = torch.cat([frontier_mask[row], eye], dim=1)
             n_hist += k * k
-        self.cache.truncate(committed)  # drop the tree-level rows
 
         all_scores = torch.cat(hist_scores)
         # Stable sort: on equal scores the earlier (shallower) node wins, so an ancestor
@@ -218,8 +255,6 @@ class EagleDrafter:
         lookup = torch.full((n_hist,), -1, device=device)
         lookup[chosen] = torch.arange(1, chosen.numel() + 1, device=device)
         parents = torch.where(parents_hist < 0, 0, lookup[parents_hist.clamp(min=0)])
-        tokens = torch.cat(
-            [torch.tensor([req.root], device=device), torch.cat(hist_tokens)[chosen]]
-        )
-        parents = torch.cat([torch.tensor([-1], device=device), parents])
-        return DraftTree.from_parents(tokens, parents)
+        tokens = torch.cat([root, torch.cat(hist_tokens)[chosen]])
+        parents = torch.cat([torch.full((1,), -1, device=device), parents])
+        return tokens, parents

@@ -1,0 +1,92 @@
+"""An EAGLE-2 drafter's tree expansion through CUDA graphs (spec/drafters/tree_graphs.py).
+
+On the CPU the graphed expansion runs eagerly (capture=False) with the same fixed key window
+and device-built masks as a captured one: it must draft the trees the drafter's own eager
+expansion drafts, step after step as the committed prefix grows. On a GPU, EAGLE-2
+generation with graphs must give the greedy tokens of autoregressive decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from specquant.config import GenerationConfig
+from specquant.engine.runner import ModelRunner
+from specquant.io.eagle import head_config, random_eagle_head
+from specquant.io.loader import load_checkpoint
+from specquant.spec.drafters.base import DraftRequest
+from specquant.spec.drafters.eagle import EagleDrafter
+from specquant.spec.drafters.tree_graphs import TreeGraphs
+
+
+def _runner(tmp_path: Path) -> ModelRunner:
+    make_hf_model("llama", seed=3).save_pretrained(tmp_path / "t", safe_serialization=True)
+    loaded = load_checkpoint(tmp_path / "t", torch.device("cpu"), torch.float32,
+                             with_tokenizer=False)  # fmt: skip
+    return ModelRunner(loaded.model, 400, features="final")
+
+
+def test_graphed_expansion_drafts_the_eager_trees(tmp_path: Path) -> None:
+    base = _runner(tmp_path)
+    head = random_eagle_head(head_config({}, base.config), torch.device("cpu"), torch.float32)
+    eager = EagleDrafter(head, base, depth=4, topk=3, tree_size=10)
+    graphed = EagleDrafter(head, base, depth=4, topk=3, tree_size=10)
+    graphed.graphs = TreeGraphs(graphed, capture=False)
+    calls = []
+    tree_fn = graphed.graphs.tree
+    graphed.graphs.tree = lambda *a: calls.append(a) or tree_fn(*a)  # type: ignore[method-assign]
+    vocab = base.config.vocab_size
+    base.sync([(7 * i + 5) % vocab for i in range(245)])  # the head's window crosses 256 keys
+    cfg = GenerationConfig()
+    for step in range(12):
+        root = (11 * step + 7) % vocab
+        want = eager.propose(DraftRequest(base, root, cfg, None, 64))  # type: ignore[arg-type]
+        got = graphed.propose(DraftRequest(base, root, cfg, None, 64))  # type: ignore[arg-type]
+        assert torch.equal(got.tokens, want.tokens), step
+        assert torch.equal(got.parents, want.parents), step
+        assert graphed.cache.length == eager.cache.length == base.length
+        _, hidden = base.run(torch.tensor([root]))
+        base.commit([root], hidden)
+    assert len(calls) == 12
+    # a tree smaller than the drafter's (the generation budget ends) expands eagerly
+    small = graphed.propose(DraftRequest(base, 3, cfg, None, 5))  # type: ignore[arg-type]
+    assert small.size == 5 and len(calls) == 12
+
+
+def test_graphs_need_a_cuda_device(tmp_path: Path) -> None:
+    base = _runner(tmp_path)
+    head = random_eagle_head(head_config({}, base.config), torch.device("cpu"), torch.float32)
+    drafter = EagleDrafter(head, base, depth=3, topk=2, tree_size=6, cuda_graphs=True)
+    assert drafter.graphs is None  # the flag is ignored off CUDA
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
+        TreeGraphs(drafter)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_eagle2_generation_on_the_gpu(tmp_path: Path, dtype: torch.dtype) -> None:
+    """EAGLE-2 with a random head: with graphs the drafter drafts the trees it drafts
+    without them (fp32: the same; bf16: mostly, rounding aside), and in fp32 generation
+    gives the greedy tokens of autoregressive decoding."""
+    from specquant.config import EngineConfig, SpecConfig
+    from specquant.engine.generator import Generator
+    from specquant.spec.factory import build_generator
+
+    make_hf_model("llama", seed=3).save_pretrained(tmp_path / "t", safe_serialization=True)
+    loaded = load_checkpoint(tmp_path / "t", torch.device("cuda"), dtype, with_tokenizer=False)
+    prompt = [(7 * i + 3) % loaded.config.vocab_size for i in range(240)]
+    cfg = GenerationConfig(max_new_tokens=48, ignore_eos=True)
+    spec = SpecConfig(method="eagle2", depth=4, tree_topk=3, tree_size=10)
+    runs = {}
+    for graphs in (False, True):
+        engine = EngineConfig(max_seq_len=1024, cuda_graphs=graphs)
+        gen = build_generator(loaded, engine, spec)
+        assert (gen.drafter.graphs is not None) == graphs
+        runs[graphs] = gen.generate(prompt, generation=cfg).token_ids
+        assert gen.generate(prompt, generation=cfg).token_ids == runs[graphs]  # replays
+    if dtype == torch.float32:
+        ar = Generator(loaded, EngineConfig(max_seq_len=1024, cuda_graphs=False))
+        assert runs[True] == runs[False] == ar.generate(prompt, generation=cfg).token_ids
