@@ -32,8 +32,8 @@ graphs too, one per (padded token count, window width):
                                block; a padding row sees only its own key
 
 and attention reads the window under that mask (the "block_attention" op: split-K over the
-keys on CUDA). Only the first T rows of logits and features are returned. The EAGLE head's
-drafting passes still run eagerly.
+keys on CUDA). Only the first T rows of logits and features are returned. An EAGLE-2
+drafter's tree expansion replays its own graphs (spec/drafters/tree_graphs.py).
 """
 
 from __future__ import annotations
