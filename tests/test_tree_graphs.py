@@ -56,6 +56,28 @@ def test_graphed_expansion_drafts_the_eager_trees(tmp_path: Path) -> None:
     assert small.size == 5 and len(calls) == 12
 
 
+def test_drafter_drafts_eagerly_when_a_capture_fails(tmp_path: Path) -> None:
+    """A tree expansion that cannot be captured warns once; the drafter drafts the same
+    tree eagerly and without graphs from then on."""
+    from specquant.engine.cuda_graph import GraphCaptureError
+
+    class Failing:
+        def tree(self, *args: object) -> None:
+            raise GraphCaptureError("capturing the EAGLE tree over 256 keys failed: sync")
+
+    base = _runner(tmp_path)
+    head = random_eagle_head(head_config({}, base.config), torch.device("cpu"), torch.float32)
+    plain = EagleDrafter(head, base, depth=3, topk=2, tree_size=6)
+    drafter = EagleDrafter(head, base, depth=3, topk=2, tree_size=6)
+    drafter.graphs = Failing()  # type: ignore[assignment]
+    base.sync([5, 9, 13, 2])
+    req = DraftRequest(base, 3, GenerationConfig(), None, 64)  # type: ignore[arg-type]
+    want = plain.propose(req)
+    with pytest.warns(UserWarning, match="sync; drafting without CUDA graphs"):
+        got = drafter.propose(req)
+    assert torch.equal(got.tokens, want.tokens) and drafter.graphs is None
+
+
 def test_graphs_need_a_cuda_device(tmp_path: Path) -> None:
     base = _runner(tmp_path)
     head = random_eagle_head(head_config({}, base.config), torch.device("cpu"), torch.float32)

@@ -16,11 +16,13 @@ All of it stays on the device; the tree-level KV entries are dropped afterwards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from specquant.cache.static_kv import KVCache
+from specquant.engine.cuda_graph import GraphCaptureError
 from specquant.engine.runner import (
     PREFILL_CHUNK,
     FeatureSpec,
@@ -192,8 +194,15 @@ class EagleDrafter:
         n = min(self.tree_size, req.max_nodes)
         committed, root_pos = self.cache.length, len(context) - 1
         k, device = self.topk, last_h.device
+        drafted = None
         if self.graphs is not None and n == self.tree_size:
-            tokens, parents = self.graphs.tree(last_h, last_logp, committed, root_pos, req.root)
+            try:
+                drafted = self.graphs.tree(last_h, last_logp, committed, root_pos, req.root)
+            except GraphCaptureError as e:  # keep drafting, eagerly, and say why once
+                warnings.warn(f"{e}; drafting without CUDA graphs from here on", stacklevel=2)
+                self.graphs = None
+        if drafted is not None:
+            tokens, parents = drafted
         else:
 
             def level_run(level: int, tokens: torch.Tensor, feats: torch.Tensor,
