@@ -112,3 +112,51 @@ def test_graphed_eagle2_generation_on_the_gpu(tmp_path: Path, dtype: torch.dtype
     if dtype == torch.float32:
         ar = Generator(loaded, EngineConfig(max_seq_len=1024, cuda_graphs=False))
         assert runs[True] == runs[False] == ar.generate(prompt, generation=cfg).token_ids
+
+
+@pytest.mark.parametrize("method", ["sps", "eagle2", "hierspec"])
+def test_every_method_through_the_graph_code_keeps_the_greedy_tokens(
+    tmp_path: Path, method: str
+) -> None:
+    """On the CPU, every runner replaying its steps and blocks through GraphedDecoder and
+    every EAGLE drafter expanding through TreeGraphs (capture=False: the code a CUDA graph
+    captures, run eagerly) generate autoregressive decoding's greedy tokens, as the GPU
+    tests check with real graphs."""
+    from specquant.config import EngineConfig, SpecConfig
+    from specquant.engine.cuda_graph import GraphedDecoder
+    from specquant.engine.generator import Generator
+    from specquant.spec.factory import build_generator
+
+    make_hf_model("llama", seed=3).save_pretrained(tmp_path / "t", safe_serialization=True)
+    make_hf_model("llama", seed=4, num_hidden_layers=1).save_pretrained(
+        tmp_path / "d", safe_serialization=True
+    )
+    loaded = load_checkpoint(tmp_path / "t", torch.device("cpu"), torch.float32,
+                             with_tokenizer=False)  # fmt: skip
+    engine = EngineConfig(device="cpu", dtype="float32", max_seq_len=512)
+    spec = {
+        "sps": SpecConfig(method="sps", draft=str(tmp_path / "d"), draft_length=4),
+        "eagle2": SpecConfig(method="eagle2", depth=4, tree_topk=3, tree_size=10),
+        "hierspec": SpecConfig(method="hierspec", draft=str(tmp_path / "d"), min_draft_length=4,
+                               hier_depth=3, hier_topk=2, hier_tree_size=6),
+    }[method]  # fmt: skip
+    gen = build_generator(loaded, engine, spec)
+    drafter = gen.drafter
+    runners = [gen.runner, getattr(drafter, "runner", None), getattr(drafter, "inter", None)]
+    for r in runners:
+        if r is not None:
+            r.graphs = GraphedDecoder(r, capture=False)
+    trees = []
+    for d in (drafter, getattr(drafter, "eagle", None)):
+        if isinstance(d, EagleDrafter):
+            d.graphs = TreeGraphs(d, capture=False)
+            tree_fn = d.graphs.tree
+            d.graphs.tree = lambda *a, f=tree_fn: trees.append(1) or f(*a)  # type: ignore[method-assign]
+    vocab = loaded.config.vocab_size
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    ar = Generator(loaded, engine)
+    for prompt in ([5, 17, 99, 3, 42], [(13 * i + 1) % vocab for i in range(30)]):
+        want = ar.generate(prompt, generation=cfg).token_ids
+        assert gen.generate(prompt, generation=cfg).token_ids == want, (method, prompt)
+    assert gen.runner.graphs.blocks  # verification ran through the graphed blocks
+    assert bool(trees) == (method != "sps")  # and EAGLE's trees through TreeGraphs
