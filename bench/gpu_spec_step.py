@@ -1,15 +1,24 @@
-"""What one EAGLE-2 step costs on the GPU, with and without CUDA graphs (Llama-3-8B shape).
+"""What one speculative step costs on the GPU, with and without CUDA graphs (Llama-3-8B
+shape).
 
 Per target format, after a 512-token prefix: the one-token decoding step (autoregressive
-decoding's cost per token), the EAGLE-2 draft (the head syncs its cache, expands the tree,
-reranks it) and the verification of the drafted tree by the target, each the median wall
-time of --reps synchronized calls. Random weights and a random head: the trees are the
-shape EAGLE-2 drafts (depth, top-k and size of the engine's defaults), the acceptance is
-not, so this measures cost, not speed-up. `break-even tau` is the mean accepted length
-(tokens per step) above which the speculative step beats autoregressive decoding:
+decoding's cost per token), the draft and the verification of what was drafted, each the
+median wall time of --reps synchronized calls, for each drafter:
+
+    eagle2         an EAGLE head drafts the engine's default tree (head sync, expand, rerank)
+    eagle2-frspec  the same over a 32k-token drafting vocabulary (FR-Spec: the head's
+                   lm_head multiplies by 32k rows instead of 128k)
+    sps            a Llama-3.2-1B-shaped draft model drafts a chain of the engine's default
+                   length (one-token steps of its own)
+
+Random weights and heads: the trees and chains have the shape these drafters draft, the
+acceptance does not, so this measures cost, not speed-up (HierSpec's cost depends on its
+inner acceptance, so it is left out). `break-even tau` is the mean accepted length (tokens
+per step) above which the speculative step beats autoregressive decoding:
 (draft + verify) / step.
 
     python bench/gpu_spec_step.py --out bench/results [--formats w4a16-g128,bf16]
+        [--drafters eagle2,eagle2-frspec,sps]
 
 Writes gpu_spec_step.json and .md.
 """
@@ -28,13 +37,20 @@ import torch
 from common import gpu_run_meta, gpu_run_where, write_report
 from gpu_eager import LLAMA3_8B, random_model
 from specquant.config import EngineConfig, ModelConfig, SamplingParams, SpecConfig
+from specquant.engine.runner import ModelRunner
 from specquant.io.loader import LoadedModel
 from specquant.quant.model import quantize_model
 from specquant.quant.spec import get_format
 from specquant.spec.drafters.base import DraftRequest
+from specquant.spec.drafters.draft_model import DraftModelDrafter
+from specquant.spec.drafters.eagle import EagleDrafter
 from specquant.spec.factory import build_generator
 
 PREFIX = 512
+DRAFTERS = ["eagle2", "eagle2-frspec", "sps"]
+FRSPEC_VOCAB = 32768
+LLAMA32_1B = {**LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192,
+              "num_hidden_layers": 16, "tie_word_embeddings": True}  # fmt: skip
 
 
 def median_ms(fn: Callable[[], Any], reps: int) -> float:
@@ -49,9 +65,23 @@ def median_ms(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(loaded: LoadedModel, graphs: bool, reps: int) -> dict[str, Any]:
-    gen = build_generator(loaded, EngineConfig(max_seq_len=2048, cuda_graphs=graphs),
-                          SpecConfig(method="eagle2", eagle="random"))  # fmt: skip
+def measure(loaded: LoadedModel, drafter_name: str, graphs: bool, reps: int,
+            draft_model: Any = None) -> dict[str, Any]:  # fmt: skip
+    engine = EngineConfig(max_seq_len=2048, cuda_graphs=graphs)
+    if drafter_name == "sps":
+        gen = build_generator(loaded, engine, SpecConfig(method="ar"))
+        spec = SpecConfig(method="sps")
+        draft_runner = ModelRunner(draft_model, gen.max_seq_len + 1, cuda_graphs=graphs)
+        gen.drafter = DraftModelDrafter(draft_runner, spec.draft_length)
+    else:
+        gen = build_generator(loaded, engine, SpecConfig(method="eagle2", eagle="random"))
+        if drafter_name == "eagle2-frspec":
+            d = gen.drafter
+            assert isinstance(d, EagleDrafter)
+            vocab = torch.arange(FRSPEC_VOCAB, device=gen.runner.device)
+            gen.drafter = EagleDrafter(d.head, gen.runner, depth=d.depth, topk=d.topk,
+                                       tree_size=d.tree_size, vocab_ids=vocab,
+                                       cuda_graphs=graphs)  # fmt: skip
     runner, drafter = gen.runner, gen.drafter
     assert drafter is not None
     runner.sync(list(range(100, 100 + PREFIX)))
@@ -60,7 +90,7 @@ def measure(loaded: LoadedModel, graphs: bool, reps: int) -> dict[str, Any]:
     tree = drafter.propose(req)
     token = torch.tensor([root], device=runner.device)
     return dict(
-        graphs=graphs, tree_size=tree.size,
+        drafter=drafter_name, graphs=graphs, tree_size=tree.size,
         step_ms=median_ms(lambda: runner.run(token), reps),
         draft_ms=median_ms(lambda: drafter.propose(req), reps),
         verify_ms=median_ms(
@@ -71,19 +101,22 @@ def measure(loaded: LoadedModel, graphs: bool, reps: int) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> list[str]:
     md = [
-        "# One EAGLE-2 step on the GPU: draft, verify, and the decoding step it replaces",
+        "# One speculative step on the GPU: draft, verify, and the decoding step it replaces",
         "",
         f"{gpu_run_where(report['meta'])}. Llama-3-8B shape, random weights (RTN for the "
-        f"quantized formats) and a random EAGLE head in the model's dtype; {PREFIX}-token "
+        "quantized formats), a random EAGLE head in the model's dtype and a random "
+        f"Llama-3.2-1B-shaped bf16 draft model for SpS; {PREFIX}-token "
         "prefix; the engine's default tree for CUDA; wall milliseconds, median of "
         f"{report['reps']} synchronized calls. Reproduce: `python bench/gpu_spec_step.py`.",
         "",
-        "| format | CUDA graphs | tree | decoding step | draft | verify | break-even tau |",
-        "|---|---|---|---|---|---|---|",
+        "| format | drafter | CUDA graphs | tokens verified | decoding step | draft | verify "
+        "| break-even tau |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         tau = (r["draft_ms"] + r["verify_ms"]) / r["step_ms"]
-        md.append(f"| {r['format']} | {'yes' if r['graphs'] else 'no'} | {r['tree_size']} | "
+        md.append(f"| {r['format']} | {r.get('drafter', 'eagle2')} | "
+                  f"{'yes' if r['graphs'] else 'no'} | {r['tree_size']} | "
                   f"{r['step_ms']:.2f} | {r['draft_ms']:.2f} | {r['verify_ms']:.2f} | "
                   f"{tau:.2f} |")  # fmt: skip
     md += ["", "break-even tau: (draft + verify) / decoding step, the mean accepted length a "
@@ -96,20 +129,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--formats", default="w4a16-g128,bf16")
+    ap.add_argument("--drafters", default=",".join(DRAFTERS))
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--commit", default=None, help="the checkout's name (default: git HEAD)")
     args = ap.parse_args()
     cfg = ModelConfig.from_hf(LLAMA3_8B)
     report: dict[str, Any] = dict(meta=gpu_run_meta(args.commit), reps=args.reps, rows=[])
+    drafters = args.drafters.split(",")
+    draft_model = None
+    if "sps" in drafters:  # in bf16, whatever the target's format
+        draft_model = random_model(ModelConfig.from_hf(LLAMA32_1B))
+        draft_model.prepare_kernels()
     for fmt in args.formats.split(","):
         model = random_model(cfg)
         if fmt != "bf16":
             quantize_model(model, get_format(fmt))
         model.prepare_kernels()
         loaded = LoadedModel(model, cfg, None, Path(f"random-llama3-8b-{fmt}"))
-        for graphs in (True, False):
-            report["rows"].append(dict(format=fmt, **measure(loaded, graphs, args.reps)))
-            write_report(args.out / "gpu_spec_step.json", report, markdown(report))
+        for name in drafters:
+            for graphs in (True, False):
+                row = measure(loaded, name, graphs, args.reps, draft_model)
+                report["rows"].append(dict(format=fmt, **row))
+                write_report(args.out / "gpu_spec_step.json", report, markdown(report))
         del loaded, model
         torch.cuda.empty_cache()
 
