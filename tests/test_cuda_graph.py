@@ -181,6 +181,38 @@ def test_runner_decodes_eagerly_when_a_capture_fails(tmp_path: Path) -> None:
     assert torch.equal(got, want) and runner.graphs is None
 
 
+def test_a_block_that_fails_to_capture_leaves_the_step_graphs(tmp_path: Path) -> None:
+    """A block whose capture fails warns once; blocks run eagerly from then on (the same
+    logits) while one-token steps keep replaying their graphs."""
+    from specquant.engine.cuda_graph import GraphCaptureError
+
+    calls: list[str] = []
+
+    class FailingBlocks(GraphedDecoder):
+        def step(self, token: torch.Tensor, position: int):  # type: ignore[no-untyped-def]
+            calls.append("step")
+            return super().step(token, position)
+
+        def block(self, tokens, start, block_mask, depth):  # type: ignore[no-untyped-def]
+            calls.append("block")
+            raise GraphCaptureError("capturing the 4-token block over 256 keys failed: x")
+
+    model = _loaded(tmp_path, "llama").model
+    plain, runner = ModelRunner(model, 64), ModelRunner(model, 64)
+    runner.graphs = FailingBlocks(runner, capture=False)
+    for r in (plain, runner):
+        r.sync([3, 4, 5, 6, 7] * 5)
+    tokens = torch.tensor([7, 8, 9])
+    want, _ = plain.run(tokens)
+    with pytest.warns(UserWarning, match="x; blocks run without CUDA graphs from here on"):
+        got, _ = runner.run(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert runner.graphs is not None and not runner.graphs.blocks_enabled
+    runner.run(tokens)  # eagerly, without asking the graphs
+    runner.run(torch.tensor([5]))
+    assert calls == ["block", "step"]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_graphed_steps_match_eager_steps_and_generation(tmp_path: Path, dtype, tol) -> None:

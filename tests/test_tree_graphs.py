@@ -56,6 +56,43 @@ def test_graphed_expansion_drafts_the_eager_trees(tmp_path: Path) -> None:
     assert small.size == 5 and len(calls) == 12
 
 
+def test_graphed_expansion_with_an_eagle3_head_wider_than_its_base(tmp_path: Path) -> None:
+    """An EAGLE-3 head whose hidden size differs from the base's (it brings its own
+    embedding, and a reduced drafting vocabulary): the graphed expansion's buffers take the
+    head's sizes, and it drafts the eager trees."""
+    from specquant.engine.runner import eagle3_layers
+    from specquant.io.eagle import random_eagle3_head
+    from specquant.models.eagle import Eagle3Head
+
+    make_hf_model("llama", seed=6, num_hidden_layers=7).save_pretrained(
+        tmp_path / "seven", safe_serialization=True
+    )
+    loaded = load_checkpoint(tmp_path / "seven", torch.device("cpu"), torch.float32,
+                             with_tokenizer=False)  # fmt: skip
+    base = ModelRunner(loaded.model, 400, features=eagle3_layers(7))
+    narrow = random_eagle3_head(base.config, torch.device("cpu"), torch.float32)
+    cfg = head_config({"hidden_size": 2 * base.config.hidden_size}, base.config,
+                      check_hidden=False)  # fmt: skip
+    head = Eagle3Head(cfg, base.config.hidden_size, narrow.d2t.numel())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+        head.d2t.copy_(narrow.d2t)
+    head.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    head.eval().requires_grad_(False)
+    head.prepare_kernels()
+    eager = EagleDrafter(head, base, depth=3, topk=2, tree_size=6)
+    graphed = EagleDrafter(head, base, depth=3, topk=2, tree_size=6)
+    graphed.graphs = TreeGraphs(graphed, capture=False)
+    base.sync([(5 * i + 2) % base.config.vocab_size for i in range(20)])
+    for root in (3, 9, 4):
+        req = DraftRequest(base, root, GenerationConfig(), None, 64)  # type: ignore[arg-type]
+        want, got = eager.propose(req), graphed.propose(req)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+    assert graphed.graphs.last_h.shape == (cfg.hidden_size,)
+
+
 def test_drafter_drafts_eagerly_when_a_capture_fails(tmp_path: Path) -> None:
     """A tree expansion that cannot be captured warns once; the drafter drafts the same
     tree eagerly and without graphs from then on."""

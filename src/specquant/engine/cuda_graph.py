@@ -101,13 +101,16 @@ def capture(
     stream that compiles its kernels and fills their caches, and the tensors it returns,
     which each replay overwrites. The capture itself does not run `fn`: replay it. `fn` may
     only read device buffers that its caller fills before each replay."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()  # (a step writes its own K/V here: the replay writes the same)
-    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    # the warm-up inside too: a kernel that fails to compile or launch there (say a Triton
+    # kernel only the graphed code uses) leaves the eager path to the caller, as a failed
+    # capture does
     try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # (a step writes its own K/V here: the replay writes the same)
+        torch.cuda.current_stream(device).wait_stream(side)
         with torch.cuda.graph(graph, pool=pool):
             out = fn()
     except RuntimeError as e:
@@ -157,6 +160,7 @@ class GraphedDecoder:
         self.attend_block = select("block_attention", ctx).fn if dev.type == "cuda" else None
         self.graphs: dict[int, _Graph] = {}
         self.blocks: dict[tuple[int, int], _Block] = {}
+        self.blocks_enabled = True  # False once a block failed to capture: steps still replay
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def _step(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +242,13 @@ class GraphedDecoder:
 
     def fits_block(self, t: int, start: int) -> bool:
         """Whether a block of `t` tokens after `start` committed ones can replay a graph
-        (2..MAX_BLOCK tokens, and room in the cache for its padding)."""
-        return 2 <= t <= MAX_BLOCK and start + block_tokens(t) <= self.runner.max_seq_len
+        (2..MAX_BLOCK tokens, room in the cache for its padding, and no block has failed to
+        capture)."""
+        return (
+            self.blocks_enabled
+            and 2 <= t <= MAX_BLOCK
+            and start + block_tokens(t) <= self.runner.max_seq_len
+        )
 
     def block(
         self,

@@ -137,9 +137,15 @@ class ModelRunner:
             try:
                 graphed = self._graphed(tokens, n, block_mask, depth, prefill)
             except GraphCaptureError as e:  # keep decoding, eagerly, and say why once
-                warnings.warn(f"{e}; decoding without CUDA graphs from here on", stacklevel=2)
-                self.graphs = None
                 graphed = None
+                if t > 1:  # a block: blocks run eagerly, one-token steps keep their graphs
+                    warnings.warn(f"{e}; blocks run without CUDA graphs from here on",
+                                  stacklevel=2)  # fmt: skip
+                    self.graphs.blocks_enabled = False
+                else:
+                    warnings.warn(f"{e}; decoding without CUDA graphs from here on",
+                                  stacklevel=2)  # fmt: skip
+                    self.graphs = None
             if graphed is not None:
                 logits, hidden = graphed
                 return (logits[-1:] if last_only else logits), hidden

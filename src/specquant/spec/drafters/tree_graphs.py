@@ -35,10 +35,11 @@ class TreeGraphs:
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.drafter, self.capture = d, capture
-        hidden = d.base.config.hidden_size
         dtype = d.rope.cos.dtype
-        self.last_h = torch.zeros(hidden, dtype=dtype, device=device)
-        self.last_logp = torch.zeros(0, dtype=torch.float32, device=device)  # sized on use
+        # sized on first use: the head's hidden size (an EAGLE-3 head's may differ from the
+        # base's) and its drafting vocabulary
+        self.last_h = torch.zeros(0, dtype=dtype, device=device)
+        self.last_logp = torch.zeros(0, dtype=torch.float32, device=device)
         self.committed = torch.zeros(1, dtype=torch.long, device=device)
         self.root_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.root = torch.zeros(1, dtype=torch.long, device=device)
@@ -91,9 +92,10 @@ class TreeGraphs:
     ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [n], parents [n], fresh tensors
         d = self.drafter
         width = window_width(committed + d.depth * d.topk, d.cache.max_len)
-        if self.last_logp.shape != last_logp.shape:
+        if self.last_h.shape != last_h.shape or self.last_logp.shape != last_logp.shape:
+            self.last_h = torch.zeros_like(last_h)
             self.last_logp = torch.zeros_like(last_logp)
-            self.graphs.clear()  # they read the old buffer
+            self.graphs.clear()  # they read the old buffers
         self.last_h.copy_(last_h)
         self.last_logp.copy_(last_logp)
         self.committed.fill_(committed)
