@@ -233,6 +233,11 @@ def test_info_reports_the_quantized_kernels(tmp_path: Path) -> None:
     assert "needs a CUDA device" in qlinear["triton-w8a8"]["reason"]
     attention = {row["name"]: row["ok"] for row in report["kernels"]["attention"]}
     assert attention["float64"]  # activations quantized: exact attention (kernels/builtin)
+    for op in ("rmsnorm", "silu_mul", "rope", "decode_attention", "block_attention"):
+        found = {row["name"]: row for row in report["kernels"][op]}
+        assert found["reference"]["ok"], op
+        if "triton" in found:  # Triton installed: named, and why it does not run here
+            assert "needs a CUDA device" in found["triton"]["reason"], op
     in_use = report["linear_kernels_in_use"]
     assert in_use["cpu-prepared:w8a8"] == 2 * 4  # qkv, o, gate_up, down of 2 layers
     assert set(in_use) == {"cpu-prepared:w8a8", "torch"}  # the dense lm_head

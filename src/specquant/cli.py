@@ -383,8 +383,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Every candidate kernel of the model's ops with why it runs or not (for a quantized
-    model also `qlinear`, asked with its first quantized layer's format and shape), how
+    """Every candidate kernel of the model's ops with why it runs or not (norms, SiLU,
+    rope and the graphed steps' and blocks' attention too; for a quantized model also
+    `qlinear`, asked with its first quantized layer's format and shape), how
     many linear layers run on each chosen kernel, and, where that kernel switches by token
     count, which one runs each count per format and weight shape."""
     from collections import Counter
@@ -400,6 +401,10 @@ def kernel_report(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
         "linear": rows("linear", KernelContext(device, dtype)),
         "attention": rows("attention", KernelContext(device, dtype, exact)),
     }
+    # what every decoding step runs besides, and the attention of CUDA-graphed steps and
+    # verification blocks (engine/cuda_graph.py)
+    for op in ("rmsnorm", "silu_mul", "rope", "decode_attention", "block_attention"):
+        kernels[op] = rows(op, KernelContext(device, dtype))
     linears = [m for m in model.modules() if isinstance(m, QLinear)]
     quantized = [m for m in linears if m.spec is not None]
     if quantized:
