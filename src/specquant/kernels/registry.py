@@ -83,6 +83,28 @@ def select(op: str, ctx: KernelContext, override: str | None = None) -> KernelIm
     )
 
 
+class KernelMemo:
+    """A layer's kernels: the registry's pick for each (op, device, dtype, quantization
+    kind) it asks for, selected on first use and kept, since a layer asks on every forward
+    and selection walks every candidate."""
+
+    def __init__(self) -> None:
+        self._fns: dict[tuple[str, torch.device, torch.dtype, str | None], Callable[..., Any]] = {}
+
+    def __call__(
+        self, op: str, device: torch.device, dtype: torch.dtype, kind: str | None = None
+    ) -> Callable[..., Any]:
+        key = (op, device, dtype, kind)
+        fn = self._fns.get(key)
+        if fn is None:
+            extra = (("kind", kind),) if kind is not None else ()
+            fn = self._fns[key] = select(op, KernelContext(device, dtype, extra=extra)).fn
+        return fn
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+
 def explain(op: str, ctx: KernelContext) -> list[tuple[str, bool, str]]:
     """(name, accepted, reason) for every candidate, in priority order."""
     return [(i.name, *i.can_implement(ctx)) for i in implementations(op)]

@@ -4,10 +4,6 @@ W4A16 wgmma kernel when it asks for that."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -17,7 +13,7 @@ from specquant.kernels.reference import (
     silu_mul_quant_reference,
     silu_mul_reference,
 )
-from specquant.kernels.registry import KernelContext, select
+from specquant.kernels.registry import KernelMemo
 
 
 class SiluMul(nn.Module):
@@ -25,11 +21,8 @@ class SiluMul(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # (device, dtype, op, kind) -> the kernel the registry chose for op ("silu_mul",
-        # "silu_mul_mma" or "silu_mul_quant", the last bound to its kind)
-        self._kernels: dict[
-            tuple[torch.device, torch.dtype, str, str | None], Callable[..., Any]
-        ] = {}
+        # the registry's picks for "silu_mul", "silu_mul_mma" and "silu_mul_quant"
+        self._kernels = KernelMemo()
 
     def forward(
         self, h: torch.Tensor, kind: str | None = None, mma_order: bool = False
@@ -39,11 +32,6 @@ class SiluMul(nn.Module):
         if h.requires_grad and torch.is_grad_enabled():  # training: fused kernels have no backward
             return silu_mul_reference(h) if kind is None else silu_mul_quant_reference(h, kind)
         op = "silu_mul_quant" if kind is not None else "silu_mul_mma" if mma_order else "silu_mul"
-        key = (h.device, h.dtype, op, kind)
-        fn = self._kernels.get(key)
-        if fn is None:
-            extra = (("kind", kind),) if kind is not None else ()
-            fn = select(op, KernelContext(h.device, h.dtype, extra=extra)).fn
-            fn = self._kernels[key] = partial(fn, kind=kind) if kind is not None else fn
-        out = fn(h)
+        fn = self._kernels(op, h.device, h.dtype, kind)
+        out = fn(h) if kind is None else fn(h, kind=kind)
         return MmaOrderActivations(out) if op == "silu_mul_mma" else out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -12,7 +10,7 @@ from specquant.kernels.reference import (
     QuantizedActivations,
     rmsnorm_reference,
 )
-from specquant.kernels.registry import KernelContext, select
+from specquant.kernels.registry import KernelMemo
 from specquant.layers.linear import wants_mma_order
 
 
@@ -21,33 +19,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # (device, dtype, op, quantization kind) -> the kernel the registry chose for op
-        # ("rmsnorm", "rmsnorm_mma" or "rmsnorm_quant")
-        self._kernels: dict[tuple[torch.device, torch.dtype, str, str | None], Any] = {}
+        # the registry's picks for "rmsnorm", "rmsnorm_mma" and "rmsnorm_quant"
+        self._kernels = KernelMemo()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return rmsnorm_reference(x, self.weight, self.eps)  # fused kernels: no backward
-        return self._kernel("rmsnorm", x)(x, self.weight, self.eps)
+        return self._kernels("rmsnorm", x.device, x.dtype)(x, self.weight, self.eps)
 
     def mma_ordered(self, x: torch.Tensor) -> MmaOrderActivations:
         """rmsnorm(x) written in the W4A16 wgmma kernel's K order (reference.to_mma_order),
         for a linear that asked for it (`QLinear.takes_mma_order`)."""
-        return MmaOrderActivations(self._kernel("rmsnorm_mma", x)(x, self.weight, self.eps))
+        fn = self._kernels("rmsnorm_mma", x.device, x.dtype)
+        return MmaOrderActivations(fn(x, self.weight, self.eps))
 
     def quantized(self, x: torch.Tensor, kind: str) -> QuantizedActivations:
         """rmsnorm(x) quantized per token to `kind` ("int8" or "fp8") in one kernel; equals
         `quantize_per_token(self(x), kind)`."""
-        return self._kernel("rmsnorm_quant", x, kind)(x, self.weight, self.eps, kind)
-
-    def _kernel(self, op: str, x: torch.Tensor, kind: str | None = None) -> Any:
-        key = (x.device, x.dtype, op, kind)
-        fn = self._kernels.get(key)
-        if fn is None:
-            extra = (("kind", kind),) if kind is not None else ()
-            ctx = KernelContext(x.device, x.dtype, extra=extra)
-            fn = self._kernels[key] = select(op, ctx).fn
-        return fn
+        fn = self._kernels("rmsnorm_quant", x.device, x.dtype, kind)
+        return fn(x, self.weight, self.eps, kind)
 
 
 def norm_for(

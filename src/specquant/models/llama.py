@@ -19,7 +19,7 @@ from torch import nn
 from specquant.cache.static_kv import KVCache, StaticKVCache
 from specquant.config import ModelConfig
 from specquant.kernels.reference import MmaOrderActivations, QuantizedActivations
-from specquant.kernels.registry import KernelContext, select
+from specquant.kernels.registry import KernelMemo
 from specquant.layers.activation import SiluMul
 from specquant.layers.attention import AttnMetadata, merge_heads_for
 from specquant.layers.linear import QLinear, prepare_linears
@@ -52,18 +52,14 @@ class Attention(nn.Module):
         self.qkv_proj = QLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = QLinear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-        self._rope_kernels: dict[tuple[torch.device, torch.dtype], Any] = {}
+        self._kernels = KernelMemo()  # the registry's "rope" pick
 
     def _rope(self, q: torch.Tensor) -> Any:
-        """The "rope" kernel for q's device and dtype (the registry's pick, once); the
-        reference where autograd needs a backward (training)."""
+        """The "rope" kernel for q's device and dtype; the reference where autograd needs a
+        backward (training)."""
         if torch.is_grad_enabled() and q.requires_grad:
             return rope_qk_reference
-        key = (q.device, q.dtype)
-        fn = self._rope_kernels.get(key)
-        if fn is None:
-            fn = self._rope_kernels[key] = select("rope", KernelContext(q.device, q.dtype)).fn
-        return fn
+        return self._kernels("rope", q.device, q.dtype)
 
     def forward(
         self,
