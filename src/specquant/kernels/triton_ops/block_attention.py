@@ -8,10 +8,11 @@ block's few query rows over few programs and streams every key through each: on 
 2-token block of a Llama-3-8B shape over 768 keys spent about 1 ms more than a one-token
 step (bench/results/gpu_verify_cost.md).
 
-Split-K, as decode_attention: program (b, kv head, split, row block) takes BR rows of the
-G x P (query head, token) rows that share the kv head, streams its share of the W keys in
-blocks of BLOCK_S with an online softmax under the mask, and writes (max, sum, weighted
-values); a second kernel combines the splits per row in a fixed order.
+Split-K, as decode_attention (whose online softmax step, combine kernel and split plan
+this shares): program (b, kv head, split, row block) takes BR rows of the G x P (query
+head, token) rows that share the kv head, streams its share of the W keys in blocks of
+BLOCK_S with an online softmax under the mask, and writes (max, sum, weighted values);
+the combine kernel merges the splits per row in a fixed order.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_S = 32  # keys per block
+from specquant.kernels.triton_ops.decode_attention import (
+    BLOCK_S,
+    NEG,
+    _combine_kernel,
+    _online_update,
+    head_problem,
+    partials,
+    split_plan,
+)
+
 MAX_ROWS = 64  # (query head, token) rows per program
-MAX_SPLITS = 32  # splits of the window per kv head and row block
-NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a split with no live key stays NaN-free
 
 
 @triton.jit
@@ -57,52 +65,20 @@ def _partial_kernel(
         bias = tl.load(bias_ptr + tok[:, None] * sb_t + keys[None, :],
                        mask=live_r[:, None] & live[None, :], other=float("-inf"))  # fmt: skip
         s = s + bias.to(tl.float32)  # -inf where the row may not see the key
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
         v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        m = m_new
+        m, l, acc = _online_update(s, v, m, l, acc)  # noqa: E741
     out = (bh * tl.num_programs(1) + split) * RP + rows
     tl.store(m_ptr + out, m)
     tl.store(l_ptr + out, l)
     tl.store(acc_ptr + out[:, None] * D + dims[None, :], acc)
 
 
-@triton.jit
-def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, HK, SPLITS, RP, so_b, so_h, so_t,
-    G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
-):  # fmt: skip
-    bh = tl.program_id(0)
-    row = tl.program_id(1)
-    b, kh = bh // HK, bh % HK
-    splits = tl.arange(0, SP)
-    live = splits < SPLITS
-    idx = (bh * SPLITS + splits) * RP + row
-    m = tl.load(m_ptr + idx, mask=live, other=NEG)
-    l = tl.load(l_ptr + idx, mask=live, other=0.0)  # noqa: E741
-    top = tl.max(m, axis=0)
-    w = tl.where(live, tl.exp(m - top), 0.0)
-    dims = tl.arange(0, D)
-    acc = tl.load(acc_ptr + idx[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    dst = o_ptr + b * so_b + (kh * G + row % G) * so_h + (row // G) * so_t + dims
-    tl.store(dst, o.to(o_ptr.dtype.element_ty))
-
-
 def unsupported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> str:
     """Why the kernel cannot take these shapes ("" where it can)."""
-    d = q.shape[-1]
-    if q.shape[1] % k.shape[1]:
-        return f"query heads ({q.shape[1]}) a multiple of the kv heads ({k.shape[1]})"
-    if d & (d - 1) or d < 16:
-        return f"a power-of-two head size of at least 16, not {d}"
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        return "K/V rows with unit stride"
+    if why := head_problem(q, k, v):
+        return why
     if bias is None or bias.dim() != 2 or not bias.is_floating_point():
         return "an additive float mask [T, W] shared by the batch"
     if tuple(bias.shape) != (q.shape[2], k.shape[2]) or bias.stride(-1) != 1:
@@ -127,13 +103,8 @@ def block_attention(
     br = min(MAX_ROWS, max(16, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, br)
     rp = row_blocks * br
-    splits = min(MAX_SPLITS, triton.cdiv(w, BLOCK_S))
-    chunk = triton.cdiv(triton.cdiv(w, splits), BLOCK_S) * BLOCK_S
-    splits = triton.cdiv(w, chunk)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(b * hk * splits * rp, **f32)
-    l = torch.empty(b * hk * splits * rp, **f32)  # noqa: E741
-    acc = torch.empty(b * hk * splits * rp, d, **f32)
+    splits, chunk = split_plan(w)
+    m, l, acc = partials(b * hk * splits * rp, d, q.device)  # noqa: E741
     _partial_kernel[(b * hk, splits, row_blocks)](
         q, k, v, bias, m, l, acc, hk, w, t, rp, chunk, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -10,7 +10,9 @@ a graphed Llama-3-8B W4A16 step on an H200 (bench/results/gpu_step_profile_69213
 Split-K flash decoding: program (b, kv head, split) takes the G query heads that share the
 kv head (GQA) as the rows of its dot products, streams its share of the first `length`
 slots in blocks of BLOCK_S keys with an online softmax, and writes (max, sum, weighted
-values); a second kernel combines the splits per query head in a fixed order.
+values); a second kernel combines the splits per query head in a fixed order. The online
+softmax step, the combine and the split plan are shared with block_attention.py, whose
+rows are a block's tokens times those G heads.
 """
 
 from __future__ import annotations
@@ -55,13 +57,8 @@ def _partial_kernel(
         k = tl.load(k_base + keys[:, None] * sk_s + dims[None, :], mask=live[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GP, BLOCK]
         s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
         v = tl.load(v_base + keys[:, None] * sv_s + dims[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
-        m = m_new
+        m, l, acc = _online_update(s, v, m, l, acc)  # noqa: E741
     out = (bh * tl.num_programs(1) + split) * GP + rows
     tl.store(m_ptr + out, m)
     tl.store(l_ptr + out, l)
@@ -69,16 +66,31 @@ def _partial_kernel(
 
 
 @triton.jit
+def _online_update(s, v, m, l, acc):  # noqa: E741
+    """One block of keys into a running softmax: scores s [R, BLOCK] (-inf where a row may
+    not see the key) and values v [BLOCK, D] into the rows' max m, sum l and weighted
+    values acc."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+    return m_new, l, acc
+
+
+@triton.jit
 def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr, HQ, HK, SPLITS,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, o_ptr, HK, SPLITS, RP, so_b, so_h, so_t,
+    G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
-    bq = tl.program_id(0)  # b * HQ + query head
-    b, h = bq // HQ, bq % HQ
-    bh, row = b * HK + h // G, h % G
+    """Program (b * HK + kv head, row): the row's splits (RP rows apart in the partial
+    buffers) combined in order into o[b, kv head * G + row % G, row // G]."""
+    bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b, kh = bh // HK, bh % HK
     splits = tl.arange(0, SP)
     live = splits < SPLITS
-    idx = (bh * SPLITS + splits) * GP + row
+    idx = (bh * SPLITS + splits) * RP + row
     m = tl.load(m_ptr + idx, mask=live, other=NEG)
     l = tl.load(l_ptr + idx, mask=live, other=0.0)  # noqa: E741
     top = tl.max(m, axis=0)
@@ -86,14 +98,13 @@ def _combine_kernel(
     dims = tl.arange(0, D)
     acc = tl.load(acc_ptr + idx[:, None] * D + dims[None, :], mask=live[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(o_ptr + bq * D + dims, o.to(o_ptr.dtype.element_ty))
+    dst = o_ptr + b * so_b + (kh * G + row % G) * so_h + (row // G) * so_t + dims
+    tl.store(dst, o.to(o_ptr.dtype.element_ty))
 
 
-def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Why the kernel cannot take these shapes ("" where it can)."""
+def head_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Why the split-K attention kernels cannot take these heads ("" where they can)."""
     d = q.shape[-1]
-    if q.shape[2] != 1:
-        return f"one query token, not {q.shape[2]}"
     if q.shape[1] % k.shape[1]:
         return f"query heads ({q.shape[1]}) a multiple of the kv heads ({k.shape[1]})"
     if d & (d - 1) or d < 16:
@@ -101,6 +112,27 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return "K/V rows with unit stride"
     return ""
+
+
+def split_plan(w: int) -> tuple[int, int]:
+    """(splits, keys per split) of a W-key window: up to MAX_SPLITS splits of whole BLOCK_S
+    blocks."""
+    splits = min(MAX_SPLITS, triton.cdiv(w, BLOCK_S))
+    chunk = triton.cdiv(triton.cdiv(w, splits), BLOCK_S) * BLOCK_S
+    return triton.cdiv(w, chunk), chunk
+
+
+def partials(n: int, d: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The splits' running max and sum [n] and weighted values [n, d] for n rows."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, d, **f32)
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Why the kernel cannot take these shapes ("" where it can)."""
+    if q.shape[2] != 1:
+        return f"one query token, not {q.shape[2]}"
+    return head_problem(q, k, v)
 
 
 def decode_attention(
@@ -117,13 +149,8 @@ def decode_attention(
     q = q.contiguous()
     g = hq // hk
     gp = max(16, triton.next_power_of_2(g))
-    splits = min(MAX_SPLITS, triton.cdiv(w, BLOCK_S))
-    chunk = triton.cdiv(triton.cdiv(w, splits), BLOCK_S) * BLOCK_S
-    splits = triton.cdiv(w, chunk)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(b * hk * splits * gp, **f32)
-    l = torch.empty(b * hk * splits * gp, **f32)  # noqa: E741
-    acc = torch.empty(b * hk * splits * gp, d, **f32)
+    splits, chunk = split_plan(w)
+    m, l, acc = partials(b * hk * splits * gp, d, q.device)  # noqa: E741
     _partial_kernel[(b * hk, splits)](
         q, k, v, length, m, l, acc, hk, w, chunk, window or 0, d**-0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
@@ -131,8 +158,8 @@ def decode_attention(
         G=g, GP=gp, D=d, BLOCK=BLOCK_S, HAS_WINDOW=window is not None, num_warps=4,
     )  # fmt: skip
     o = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(b * hq,)](
-        m, l, acc, o, hq, hk, splits,
-        G=g, GP=gp, D=d, SP=triton.next_power_of_2(splits), num_warps=4,
+    _combine_kernel[(b * hk, g)](
+        m, l, acc, o, hk, splits, gp, o.stride(0), o.stride(1), o.stride(2),
+        G=g, D=d, SP=triton.next_power_of_2(splits), num_warps=4,
     )  # fmt: skip
     return o
