@@ -176,15 +176,7 @@ class GraphedDecoder:
 
         cos, sin = r.rope.gather(pos)
         meta = AttnMetadata(0, pos, cos, sin, None, attention, window)
-        layers = r.features if isinstance(r.features, tuple) else ()
-        out = r.model(
-            self.token[None],
-            WindowKV(r.cache, pos, width),
-            meta,
-            return_hidden=True,
-            hidden_layers=layers,
-        )
-        return r.outputs(out)
+        return r.forward(self.token, WindowKV(r.cache, pos, width), meta)
 
     def _block_step(self, b: _Block, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model on a block's padded tokens, keys [0, width) under its mask: (logits
@@ -196,15 +188,7 @@ class GraphedDecoder:
         bias.masked_fill_(~b.mask, float("-inf"))
         attend = self.attend_block or r.attention()
         meta = AttnMetadata(0, b.positions, cos, sin, bias, attend, r.config.sliding_window)
-        layers = r.features if isinstance(r.features, tuple) else ()
-        out = r.model(
-            b.tokens[None],
-            WindowKV(r.cache, b.slots, width),
-            meta,
-            return_hidden=True,
-            hidden_layers=layers,
-        )
-        return r.outputs(out)
+        return r.forward(b.tokens, WindowKV(r.cache, b.slots, width), meta)
 
     def _capture(self, width: int, step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                  what: str) -> _Graph:  # fmt: skip

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from specquant.cache.static_kv import KVCache
 from specquant.config import ConfigError, ModelConfig
 from specquant.engine.cuda_graph import GraphCaptureError, GraphedDecoder
 from specquant.layers.attention import AttentionFn, AttnMetadata, select_attention
@@ -160,12 +161,24 @@ class ModelRunner:
             attn_fn=self.attention(prefill),
         )
         index = torch.tensor([t - 1], device=self.device) if last_only else None
+        return self.forward(tokens, self.cache, meta, logits_index=index)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [T]
+        cache: KVCache,
+        meta: AttnMetadata,
+        logits_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [T or len(index), V], features [T, F]
+        """The model on a block (batch row 0) with this cache view and metadata: its logits
+        and the features this runner keeps (the graphed steps call it with their window of
+        the cache)."""
         layers = self.features if isinstance(self.features, tuple) else ()
         out = self.model(
             tokens[None],
-            self.cache,
+            cache,
             meta,
-            logits_index=index,
+            logits_index=logits_index,
             return_hidden=True,
             hidden_layers=layers,
         )
