@@ -30,8 +30,6 @@ from specquant.config import EngineConfig, GenerationConfig, ModelConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import LoadedModel
 from specquant.models.llama import LlamaModel
-from specquant.quant.model import quantize_model
-from specquant.quant.spec import get_format
 
 FORMATS = ["bf16", "w4a16-g128", "w4a16"]
 
@@ -145,10 +143,7 @@ def main() -> None:
     )  # fmt: skip
     out = args.out / "gpu_decode.json"
     for fmt in args.formats.split(","):
-        model = random_model(cfg)
-        if fmt != "bf16":
-            quantize_model(model, get_format(fmt))
-        model.prepare_kernels()
+        model = random_model(cfg, fmt)
         loaded = LoadedModel(model, cfg, None, Path(f"random-llama3-8b-{fmt}"))
         row: dict[str, Any] = dict(format=fmt, step_gb=step_bytes(model) / 1e9)
         eager, eager_ids = decode(Generator(loaded, EngineConfig(cuda_graphs=False)), ids,

@@ -29,6 +29,8 @@ from specquant.config import GenerationConfig, ModelConfig
 from specquant.engine.generator import Generator
 from specquant.io.loader import LoadedModel
 from specquant.models.llama import LlamaModel
+from specquant.quant.model import quantize_model
+from specquant.quant.spec import get_format
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -50,8 +52,9 @@ LLAMA3_8B = {
 }
 
 
-def random_model(cfg: ModelConfig) -> LlamaModel:
-    """A model of `cfg` on the GPU in bf16 with N(0, 0.02) weights, built without a CPU copy."""
+def random_model(cfg: ModelConfig, fmt: str = "bf16") -> LlamaModel:
+    """A model of `cfg` on the GPU in bf16 with N(0, 0.02) weights, built without a CPU copy,
+    quantized by RTN to `fmt` unless that is bf16, its kernels prepared."""
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model.to_empty(device="cuda")
@@ -59,7 +62,11 @@ def random_model(cfg: ModelConfig) -> LlamaModel:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if fmt != "bf16":
+        quantize_model(model, get_format(fmt))
+    model.prepare_kernels()
+    return model
 
 
 def ours_tok_s(gen: Generator, ids: list[int], n: int, runs: int) -> tuple[float, list[int]]:
@@ -127,7 +134,6 @@ def llama8b_section(n: int, runs: int) -> dict[str, Any]:
 
     cfg = ModelConfig.from_hf(LLAMA3_8B)
     model = random_model(cfg)
-    model.prepare_kernels()
     gen = Generator(LoadedModel(model, cfg, None, Path("random-llama3-8b")))
     ids = list(range(100, 164))
     ours, _ = ours_tok_s(gen, ids, n, runs)

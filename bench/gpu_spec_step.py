@@ -39,8 +39,6 @@ from gpu_eager import LLAMA3_8B, random_model
 from specquant.config import EngineConfig, ModelConfig, SamplingParams, SpecConfig
 from specquant.engine.runner import ModelRunner
 from specquant.io.loader import LoadedModel
-from specquant.quant.model import quantize_model
-from specquant.quant.spec import get_format
 from specquant.spec.drafters.base import DraftRequest
 from specquant.spec.drafters.draft_model import DraftModelDrafter
 from specquant.spec.drafters.eagle import EagleDrafter
@@ -139,12 +137,8 @@ def main() -> None:
     draft_model = None
     if "sps" in drafters:  # in bf16, whatever the target's format
         draft_model = random_model(ModelConfig.from_hf(LLAMA32_1B))
-        draft_model.prepare_kernels()
     for fmt in args.formats.split(","):
-        model = random_model(cfg)
-        if fmt != "bf16":
-            quantize_model(model, get_format(fmt))
-        model.prepare_kernels()
+        model = random_model(cfg, fmt)
         loaded = LoadedModel(model, cfg, None, Path(f"random-llama3-8b-{fmt}"))
         for name in drafters:
             for graphs in (True, False):

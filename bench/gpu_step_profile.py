@@ -24,18 +24,13 @@ from gpu_decode import step_bytes
 from gpu_eager import LLAMA3_8B, random_model
 from specquant.config import ModelConfig
 from specquant.engine.runner import ModelRunner
-from specquant.quant.model import quantize_model
-from specquant.quant.spec import get_format
 
 STEPS = 5
 
 
 def profile(fmt: str, bw_gbs: float, tokens: int = 1) -> dict[str, Any]:
     cfg = ModelConfig.from_hf(LLAMA3_8B)
-    model = random_model(cfg)
-    if fmt != "bf16":
-        quantize_model(model, get_format(fmt))
-    model.prepare_kernels()
+    model = random_model(cfg, fmt)
     runner = ModelRunner(model, 1024, cuda_graphs=True)
     runner.sync(list(range(100, 228)))
     token = torch.arange(5, 5 + tokens, device="cuda")

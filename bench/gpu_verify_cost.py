@@ -28,8 +28,6 @@ from common import gpu_run_meta, gpu_run_where, pyplot, write_report
 from gpu_eager import LLAMA3_8B, random_model
 from specquant.config import ModelConfig
 from specquant.engine.runner import ModelRunner
-from specquant.quant.model import quantize_model
-from specquant.quant.spec import get_format
 
 FORMATS = ["bf16", "w4a16-g128", "w4a16", "w8a8", "w4a8", "fp8"]
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -52,10 +50,7 @@ def block_ms(runner: ModelRunner, t: int, reps: int) -> float:
 
 
 def measure(fmt: str, cfg: ModelConfig, reps: int, eager_reps: int) -> dict[str, Any]:
-    model = random_model(cfg)
-    if fmt != "bf16":
-        quantize_model(model, get_format(fmt))
-    model.prepare_kernels()
+    model = random_model(cfg, fmt)
     prefix = list(range(100, 100 + PREFIX))
     row: dict[str, Any] = dict(format=fmt, graphs_ms={}, eager_ms={})
     for graphs, key, n in ((True, "graphs_ms", reps), (False, "eager_ms", eager_reps)):
