@@ -55,6 +55,17 @@ def _common_reason(ctx: KernelContext) -> str | None:
     return None
 
 
+def _needs_triton(accepted: str) -> Callable[[KernelContext], tuple[bool, str]]:
+    """The check of a kernel that needs only what every Triton kernel needs
+    (_common_reason); `accepted` says what it does where it runs."""
+
+    def can_implement(ctx: KernelContext) -> tuple[bool, str]:
+        why = _common_reason(ctx)
+        return (False, why) if why is not None else (True, accepted)
+
+    return can_implement
+
+
 def _fp8_reason(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
@@ -253,14 +264,10 @@ register("act_quant", KernelImpl("triton", PRIORITY, act_quant_triton, _quant_ch
 register("rmsnorm_quant", KernelImpl("triton", PRIORITY, rmsnorm_quant_triton, _quant_check))
 
 
-def _silu_check(ctx: KernelContext) -> tuple[bool, str]:
-    why = _common_reason(ctx)
-    return (False, why) if why is not None else (True, "Triton fused silu(gate) * up")
+_silu_check = _needs_triton("Triton fused silu(gate) * up")
 
 
-def _norm_check(ctx: KernelContext) -> tuple[bool, str]:
-    why = _common_reason(ctx)
-    return (False, why) if why is not None else (True, "Triton RMSNorm in one kernel")
+_norm_check = _needs_triton("Triton RMSNorm in one kernel")
 
 
 def rmsnorm_triton(
@@ -304,11 +311,6 @@ register("silu_mul_mma", KernelImpl("triton", PRIORITY, partial(silu_mul_triton,
 register("silu_mul_quant", KernelImpl("triton", PRIORITY, silu_mul_quant_triton, _quant_check))
 
 
-def _rope_check(ctx: KernelContext) -> tuple[bool, str]:
-    why = _common_reason(ctx)
-    return (False, why) if why is not None else (True, "Triton: q and k rotated in one kernel")
-
-
 def rope_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,14 +319,8 @@ def rope_triton(
     return rope_qk(q, k, cos, sin)
 
 
-register("rope", KernelImpl("triton", PRIORITY, rope_triton, _rope_check))
-
-
-def _decode_attention_check(ctx: KernelContext) -> tuple[bool, str]:
-    why = _common_reason(ctx)
-    if why is not None:
-        return False, why
-    return True, "Triton split-K decoding attention, the live length read on the device"
+register("rope", KernelImpl("triton", PRIORITY, rope_triton,
+                           _needs_triton("Triton: q and k rotated in one kernel")))  # fmt: skip
 
 
 def decode_attention_triton(
@@ -340,15 +336,13 @@ def decode_attention_triton(
 
 register(
     "decode_attention",
-    KernelImpl("triton", PRIORITY, decode_attention_triton, _decode_attention_check),
+    KernelImpl(
+        "triton",
+        PRIORITY,
+        decode_attention_triton,
+        _needs_triton("Triton split-K decoding attention, the live length read on the device"),
+    ),
 )
-
-
-def _block_attention_check(ctx: KernelContext) -> tuple[bool, str]:
-    why = _common_reason(ctx)
-    if why is not None:
-        return False, why
-    return True, "Triton split-K attention of a block's tokens under its mask"
 
 
 def block_attention_triton(
@@ -364,5 +358,10 @@ def block_attention_triton(
 
 register(
     "block_attention",
-    KernelImpl("triton", PRIORITY, block_attention_triton, _block_attention_check),
+    KernelImpl(
+        "triton",
+        PRIORITY,
+        block_attention_triton,
+        _needs_triton("Triton split-K attention of a block's tokens under its mask"),
+    ),
 )
