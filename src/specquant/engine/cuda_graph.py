@@ -135,6 +135,7 @@ class _Block:
     slots: torch.Tensor  # [P]
     mask: torch.Tensor  # [P, width] bool
     eye: torch.Tensor  # [P, P] bool: the padding rows' own keys
+    offsets: torch.Tensor  # [P] 0 .. P - 1: the slots after the committed prefix
     run: _Graph | None = None
 
 
@@ -261,12 +262,12 @@ class GraphedDecoder:
                 torch.zeros(p, dtype=torch.long, device=dev),
                 torch.zeros(p, width, dtype=torch.bool, device=dev),
                 torch.eye(p, dtype=torch.bool, device=dev),
+                torch.arange(p, device=dev),
             )
         # inputs, in place (the graph reads these addresses)
-        ar = torch.arange(p, device=r.device)
         b.tokens.zero_()
         b.tokens[:t].copy_(tokens)
-        torch.add(ar, start, out=b.slots)
+        torch.add(b.offsets, start, out=b.slots)
         b.positions.copy_(b.slots)  # the padding's positions follow the block's slots
         if depth is not None:
             torch.add(depth, start, out=b.positions[:t])
